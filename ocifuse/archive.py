@@ -1,0 +1,273 @@
+"""Scan a tar archive's headers once into an entry table; serve member bytes with ``pread``.
+
+The scan never reads member data: ``tarfile`` seeks over it. What the table holds is decided
+here, in one place (the name policy); everything skipped is kept as a ``Skipped`` note so that
+fsck, inspect and mount can all say what was left out and why.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from .errors import ArchiveChanged, LayoutOpenError, NotAnArchive, TruncatedArchive
+
+BLOCK = 512
+# Longest header extension (PAX record block, GNU long name) the scan reads into memory.
+MAX_HEADER_DATA = 1 << 20
+# POSIX NAME_MAX: the longest name component a Linux filesystem can hold.
+NAME_MAX = 255
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\xfd7zXZ\x00": "xz",
+    b"BZh": "bzip2",
+}
+
+
+class Kind(enum.Enum):
+    """What a table entry is."""
+
+    FILE = "file"
+    DIR = "dir"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One served member: where its bytes start in the archive and how many there are."""
+
+    kind: Kind
+    offset: int
+    size: int
+    mtime: int
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A member the name policy did not serve, and why."""
+
+    name: str
+    reason: str
+
+
+class _CappedReader:
+    """A read-only file wrapper that refuses header reads larger than MAX_HEADER_DATA.
+
+    ``tarfile`` reads only headers through it (member data is skipped by seeking), so a PAX or
+    GNU long-name header claiming gigabytes fails here instead of allocating gigabytes.
+    """
+
+    def __init__(self, raw: IO[bytes], path: str) -> None:
+        self._raw = raw
+        self._path = path
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > MAX_HEADER_DATA:
+            raise NotAnArchive(self._path, f"a tar header claims {size} bytes of header data")
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+def normalize(name: str) -> str | None:
+    """The path a member is served at, or None when the name policy refuses it.
+
+    ``./`` prefixes and ``.`` components (``tar -C dir .``) and trailing slashes are dropped.
+    Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes.
+    """
+    if name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def _refusal(name: str) -> str:
+    if name.startswith("/"):
+        return "absolute name"
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "name contains '..'"
+    if not parts:
+        return "empty name"
+    return f"a name component is longer than {NAME_MAX} bytes"
+
+
+class ArchiveTable:
+    """The entry table of one archive: normalized path -> Entry, plus what was skipped."""
+
+    def __init__(self, entries: dict[str, Entry], skipped: list[Skipped], end: int) -> None:
+        self.entries = entries
+        self.skipped = skipped
+        self.end = end
+
+    @classmethod
+    def scan(cls, fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
+        """Read every header of the tar in ``fileobj`` (``size`` bytes long) into a table.
+
+        Raises NotAnArchive or TruncatedArchive, naming ``path``.
+        """
+        magic = fileobj.read(6)
+        fileobj.seek(0)
+        for prefix, kind in _COMPRESSED.items():
+            if magic.startswith(prefix):
+                raise NotAnArchive(path, f"{kind}-compressed; an oci-archive is a plain tar (decompress it)")
+        if size == 0:
+            raise NotAnArchive(path, "empty file, not a tar archive")
+        builder = _TableBuilder()
+        try:
+            tf = tarfile.open(  # noqa: SIM115 - closed by nobody: it owns no file, only the wrapper
+                fileobj=_CappedReader(fileobj, path),
+                mode="r:",  # type: ignore[call-overload]
+            )
+        except tarfile.ReadError as e:
+            raise NotAnArchive(path, f"not a tar archive ({e})") from e
+        try:
+            while True:
+                info = tf.next()
+                if info is None:
+                    break
+                builder.add(info, size)
+                tf.members.clear()  # keep memory flat: the table is all we keep
+        except LayoutOpenError:
+            raise
+        except tarfile.ReadError as e:
+            raise TruncatedArchive(path, f"truncated tar archive ({e})") from e
+        except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+            raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+        end = tf.offset
+        fileobj.seek(end)
+        trailer = fileobj.read(BLOCK)
+        if trailer and trailer.strip(b"\0"):
+            raise NotAnArchive(path, f"invalid tar header at byte {end}")
+        if builder.past_end:
+            raise TruncatedArchive(path, f"truncated tar archive: {builder.past_end} runs past the end")
+        return cls(builder.finish(), builder.skipped, end)
+
+
+class _TableBuilder:
+    """Applies the name policy member by member; duplicate names: the last one wins."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.skipped: list[Skipped] = []
+        self.past_end: str | None = None
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(Skipped(name, reason))
+
+    def add(self, info: tarfile.TarInfo, archive_size: int) -> None:
+        name = normalize(info.name)
+        if name is None:
+            if info.name.strip("/.") or info.name.startswith("/"):
+                self.skip(info.name, _refusal(info.name))
+            return  # "." or "./": the root itself
+        mtime = int(info.mtime) if isinstance(info.mtime, (int, float)) else 0
+        if info.isdir():
+            self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
+        elif info.isreg():
+            if info.sparse is not None:
+                self.skip(info.name, "GNU sparse member (not supported)")
+                return
+            if info.offset_data + info.size > archive_size:
+                self.past_end = info.name
+            self.entries[name] = Entry(Kind.FILE, info.offset_data, info.size, mtime)
+        elif info.islnk():
+            target = normalize(info.linkname)
+            found = self.entries.get(target) if target is not None else None
+            if found is None or found.kind is not Kind.FILE:
+                self.skip(info.name, f"hardlink to {info.linkname!r}, not a regular member before it")
+                return
+            self.entries[name] = Entry(Kind.FILE, found.offset, found.size, mtime)
+        elif info.issym():
+            self.skip(info.name, f"symlink to {info.linkname!r} (symlinks are not served)")
+        else:
+            self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
+
+    def finish(self) -> dict[str, Entry]:
+        """Add implied directories; a path that has children is a directory, never a file."""
+        dirs: set[str] = set()
+        for name in self.entries:
+            parent = name.rpartition("/")[0]
+            while parent and parent not in dirs:
+                dirs.add(parent)
+                parent = parent.rpartition("/")[0]
+        for d in sorted(dirs):
+            found = self.entries.get(d)
+            if found is not None and found.kind is Kind.FILE:
+                self.skip(d, "file replaced by a directory of the same name")
+                found = None
+            if found is None:
+                self.entries[d] = Entry(Kind.DIR, 0, 0, 0)
+        return self.entries
+
+
+def _type_name(info: tarfile.TarInfo) -> str:
+    if info.ischr():
+        return "character device"
+    if info.isblk():
+        return "block device"
+    if info.isfifo():
+        return "fifo"
+    return f"member of tar type {info.type!r}"
+
+
+class Archive:
+    """An open archive: one fd held for its life, its table, and bounds-checked preads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LayoutOpenError(path, e.strerror or str(e)) from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotAnArchive(path, "not a regular file")
+            with os.fdopen(os.dup(fd), "rb", buffering=BLOCK * 16) as f:
+                self.table = ArchiveTable.scan(f, path, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def check_unchanged(self) -> None:
+        """Raise ArchiveChanged when the file was truncated or rewritten in place since opening."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+            raise ArchiveChanged(self.path)
+
+    def pread(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of ``entry`` from ``offset``, never past the entry's end."""
+        size = max(0, min(size, entry.size - offset))
+        if size == 0 or offset < 0:
+            return b""
+        self.check_unchanged()
+        data = os.pread(self.fd, size, entry.offset + offset)
+        if len(data) != size:
+            raise ArchiveChanged(self.path)
+        return data
+
+    def files(self) -> Iterator[tuple[str, Entry]]:
+        """Every regular file in the table."""
+        return ((n, e) for n, e in self.table.entries.items() if e.kind is Kind.FILE)
+
+    def close(self) -> None:
+        """Close the archive's fd."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,107 @@
+"""The ``ocifuse`` command: a thin argparse front over fsck, inspect, mount and umount."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import OcifuseError
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("fsck", "inspect", "mount", "umount")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ocifuse",
+        description="Mount, check and inspect OCI image archives (oci-archive tars) without extracting them.",
+    )
+    p.add_argument("--version", action="version", version=f"ocifuse {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fsck = sub.add_parser("fsck", help="verify every blob and document of a layout")
+    fsck.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
+    fsck.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
+    insp.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
+    insp.add_argument("--ref", metavar="NAME", help="ref name (org.opencontainers.image.ref.name) or digest")
+    insp.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to resolve (default: this machine's)"
+    )
+    insp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    mnt = sub.add_parser("mount", help="mount an oci-archive read-only as an OCI layout directory")
+    _mount_arguments(mnt)
+
+    um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")
+    um.add_argument("mountpoint", metavar="MOUNTPOINT")
+    um.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
+    return p
+
+
+def _mount_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("archive", metavar="ARCHIVE", help="the oci-archive (a tar of an OCI image layout)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory, or /dev/fd/N")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="comma-separated mount options (verify, allow_other, debug, ...)",
+    )
+    p.add_argument("--verify", action="store_true", help="check each blob against its digest when read")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request")
+
+
+def _helper_parser() -> argparse.ArgumentParser:
+    """mount.fuse3's form: ``ocifuse SOURCE MOUNTPOINT -o OPTS`` (options last)."""
+    p = argparse.ArgumentParser(prog="ocifuse", description="mount(8) helper form of ocifuse mount")
+    _mount_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in args_list if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS and "--version" not in args_list:
+        args = _helper_parser().parse_args(args_list)
+        args.command = "mount"
+    else:
+        args = _parser().parse_args(args_list)
+    try:
+        return _run(args)
+    except OcifuseError as e:
+        print(f"ocifuse: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "fsck":
+        from .fsck import main as fsck_main
+
+        return fsck_main(args.path, as_json=args.json)
+    if args.command == "inspect":
+        from .inspect import main as inspect_main
+
+        return inspect_main(args.path, ref=args.ref, platform=args.platform, as_json=args.json)
+    if args.command == "mount":
+        from .daemon import mount_main
+
+        return mount_main(args)
+    from .daemon import umount_main
+
+    return umount_main(args.mountpoint, lazy=args.lazy)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

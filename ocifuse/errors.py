@@ -1,0 +1,121 @@
+"""The one error hierarchy of ocifuse; each error carries an errno hint for the FUSE layer."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class OcifuseError(Exception):
+    """Base of every error ocifuse raises on purpose; ``errno`` is what a FUSE read answers."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class LayoutOpenError(OcifuseError):
+    """PATH cannot be opened as a layout at all (missing, unreadable, not a tar, truncated)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class NotAnArchive(LayoutOpenError):
+    """The file is not a tar archive (or is compressed, which an oci-archive never is)."""
+
+
+class TruncatedArchive(LayoutOpenError):
+    """The archive ends in the middle of a member or a header."""
+
+
+class ArchiveChanged(OcifuseError):
+    """The archive was truncated or rewritten after it was opened; its bytes are no longer trusted."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path}: archive changed since it was opened")
+        self.path = path
+
+
+class InvalidDigest(OcifuseError):
+    """A string that does not follow the digest grammar of descriptor.md."""
+
+    errno = _errno.EINVAL
+
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"invalid digest {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+class FileMissing(OcifuseError):
+    """A file of the layout (oci-layout, index.json, a blob path) does not exist."""
+
+    errno = _errno.ENOENT
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: no such file in the layout")
+        self.name = name
+
+
+class BlobNotFound(FileMissing):
+    """The blob of a digest is not in the layout."""
+
+    def __init__(self, digest: str) -> None:
+        OcifuseError.__init__(self, f"blob {digest} not found")
+        self.name = digest
+        self.digest = digest
+
+
+class SizeMismatch(OcifuseError):
+    """A blob's size differs from its descriptor's."""
+
+    def __init__(self, digest: str, expected: int, found: int) -> None:
+        super().__init__(f"blob {digest}: size {found}, descriptor says {expected}")
+        self.digest = digest
+        self.expected = expected
+        self.found = found
+
+
+class DigestMismatch(OcifuseError):
+    """A blob's bytes hash to something other than its digest."""
+
+    def __init__(self, expected: str, found: str) -> None:
+        super().__init__(f"blob {expected}: content hashes to {found}")
+        self.expected = expected
+        self.found = found
+
+
+class TooLarge(OcifuseError):
+    """A document is larger than ocifuse will hold in memory to parse."""
+
+    errno = _errno.EFBIG
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(f"{name}: {size} bytes is more than the {limit}-byte limit for JSON")
+        self.name = name
+        self.size = size
+        self.limit = limit
+
+
+class InvalidDocument(OcifuseError):
+    """JSON that does not parse or does not match its media type's schema."""
+
+    errno = _errno.EINVAL
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class NotFound(OcifuseError):
+    """A ref, digest or platform that resolution could not find."""
+
+    errno = _errno.ENOENT

@@ -1,0 +1,264 @@
+"""The read core: one Layout interface over an oci-archive or a layout directory (image-layout.md)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import model
+from .archive import Archive, Kind, Skipped
+from .digest import Digest
+from .errors import (
+    BlobNotFound,
+    FileMissing,
+    InvalidDocument,
+    LayoutOpenError,
+    OcifuseError,
+    SizeMismatch,
+    TooLarge,
+)
+
+OCI_LAYOUT = "oci-layout"
+INDEX_JSON = "index.json"
+# Largest JSON document (index.json, a manifest, a config) read into memory to parse.
+MAX_JSON = 16 << 20
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutHeader:
+    """The ``oci-layout`` file (image-layout.md, "oci-layout file")."""
+
+    image_layout_version: str
+
+
+class Layout(ABC):
+    """Read access to an OCI image layout, whatever holds it (ocidir-rs's ``OciRead`` idea)."""
+
+    path: str
+    skipped: list[Skipped]
+
+    # -- what a backend provides -------------------------------------------------------------
+
+    @abstractmethod
+    def size_of(self, name: str) -> int:
+        """Size of the regular file ``name`` (a layout-relative path); raises FileMissing."""
+
+    @abstractmethod
+    def read_at(self, name: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of file ``name`` from ``offset``; raises FileMissing."""
+
+    @abstractmethod
+    def file_names(self) -> Iterator[str]:
+        """Every regular file of the layout, as layout-relative paths."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the backend holds open."""
+
+    def __enter__(self) -> Layout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what every layout offers ------------------------------------------------------------
+
+    def read_small(self, name: str, limit: int = MAX_JSON) -> bytes:
+        """All of file ``name``, refusing files over ``limit`` bytes."""
+        size = self.size_of(name)
+        if size > limit:
+            raise TooLarge(name, size, limit)
+        return self.read_at(name, 0, size)
+
+    def header(self) -> LayoutHeader:
+        """Parse ``oci-layout``; it must be an object with a string ``imageLayoutVersion``."""
+        obj = model.loads(OCI_LAYOUT, self.read_small(OCI_LAYOUT, 1 << 16))
+        version = obj.get("imageLayoutVersion")
+        if not isinstance(version, str):
+            raise InvalidDocument(OCI_LAYOUT, "imageLayoutVersion is missing or not a string")
+        return LayoutHeader(version)
+
+    def index(self) -> model.Index:
+        """Parse ``index.json`` (image-layout.md: "index.json file" is an image index)."""
+        return model.Index.from_json(INDEX_JSON, model.loads(INDEX_JSON, self.read_small(INDEX_JSON)))
+
+    def blob_size(self, digest: Digest) -> int:
+        """Size of a blob; raises BlobNotFound."""
+        try:
+            return self.size_of(digest.path)
+        except FileMissing as e:
+            raise BlobNotFound(str(digest)) from e
+
+    def has_blob(self, digest: Digest) -> bool:
+        """True when the blob's file exists."""
+        try:
+            self.blob_size(digest)
+        except BlobNotFound:
+            return False
+        return True
+
+    def iter_blob(self, digest: Digest, chunk: int = CHUNK) -> Iterator[bytes]:
+        """Stream a blob's bytes in chunks (never the whole blob at once)."""
+        size = self.blob_size(digest)
+        offset = 0
+        while offset < size:
+            data = self.read_at(digest.path, offset, min(chunk, size - offset))
+            if not data:
+                raise SizeMismatch(str(digest), size, offset)
+            offset += len(data)
+            yield data
+
+    def read_blob(self, desc: model.Descriptor, limit: int = MAX_JSON) -> bytes:
+        """A small blob whole, checked against the descriptor's size and (if verifiable) digest."""
+        size = self.blob_size(desc.digest)
+        if size != desc.size:
+            raise SizeMismatch(str(desc.digest), desc.size, size)
+        data = self.read_small(desc.digest.path, limit)
+        if desc.digest.verifiable:
+            verifier = desc.digest.verifier()
+            verifier.update(data)
+            verifier.check()
+        return data
+
+    def document(self, desc: model.Descriptor) -> model.Index | model.Manifest | None:
+        """The index or manifest a descriptor points at (None for other media types)."""
+        return model.parse_document(str(desc.digest), desc.media_type, self.read_blob(desc))
+
+    def list_blobs(self) -> Iterator[tuple[str, Digest | None]]:
+        """Every file under ``blobs/``, with the digest its path names (None if it names none)."""
+        for name in self.file_names():
+            if name.startswith("blobs/"):
+                yield name, Digest.from_path(name)
+
+
+class ArchiveLayout(Layout):
+    """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.archive = Archive(path)
+        self.skipped = self.archive.table.skipped
+
+    def size_of(self, name: str) -> int:
+        entry = self.archive.table.entries.get(name)
+        if entry is None or entry.kind is not Kind.FILE:
+            raise FileMissing(name)
+        return entry.size
+
+    def read_at(self, name: str, offset: int, size: int) -> bytes:
+        entry = self.archive.table.entries.get(name)
+        if entry is None or entry.kind is not Kind.FILE:
+            raise FileMissing(name)
+        return self.archive.pread(entry, offset, size)
+
+    def file_names(self) -> Iterator[str]:
+        return (name for name, _ in self.archive.files())
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+class DirectoryLayout(Layout):
+    """A layout directory. Every open walks from the root fd with O_NOFOLLOW: no symlink is followed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.skipped = []
+        try:
+            self._root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LayoutOpenError(path, e.strerror or str(e)) from e
+
+    def _open(self, name: str) -> int:
+        """An fd of regular file ``name``, opened component by component without following links."""
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise FileMissing(name)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self._root
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                new = os.open(part, flags | (0 if last else os.O_DIRECTORY), dir_fd=fd)
+                if fd != self._root:
+                    os.close(fd)
+                fd = new
+        except OSError as e:
+            if fd != self._root:
+                os.close(fd)
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise FileMissing(name) from e
+            raise OcifuseError(f"{self.path}/{name}: {e.strerror}") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileMissing(name)
+        return fd
+
+    def size_of(self, name: str) -> int:
+        fd = self._open(name)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def read_at(self, name: str, offset: int, size: int) -> bytes:
+        fd = self._open(name)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def iter_blob(self, digest: Digest, chunk: int = CHUNK) -> Iterator[bytes]:
+        try:
+            fd = self._open(digest.path)
+        except FileMissing as e:
+            raise BlobNotFound(str(digest)) from e
+        try:
+            offset = 0
+            while data := os.pread(fd, chunk, offset):
+                offset += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    def file_names(self) -> Iterator[str]:
+        def walk(prefix: str, dir_fd: int) -> Iterator[str]:
+            with os.scandir(dir_fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                name = f"{prefix}{entry.name}"
+                if entry.is_file(follow_symlinks=False):
+                    yield name
+                elif entry.is_dir(follow_symlinks=False):
+                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                    try:
+                        yield from walk(f"{name}/", sub)
+                    finally:
+                        os.close(sub)
+
+        return walk("", self._root)
+
+    def close(self) -> None:
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+
+def open_layout(path: str | os.PathLike[str]) -> Layout:
+    """Open ``path`` as a layout: a directory as a DirectoryLayout, any other file as an archive.
+
+    Raises LayoutOpenError (with a one-line reason naming the path) when it cannot be opened.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LayoutOpenError(path, e.strerror or str(e)) from e
+    if stat.S_ISDIR(st.st_mode):
+        return DirectoryLayout(path)
+    return ArchiveLayout(path)

@@ -1,0 +1,157 @@
+"""Find manifests in a layout: by ref name, digest or platform, through nested indexes; referrers."""
+
+from __future__ import annotations
+
+import platform as _platform
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .digest import Digest
+from .errors import InvalidDigest, NotFound
+from .layout import Layout
+from .model import INDEX_TYPES, Descriptor, Index, Manifest, Platform
+
+# Go's GOARCH names, which image-index.md uses for "architecture".
+_GOARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+# Nested indexes deeper than this are refused (a cycle of digests is impossible, but depth is not).
+MAX_DEPTH = 32
+
+
+def host_platform() -> Platform:
+    """The platform of this machine, in image-index.md's (Go's) names."""
+    machine = _platform.machine().lower()
+    variant = {"armv7l": "v7", "armv6l": "v6", "aarch64": "v8", "arm64": "v8"}.get(machine)
+    return Platform(
+        os=sys.platform if sys.platform != "linux2" else "linux",
+        architecture=_GOARCH.get(machine, machine),
+        variant=variant,
+    )
+
+
+def platform_matches(want: Platform, have: Platform | None) -> bool:
+    """True when ``have`` satisfies ``want``; a wanted variant must match, an absent one matches any.
+
+    arm64's variant ``v8`` is its default, so a missing variant on either side is accepted for it.
+    """
+    if have is None or have.os != want.os or have.architecture != want.architecture:
+        return False
+    if want.variant is None or want.variant == have.variant:
+        return True
+    return want.architecture == "arm64" and {want.variant, have.variant} <= {"v8", None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolved:
+    """A manifest found in a layout, with the descriptor that led to it and the path there."""
+
+    descriptor: Descriptor
+    manifest: Manifest
+    trail: tuple[Descriptor, ...]  # index descriptors walked through, outermost first
+
+
+def refs(layout: Layout, index: Index | None = None) -> dict[str, Descriptor]:
+    """Every ref name of index.json and the descriptor it names (the last one wins on duplicates)."""
+    index = layout.index() if index is None else index
+    return {d.ref_name: d for d in index.manifests if d.ref_name is not None}
+
+
+def walk(layout: Layout, desc: Descriptor, depth: int = 0) -> Iterator[tuple[Descriptor, Index | Manifest]]:
+    """Every index and manifest reachable from ``desc``, depth first, ``desc`` itself first."""
+    if depth > MAX_DEPTH:
+        raise NotFound(f"indexes nested deeper than {MAX_DEPTH} levels at {desc.digest}")
+    doc = layout.document(desc)
+    if doc is None:
+        return
+    yield desc, doc
+    if isinstance(doc, Index):
+        for child in doc.manifests:
+            yield from walk(layout, child, depth + 1)
+
+
+def _select(
+    layout: Layout, desc: Descriptor, want: Platform, trail: tuple[Descriptor, ...]
+) -> Resolved | None:
+    if len(trail) > MAX_DEPTH:
+        raise NotFound(f"indexes nested deeper than {MAX_DEPTH} levels at {desc.digest}")
+    doc = layout.document(desc)
+    if isinstance(doc, Manifest):
+        return Resolved(descriptor=desc, manifest=doc, trail=trail)
+    if isinstance(doc, Index):
+        for child in doc.manifests:
+            if child.media_type in INDEX_TYPES or platform_matches(want, child.platform):
+                found = _select(layout, child, want, (*trail, desc))
+                if found is not None:
+                    return found
+    return None
+
+
+def resolve(layout: Layout, ref: str | None = None, platform: Platform | None = None) -> Resolved:
+    """The image manifest for ``ref`` (a ref name or a digest; None: the only image) and ``platform``.
+
+    A manifest descriptor in index.json resolves directly; an index is searched for a manifest
+    whose platform matches (default: this machine), through nested indexes.
+    Raises NotFound with a message that lists what there is.
+    """
+    index = layout.index()
+    want = platform or host_platform()
+    if ref is None:
+        if len(index.manifests) != 1:
+            names = ", ".join(sorted(refs(layout, index))) or "none"
+            raise NotFound(f"index.json has {len(index.manifests)} entries; choose a ref (refs: {names})")
+        start = index.manifests[0]
+    else:
+        start = _find_ref(layout, index, ref)
+    found = _select(layout, start, want, ())
+    if found is None:
+        raise NotFound(f"no manifest for platform {want} under {ref or start.digest}")
+    return found
+
+
+def _find_ref(layout: Layout, index: Index, ref: str) -> Descriptor:
+    by_name = refs(layout, index)
+    if ref in by_name:
+        return by_name[ref]
+    try:
+        digest = Digest.parse(ref)
+    except InvalidDigest:
+        names = ", ".join(sorted(by_name)) or "none"
+        raise NotFound(f"no ref {ref!r} in index.json (refs: {names})") from None
+    for top in index.manifests:
+        for desc, _ in walk(layout, top):
+            if desc.digest == digest:
+                return desc
+    raise NotFound(f"no manifest or index {digest} is reachable from index.json")
+
+
+def referrers(layout: Layout, subject: Digest, artifact_type: str | None = None) -> list[Descriptor]:
+    """Descriptors of manifests reachable from index.json whose ``subject`` is ``subject``.
+
+    The artifact type is the manifest's ``artifactType``, else its config's media type
+    (image-spec manifest.md, "artifactType"); ``artifact_type`` filters on it.
+    """
+    seen: set[Digest] = set()
+    found: list[Descriptor] = []
+    for top in layout.index().manifests:
+        for desc, doc in walk(layout, top):
+            if desc.digest in seen or doc.subject is None or doc.subject.digest != subject:
+                continue
+            seen.add(desc.digest)
+            kind = doc.artifact_type
+            if kind is None and isinstance(doc, Manifest):
+                kind = doc.config.media_type
+            if artifact_type is None or kind == artifact_type:
+                found.append(desc)
+    return found
