@@ -94,6 +94,11 @@ def normalize(name: str) -> str | None:
     return "/".join(parts)
 
 
+def _is_root(name: str) -> bool:
+    """True for names of the archive root itself (``.``, ``./``), not for empty or ``..`` names."""
+    return bool(name) and not name.startswith("/") and all(p in ("", ".") for p in name.split("/"))
+
+
 def _refusal(name: str) -> str:
     if name.startswith("/"):
         return "absolute name"
@@ -171,7 +176,7 @@ class _TableBuilder:
     def add(self, info: tarfile.TarInfo, archive_size: int) -> None:
         name = normalize(info.name)
         if name is None:
-            if info.name.strip("/.") or info.name.startswith("/"):
+            if not _is_root(info.name):
                 self.skip(info.name, _refusal(info.name))
             return  # "." or "./": the root itself
         mtime = int(info.mtime) if isinstance(info.mtime, (int, float)) else 0
