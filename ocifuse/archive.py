@@ -146,19 +146,23 @@ class ArchiveTable:
                     break
                 builder.add(info, size)
                 tf.members.clear()  # keep memory flat: the table is all we keep
+                if builder.past_end:
+                    break  # never seek to a size the file does not have (lseek fails past 2**63)
         except LayoutOpenError:
             raise
+        except OSError as e:
+            raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
         except tarfile.ReadError as e:
             raise TruncatedArchive(path, f"truncated tar archive ({e})") from e
         except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
             raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+        if builder.past_end:
+            raise TruncatedArchive(path, f"truncated tar archive: {builder.past_end} runs past the end")
         end = tf.offset
         fileobj.seek(end)
         trailer = fileobj.read(BLOCK)
         if trailer and trailer.strip(b"\0"):
             raise NotAnArchive(path, f"invalid tar header at byte {end}")
-        if builder.past_end:
-            raise TruncatedArchive(path, f"truncated tar archive: {builder.past_end} runs past the end")
         return cls(builder.finish(), builder.skipped, end)
 
 
