@@ -162,6 +162,8 @@ class ArchiveTable:
         fileobj.seek(end)
         trailer = fileobj.read(BLOCK)
         if trailer and trailer.strip(b"\0"):
+            if len(trailer) < BLOCK:  # tarfile ends quietly at a header cut short
+                raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
             raise NotAnArchive(path, f"invalid tar header at byte {end}")
         return cls(builder.finish(), builder.skipped, end)
 
