@@ -1,0 +1,273 @@
+"""Mount lifecycle: check, open, build the tree, mount, background, serve, notify, unmount."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from . import options as mount_options
+from .archive import Archive
+from .errors import OcifuseError
+from .fs import Operations
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+_DEV_FD = re.compile(r"/dev/fd/\d+")
+# syslog priorities (sd-daemon(3)) for journald's "<N>" line prefix.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+READY_TIMEOUT = 60.0
+
+
+class MountError(OcifuseError):
+    """The mount cannot be made (mountpoint, FUSE, permissions); the message says why."""
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority, as journald reads it from a stream (sd-daemon(3))."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def setup_logging(*, foreground: bool, debug: bool) -> None:
+    """Foreground: stderr (with priority prefixes under systemd); background: syslog if there is one."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+        if os.environ.get("JOURNAL_STREAM"):
+            handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+        else:
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s ocifuse[%(process)d] %(levelname)s: %(message)s")
+            )
+    else:
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("ocifuse[%(process)d]: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's $NOTIFY_SOCKET (path or abstract ``@name``); False if none."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), e)
+        return False
+    return True
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Raise MountError unless ``mountpoint`` is a directory that is not already a mount point."""
+    if _DEV_FD.fullmatch(mountpoint):
+        return  # mount.fuse3 already mounted; libfuse takes over the fd (drop_privileges)
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        raise MountError(f"mountpoint {mountpoint}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mountpoint {mountpoint}: already a mount point")
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        raise MountError(f"mountpoint {mountpoint}: permission denied (you need write access to it)")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist: FUSE is not available here (is the fuse module loaded?)")
+
+
+def _fsname(path: str) -> str:
+    """libfuse takes options as ASCII; other characters in the archive's path become '?'."""
+    return path.encode("ascii", "replace").decode("ascii")
+
+
+def mount_main(args: argparse.Namespace) -> int:
+    """``ocifuse mount``: returns 0 once the mount is live (foreground: once it is unmounted)."""
+    archive_path = os.path.abspath(args.archive)
+    mountpoint = args.mountpoint if _DEV_FD.fullmatch(args.mountpoint) else os.path.abspath(args.mountpoint)
+    opts = mount_options.parse(
+        args.options, fsname=_fsname(archive_path), verify=args.verify, debug=args.debug
+    )
+    setup_logging(foreground=True, debug=opts.debug)
+    check_mountpoint(mountpoint)
+    archive = Archive(archive_path)
+    try:
+        tree = Tree(archive.table.entries, root_mtime=int(os.fstat(archive.fd).st_mtime))
+        for skipped in archive.table.skipped:
+            log.warning("not served: %s: %s", skipped.name, skipped.reason)
+        if opts.ignored:
+            log.debug("ignored mount options: %s", ",".join(opts.ignored))
+        ops = Operations(archive, tree, verify=opts.verify)
+        try:
+            pyfuse3.init(ops, mountpoint, set(opts.fuse))
+        except RuntimeError as e:
+            raise MountError(f"cannot mount {archive_path} on {mountpoint} ({e})") from e
+        notify_parent: Callable[[str], None] = _no_parent
+        if not args.foreground:
+            notify_parent = _daemonize()
+            setup_logging(foreground=False, debug=opts.debug)
+        log.info(
+            "serving %s on %s: %d files, %d bytes", archive_path, mountpoint, tree.files, tree.total_size
+        )
+        clean = False
+        try:
+            trio.run(_serve, archive_path, mountpoint, opts, notify_parent)
+            clean = True
+        finally:
+            pyfuse3.close(unmount=True)
+            if not clean:
+                notify_parent("the daemon failed before the mount was live")
+    finally:
+        archive.close()
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def _no_parent(message: str) -> None:
+    """Foreground: there is no waiting parent."""
+
+
+def _daemonize() -> Callable[[str], None]:
+    """Fork; the parent waits until the child reports the mount live, then exits with ``os._exit``.
+
+    Returns the child's reporter: "ok" for live, anything else is an error line for the parent.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        os._exit(_wait_for_child(read_end))
+    os.close(read_end)
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+    def report(message: str) -> None:
+        nonlocal write_end
+        if write_end >= 0:
+            with contextlib.suppress(OSError):
+                os.write(write_end, message.encode() + b"\n")
+            os.close(write_end)
+            write_end = -1
+
+    return report
+
+
+def _wait_for_child(read_end: int) -> int:
+    """In the parent: 0 when the child says "ok", else print its reason and return 1."""
+    import select
+
+    ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+    message = os.read(read_end, 4096).decode(errors="replace").strip() if ready else "timed out"
+    if message == "ok":
+        return 0
+    print(f"ocifuse: mount failed: {message or 'the daemon exited'}", file=sys.stderr)
+    return 1
+
+
+async def _serve(
+    archive_path: str, mountpoint: str, opts: mount_options.MountOptions, notify_parent: Callable[[str], None]
+) -> None:
+    """Run the FUSE loop; report readiness once the mount answers; SIGTERM/SIGINT end it cleanly."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals)
+        nursery.start_soon(_announce_ready, archive_path, mountpoint, opts, notify_parent)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(
+    archive_path: str, mountpoint: str, opts: mount_options.MountOptions, notify_parent: Callable[[str], None]
+) -> None:
+    """Wait until the kernel has the mount (its root answers stat), then tell the parent and systemd."""
+    if not _DEV_FD.fullmatch(mountpoint):
+        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        if opts.readahead_kb:
+            await trio.to_thread.run_sync(_set_readahead, st.st_dev, opts.readahead_kb)
+    log.info("mounted %s on %s", archive_path, mountpoint)
+    notify_parent("ok")
+    sd_notify(f"READY=1\nSTATUS=serving {archive_path} on {mountpoint}")
+
+
+def _set_readahead(dev: int, kib: int) -> None:
+    """Raise the mount's read-ahead (sysfs, root only), so the kernel sends larger reads."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kib))
+        log.debug("read_ahead_kb=%d for %s", kib, path)
+    except OSError as e:
+        log.debug("cannot set %s: %s (reads stay at the kernel's default size)", path, e)
+
+
+def _mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted at ``mountpoint`` (from /proc/self/mountinfo), or None."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == mountpoint:
+                found = fields[sep + 1]  # the last mount at a point is the visible one
+        return found
+
+
+def umount_main(mountpoint: str, *, lazy: bool = False) -> int:
+    """``ocifuse umount``: unmount an ocifuse mount, even one whose daemon died."""
+    mountpoint = os.path.abspath(mountpoint)
+    kind = _mount_type(mountpoint)
+    if kind is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    if kind != "fuse.ocifuse":
+        raise MountError(f"{mountpoint} is not an ocifuse mount (it is {kind})")
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise MountError("fusermount3 not found (install the fuse3 package)") from e
+    if done.returncode == 0:
+        return 0
+    if "busy" in done.stderr.lower():
+        raise MountError(
+            f"{mountpoint} is busy (files or directories in use there); close them, or use --lazy"
+        )
+    reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+    raise MountError(f"cannot unmount {mountpoint}: {reason}")
+

@@ -1,0 +1,311 @@
+"""pyfuse3 Operations over the immutable tree: the FUSE shell, and the one place errors become errno."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from .archive import Archive
+from .digest import Digest
+from .errors import OcifuseError
+from .tree import Node, Tree
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+# Nothing ever changes under a mount, so the kernel may cache names and attributes for a day.
+TIMEOUT = 86400.0
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a request answers for ``exc``: an ocifuse error's hint, EIO for anything else."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, OcifuseError):
+        return exc.errno
+    return errno.EIO
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Map every exception of a request handler to a FUSEError, so no request can kill the daemon.
+
+    OcifuseError becomes its errno hint (logged as a warning); anything unexpected is logged
+    with its traceback and answered with EIO.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OcifuseError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from e
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs(fn: F) -> F:
+    """A handler for a write or metadata change: the filesystem is read-only (EROFS)."""
+
+    @functools.wraps(fn)
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return cast(F, refuse)
+
+
+class Verdicts:
+    """--verify: each blob is hashed in full before its first byte is served; the verdict is cached.
+
+    The archive never changes under the mount (reads check it), so a verdict holds for the
+    mount's life. Concurrent first readers of one blob wait for one hash, not several.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[int, bool] = {}
+        self._locks: dict[int, trio.Lock] = {}
+
+    async def check(self, fs: Operations, node: Node) -> None:
+        """Raise EIO unless ``node``'s bytes match the digest its path names (or it names none)."""
+        ok = self._done.get(node.inode)
+        if ok is None:
+            lock = self._locks.setdefault(node.inode, trio.Lock())
+            async with lock:
+                ok = self._done.get(node.inode)
+                if ok is None:
+                    ok = await trio.to_thread.run_sync(fs.verify_blob, node)
+                    self._done[node.inode] = ok
+            self._locks.pop(node.inode, None)
+        if not ok:
+            raise pyfuse3.FUSEError(errno.EIO)
+
+
+class Operations(pyfuse3.Operations):
+    """A read-only view of an archive's tree: lookups from the tree, reads by pread off the trio thread."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, archive: Archive, tree: Tree, *, verify: bool = False) -> None:
+        super().__init__()
+        self.archive = archive
+        self.tree = tree
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.verdicts = Verdicts() if verify else None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.node(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The stat of ``node``: 0555 dirs, 0444 files, the mounting user's, mtime from the tar header."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(node.inode)
+        attr.generation = 0
+        attr.entry_timeout = TIMEOUT
+        attr.attr_timeout = TIMEOUT
+        size = node.entry.size
+        if node.children is not None:
+            attr.st_mode = pyfuse3.ModeT(DIR_MODE)
+            attr.st_nlink = 2 + sum(1 for _, i in node.children if self._is_dir(i))
+        else:
+            attr.st_mode = pyfuse3.ModeT(FILE_MODE)
+            attr.st_nlink = 1
+        attr.st_uid = self.uid
+        attr.st_gid = self.gid
+        attr.st_rdev = 0
+        attr.st_size = size
+        attr.st_blksize = 128 * 1024
+        attr.st_blocks = (size + 511) // 512  # st_blocks counts 512-byte units
+        mtime_ns = max(0, min(node.entry.mtime, 2**62 // 10**9)) * 10**9
+        attr.st_atime_ns = mtime_ns
+        attr.st_mtime_ns = mtime_ns
+        attr.st_ctime_ns = mtime_ns
+        return attr
+
+    def _is_dir(self, inode: int) -> bool:
+        node = self.tree.node(inode)
+        return node is not None and node.is_dir
+
+    def read_node(self, node: Node, off: int, size: int) -> bytes:
+        """Blocking: bytes of a file node, clipped to its end (run in a worker thread)."""
+        return self.archive.pread(node.entry, off, size)
+
+    def verify_blob(self, node: Node) -> bool:
+        """Blocking: hash a blob's bytes against the digest its path names; True if they match."""
+        path = self.tree.path_of(node.inode)
+        digest = Digest.from_path(path)
+        if digest is None or not digest.verifiable:
+            return True  # not a blob, or an algorithm we cannot hash: served unverified
+        verifier = digest.verifier()
+        chunk = 1 << 20
+        for off in range(0, node.entry.size, chunk):
+            verifier.update(self.archive.pread(node.entry, off, chunk))
+        if verifier.found() != digest:
+            log.error(
+                "blob %s does not match its digest (hashes to %s); reads fail with EIO",
+                digest,
+                verifier.found(),
+            )
+            return False
+        log.debug("blob %s verified", digest)
+        return True
+
+    # -- lookups and attributes --------------------------------------------------------------
+
+    @handler
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """Find ``name`` in a directory; a missing name is a cached negative entry (st_ino 0)."""
+        log.debug("lookup(%d, %r)", parent_inode, name)
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self.attributes(parent)
+        if name == b"..":
+            return self.attributes(self._node(parent.parent))
+        node = self.tree.child(parent_inode, name)
+        if node is None:
+            if not parent.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = pyfuse3.InodeT(0)
+            negative.entry_timeout = TIMEOUT
+            return negative
+        return self.attributes(node)
+
+    @handler
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """Stat an inode."""
+        log.debug("getattr(%d)", inode)
+        return self.attributes(self._node(inode))
+
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        """Nothing to forget: every inode lives as long as the mount."""
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """Sizes of the whole tree; nothing is free, since nothing can be written."""
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_blocks = (self.tree.total_size + 4095) // 4096
+        data.f_bfree = 0
+        data.f_bavail = 0
+        data.f_files = len(self.tree)
+        data.f_ffree = 0
+        data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    @handler
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        """No extended attributes are served."""
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @handler
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        """No extended attributes are served."""
+        self._node(inode)
+        return []
+
+    @handler
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+        """There are no symlinks under a mount (the name policy never serves them)."""
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    # -- directories -------------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        """A directory handle is its inode."""
+        log.debug("opendir(%d)", inode)
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    @handler
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List children from ``start_id``; an entry's offset is its stable child index + 1."""
+        log.debug("readdir(%d, %d)", fh, start_id)
+        children = self._node(fh).children or ()
+        for index in range(start_id, len(children)):
+            name, inode = children[index]
+            node = self.tree.node(inode)
+            assert node is not None
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), self.attributes(node), index + 1):
+                break
+
+    @handler
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        """Nothing to release."""
+
+    # -- files -------------------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """Open for reading only (EROFS otherwise); the page cache stays valid across opens."""
+        log.debug("open(%d, %#o)", inode, flags)
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+
+    @handler
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        """pread at the member's offset + ``off``, clipped to the member, off the trio thread."""
+        log.debug("read(%d, %d, %d)", fh, off, size)
+        node = self._node(fh)
+        if self.verdicts is not None:
+            await self.verdicts.check(self, node)
+        return await trio.to_thread.run_sync(self.read_node, node, off, size)
+
+    @handler
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        """Nothing to release: the archive fd lives as long as the mount."""
+
+    # -- everything that would change the filesystem: EROFS (the mount is also "ro") ---------
+
+    setattr = _erofs(pyfuse3.Operations.setattr)
+    mknod = _erofs(pyfuse3.Operations.mknod)
+    mkdir = _erofs(pyfuse3.Operations.mkdir)
+    unlink = _erofs(pyfuse3.Operations.unlink)
+    rmdir = _erofs(pyfuse3.Operations.rmdir)
+    symlink = _erofs(pyfuse3.Operations.symlink)
+    rename = _erofs(pyfuse3.Operations.rename)
+    link = _erofs(pyfuse3.Operations.link)
+    write = _erofs(pyfuse3.Operations.write)
+    create = _erofs(pyfuse3.Operations.create)
+    setxattr = _erofs(pyfuse3.Operations.setxattr)
+    removexattr = _erofs(pyfuse3.Operations.removexattr)

@@ -1,0 +1,146 @@
+"""Mount options, mount(8) style: split ``-o a,b=c`` lists and decide what each option does (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .errors import OcifuseError
+
+# Always on: an archive mount is read-only and serves no devices or setuid programs.
+FORCED = ("ro", "nodev", "nosuid", "default_permissions")
+# Options of ocifuse itself.
+OWN_FLAGS = frozenset({"verify", "debug"})
+OWN_VALUES = frozenset({"readahead_kb"})
+# Passed through to libfuse / the kernel (libfuse 3 mount.c and fuse_lowlevel.c option tables).
+FUSE_FLAGS = frozenset(
+    {
+        "allow_other",
+        "allow_root",
+        "auto_unmount",
+        "noexec",
+        "exec",
+        "noatime",
+        "atime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "nodiratime",
+        "lazytime",
+        "nolazytime",
+        "async",
+        "sync",
+        "dirsync",
+        "sync_read",
+        "async_read",
+    }
+)
+FUSE_VALUES = frozenset(
+    {
+        "fsname",
+        "subtype",
+        "max_read",
+        "max_readahead",
+        "max_background",
+        "congestion_threshold",
+        "blksize",
+        "context",
+        "fscontext",
+        "defcontext",
+        "rootcontext",
+    }
+)
+# What mount(8), fstab and systemd hand a helper that is not for the filesystem (mount(8), systemd.mount(5)).
+IGNORED_FLAGS = frozenset(
+    {
+        "nofail",
+        "_netdev",
+        "user",
+        "nouser",
+        "users",
+        "auto",
+        "noauto",
+        "defaults",
+        "owner",
+        "group",
+        "rw",
+        "dev",
+        "suid",
+        "loud",
+        "silent",
+    }
+)
+IGNORED_PREFIXES = ("x-", "comment=", "uhelper=", "helper=")
+
+
+class OptionError(OcifuseError):
+    """An option ocifuse does not know or a value it cannot use."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MountOptions:
+    """What a list of ``-o`` strings asks for, sorted into ocifuse's own and FUSE's."""
+
+    verify: bool = False
+    debug: bool = False
+    readahead_kb: int = 1024
+    fuse: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = field(default=())
+
+
+def split(text: str) -> list[str]:
+    """Split a comma-separated option list; ``\\,`` is a literal comma (as libfuse reads it)."""
+    out: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, "\\"))
+        elif ch == ",":
+            out.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    out.append("".join(current))
+    return [o for o in out if o]
+
+
+def escape(value: str) -> str:
+    """Escape a value for a libfuse option list (backslash and comma)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def parse(
+    option_lists: Iterable[str], *, fsname: str, verify: bool = False, debug: bool = False
+) -> MountOptions:
+    """Sort ``-o`` lists into a MountOptions; raises OptionError for unknown options.
+
+    ``rw``, ``dev`` and ``suid`` are accepted and ignored: the mount is always ``ro,nodev,nosuid``.
+    """
+    fuse: dict[str, str | None] = {"fsname": escape(fsname), "subtype": "ocifuse"}
+    ignored: list[str] = []
+    readahead_kb = 1024
+    for option in (o for text in option_lists for o in split(text)):
+        key, eq, value = option.partition("=")
+        if option in OWN_FLAGS:
+            verify = verify or key == "verify"
+            debug = debug or key == "debug"
+        elif key in OWN_VALUES and eq:
+            if not value.isdigit():
+                raise OptionError(f"option {option!r} wants a number of KiB")
+            readahead_kb = int(value)
+        elif option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
+            ignored.append(option)
+        elif option in FUSE_FLAGS and not eq:
+            fuse[option] = None
+        elif key in FUSE_VALUES and eq:
+            fuse[key] = escape(value) if key == "fsname" else value
+        elif option in FORCED:
+            pass
+        else:
+            raise OptionError(f"unknown mount option {option!r}")
+    flags = [*FORCED, *(k if v is None else f"{k}={v}" for k, v in fuse.items())]
+    return MountOptions(
+        verify=verify, debug=debug, readahead_kb=readahead_kb, fuse=tuple(flags), ignored=tuple(ignored)
+    )
