@@ -247,6 +247,9 @@ class _Checker:
         self.todo: list[_Ref] = []
         self.blobs_verified = 0
         self.bytes_verified = 0
+        # Set when a document could not be parsed: what it refers to is unknown, so "unreferenced"
+        # cannot be told apart from "referenced by the unparsable document" and is not reported.
+        self.incomplete = False
 
     def add(self, code: str, message: str, *, digest: object = None, path: str | None = None) -> None:
         self.findings.append(
@@ -419,6 +422,7 @@ class _Checker:
         self.parsed.add((digest, desc.media_type))
         if blob.size > MAX_JSON:
             if _is_document(desc.media_type):
+                self.incomplete = True
                 self.add(
                     "document-too-large",
                     f"{desc.media_type} of {blob.size} bytes is over the {MAX_JSON}-byte limit; not parsed",
@@ -432,6 +436,7 @@ class _Checker:
                 data = self.read_file(digest.path, MAX_JSON)
             except OcifuseError as e:
                 self.add("blob-unreadable", e.message, digest=digest, path=digest.path)
+                self.incomplete = True
                 return
         self.parse(ref, data)
 
@@ -518,6 +523,7 @@ class _Checker:
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            self.incomplete |= _is_document(desc.media_type)
             self.add(
                 "invalid-json", f"{desc.media_type} is not valid JSON: {e}", digest=digest, path=digest.path
             )
@@ -525,6 +531,7 @@ class _Checker:
         if not _is_document(desc.media_type):
             return
         if not isinstance(obj, dict):
+            self.incomplete = True
             self.add(
                 "invalid-document", f"{desc.media_type} is not a JSON object", digest=digest, path=digest.path
             )
@@ -543,11 +550,14 @@ class _Checker:
             )
 
     def unreferenced(self) -> None:
-        """Files under blobs/ that name no digest, or that nothing reachable refers to."""
+        """Files under blobs/ that name no digest, or that nothing reachable refers to.
+
+        Unreferenced blobs are not reported when some document could not be parsed (see ``incomplete``).
+        """
         for name, digest in self.layout.list_blobs():
             if digest is None:
                 self.add("blob-invalid-path", "file under blobs/ whose path names no valid digest", path=name)
-            elif digest not in self.referenced:
+            elif digest not in self.referenced and not self.incomplete:
                 self.add(
                     "blob-unreferenced",
                     "nothing reachable from index.json refers to it",
