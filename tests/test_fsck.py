@@ -108,7 +108,7 @@ def test_sha512_layouts_verify(tmp_path: Path, backend: str, algorithm: str) -> 
     assert codes(report) == ["digest-mismatch"]
     digest = report.findings[0].digest
     assert digest == layer["digest"]
-    assert digest.startswith(f"{algorithm}:")
+    assert digest is not None and digest.startswith(f"{algorithm}:")
 
 
 def test_nested_indexes(tmp_path: Path, backend: str) -> None:
