@@ -1,0 +1,134 @@
+"""Shared fixtures: a real image built by umoci and skopeo, and both backends of one layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from oci import LayoutBuilder
+from tarbuild import tar_extract
+
+from ocifuse.layout import ArchiveLayout, DirectoryLayout, Layout
+
+BACKENDS = ("archive", "directory")
+LayoutFactory = Callable[[LayoutBuilder], Layout]
+
+
+def require_tools(*tools: str) -> None:
+    """Skip when a peer tool is missing, except in CI (``CI=true``), where that is a failure."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    message = f"missing peer tool(s): {', '.join(missing)}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI must have them)")
+    pytest.skip(message)
+
+
+def run(*argv: str | Path) -> None:
+    """Run a peer tool; fail the test with its output if it fails."""
+    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+
+
+@dataclass(frozen=True)
+class RealImage:
+    """A real image: umoci's layout (tags v1, v2), skopeo's oci-archive of v1, and that extracted."""
+
+    umoci_dir: Path
+    archive: Path
+    layout_dir: Path
+    files: dict[str, bytes]  # path inside the image -> content inserted by umoci
+
+
+@pytest.fixture(scope="session")
+def real_image(tmp_path_factory: pytest.TempPathFactory) -> RealImage:
+    """Build the real image once per session with umoci and skopeo."""
+    require_tools("umoci", "skopeo", "tar")
+    root = tmp_path_factory.mktemp("real")
+    src = root / "src"
+    (src / "etc").mkdir(parents=True)
+    files = {
+        "/hello.txt": b"hello from umoci\n",
+        "/data/big.bin": os.urandom(3 * 1024 * 1024 + 123),
+        "/etc/app/app.conf": b"key = value\n",
+    }
+    (src / "hello.txt").write_bytes(files["/hello.txt"])
+    (src / "big.bin").write_bytes(files["/data/big.bin"])
+    (src / "etc" / "app.conf").write_bytes(files["/etc/app/app.conf"])
+    oci_dir = root / "umoci"
+    run("umoci", "init", "--layout", oci_dir)
+    run("umoci", "new", "--image", f"{oci_dir}:v1")
+    run("umoci", "insert", "--image", f"{oci_dir}:v1", src / "hello.txt", "/hello.txt")
+    run("umoci", "insert", "--image", f"{oci_dir}:v1", src / "big.bin", "/data/big.bin")
+    run("umoci", "config", "--image", f"{oci_dir}:v1", "--config.cmd", "/hello.txt")
+    run("umoci", "insert", "--image", f"{oci_dir}:v1", "--tag", "v2", src / "etc", "/etc/app")
+    archive = root / "image.tar"
+    run("skopeo", "copy", "--quiet", f"oci:{oci_dir}:v1", f"oci-archive:{archive}:v1")
+    return RealImage(
+        umoci_dir=oci_dir, archive=archive, layout_dir=tar_extract(archive, root / "extracted"), files=files
+    )
+
+
+@pytest.fixture(scope="session")
+def real_archive(real_image: RealImage) -> Path:
+    """skopeo's oci-archive of the real image's tag v1."""
+    return real_image.archive
+
+
+@pytest.fixture(scope="session")
+def real_layout_dir(real_image: RealImage) -> Path:
+    """The same layout as ``real_archive``, extracted with ``tar -x``."""
+    return real_image.layout_dir
+
+
+@pytest.fixture(scope="session")
+def real_umoci_dir(real_image: RealImage) -> Path:
+    """umoci's own layout directory, with tags v1 and v2."""
+    return real_image.umoci_dir
+
+
+def open_backend(kind: str, path: Path) -> Layout:
+    """Open ``path`` as the backend named ``kind`` (one of BACKENDS)."""
+    return ArchiveLayout(str(path)) if kind == "archive" else DirectoryLayout(str(path))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: ``"archive"`` or ``"directory"``."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def any_layout(backend: str, tmp_path: Path) -> Iterator[LayoutFactory]:
+    """A factory writing a LayoutBuilder as the current backend and opening it; closed at teardown."""
+    opened: list[Layout] = []
+
+    def make(builder: LayoutBuilder) -> Layout:
+        n = len(opened)
+        if backend == "archive":
+            path = builder.write_tar(tmp_path / f"layout-{n}.tar")
+        else:
+            path = builder.write_dir(tmp_path / f"layout-{n}")
+        layout = open_backend(backend, path)
+        opened.append(layout)
+        return layout
+
+    yield make
+    for layout in opened:
+        layout.close()
+
+
+@pytest.fixture
+def real_layout(backend: str, real_archive: Path, real_layout_dir: Path) -> Iterator[Layout]:
+    """The real image, opened in each backend in turn."""
+    layout = open_backend(backend, real_archive if backend == "archive" else real_layout_dir)
+    yield layout
+    layout.close()
