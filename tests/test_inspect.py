@@ -1,0 +1,279 @@
+"""inspect: refs, platforms, resolved images and referrers, on both backends; the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from oci import LayoutBuilder
+
+from ocifuse import cli, inspect, model
+from ocifuse.errors import NotFound
+from ocifuse.layout import open_layout
+from ocifuse.model import Platform
+
+Json = dict[str, Any]
+BACKENDS = ["dir", "tar"]
+CONFIG: Json = {
+    "os": "linux",
+    "architecture": "amd64",
+    "created": "2024-05-01T12:00:00Z",
+    "author": "someone",
+    "rootfs": {"type": "layers", "diff_ids": []},
+    "config": {
+        "Entrypoint": ["/bin/app"],
+        "Cmd": ["--serve"],
+        "Env": ["PATH=/bin", "MODE=prod"],
+        "Labels": {"org.opencontainers.image.title": "app"},
+        "WorkingDir": "/srv",
+    },
+}
+SIGNATURE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+
+
+class Sample:
+    """A layout with a two-platform index (``multi``), a single image (``single``), a referrer."""
+
+    def __init__(self) -> None:
+        b = self.builder = LayoutBuilder()
+        self.amd = b.image([b"amd layer 1", b"amd layer 22"], config=CONFIG)
+        arm_cfg = {**CONFIG, "architecture": "arm64", "variant": "v8"}
+        self.arm = b.image([b"arm layer"], config=arm_cfg)
+        self.amd_entry = {**self.amd, "platform": {"os": "linux", "architecture": "amd64"}}
+        self.arm_entry = {**self.arm, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}
+        self.multi = b.tag(b.index([self.amd_entry, self.arm_entry]), "multi")
+        self.single = b.tag(b.image([b"s390x layer"], arch="s390x"), "single")
+        self.sig = b.image([b"sig"], subject=self.amd, artifact_type=SIGNATURE)
+        b.tag(self.sig, None)
+
+    def write(self, tmp_path: Path, backend: str) -> Path:
+        """Write the layout as a directory or an archive under ``tmp_path``."""
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        if backend == "dir":
+            return self.builder.write_dir(tmp_path / "layout")
+        return self.builder.write_tar(tmp_path / "layout.tar")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+AMD64 = Platform(os="linux", architecture="amd64")
+ARM64 = Platform(os="linux", architecture="arm64")
+
+
+def summarize(tmp_path: Path, backend: str, s: Sample | None = None, **kw: Any) -> inspect.Summary:
+    s = s or Sample()
+    with open_layout(s.write(tmp_path, backend)) as layout:
+        return inspect.summarize(layout, **kw)
+
+
+def test_ref_table_and_platforms(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    summary = summarize(tmp_path, backend, s, platform=AMD64)
+    assert summary.layout_version == "1.0.0"
+    assert [r.name for r in summary.refs] == ["multi", "single", None]
+    multi = summary.refs[0]
+    assert (multi.media_type, multi.digest, multi.size) == (
+        model.MEDIA_INDEX,
+        s.multi["digest"],
+        s.multi["size"],
+    )
+    assert [(p.platform, p.digest, p.depth) for p in multi.platforms] == [
+        ("linux/amd64", s.amd["digest"], 0),
+        ("linux/arm64/v8", s.arm["digest"], 0),
+    ]
+    assert summary.refs[1].platforms == ()
+
+
+def test_resolved_image(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    summary = summarize(tmp_path, backend, s, ref="multi", platform=AMD64)
+    (img,) = summary.images
+    assert img.ref == "multi" and img.platform == "linux/amd64"
+    assert img.manifest.digest == s.amd["digest"]
+    assert [v.digest for v in img.via] == [s.multi["digest"]]
+    cfg = img.image_config
+    assert cfg is not None
+    assert cfg.created == "2024-05-01T12:00:00Z"
+    assert cfg.entrypoint == ("/bin/app",) and cfg.cmd == ("--serve",)
+    assert cfg.env == ("PATH=/bin", "MODE=prod")
+    assert cfg.labels == {"org.opencontainers.image.title": "app"}
+    assert [(layer.size, layer.media_type) for layer in img.layers] == [
+        (11, "application/vnd.oci.image.layer.v1.tar"),
+        (12, "application/vnd.oci.image.layer.v1.tar"),
+    ]
+    assert img.total_size == s.amd["size"] + img.config.size + 23
+    assert [(r.digest, r.artifact_type, r.subject) for r in img.referrers] == [
+        (s.sig["digest"], SIGNATURE, s.amd["digest"])
+    ]
+
+
+def test_platform_selects_manifest(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    (img,) = summarize(tmp_path, backend, s, ref="multi", platform=ARM64).images
+    assert img.manifest.digest == s.arm["digest"] and img.platform == "linux/arm64/v8"
+    assert img.referrers == ()
+
+
+def test_ref_by_digest(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    (img,) = summarize(tmp_path, backend, s, ref=s.arm["digest"]).images
+    assert img.manifest.digest == s.arm["digest"]
+
+
+def test_no_ref_resolves_every_entry(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    summary = summarize(tmp_path, backend, s, platform=AMD64)
+    assert [i.manifest.digest for i in summary.images] == [s.amd["digest"], s.sig["digest"]]
+    assert [(u.ref, u.error) for u in summary.unresolved] == [("single", "an image for linux/s390x")]
+
+
+def test_host_platform_default_never_fails(tmp_path: Path, backend: str) -> None:
+    summary = summarize(tmp_path, backend, platform=None)
+    assert len(summary.images) + len(summary.unresolved) == 3
+
+
+def test_not_found(tmp_path: Path, backend: str) -> None:
+    with pytest.raises(NotFound, match="no ref 'nope'"):
+        summarize(tmp_path, backend, ref="nope")
+    with pytest.raises(NotFound):
+        summarize(tmp_path / "2", backend, ref="multi", platform=Platform(os="windows", architecture="amd64"))
+    with pytest.raises(NotFound, match="linux/s390x"):
+        summarize(tmp_path / "3", backend, ref="single", platform=AMD64)
+
+
+def test_nested_index_platforms(tmp_path: Path, backend: str) -> None:
+    b = LayoutBuilder()
+    arm = b.image([b"arm"], arch="arm64")
+    inner = b.index([{**arm, "platform": {"os": "linux", "architecture": "arm64"}}])
+    outer = b.tag(b.index([inner]), "nested")
+    s = Sample()
+    s.builder = b
+    summary = summarize(tmp_path, backend, s, ref="nested", platform=ARM64)
+    assert [(p.platform, p.depth) for p in summary.refs[0].platforms] == [(None, 0), ("linux/arm64", 1)]
+    (img,) = summary.images
+    assert img.manifest.digest == arm["digest"]
+    assert [v.digest for v in img.via] == [outer["digest"], inner["digest"]]
+
+
+def test_sha512_layout(tmp_path: Path, backend: str) -> None:
+    b = LayoutBuilder(algorithm="sha512")
+    m = b.tag(b.image([b"layer"]), "only")
+    s = Sample()
+    s.builder = b
+    (img,) = summarize(tmp_path, backend, s, platform=AMD64).images
+    assert img.manifest.digest == m["digest"] and img.manifest.digest.startswith("sha512:")
+
+
+def test_artifact_without_image_config(tmp_path: Path, backend: str) -> None:
+    b = LayoutBuilder()
+    empty = b.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    doc = {"schemaVersion": 2, "mediaType": model.MEDIA_MANIFEST, "config": empty, "layers": []}
+    b.tag(b.json_blob(doc, model.MEDIA_MANIFEST), "artifact")
+    s = Sample()
+    s.builder = b
+    (img,) = summarize(tmp_path, backend, s).images
+    assert img.image_config is None and img.config_error is None and img.platform is None
+
+
+def test_missing_config_is_shown_not_fatal(tmp_path: Path, backend: str) -> None:
+    s = Sample()
+    cfg = json.loads(s.builder.files[f"blobs/sha256/{s.single['digest'][7:]}"])["config"]
+    del s.builder.files[f"blobs/sha256/{cfg['digest'][7:]}"]
+    (img,) = summarize(tmp_path, backend, s, ref="single").images
+    assert img.image_config is None and img.config_error is not None and "not found" in img.config_error
+
+
+# -- rendering and the command line ----------------------------------------------------------------
+
+
+def test_text_output(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    s = Sample()
+    path = s.write(tmp_path, backend)
+    assert cli.main(["inspect", str(path), "--ref", "multi", "--platform", "linux/amd64"]) == 0
+    out = capsys.readouterr().out
+    assert "REF" in out and "multi" in out and "linux/arm64/v8" in out
+    assert f"manifest    {s.amd['digest']}" in out
+    assert 'entrypoint  ["/bin/app"]' in out and 'cmd         ["--serve"]' in out
+    assert "MODE=prod" in out and "org.opencontainers.image.title=app" in out
+    assert SIGNATURE in out
+    assert "total size" in out
+
+
+def test_json_output(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    s = Sample()
+    path = s.write(tmp_path, backend)
+    assert cli.main(["inspect", "--json", str(path), "--ref", "multi", "--platform", "linux/amd64"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"path", "layout_version", "platform", "refs", "images", "unresolved"}
+    assert doc["refs"][0]["platforms"][1]["platform"] == "linux/arm64/v8"
+    (img,) = doc["images"]
+    assert img["manifest"] == {
+        "media_type": model.MEDIA_MANIFEST,
+        "digest": s.amd["digest"],
+        "size": s.amd["size"],
+    }
+    assert img["image_config"]["entrypoint"] == ["/bin/app"]
+    assert img["image_config"]["labels"] == {"org.opencontainers.image.title": "app"}
+    assert [layer["size"] for layer in img["layers"]] == [11, 12]
+    assert img["referrers"][0]["artifact_type"] == SIGNATURE
+
+
+def test_cli_every_ref(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Sample().write(tmp_path, backend)
+    assert cli.main(["inspect", str(path), "--platform", "linux/arm64"]) == 0
+    out = capsys.readouterr().out
+    assert "image multi (linux/arm64/v8)" in out
+    assert "not resolved for linux/arm64: single: an image for linux/s390x" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["--ref", "nope"], 1),
+        (["--ref", "multi", "--platform", "plan9/mips"], 1),
+        (["--platform", "plan9/mips"], 1),
+        (["--platform", "not-a-platform"], 2),
+    ],
+)
+def test_cli_not_found(
+    tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str], args: list[str], status: int
+) -> None:
+    path = Sample().write(tmp_path, backend)
+    assert cli.main(["inspect", str(path), *args]) == status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("ocifuse: ") and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"\x1f\x8b\x08\x00"])
+def test_cli_garbage(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes) -> None:
+    path = tmp_path / "garbage.tar"
+    path.write_bytes(content)
+    assert cli.main(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_cli_unusable_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = Sample().write(tmp_path, "dir")
+    (root / "index.json").write_bytes(b"{not json")
+    assert cli.main(["inspect", str(root)]) == 2
+    assert "index.json" in capsys.readouterr().err
+    (root / "index.json").unlink()
+    assert cli.main(["inspect", str(root)]) == 2
+    assert cli.main(["inspect", str(tmp_path / "absent")]) == 2
+
+
+def test_cli_damaged_manifest_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = Sample()
+    s.builder.files[f"blobs/sha256/{s.single['digest'][7:]}"] = b"{}"
+    path = s.write(tmp_path, "tar")
+    assert cli.main(["inspect", str(path), "--ref", "single"]) == 1
+    err = capsys.readouterr().err
+    assert "ocifuse fsck" in err and err.count("\n") == 1
