@@ -179,7 +179,8 @@ class DirectoryLayout(Layout):
         parts = name.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise FileMissing(name)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: opening a fifo planted in the layout must not wait for a writer (it is refused below).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         fd = self._root
         try:
             for i, part in enumerate(parts):
