@@ -20,6 +20,8 @@ from .errors import ArchiveChanged, LayoutOpenError, NotAnArchive, TruncatedArch
 BLOCK = 512
 # Longest header extension (PAX record block, GNU long name) the scan reads into memory.
 MAX_HEADER_DATA = 1 << 20
+# Most header bytes (PAX records, long names, sparse maps, header blocks) read for one member.
+MAX_MEMBER_HEADERS = 4 * MAX_HEADER_DATA
 # POSIX NAME_MAX: the longest name component a Linux filesystem can hold.
 NAME_MAX = 255
 _COMPRESSED = {
@@ -65,10 +67,15 @@ class _CappedReader:
     def __init__(self, raw: IO[bytes], path: str) -> None:
         self._raw = raw
         self._path = path
+        self.budget = MAX_MEMBER_HEADERS
 
     def read(self, size: int = -1) -> bytes:
         if size < 0 or size > MAX_HEADER_DATA:
             raise NotAnArchive(self._path, f"a tar header claims {size} bytes of header data")
+        # Many small reads add up too (a GNU sparse map read block by block): one budget per member.
+        self.budget -= size
+        if self.budget < 0:
+            raise NotAnArchive(self._path, f"a member's headers take more than {MAX_MEMBER_HEADERS} bytes")
         return self._raw.read(size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -132,15 +139,19 @@ class ArchiveTable:
         if size == 0:
             raise NotAnArchive(path, "empty file, not a tar archive")
         builder = _TableBuilder()
+        reader = _CappedReader(fileobj, path)
         try:
-            tf = tarfile.open(  # noqa: SIM115 - closed by nobody: it owns no file, only the wrapper
-                fileobj=_CappedReader(fileobj, path),
-                mode="r:",  # type: ignore[call-overload]
-            )
+            # tarfile.open reads the first member: its errors are the loop's errors.
+            tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
         except tarfile.ReadError as e:
             raise NotAnArchive(path, f"not a tar archive ({e})") from e
+        except OSError as e:
+            raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
+        except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+            raise NotAnArchive(path, f"corrupt tar header ({e})") from e
         try:
             while True:
+                reader.budget = MAX_MEMBER_HEADERS
                 info = tf.next()
                 if info is None:
                     break
@@ -180,20 +191,27 @@ class _TableBuilder:
         self.skipped.append(Skipped(name, reason))
 
     def add(self, info: tarfile.TarInfo, archive_size: int) -> None:
+        if info.size < 0:
+            # tarfile would step backwards by it, and could read the same headers forever.
+            raise ValueError(f"member {info.name!r} has a negative size")
+        if info.offset_data + info.size > archive_size and _data_skipped(info):
+            self.past_end = info.name
+            return
         name = normalize(info.name)
         if name is None:
             if not _is_root(info.name):
                 self.skip(info.name, _refusal(info.name))
             return  # "." or "./": the root itself
-        mtime = int(info.mtime) if isinstance(info.mtime, (int, float)) else 0
+        try:
+            mtime = int(info.mtime)
+        except (TypeError, ValueError, OverflowError):  # a PAX mtime of "nan" or "1e400"
+            mtime = 0
         if info.isdir():
             self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
         elif info.isreg():
             if info.sparse is not None:
                 self.skip(info.name, "GNU sparse member (not supported)")
                 return
-            if info.offset_data + info.size > archive_size:
-                self.past_end = info.name
             self.entries[name] = Entry(Kind.FILE, info.offset_data, info.size, mtime)
         elif info.islnk():
             target = normalize(info.linkname)
@@ -223,6 +241,11 @@ class _TableBuilder:
             if found is None:
                 self.entries[d] = Entry(Kind.DIR, 0, 0, 0)
         return self.entries
+
+
+def _data_skipped(info: tarfile.TarInfo) -> bool:
+    """True when tarfile seeks over ``info.size`` bytes of data after the header (its _proc_builtin)."""
+    return info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
 
 
 def _type_name(info: tarfile.TarInfo) -> str:
