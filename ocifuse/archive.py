@@ -244,8 +244,11 @@ class _TableBuilder:
 
 
 def _data_skipped(info: tarfile.TarInfo) -> bool:
-    """True when tarfile seeks over ``info.size`` bytes of data after the header (its _proc_builtin)."""
-    return info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
+    """True when tarfile seeks over ``info.size`` bytes of data after the header (its _proc_builtin).
+
+    Not for sparse members: their ``size`` is the expanded size, larger than the data stored.
+    """
+    return info.sparse is None and (info.isreg() or info.type not in tarfile.SUPPORTED_TYPES)
 
 
 def _type_name(info: tarfile.TarInfo) -> str:
