@@ -10,6 +10,8 @@ from typing import IO
 
 import pytest
 import tarbuild
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tarbuild import (
     BROKEN,
     HUGE,
@@ -351,3 +353,18 @@ def test_hundred_thousand_members(tmp_path: Path) -> None:
         assert len(archive.table.entries) == 100_001  # the files and their implied directory
         last = archive.table.entries["files/099999"]
         assert archive.pread(last, 0, 100) == b"99999\n"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 8 * 1024), st.integers(0, 255)), min_size=1, max_size=8))
+def test_corrupted_headers_give_a_table_or_an_ocifuse_error(
+    tmp_path: Path, flips: list[tuple[int, int]]
+) -> None:
+    """Bytes overwritten anywhere in the first headers give a table or an OcifuseError, nothing else."""
+    data = bytearray(tarbuild.pax(tmp_path).read_bytes())
+    for at, value in flips:
+        data[at] = value
+    path = tmp_path / "flipped.tar"
+    path.write_bytes(bytes(data))
+    with suppress(OcifuseError):
+        Archive(str(path)).close()
