@@ -264,7 +264,10 @@ class _Checker:
             if self.index():
                 while self.todo:
                     self.visit(self.todo.pop())
-                self.unreferenced()
+                try:
+                    self.unreferenced()
+                except (OcifuseError, OSError) as e:
+                    self.add("blob-unreadable", f"cannot list blobs/: {e}", path="blobs")
         except _Stop:
             pass
         return Report(
@@ -294,7 +297,7 @@ class _Checker:
         except TooLarge as e:
             self.add("layout-invalid", e.message, path=OCI_LAYOUT)
             return
-        except OcifuseError as e:
+        except (OcifuseError, OSError) as e:
             self.add("layout-invalid", f"cannot read: {e}", path=OCI_LAYOUT)
             return
         try:
@@ -320,8 +323,8 @@ class _Checker:
         except FileMissing:
             self.add("index-missing", "no index.json file", path=INDEX_JSON)
             return False
-        except OcifuseError as e:
-            self.add("index-invalid", e.message, path=INDEX_JSON)
+        except (OcifuseError, OSError) as e:
+            self.add("index-invalid", f"cannot read: {e}", path=INDEX_JSON)
             return False
         try:
             obj = json.loads(data)
@@ -434,8 +437,8 @@ class _Checker:
         if data is None:  # first met as a non-JSON blob (e.g. a layer), now needed as a document
             try:
                 data = self.read_file(digest.path, MAX_JSON)
-            except OcifuseError as e:
-                self.add("blob-unreadable", e.message, digest=digest, path=digest.path)
+            except (OcifuseError, OSError) as e:
+                self.add("blob-unreadable", str(e), digest=digest, path=digest.path)
                 self.incomplete = True
                 return
         self.parse(ref, data)
@@ -464,8 +467,8 @@ class _Checker:
         except BlobNotFound:
             self.missing(ref)
             return blob
-        except OcifuseError as e:
-            self.add("blob-unreadable", e.message, digest=digest, path=digest.path)
+        except (OcifuseError, OSError) as e:
+            self.add("blob-unreadable", str(e), digest=digest, path=digest.path)
             return blob
         keep = _is_json(desc.media_type) and size <= MAX_JSON
         try:

@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 from oci import LayoutBuilder
 
 from ocifuse import cli, fsck, model
-from ocifuse.layout import open_layout
+from ocifuse.layout import Layout, open_layout
 
-BACKENDS = ["dir", "tar"]
 Json = dict[str, Any]
 Edits = dict[str, bytes | None]
 
@@ -41,7 +40,7 @@ def write(b: LayoutBuilder, tmp_path: Path, backend: str, edits: Edits | None = 
     files: dict[str, bytes | None] = {**b.layout_files(), **(edits or {})}
     fixed = Fixed(fixed=files)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    if backend == "dir":
+    if backend == "directory":
         return fixed.write_dir(tmp_path / "layout")
     return fixed.write_tar(tmp_path / "layout.tar")
 
@@ -77,12 +76,6 @@ def manifest(b: LayoutBuilder, layers: list[Json], config: Json | None = None, *
 
 def codes(report: fsck.Report) -> list[str]:
     return [f.code for f in report.findings]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 # -- clean layouts ---------------------------------------------------------------------------------
@@ -157,7 +150,7 @@ def test_every_blob_is_read_once(tmp_path: Path, backend: str) -> None:
             reads[digest.path] = reads.get(digest.path, 0) + 1
             return real_iter(digest, chunk)
 
-        if backend == "dir":  # DirectoryLayout streams without read_at
+        if backend == "directory":  # DirectoryLayout streams without read_at
             layout.iter_blob = counting_iter  # type: ignore[method-assign]
         report = fsck.check(layout)
     assert report.findings == ()
@@ -207,6 +200,57 @@ def test_referrer_with_subject_is_walked(tmp_path: Path, backend: str) -> None:
     assert run(b, tmp_path, backend).findings == ()
     report = run(b, tmp_path / "bad", backend, {path_of(sig): b"SIGNATURE"})
     assert codes(report) == ["digest-mismatch"]
+
+
+def test_real_image_is_clean(real_layout: Layout) -> None:
+    """skopeo's oci-archive of an umoci image (and it extracted) has nothing to report."""
+    report = fsck.check(real_layout)
+    assert report.findings == ()
+    assert report.blobs_verified == 4  # manifest, config, two layers
+    assert report.bytes_verified > 3 * 1024 * 1024
+
+
+def test_real_umoci_layout_passes(real_umoci_dir: Path) -> None:
+    with open_layout(real_umoci_dir) as layout:
+        report = fsck.check(layout)
+    assert report.ok, report.findings
+
+
+def test_docker_media_types(tmp_path: Path, backend: str) -> None:
+    b = LayoutBuilder()
+    cfg = b.json_blob({"os": "linux", "architecture": "amd64"}, model.DOCKER_CONFIG)
+    layer = b.blob(b"layer", "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    doc = {"schemaVersion": 2, "mediaType": model.DOCKER_MANIFEST, "config": cfg, "layers": [layer]}
+    m = b.json_blob(doc, model.DOCKER_MANIFEST)
+    b.tag(
+        b.json_blob(
+            {"schemaVersion": 2, "mediaType": model.DOCKER_LIST, "manifests": [m]}, model.DOCKER_LIST
+        ),
+        "d",
+    )
+    assert run(b, tmp_path, backend).findings == ()
+
+
+def test_media_type_disagreement_is_invalid_document(tmp_path: Path, backend: str) -> None:
+    b = sample()
+    inner = b.image([b"inner"])
+    index = b.json_blob(
+        {"schemaVersion": 2, "mediaType": model.MEDIA_INDEX, "manifests": [inner]}, model.MEDIA_INDEX
+    )
+    b.tag({**index, "mediaType": model.MEDIA_MANIFEST}, "liar")
+    report = run(b, tmp_path, backend)
+    assert codes(report) == ["invalid-document"]
+    assert "differs from the descriptor's" in report.findings[0].message
+
+
+def test_invalid_descriptor_does_not_hide_its_siblings(tmp_path: Path, backend: str) -> None:
+    b = sample()
+    good = b.blob(b"good layer")
+    bad = {"mediaType": "application/octet-stream", "digest": "sha256:" + "0" * 64, "size": -1}
+    b.tag(manifest(b, [bad, good]), "half")
+    report = run(b, tmp_path, backend, {path_of(good): b"GOOD LAYER"})
+    assert codes(report) == ["invalid-descriptor", "digest-mismatch"]
+    assert report.findings[1].digest == good["digest"]
 
 
 # -- one corrupted fixture per finding code --------------------------------------------------------
@@ -478,7 +522,7 @@ def test_garbage_documents_never_raise(tmp_path: Path, target: str, content: byt
     b.tag(m, "x")
     doc = json.loads(b.files[path_of(m)])
     name = {"manifest": path_of(m), "config": path_of(doc["config"])}.get(target, target)
-    report = run(b, tmp_path, "dir", {name: content})
+    report = run(b, tmp_path, "directory", {name: content})
     for f in report.findings:
         assert f.code in fsck.CODES
 
@@ -526,7 +570,7 @@ def test_cli_findings(tmp_path: Path, backend: str, capsys: pytest.CaptureFixtur
 def test_cli_warnings_only_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     b = sample()
     b.blob(b"orphan")
-    assert cli.main(["fsck", str(write(b, tmp_path, "tar"))]) == 0
+    assert cli.main(["fsck", str(write(b, tmp_path, "archive"))]) == 0
     assert "blob-unreferenced" in capsys.readouterr().out
 
 

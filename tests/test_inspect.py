@@ -11,11 +11,10 @@ from oci import LayoutBuilder
 
 from ocifuse import cli, inspect, model
 from ocifuse.errors import NotFound
-from ocifuse.layout import open_layout
+from ocifuse.layout import Layout, open_layout
 from ocifuse.model import Platform
 
 Json = dict[str, Any]
-BACKENDS = ["dir", "tar"]
 CONFIG: Json = {
     "os": "linux",
     "architecture": "amd64",
@@ -51,15 +50,9 @@ class Sample:
     def write(self, tmp_path: Path, backend: str) -> Path:
         """Write the layout as a directory or an archive under ``tmp_path``."""
         tmp_path.mkdir(parents=True, exist_ok=True)
-        if backend == "dir":
+        if backend == "directory":
             return self.builder.write_dir(tmp_path / "layout")
         return self.builder.write_tar(tmp_path / "layout.tar")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 AMD64 = Platform(os="linux", architecture="amd64")
@@ -189,6 +182,21 @@ def test_missing_config_is_shown_not_fatal(tmp_path: Path, backend: str) -> None
     assert img.image_config is None and img.config_error is not None and "not found" in img.config_error
 
 
+def test_real_image(real_layout: Layout) -> None:
+    summary = inspect.summarize(real_layout, ref="v1", platform=AMD64)
+    assert [r.name for r in summary.refs] == ["v1"]
+    (img,) = summary.images
+    assert img.image_config is not None and img.image_config.cmd == ("/hello.txt",)
+    assert len(img.layers) == 2
+    assert img.total_size == img.manifest.size + img.config.size + sum(layer.size for layer in img.layers)
+
+
+def test_real_umoci_layout_lists_both_tags(real_umoci_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["inspect", "--json", str(real_umoci_dir)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted(r["name"] for r in doc["refs"]) == ["v1", "v2"]
+
+
 # -- rendering and the command line ----------------------------------------------------------------
 
 
@@ -261,7 +269,7 @@ def test_cli_garbage(tmp_path: Path, capsys: pytest.CaptureFixture[str], content
 
 
 def test_cli_unusable_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = Sample().write(tmp_path, "dir")
+    root = Sample().write(tmp_path, "directory")
     (root / "index.json").write_bytes(b"{not json")
     assert cli.main(["inspect", str(root)]) == 2
     assert "index.json" in capsys.readouterr().err
@@ -273,7 +281,7 @@ def test_cli_unusable_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_cli_damaged_manifest_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s = Sample()
     s.builder.files[f"blobs/sha256/{s.single['digest'][7:]}"] = b"{}"
-    path = s.write(tmp_path, "tar")
+    path = s.write(tmp_path, "archive")
     assert cli.main(["inspect", str(path), "--ref", "single"]) == 1
     err = capsys.readouterr().err
     assert "ocifuse fsck" in err and err.count("\n") == 1
