@@ -126,7 +126,9 @@ class Layout(ABC):
         return data
 
     def document(self, desc: model.Descriptor) -> model.Index | model.Manifest | None:
-        """The index or manifest a descriptor points at (None for other media types)."""
+        """The index or manifest a descriptor points at (None for other media types, left unread)."""
+        if desc.media_type not in model.INDEX_TYPES | model.MANIFEST_TYPES:
+            return None
         return model.parse_document(str(desc.digest), desc.media_type, self.read_blob(desc))
 
     def list_blobs(self) -> Iterator[tuple[str, Digest | None]]:
