@@ -68,8 +68,18 @@ def refs(layout: Layout, index: Index | None = None) -> dict[str, Descriptor]:
     return {d.ref_name: d for d in index.manifests if d.ref_name is not None}
 
 
-def walk(layout: Layout, desc: Descriptor, depth: int = 0) -> Iterator[tuple[Descriptor, Index | Manifest]]:
-    """Every index and manifest reachable from ``desc``, depth first, ``desc`` itself first."""
+def walk(
+    layout: Layout, desc: Descriptor, depth: int = 0, _seen: set[Digest] | None = None
+) -> Iterator[tuple[Descriptor, Index | Manifest]]:
+    """Every index and manifest reachable from ``desc``, depth first, ``desc`` itself first.
+
+    Each digest is visited once: indexes that list the same child several times, level after
+    level, would otherwise make the walk exponential in the depth.
+    """
+    seen = set() if _seen is None else _seen
+    if desc.digest in seen:
+        return
+    seen.add(desc.digest)
     if depth > MAX_DEPTH:
         raise NotFound(f"indexes nested deeper than {MAX_DEPTH} levels at {desc.digest}")
     doc = layout.document(desc)
@@ -78,12 +88,22 @@ def walk(layout: Layout, desc: Descriptor, depth: int = 0) -> Iterator[tuple[Des
     yield desc, doc
     if isinstance(doc, Index):
         for child in doc.manifests:
-            yield from walk(layout, child, depth + 1)
+            yield from walk(layout, child, depth + 1, seen)
 
 
 def _select(
-    layout: Layout, desc: Descriptor, want: Platform, trail: tuple[Descriptor, ...]
+    layout: Layout,
+    desc: Descriptor,
+    want: Platform,
+    trail: tuple[Descriptor, ...],
+    seen: set[Digest] | None = None,
 ) -> Resolved | None:
+    # A digest already searched without a match has none: skip it (else repeated children make
+    # the search exponential in the nesting depth).
+    seen = set() if seen is None else seen
+    if desc.digest in seen:
+        return None
+    seen.add(desc.digest)
     if len(trail) > MAX_DEPTH:
         raise NotFound(f"indexes nested deeper than {MAX_DEPTH} levels at {desc.digest}")
     doc = layout.document(desc)
@@ -92,7 +112,7 @@ def _select(
     if isinstance(doc, Index):
         for child in doc.manifests:
             if child.media_type in INDEX_TYPES or platform_matches(want, child.platform):
-                found = _select(layout, child, want, (*trail, desc))
+                found = _select(layout, child, want, (*trail, desc), seen)
                 if found is not None:
                     return found
     return None
