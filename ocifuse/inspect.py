@@ -111,8 +111,17 @@ class Summary:
         return dataclasses.asdict(self)
 
 
-def _platforms(layout: Layout, desc: Descriptor, depth: int = 0) -> list[PlatformEntry]:
-    """The entries of the index ``desc`` and of the indexes nested in it, depth first."""
+def _platforms(
+    layout: Layout, desc: Descriptor, depth: int = 0, seen: set[str] | None = None
+) -> list[PlatformEntry]:
+    """The entries of the index ``desc`` and of the indexes nested in it, depth first.
+
+    A nested index listed more than once is expanded only the first time (linear, not exponential).
+    """
+    seen = set() if seen is None else seen
+    if str(desc.digest) in seen:
+        return []
+    seen.add(str(desc.digest))
     if depth > resolve.MAX_DEPTH:
         raise NotFound(f"indexes nested deeper than {resolve.MAX_DEPTH} levels at {desc.digest}")
     doc = layout.document(desc)
@@ -130,7 +139,7 @@ def _platforms(layout: Layout, desc: Descriptor, depth: int = 0) -> list[Platfor
             )
         )
         if child.media_type in model.INDEX_TYPES:
-            out.extend(_platforms(layout, child, depth + 1))
+            out.extend(_platforms(layout, child, depth + 1, seen))
     return out
 
 

@@ -154,6 +154,23 @@ def test_nested_index_platforms(tmp_path: Path, backend: str) -> None:
     assert [v.digest for v in img.via] == [outer["digest"], inner["digest"]]
 
 
+def test_repeated_nested_indexes_stay_linear(tmp_path: Path, backend: str) -> None:
+    """Thirty levels of indexes, each listing the next twice: 2**30 paths, 31 documents."""
+    b = LayoutBuilder()
+    bottom = b.image([b"bottom"])
+    d = {**bottom, "platform": {"os": "linux", "architecture": "amd64"}}
+    for _ in range(30):
+        d = b.index([d, d])
+    b.tag(d, "dag")
+    s = Sample()
+    s.builder = b
+    summary = summarize(tmp_path, backend, s, ref="dag", platform=AMD64)
+    assert summary.images[0].manifest.digest == bottom["digest"]
+    assert len(summary.refs[0].platforms) == 2 * 30
+    with pytest.raises(NotFound):
+        summarize(tmp_path / "2", backend, s, ref="dag", platform=ARM64)
+
+
 def test_sha512_layout(tmp_path: Path, backend: str) -> None:
     b = LayoutBuilder(algorithm="sha512")
     m = b.tag(b.image([b"layer"]), "only")
