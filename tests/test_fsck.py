@@ -117,6 +117,18 @@ def test_nested_indexes(tmp_path: Path, backend: str) -> None:
     assert report.findings[0].digest == deep["digest"]
 
 
+def test_repeated_nested_indexes_are_walked_once(tmp_path: Path, backend: str) -> None:
+    """Thirty levels of indexes, each listing the next twice: 2**30 paths, 33 blobs, each read once."""
+    b = LayoutBuilder()
+    d = b.image([b"bottom"])
+    for _ in range(30):
+        d = b.index([d, d])
+    b.tag(d, "dag")
+    report = run(b, tmp_path, backend)
+    assert report.findings == ()
+    assert report.blobs_verified == len(b.files) == 33
+
+
 def test_many_blobs(tmp_path: Path, backend: str) -> None:
     b = LayoutBuilder()
     layers = [b.blob(i.to_bytes(4, "big"), "application/vnd.oci.image.layer.v1.tar") for i in range(5_000)]
