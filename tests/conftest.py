@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mounting import no_new_mounts
 from oci import LayoutBuilder
 from tarbuild import tar_extract
 
@@ -28,6 +29,13 @@ def require_tools(*tools: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message} (CI must have them)")
     pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test fails (after cleaning up) if it leaves one of its own ocifuse mounts behind."""
+    with no_new_mounts(tmp_path_factory.getbasetemp()):
+        yield
 
 
 def run(*argv: str | Path) -> None:
