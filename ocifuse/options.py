@@ -31,7 +31,7 @@ FUSE_FLAGS = frozenset(
         "dirsync",
     }
 )
-FUSE_VALUES = frozenset({"fsname", "subtype", "context", "fscontext", "defcontext", "rootcontext"})
+FUSE_VALUES = frozenset({"fsname", "context", "fscontext", "defcontext", "rootcontext"})
 # What mount(8), fstab and systemd hand a helper that is not for the filesystem (mount(8), systemd.mount(5)).
 IGNORED_FLAGS = frozenset(
     {
@@ -60,7 +60,8 @@ IGNORED_FLAGS = frozenset(
         "nolazytime",
     }
 )
-IGNORED_PREFIXES = ("x-", "comment=", "uhelper=", "helper=")
+# subtype= too: the type is always fuse.ocifuse, which is how ``ocifuse umount`` knows its mounts.
+IGNORED_PREFIXES = ("x-", "comment=", "uhelper=", "helper=", "subtype=")
 
 
 class OptionError(OcifuseError):

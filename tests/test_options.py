@@ -169,9 +169,16 @@ def test_fuse_flags_pass_through(option: str) -> None:
 
 def test_fuse_values_pass_through() -> None:
     """A FUSE option with a value keeps it; a later one wins over an earlier one."""
-    opts = parse(["subtype=one", "subtype=two"], fsname=FSNAME)
-    assert fuse_dict(opts)["subtype"] == "two"
-    assert opts.fuse.count("subtype=two") == 1
+    opts = parse(["fsname=one", "fsname=two"], fsname=FSNAME)
+    assert fuse_dict(opts)["fsname"] == "two"
+    assert opts.fuse.count("fsname=two") == 1
+
+
+def test_subtype_is_always_ocifuse() -> None:
+    """A subtype= from mount(8) or a user is ignored: ``ocifuse umount`` knows mounts by fuse.ocifuse."""
+    opts = parse(["subtype=other"], fsname=FSNAME)
+    assert fuse_dict(opts)["subtype"] == "ocifuse"
+    assert "subtype=other" in opts.ignored
 
 
 @pytest.mark.parametrize(
