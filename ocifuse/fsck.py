@@ -367,7 +367,8 @@ class _Checker:
             # manifest.md / image-index.md: mediaType, when present, must match the descriptor's.
             if isinstance(own, str) and own in model.INDEX_TYPES | model.MANIFEST_TYPES:
                 kind = own
-            if own != media_type and not (name == INDEX_JSON and own in model.INDEX_TYPES):
+            index_json_index = name == INDEX_JSON and isinstance(own, str) and own in model.INDEX_TYPES
+            if own != media_type and not index_json_index:
                 problems.append(f"mediaType {own!r} differs from the descriptor's {media_type!r}")
                 sane.pop("mediaType")
         children: list[_Ref] = []
