@@ -30,6 +30,7 @@ _DEV_FD = re.compile(r"/dev/fd/\d+")
 # syslog priorities (sd-daemon(3)) for journald's "<N>" line prefix.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 READY_TIMEOUT = 60.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class MountError(OcifuseError):
@@ -122,6 +123,9 @@ def mount_main(args: argparse.Namespace) -> int:
         if opts.ignored:
             log.debug("ignored mount options: %s", ",".join(opts.ignored))
         ops = Operations(archive, tree, verify=opts.verify)
+        # From the mount on, a stop signal waits for the loop's handler (_watch_signals): its default
+        # action would kill the process and leave a dead mount ("Transport endpoint is not connected").
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pyfuse3.init(ops, mountpoint, set(opts.fuse))
         except RuntimeError as e:
@@ -143,6 +147,7 @@ def mount_main(args: argparse.Namespace) -> int:
                 notify_parent("the daemon failed before the mount was live")
     finally:
         archive.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
     return 0
 
@@ -204,7 +209,8 @@ async def _serve(
 
 
 async def _watch_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent during startup arrives now
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
@@ -217,7 +223,9 @@ async def _announce_ready(
 ) -> None:
     """Wait until the kernel has the mount (its root answers stat), then tell the parent and systemd."""
     if not _DEV_FD.fullmatch(mountpoint):
-        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        # Abandoned, not awaited, when SIGTERM ends the loop first: the stat would wait for an answer
+        # that never comes, and the unmount that would end it runs only after this nursery exits.
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
         if opts.readahead_kb:
             await trio.to_thread.run_sync(_set_readahead, st.st_dev, opts.readahead_kb)
     log.info("mounted %s on %s", archive_path, mountpoint)
