@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, journal
 from .errors import OcifuseError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except OcifuseError as e:
-        print(f"ocifuse: {e}", file=sys.stderr)
+        # Under systemd the one error line is the one journald must keep at priority err (sd-daemon(3)).
+        print(f"{journal.prefix(journal.ERR)}ocifuse: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,7 @@ from . import options as mount_options
 from .archive import Archive
 from .errors import OcifuseError
 from .fs import Operations
+from .journal import stderr_is_journal
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def setup_logging(*, foreground: bool, debug: bool) -> None:
     handler: logging.Handler
     if foreground or not os.path.exists("/dev/log"):
         handler = logging.StreamHandler(sys.stderr)
-        if os.environ.get("JOURNAL_STREAM"):
+        if stderr_is_journal():
             handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
         else:
             handler.setFormatter(
