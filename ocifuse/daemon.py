@@ -18,11 +18,13 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import model
 from . import options as mount_options
-from .archive import Archive
+from .archive import Archive, Kind
 from .errors import OcifuseError
 from .fs import Operations
 from .journal import stderr_is_journal
+from .layout import INDEX_JSON, MAX_JSON
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -138,9 +140,10 @@ def mount_main(args: argparse.Namespace) -> int:
         log.info(
             "serving %s on %s: %d files, %d bytes", archive_path, mountpoint, tree.files, tree.total_size
         )
+        status = _status(archive, mountpoint, tree.files)
         clean = False
         try:
-            trio.run(_serve, archive_path, mountpoint, opts, notify_parent)
+            trio.run(_serve, archive_path, mountpoint, opts, notify_parent, status)
             clean = True
         finally:
             pyfuse3.close(unmount=True)
@@ -151,6 +154,24 @@ def mount_main(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _status(archive: Archive, mountpoint: str, files: int) -> str:
+    """systemd's STATUS= line (sd_notify(3)): the archive, its refs (index.json), the mountpoint."""
+    refs: list[str] = []
+    entry = archive.table.entries.get(INDEX_JSON)
+    if entry is not None and entry.kind is Kind.FILE and entry.size <= MAX_JSON:
+        try:
+            index = model.Index.from_json(
+                INDEX_JSON, model.loads(INDEX_JSON, archive.pread(entry, 0, entry.size))
+            )
+        except OcifuseError as e:
+            log.debug("no refs for the status line: %s", e)
+        else:
+            refs = [d.ref_name for d in index.manifests if d.ref_name is not None]
+    shown = ", ".join(refs[:8]) + (f" and {len(refs) - 8} more" if len(refs) > 8 else "")
+    text = f"serving {archive.path} ({f'refs {shown}' if refs else 'no refs'}) on {mountpoint}, {files} files"
+    return "".join(c if c.isprintable() else "?" for c in text)  # one line, whatever the names hold
 
 
 def _no_parent(message: str) -> None:
@@ -199,12 +220,16 @@ def _wait_for_child(read_end: int) -> int:
 
 
 async def _serve(
-    archive_path: str, mountpoint: str, opts: mount_options.MountOptions, notify_parent: Callable[[str], None]
+    archive_path: str,
+    mountpoint: str,
+    opts: mount_options.MountOptions,
+    notify_parent: Callable[[str], None],
+    status: str,
 ) -> None:
     """Run the FUSE loop; report readiness once the mount answers; SIGTERM/SIGINT end it cleanly."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        nursery.start_soon(_announce_ready, archive_path, mountpoint, opts, notify_parent)
+        nursery.start_soon(_announce_ready, archive_path, mountpoint, opts, notify_parent, status)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -220,7 +245,11 @@ async def _watch_signals() -> None:
 
 
 async def _announce_ready(
-    archive_path: str, mountpoint: str, opts: mount_options.MountOptions, notify_parent: Callable[[str], None]
+    archive_path: str,
+    mountpoint: str,
+    opts: mount_options.MountOptions,
+    notify_parent: Callable[[str], None],
+    status: str,
 ) -> None:
     """Wait until the kernel has the mount (its root answers stat), then tell the parent and systemd."""
     if not _DEV_FD.fullmatch(mountpoint):
@@ -231,7 +260,7 @@ async def _announce_ready(
             await trio.to_thread.run_sync(_set_readahead, st.st_dev, opts.readahead_kb)
     log.info("mounted %s on %s", archive_path, mountpoint)
     notify_parent("ok")
-    sd_notify(f"READY=1\nSTATUS=serving {archive_path} on {mountpoint}")
+    sd_notify(f"READY=1\nSTATUS={status}")
 
 
 def _set_readahead(dev: int, kib: int) -> None:
@@ -279,4 +308,3 @@ def umount_main(mountpoint: str, *, lazy: bool = False) -> int:
         )
     reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
     raise MountError(f"cannot unmount {mountpoint}: {reason}")
-
