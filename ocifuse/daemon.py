@@ -145,6 +145,9 @@ def mount_main(args: argparse.Namespace) -> int:
         try:
             trio.run(_serve, archive_path, mountpoint, opts, notify_parent, status)
             clean = True
+        except Exception as e:  # trio wraps a task's error in an ExceptionGroup: say it in one line
+            log.debug("the FUSE loop failed", exc_info=True)
+            raise MountError(f"serving {archive_path} on {mountpoint} failed: {_innermost(e)}") from e
         finally:
             pyfuse3.close(unmount=True)
             if not clean:
@@ -172,6 +175,15 @@ def _status(archive: Archive, mountpoint: str, files: int) -> str:
     shown = ", ".join(refs[:8]) + (f" and {len(refs) - 8} more" if len(refs) > 8 else "")
     text = f"serving {archive.path} ({f'refs {shown}' if refs else 'no refs'}) on {mountpoint}, {files} files"
     return "".join(c if c.isprintable() else "?" for c in text)  # one line, whatever the names hold
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group, or ``exc`` itself."""
+    inner = getattr(exc, "exceptions", None)  # BaseExceptionGroup (3.11+, or trio's backport on 3.10)
+    while inner:
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return exc
 
 
 def _no_parent(message: str) -> None:
