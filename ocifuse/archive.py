@@ -89,9 +89,10 @@ def normalize(name: str) -> str | None:
     """The path a member is served at, or None when the name policy refuses it.
 
     ``./`` prefixes and ``.`` components (``tar -C dir .``) and trailing slashes are dropped.
-    Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes.
+    Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
+    names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
     """
-    if name.startswith("/"):
+    if name.startswith("/") or "\0" in name:
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
@@ -109,6 +110,8 @@ def _is_root(name: str) -> bool:
 def _refusal(name: str) -> str:
     if name.startswith("/"):
         return "absolute name"
+    if "\0" in name:
+        return "name contains a NUL byte"
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         return "name contains '..'"
