@@ -429,6 +429,19 @@ def long_names(directory: Path, target: Path) -> Path:
     return _archive(directory, "long-names.tar", [], evil)
 
 
+def nul_names(directory: Path, target: Path) -> Path:
+    """PAX paths with a NUL byte, one aliasing index.json (readdir would show it as "index.json")."""
+    out = directory / "nul-names.tar"
+    with open(out, "wb") as f:
+        for m in layout_members(_valid()):
+            write_member(f, m)
+        for name, data in (("index.json\0evil", b'{"evil": true}'), ("evil\0name", b"nul\n")):
+            write_pax(f, pax_record("path", name))
+            write_raw(f, raw_header("placeholder", size=len(data)), data)
+        end_archive(f)
+    return out
+
+
 def duplicate_types(directory: Path, target: Path) -> Path:
     """One path as a file, then a directory, then a file again; valid names shadowed and restored."""
     files = _files()
@@ -612,6 +625,7 @@ CORPUS: dict[str, HostileCase] = {
         valid={**_files(), "/".join(["m" * 255] * 3): b"255-byte components\n"},
         absent=frozenset({"n" * 300, "dir", "hl-long"}),
     ),
+    "nul_names": HostileCase(nul_names, 0, _SKIP, valid=_files(), absent=frozenset({"evil", "placeholder"})),
     "duplicate_types": HostileCase(
         duplicate_types, 0, _SKIP, valid={**_files(), **DUPLICATE_TYPES_SERVED}, absent=frozenset({"x/child"})
     ),

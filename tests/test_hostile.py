@@ -242,7 +242,11 @@ def check_mount(case: HostileCase, mnt: Path) -> tuple[set[str], set[str]]:
 
 
 def skopeo_inspect(mnt: Path, ref: str) -> None:
-    """skopeo reads the image through the mount as an OCI layout directory."""
+    """skopeo reads the image through the mount as an OCI layout (not checked without skopeo, but in CI)."""
+    if shutil.which("skopeo") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("skopeo is not installed (CI must have it)")
+        return
     proc = subprocess.run(
         ["skopeo", "inspect", "--raw", f"oci:{mnt}:{ref}"], capture_output=True, text=True, timeout=60
     )
@@ -258,8 +262,6 @@ REFUSED = [n for n in CASES if CORPUS[n].mount_refuses]
 def test_mount_serves_only_the_policy(name: str, corpus: Corpus, workdir: Path, tmp_path: Path) -> None:
     """The mount serves regular files and directories only, and the valid image through it."""
     case = CORPUS[name]
-    if case.ref is not None and shutil.which("skopeo") is None and os.environ.get("CI") != "true":
-        pytest.skip("skopeo is not installed")
     mnt = tmp_path / "mnt"
     with no_new_mounts(corpus.directory.parent), mounted(corpus.path(name), mnt) as m:
         files, _ = check_mount(case, mnt)
