@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -82,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Under systemd the one error line is the one journald must keep at priority err (sd-daemon(3)).
         print(f"{journal.prefix(journal.ERR)}ocifuse: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``ocifuse inspect ... | head``): stop quietly, as SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
 
