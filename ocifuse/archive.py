@@ -19,6 +19,8 @@ from typing import IO
 from .errors import ArchiveChanged, LayoutOpenError, NotAnArchive, TruncatedArchive
 
 BLOCK = 512
+# preadv2(2) flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14; buffered reads 5.9).
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # Longest header extension (PAX record block, GNU long name) the scan reads into memory.
 MAX_HEADER_DATA = 1 << 20
 # Most header bytes (PAX records, long names, sparse maps, header blocks) read for one member.
@@ -349,6 +351,7 @@ class Archive:
             os.close(fd)
             raise
         self.fd = fd
+        self._probe = bytearray()  # pread_cached's scratch buffer (contents never used)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def check_unchanged(self) -> None:
@@ -367,6 +370,30 @@ class Archive:
         if len(data) != size:
             raise ArchiveChanged(self.path)
         return data
+
+    def pread_cached(self, entry: Entry, offset: int, size: int) -> bytes | None:
+        """Like ``pread``, but only when every byte is in the page cache: it does not wait for the disk.
+
+        None when any of the bytes would have to come from the disk (or a read came up short for
+        any other reason): the caller then reads them with ``pread`` in a worker thread, which
+        also tells a truncated archive (ArchiveChanged) from an uncached one.
+        """
+        size = max(0, min(size, entry.size - offset))
+        if size == 0 or offset < 0:
+            return b""
+        self.check_unchanged()
+        if len(self._probe) < size:
+            self._probe = bytearray(size)
+        try:  # RWF_NOWAIT: EAGAIN or a short count instead of waiting; the probe's bytes are dropped
+            if (
+                os.preadv(self.fd, [memoryview(self._probe)[:size]], entry.offset + offset, _RWF_NOWAIT)
+                != size
+            ):
+                return None
+        except OSError:  # EAGAIN: nothing cached; EOPNOTSUPP: no RWF_NOWAIT on this file
+            return None
+        data = os.pread(self.fd, size, entry.offset + offset)  # from the cache, as bytes
+        return data if len(data) == size else None
 
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""

@@ -152,8 +152,14 @@ class Operations(pyfuse3.Operations):
         node = self.tree.node(inode)
         return node is not None and node.is_dir
 
-    def read_node(self, node: Node, off: int, size: int) -> bytes:
-        """Blocking: bytes of a file node, clipped to its end (run in a worker thread)."""
+    def read_node(self, node: Node, off: int, size: int, cached_only: bool = False) -> bytes | None:
+        """Bytes of a file node, clipped to its end.
+
+        Blocking (run in a worker thread), unless ``cached_only``: then only from the page cache,
+        never waiting for the disk, and None if any byte is not there.
+        """
+        if cached_only:
+            return self.archive.pread_cached(node.entry, off, size)
         return self.archive.pread(node.entry, off, size)
 
     def verify_blob(self, node: Node) -> bool:
@@ -284,12 +290,23 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        """pread at the member's offset + ``off``, clipped to the member, off the trio thread."""
+        """pread at the member's offset + ``off``, clipped to the member.
+
+        Bytes already in the page cache are read right here (an RWF_NOWAIT probe, then pread): a
+        hop to a worker thread and back costs more than the copy (1 GiB first read, warm archive:
+        ~1240 -> ~1730 MiB/s).
+        Anything that would wait for the disk is read off the trio thread, so readers of cold
+        data still run in parallel and never stall lookups.
+        """
         log.debug("read(%d, %d, %d)", fh, off, size)
         node = self._node(fh)
         if self.verdicts is not None:
             await self.verdicts.check(self, node)
-        return await trio.to_thread.run_sync(self.read_node, node, off, size)
+        data = self.read_node(node, off, size, True)
+        if data is None:
+            data = await trio.to_thread.run_sync(self.read_node, node, off, size)
+        assert data is not None
+        return data
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
