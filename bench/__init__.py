@@ -1,0 +1,1 @@
+"""Benchmarks (never part of the test suite): ``bash bench/run``; see bench/README.md."""
