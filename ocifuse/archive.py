@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -88,6 +89,10 @@ class _CappedReader:
         return self._raw.tell()
 
 
+# Relative names whose components are non-empty, start with no "." and hold no NUL.
+_PLAIN_NAME = re.compile(r"[^/\0.][^/\0]*(?:/[^/\0.][^/\0]*)*")
+
+
 def normalize(name: str) -> str | None:
     """The path a member is served at, or None when the name policy refuses it.
 
@@ -95,6 +100,8 @@ def normalize(name: str) -> str | None:
     Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
     names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
     """
+    if _PLAIN_NAME.fullmatch(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+        return name  # already normal: no "", "." or ".." component, no NUL, short (the common case)
     if name.startswith("/") or "\0" in name:
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]

@@ -31,6 +31,7 @@ from tarbuild import (
     write_archive,
 )
 
+from ocifuse import archive as archive_module
 from ocifuse import open_layout
 from ocifuse.archive import Archive, ArchiveTable, Entry, Kind, normalize
 from ocifuse.errors import ArchiveChanged, LayoutOpenError, NotAnArchive, OcifuseError
@@ -368,3 +369,68 @@ def test_corrupted_headers_give_a_table_or_an_ocifuse_error(
     path.write_bytes(bytes(data))
     with suppress(OcifuseError):
         Archive(str(path)).close()
+
+
+# -- the scan's fast paths agree with the slow ones ------------------------------------------------
+
+
+def _scan_outcome(path: Path) -> object:
+    """The table of ``path`` (entries, skipped, end), or the error class and message it raises."""
+    try:
+        with open(path, "rb") as f:
+            table = ArchiveTable.scan(f, str(path), os.path.getsize(path))
+    except OcifuseError as e:
+        return type(e), str(e)
+    return table.entries, table.skipped, table.end
+
+
+def _both_ways(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    """The scan with the plain-header fast path, then with every header left to tarfile."""
+    fast = _scan_outcome(path)
+    with monkeypatch.context() as m:
+        m.setattr(archive_module, "_plain_header", lambda *args: None)
+        slow = _scan_outcome(path)
+    return fast, slow
+
+
+@pytest.mark.parametrize("case", [*ODD_FORMATS, *SKIPPING])
+def test_fast_header_path_matches_tarfile(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain ustar headers parsed by the fast path give exactly the table tarfile's parse gives."""
+    fast, slow = _both_ways({**ODD_FORMATS, **SKIPPING}[case](tmp_path), monkeypatch)
+    assert fast == slow
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 4 * 512 - 1), st.integers(0, 255)), min_size=1, max_size=6))
+def test_fast_header_path_matches_tarfile_on_corrupt_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flips: list[tuple[int, int]]
+) -> None:
+    """Bytes overwritten in ustar headers (checksums fixed up): both parses agree, table or error."""
+    data = bytearray(tarbuild.ustar(tmp_path).read_bytes())
+    for at, value in flips:
+        data[at] = value
+    for header in range(0, 4 * 512, 512):  # keep checksums right so the fast path is really exercised
+        block = data[header : header + 512]
+        block[148:156] = b" " * 8
+        data[header + 148 : header + 156] = b"%06o\0 " % sum(block)
+    path = tmp_path / "flipped.tar"
+    path.write_bytes(bytes(data))
+    fast, slow = _both_ways(path, monkeypatch)
+    assert fast == slow
+
+
+def _reference_normalize(name: str) -> str | None:
+    """The name policy spelled out step by step, without normalize's shortcut for plain names."""
+    if name.startswith("/") or "\0" in name:
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or any(len(os.fsencode(p)) > 255 for p in parts):
+        return None
+    return "/".join(parts)
+
+
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", ".x", "é", "\0", "x" * 200, "\udcff"]), max_size=6))
+def test_normalize_matches_the_spelled_out_policy(parts: list[str]) -> None:
+    """normalize's shortcut for already-normal names never changes what the policy decides."""
+    name = "/".join(parts)
+    assert normalize(name) == _reference_normalize(name)
