@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .archive import Entry, Kind
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
     """One file or directory; ``children`` is sorted by name and None for files."""
 
     inode: int
@@ -25,37 +23,46 @@ class Node:
         return self.children is not None
 
 
+def _fsencode(name: str) -> bytes:
+    """A name as the kernel sees it (what ``os.fsencode`` does on Linux, inlined for 100,000 names)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 class Tree:
     """Inodes allocated once, root first, in sorted path order: numbers are stable and never reused."""
 
     def __init__(self, entries: dict[str, Entry], root_mtime: int = 0) -> None:
-        paths = sorted(entries)
-        inode_of: dict[str, int] = {"": ROOT}
-        for n, path in enumerate(paths, start=ROOT + 1):
-            inode_of[path] = n
-        kids: dict[int, list[tuple[bytes, int]]] = {ROOT: []}
-        for path in paths:
-            if entries[path].kind is Kind.DIR:
-                kids[inode_of[path]] = []
+        paths = sorted(entries)  # a parent sorts before its children: it is a prefix of theirs
+        inode_of = {path: inode for inode, path in enumerate(paths, start=ROOT + 1)}
+        inode_of[""] = ROOT
         parents = [0, ROOT]
-        for path in paths:
+        kids: dict[int, list[tuple[bytes, int]]] = {ROOT: []}
+        for inode, path in enumerate(paths, start=ROOT + 1):
             parent_path, _, name = path.rpartition("/")
             parent = inode_of[parent_path]
-            kids[parent].append((os.fsencode(name), inode_of[path]))
             parents.append(parent)
-        self._nodes: list[Node | None] = [None]
-        self._lookup: dict[tuple[int, bytes], int] = {}
-        root_entry = Entry(Kind.DIR, 0, 0, root_mtime)
-        for inode, entry in enumerate([root_entry, *(entries[p] for p in paths)], start=ROOT):
+            kids[parent].append((_fsencode(name), inode))
+            if entries[path].kind is Kind.DIR:
+                kids[inode] = []
+        self._lookup = {parent: dict(children) for parent, children in kids.items()}
+        nodes: list[Node | None] = [None, Node(ROOT, ROOT, Entry(Kind.DIR, 0, 0, root_mtime), ())]
+        files = total = 0
+        for inode, path in enumerate(paths, start=ROOT + 1):
+            entry = entries[path]
             children = kids.get(inode)
-            ordered = None if children is None else tuple(sorted(children))
-            self._nodes.append(Node(inode, parents[inode], entry, ordered))
+            nodes.append(Node(inode, parents[inode], entry, None if children is None else ()))
+            if children is None:
+                files += 1
+                total += entry.size
         for parent, children in kids.items():
-            for child_name, child in children:
-                self._lookup[(parent, child_name)] = child
-        self.files = sum(1 for p in paths if entries[p].kind is Kind.FILE)
-        self.total_size = sum(entries[p].size for p in paths if entries[p].kind is Kind.FILE)
+            children.sort()
+            node = nodes[parent]
+            assert node is not None
+            nodes[parent] = node._replace(children=tuple(children))
+        self._nodes = nodes
         self.paths = paths
+        self.files = files
+        self.total_size = total
 
     def __len__(self) -> int:
         return len(self._nodes) - 1
@@ -68,7 +75,8 @@ class Tree:
 
     def child(self, parent: int, name: bytes) -> Node | None:
         """The node named ``name`` in directory ``parent``, or None."""
-        inode = self._lookup.get((parent, name))
+        children = self._lookup.get(parent)
+        inode = None if children is None else children.get(name)
         return None if inode is None else self._nodes[inode]
 
     def path_of(self, inode: int) -> str:
