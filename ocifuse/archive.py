@@ -358,7 +358,6 @@ class Archive:
             os.close(fd)
             raise
         self.fd = fd
-        self._probe = bytearray()  # pread_cached's scratch buffer (contents never used)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def check_unchanged(self) -> None:
@@ -378,29 +377,26 @@ class Archive:
             raise ArchiveChanged(self.path)
         return data
 
-    def pread_cached(self, entry: Entry, offset: int, size: int) -> bytes | None:
-        """Like ``pread``, but only when every byte is in the page cache: it does not wait for the disk.
+    def pread_cached(self, entry: Entry, offset: int, size: int) -> bytearray | None:
+        """Like ``pread``, but only from the page cache: it never waits for the disk.
 
-        None when any of the bytes would have to come from the disk (or a read came up short for
-        any other reason): the caller then reads them with ``pread`` in a worker thread, which
-        also tells a truncated archive (ArchiveChanged) from an uncached one.
+        One ``preadv2(RWF_NOWAIT)`` (Linux 5.9 for buffered reads) straight into the buffer it
+        returns; None when any byte would have to come from the disk, or a read comes up short for
+        any other reason: the caller then reads with ``pread`` in a worker thread, which also tells
+        a truncated archive (ArchiveChanged) from an uncached one.
         """
         size = max(0, min(size, entry.size - offset))
         if size == 0 or offset < 0:
-            return b""
+            return bytearray()
+        if not _RWF_NOWAIT:
+            return None  # no way to ask for "only if cached": every read goes to a worker thread
         self.check_unchanged()
-        if len(self._probe) < size:
-            self._probe = bytearray(size)
-        try:  # RWF_NOWAIT: EAGAIN or a short count instead of waiting; the probe's bytes are dropped
-            if (
-                os.preadv(self.fd, [memoryview(self._probe)[:size]], entry.offset + offset, _RWF_NOWAIT)
-                != size
-            ):
-                return None
-        except OSError:  # EAGAIN: nothing cached; EOPNOTSUPP: no RWF_NOWAIT on this file
+        buf = bytearray(size)
+        try:
+            done = os.preadv(self.fd, [buf], entry.offset + offset, _RWF_NOWAIT)
+        except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: no RWF_NOWAIT on this file
             return None
-        data = os.pread(self.fd, size, entry.offset + offset)  # from the cache, as bytes
-        return data if len(data) == size else None
+        return buf if done == size else None
 
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""

@@ -619,7 +619,7 @@ async def test_verify_hashes_each_blob_once(tmp_path: Path, monkeypatch: pytest.
 
     async def reader(ino: int, off: int) -> None:
         try:
-            results.append(await ops.read(pyfuse3.FileHandleT(ino), off, 1024))
+            results.append(bytes(await ops.read(pyfuse3.FileHandleT(ino), off, 1024)))
         except pyfuse3.FUSEError as e:
             results.append(e.errno)
 
