@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -143,7 +144,7 @@ def mount_main(args: argparse.Namespace) -> int:
         status = _status(archive, mountpoint, tree.files)
         clean = False
         try:
-            trio.run(_serve, archive_path, mountpoint, opts, notify_parent, status)
+            trio.run(_serve, _Startup(archive_path, mountpoint, opts.readahead_kb, status, notify_parent))
             clean = True
         except Exception as e:  # trio wraps a task's error in an ExceptionGroup: say it in one line
             log.debug("the FUSE loop failed", exc_info=True)
@@ -231,17 +232,22 @@ def _wait_for_child(read_end: int) -> int:
     return 1
 
 
-async def _serve(
-    archive_path: str,
-    mountpoint: str,
-    opts: mount_options.MountOptions,
-    notify_parent: Callable[[str], None],
-    status: str,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class _Startup:
+    """What the serving loop announces once the mount is live, and to whom."""
+
+    archive_path: str
+    mountpoint: str
+    readahead_kb: int
+    status: str  # systemd's STATUS= line
+    notify_parent: Callable[[str], None]  # the waiting parent of a background mount
+
+
+async def _serve(startup: _Startup) -> None:
     """Run the FUSE loop; report readiness once the mount answers; SIGTERM/SIGINT end it cleanly."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals)
-        nursery.start_soon(_announce_ready, archive_path, mountpoint, opts, notify_parent, status)
+        nursery.start_soon(_announce_ready, startup)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -256,23 +262,17 @@ async def _watch_signals() -> None:
             return
 
 
-async def _announce_ready(
-    archive_path: str,
-    mountpoint: str,
-    opts: mount_options.MountOptions,
-    notify_parent: Callable[[str], None],
-    status: str,
-) -> None:
+async def _announce_ready(startup: _Startup) -> None:
     """Wait until the kernel has the mount (its root answers stat), then tell the parent and systemd."""
-    if not _DEV_FD.fullmatch(mountpoint):
+    if not _DEV_FD.fullmatch(startup.mountpoint):
         # Abandoned, not awaited, when SIGTERM ends the loop first: the stat would wait for an answer
         # that never comes, and the unmount that would end it runs only after this nursery exits.
-        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-        if opts.readahead_kb:
-            await trio.to_thread.run_sync(_set_readahead, st.st_dev, opts.readahead_kb)
-    log.info("mounted %s on %s", archive_path, mountpoint)
-    notify_parent("ok")
-    sd_notify(f"READY=1\nSTATUS={status}")
+        st = await trio.to_thread.run_sync(os.stat, startup.mountpoint, abandon_on_cancel=True)
+        if startup.readahead_kb:
+            await trio.to_thread.run_sync(_set_readahead, st.st_dev, startup.readahead_kb)
+    log.info("mounted %s on %s", startup.archive_path, startup.mountpoint)
+    startup.notify_parent("ok")
+    sd_notify(f"READY=1\nSTATUS={startup.status}")
 
 
 def _set_readahead(dev: int, kib: int) -> None:
