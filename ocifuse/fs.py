@@ -232,19 +232,22 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    # No extended attributes are served. ENOSYS, not ENODATA: the kernel then remembers that this
+    # filesystem has none and answers every later getxattr/listxattr itself (EOPNOTSUPP), where
+    # ENODATA would cost a round trip per call (``ls -l`` asks twice per file; 100,000 entries:
+    # ``ls -lR`` 15.6 s -> see bench/results.md).
+
     @handler
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        """No extended attributes are served."""
-        self._node(inode)
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        """Extended attributes are not supported (ENOSYS)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        """No extended attributes are served."""
-        self._node(inode)
-        return []
+        """Extended attributes are not supported (ENOSYS)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @handler
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
