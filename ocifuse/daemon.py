@@ -103,6 +103,9 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint}: permission denied (you need write access to it)")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse does not exist: FUSE is not available here (is the fuse module loaded?)")
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # libfuse opens /dev/fuse itself before it hands the mount to fusermount3, and gives up here.
+        raise MountError("/dev/fuse: permission denied (this user may not use FUSE)")
 
 
 def _fsname(path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,14 @@ def test_core_error_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(["inspect", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and len(err.strip().splitlines()) == 1
+
+
+def test_mount_refused_without_access_to_dev_fuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who may not open /dev/fuse is told so in one line, before anything is tried."""
+    import ocifuse.daemon as daemon
+
+    real_access = os.access
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "access", lambda p, mode: p != "/dev/fuse" and real_access(p, mode))
+    with pytest.raises(daemon.MountError, match="/dev/fuse: permission denied"):
+        daemon.check_mountpoint(str(tmp_path))
