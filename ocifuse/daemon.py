@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import model
 from . import options as mount_options
-from .archive import Archive, Kind
+from .archive import Archive
 from .errors import OcifuseError
 from .fs import Operations
 from .journal import stderr_is_journal
-from .layout import INDEX_JSON, MAX_JSON
+from .layout import ArchiveLayout
+from .resolve import refs
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -165,19 +165,15 @@ def mount_main(args: argparse.Namespace) -> int:
 
 def _status(archive: Archive, mountpoint: str, files: int) -> str:
     """systemd's STATUS= line (sd_notify(3)): the archive, its refs (index.json), the mountpoint."""
-    refs: list[str] = []
-    entry = archive.table.entries.get(INDEX_JSON)
-    if entry is not None and entry.kind is Kind.FILE and entry.size <= MAX_JSON:
-        try:
-            index = model.Index.from_json(
-                INDEX_JSON, model.loads(INDEX_JSON, archive.pread(entry, 0, entry.size))
-            )
-        except OcifuseError as e:
-            log.debug("no refs for the status line: %s", e)
-        else:
-            refs = [d.ref_name for d in index.manifests if d.ref_name is not None]
-    shown = ", ".join(refs[:8]) + (f" and {len(refs) - 8} more" if len(refs) > 8 else "")
-    text = f"serving {archive.path} ({f'refs {shown}' if refs else 'no refs'}) on {mountpoint}, {files} files"
+    try:
+        names = list(refs(ArchiveLayout(archive)))  # in index.json's order
+    except OcifuseError as e:
+        log.debug("no refs for the status line: %s", e)
+        names = []
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    text = (
+        f"serving {archive.path} ({f'refs {shown}' if names else 'no refs'}) on {mountpoint}, {files} files"
+    )
     return "".join(c if c.isprintable() else "?" for c in text)  # one line, whatever the names hold
 
 

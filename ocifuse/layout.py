@@ -141,9 +141,10 @@ class Layout(ABC):
 class ArchiveLayout(Layout):
     """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.archive = Archive(path)
+    def __init__(self, path: str | Archive) -> None:
+        """Open the archive at ``path``, or take one already open (the mount's: same fd, same table)."""
+        self.archive = Archive(path) if isinstance(path, str) else path
+        self.path = self.archive.path
         self.skipped = self.archive.table.skipped
 
     def size_of(self, name: str) -> int:
