@@ -366,10 +366,15 @@ class Archive:
         if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
             raise ArchiveChanged(self.path)
 
+    @staticmethod
+    def clip(entry: Entry, offset: int, size: int) -> int:
+        """How many of ``size`` bytes from ``offset`` lie inside ``entry`` (0 for a bad offset)."""
+        return 0 if offset < 0 else max(0, min(size, entry.size - offset))
+
     def pread(self, entry: Entry, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of ``entry`` from ``offset``, never past the entry's end."""
-        size = max(0, min(size, entry.size - offset))
-        if size == 0 or offset < 0:
+        size = self.clip(entry, offset, size)
+        if size == 0:
             return b""
         self.check_unchanged()
         data = os.pread(self.fd, size, entry.offset + offset)
@@ -385,8 +390,8 @@ class Archive:
         any other reason: the caller then reads with ``pread`` in a worker thread, which also tells
         a truncated archive (ArchiveChanged) from an uncached one.
         """
-        size = max(0, min(size, entry.size - offset))
-        if size == 0 or offset < 0:
+        size = self.clip(entry, offset, size)
+        if size == 0:
             return bytearray()
         if not _RWF_NOWAIT:
             return None  # no way to ask for "only if cached": every read goes to a worker thread
