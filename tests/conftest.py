@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import no_new_mounts
+from mounting import no_new_mounts, skip_or_fail
 from oci import LayoutBuilder
 from tarbuild import tar_extract
 
@@ -25,10 +25,7 @@ def require_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if not missing:
         return
-    message = f"missing peer tool(s): {', '.join(missing)}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI must have them)")
-    pytest.skip(message)
+    skip_or_fail(f"missing peer tool(s): {', '.join(missing)}")
 
 
 @pytest.fixture(autouse=True)

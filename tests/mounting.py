@@ -56,6 +56,13 @@ StrPath = str | os.PathLike[str]
 _STARTED: set[str] = set()
 
 
+def skip_or_fail(message: str) -> None:
+    """Skip the test for ``message``; in CI (``CI=true``) fail instead: CI must run every test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI must have it)")
+    pytest.skip(message)
+
+
 def require_fuse() -> None:
     """Skip unless FUSE mounts can be made here; in CI (``CI=true``) fail instead of skipping."""
     problems = []
@@ -67,10 +74,7 @@ def require_fuse() -> None:
         problems.append(f"{OCIFUSE} is not installed (pip install -e .)")
     if not problems:
         return
-    message = "cannot mount FUSE here: " + "; ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI must run the FUSE tests)")
-    pytest.skip(message)
+    skip_or_fail("cannot mount FUSE here: " + "; ".join(problems))
 
 
 def _unescape(field_: str) -> str:

@@ -27,6 +27,7 @@ from mounting import (
     mounts,
     ocifuse_mounts,
     require_fuse,
+    skip_or_fail,
     stop_process,
     wait_until,
 )
@@ -68,18 +69,10 @@ NAMESPACING = (
 )
 
 
-def in_ci() -> bool:
-    """True in CI, where a missing tool is a failure rather than a skip."""
-    return os.environ.get("CI") == "true"
-
-
 def require(condition: bool, message: str) -> None:
     """Skip unless ``condition``; in CI fail instead."""
-    if condition:
-        return
-    if in_ci():
-        pytest.fail(f"{message} (CI must have it)")
-    pytest.skip(message)
+    if not condition:
+        skip_or_fail(message)
 
 
 def require_root() -> None:
