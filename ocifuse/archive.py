@@ -10,30 +10,22 @@ from __future__ import annotations
 import enum
 import os
 import re
-import stat
 import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from .errors import ArchiveChanged, LayoutOpenError, NotAnArchive, TruncatedArchive
+from .errors import LayoutOpenError, NotAnArchive, TruncatedArchive
+from .source import FileRange, OpenFile, Source, sniff
 
 BLOCK = 512
-# preadv2(2) flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14; buffered reads 5.9).
-_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # Longest header extension (PAX record block, GNU long name) the scan reads into memory.
 MAX_HEADER_DATA = 1 << 20
 # Most header bytes (PAX records, long names, sparse maps, header blocks) read for one member.
 MAX_MEMBER_HEADERS = 4 * MAX_HEADER_DATA
 # POSIX NAME_MAX: the longest name component a Linux filesystem can hold.
 NAME_MAX = 255
-_COMPRESSED = {
-    b"\x1f\x8b": "gzip",
-    b"\x28\xb5\x2f\xfd": "zstd",
-    b"\xfd7zXZ\x00": "xz",
-    b"BZh": "bzip2",
-}
 
 
 class Kind(enum.Enum):
@@ -45,12 +37,16 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One served member: where its bytes start in the archive and how many there are."""
+    """One served member: which source holds its bytes, where they start in it, how many there are.
+
+    ``source`` indexes the owner's ``sources`` list; 0 is the archive's own (decompressed) stream.
+    """
 
     kind: Kind
     offset: int
     size: int
     mtime: int
+    source: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +140,10 @@ class ArchiveTable:
 
         Raises NotAnArchive or TruncatedArchive, naming ``path``.
         """
-        magic = fileobj.read(6)
+        kind = sniff(fileobj.read(6))
         fileobj.seek(0)
-        for prefix, kind in _COMPRESSED.items():
-            if magic.startswith(prefix):
-                raise NotAnArchive(path, f"{kind}-compressed; an oci-archive is a plain tar (decompress it)")
+        if kind is not None:
+            raise NotAnArchive(path, f"{kind}-compressed; an oci-archive is a plain tar (decompress it)")
         if size == 0:
             raise NotAnArchive(path, "empty file, not a tar archive")
         builder = _TableBuilder()
@@ -340,31 +335,33 @@ def _type_name(info: tarfile.TarInfo) -> str:
 
 
 class Archive:
-    """An open archive: one fd held for its life, its table, and bounds-checked preads."""
+    """An open archive: its file held open for its life, its table, and bounds-checked reads.
+
+    ``sources[0]`` is the archive's byte stream, which the table's offsets point into; entries
+    with another ``source`` index read from the other sources of the list.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.file = OpenFile(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise LayoutOpenError(path, e.strerror or str(e)) from e
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if not self.file.is_regular:
                 raise NotAnArchive(path, "not a regular file")
-            with os.fdopen(os.dup(fd), "rb", buffering=BLOCK * 16) as f:
-                self.table = ArchiveTable.scan(f, path, st.st_size)
+            with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
+                self.table = ArchiveTable.scan(f, path, self.file.size)
         except BaseException:
-            os.close(fd)
+            self.file.close()
             raise
-        self.fd = fd
-        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self.sources: list[Source] = [FileRange(self.file)]
+
+    @property
+    def fd(self) -> int:
+        """The archive's open fd (-1 once closed)."""
+        return self.file.fd
 
     def check_unchanged(self) -> None:
         """Raise ArchiveChanged when the file was truncated or rewritten in place since opening."""
-        st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
-            raise ArchiveChanged(self.path)
+        self.file.check_unchanged()
 
     @staticmethod
     def clip(entry: Entry, offset: int, size: int) -> int:
@@ -376,39 +373,21 @@ class Archive:
         size = self.clip(entry, offset, size)
         if size == 0:
             return b""
-        self.check_unchanged()
-        data = os.pread(self.fd, size, entry.offset + offset)
-        if len(data) != size:
-            raise ArchiveChanged(self.path)
-        return data
+        return self.sources[entry.source].pread(entry.offset + offset, size)
 
     def pread_cached(self, entry: Entry, offset: int, size: int) -> bytearray | None:
-        """Like ``pread``, but only from the page cache: it never waits for the disk.
-
-        One ``preadv2(RWF_NOWAIT)`` (Linux 5.9 for buffered reads) straight into the buffer it
-        returns; None when any byte would have to come from the disk, or a read comes up short for
-        any other reason: the caller then reads with ``pread`` in a worker thread, which also tells
-        a truncated archive (ArchiveChanged) from an uncached one.
-        """
+        """Like ``pread``, but only if the bytes can be had without blocking (Source.pread_cached)."""
         size = self.clip(entry, offset, size)
         if size == 0:
             return bytearray()
-        if not _RWF_NOWAIT:
-            return None  # no way to ask for "only if cached": every read goes to a worker thread
-        self.check_unchanged()
-        buf = bytearray(size)
-        try:
-            done = os.preadv(self.fd, [buf], entry.offset + offset, _RWF_NOWAIT)
-        except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: no RWF_NOWAIT on this file
-            return None
-        return buf if done == size else None
+        return self.sources[entry.source].pread_cached(entry.offset + offset, size)
 
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""
         return ((n, e) for n, e in self.table.entries.items() if e.kind is Kind.FILE)
 
     def close(self) -> None:
-        """Close the archive's fd."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close every source and the archive's fd."""
+        for source in self.sources:
+            source.close()
+        self.file.close()
