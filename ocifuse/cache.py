@@ -1,0 +1,386 @@
+"""The persistent index: content-keyed, versioned, checksummed entries in one private directory.
+
+What takes seconds to build (a tar entry table of 100,000 members, a gzip seek-point index) is
+stored here once and loaded on the next open. An entry is never trusted beyond what it proves:
+its file is read with ``O_NOFOLLOW`` from a directory this user owns and no one else may write,
+it must be a regular file owned by this user, carry this version, this kind and this key, and its
+checksum must match. Anything else is logged, removed and rebuilt. Writes are atomic (a temp file
+in the same directory, fsync, rename), so two processes building one entry at once leave one
+whole entry, never a mix; a failing disk is a warning, never an error of the mount.
+
+Entry file layout (little endian)::
+
+    magic "OCIFUSE\\x1a" | u32 version | u16 len(kind) | u16 len(key) | u64 len(payload)
+    | kind | key | payload | blake2b-256 over everything before it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .digest import Digest
+from .errors import LayoutOpenError
+from .source import OpenFile
+
+log = logging.getLogger(__name__)
+
+# Bump when any stored format changes (this file's framing or a payload's, e.g. archive tables).
+CACHE_VERSION = 1
+
+MAGIC = b"OCIFUSE\x1a"
+_HEADER = struct.Struct("<8sIHHQ")
+_CHECKSUM_SIZE = 32
+# How much of each end of an outer archive ``file_key`` hashes.
+KEY_SPAN = 1 << 20
+# Kinds name files: lowercase words joined by dashes ("table", "gzip-index").
+_KIND = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+# An entry's file name: its kind, a dot, 32 hex digits of the key's hash.
+_ENTRY_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\.[0-9a-f]{32}")
+_TMP_PREFIX = ".tmp."
+_SPILL_PREFIX = "spill."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheEntryInfo:
+    """One file of the cache directory, as ``ocifuse cache list`` shows it."""
+
+    kind: str  # the entry's kind; "spill" for a spill file, "?" for an unreadable entry
+    key: str  # the entry's key; a spill file's name hash
+    size: int  # bytes on disk
+    mtime: float  # when it was written (seconds since the epoch)
+    name: str  # the file's name in the directory
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def _name(kind: str, key: str) -> str:
+    """The file name of entry (kind, key): the key is hashed, since keys hold ':' and '/'."""
+    return f"{kind}.{_key_hash(key)}"
+
+
+def encode(kind: str, key: str, payload: bytes) -> bytes:
+    """The bytes of one entry file (what ``store`` writes)."""
+    kind_b, key_b = kind.encode(), key.encode()
+    head = _HEADER.pack(MAGIC, CACHE_VERSION, len(kind_b), len(key_b), len(payload)) + kind_b + key_b
+    h = hashlib.blake2b(head, digest_size=_CHECKSUM_SIZE)
+    h.update(payload)
+    return head + payload + h.digest()
+
+
+def decode(data: bytes | bytearray | memoryview, kind: str, key: str) -> bytes:
+    """The payload of an entry file's bytes; raises ValueError saying why they are not (kind, key)'s."""
+    view = memoryview(data)
+    if len(view) < _HEADER.size + _CHECKSUM_SIZE:
+        raise ValueError("truncated")
+    magic, version, kind_len, key_len, payload_len = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise ValueError("not a cache entry")
+    if version != CACHE_VERSION:
+        raise ValueError(f"format version {version}, this ocifuse reads {CACHE_VERSION}")
+    start = _HEADER.size + kind_len + key_len
+    if len(view) != start + payload_len + _CHECKSUM_SIZE:
+        raise ValueError(
+            "truncated" if len(view) < start + payload_len + _CHECKSUM_SIZE else "trailing bytes"
+        )
+    end = start + payload_len
+    if hashlib.blake2b(view[:end], digest_size=_CHECKSUM_SIZE).digest() != view[end:]:
+        raise ValueError("checksum mismatch")
+    if bytes(view[_HEADER.size : _HEADER.size + kind_len]) != kind.encode():
+        raise ValueError("entry of another kind")
+    if bytes(view[_HEADER.size + kind_len : start]) != key.encode():
+        raise ValueError("entry of another key")
+    return bytes(view[start:end])
+
+
+class IndexCache:
+    """Content-keyed, versioned, checksummed entries in one directory; None directory = disabled."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self._warned = False
+
+    @classmethod
+    def default(cls) -> IndexCache:
+        """$XDG_CACHE_HOME/ocifuse (~/.cache/ocifuse); /var/cache/ocifuse for root."""
+        return cls(default_directory())
+
+    def __repr__(self) -> str:
+        return f"IndexCache({self.directory!r})"
+
+    # -- the directory ---------------------------------------------------------------------------
+
+    def _unusable(self, reason: str) -> None:
+        if not self._warned:
+            log.warning("index cache %s not used: %s", self.directory, reason)
+            self._warned = True
+
+    def _dir_fd(self, create: bool) -> int | None:
+        """The cache directory's fd, or None when it is disabled, missing (and not created) or unsafe.
+
+        Safe means: the directory itself, not a symlink to one (O_NOFOLLOW), owned by this euid,
+        and writable by no one else (who could otherwise plant, swap or remove entries).
+        """
+        if self.directory is None:
+            return None
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(self.directory, flags)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                # XDG base directory spec: directories it creates are 0700; so is ours.
+                os.makedirs(os.path.dirname(os.path.abspath(self.directory)), mode=0o700, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.directory, 0o700)
+                fd = os.open(self.directory, flags)
+        except OSError as e:
+            symlink = e.errno in (errno.ELOOP, errno.ENOTDIR)
+            self._unusable(
+                "a symlink or not a directory (give the real path)" if symlink else str(e.strerror or e)
+            )
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            self._unusable(str(e.strerror or e))
+            return None
+        if st.st_uid != os.geteuid():
+            self._unusable(f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+        elif st.st_mode & 0o022:
+            self._unusable(f"writable by others (mode {stat.S_IMODE(st.st_mode):o}; chmod 700 it)")
+        else:
+            return fd
+        os.close(fd)
+        return None
+
+    @contextlib.contextmanager
+    def _open_dir(self, create: bool) -> Iterator[int | None]:
+        """``_dir_fd`` as a context: the fd is closed at the end."""
+        fd = self._dir_fd(create)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    # -- entries ---------------------------------------------------------------------------------
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        """The payload stored under (kind, key), or None: absent, damaged, foreign, or disabled.
+
+        A damaged entry (truncated, bad checksum, other version, not a regular file of this
+        user's, a symlink) is logged and removed, so the caller rebuilds and stores it again.
+        """
+        name = _name(_check_kind(kind), key)
+        with self._open_dir(create=False) as dfd:
+            if dfd is None:
+                return None
+            try:
+                data = _read_entry(name, dfd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                problem = "a symlink" if e.errno == errno.ELOOP else (e.strerror or str(e))
+                self._discard(dfd, name, kind, key, problem)
+                return None
+            except ValueError as e:
+                self._discard(dfd, name, kind, key, str(e))
+                return None
+            try:
+                payload = decode(data, kind, key)
+            except ValueError as e:
+                self._discard(dfd, name, kind, key, str(e))
+                return None
+        log.debug("index cache hit: %s %s (%d bytes)", kind, key, len(payload))
+        return payload
+
+    def _discard(self, dfd: int, name: str, kind: str, key: str, problem: str) -> None:
+        log.warning("index cache entry %s %s ignored (%s): rebuilding it", kind, key, problem)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dfd)  # unlink never follows a symlink; the directory is ours
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        """Store ``payload`` under (kind, key): atomically, mode 0600; errors are logged, never raised."""
+        name = _name(_check_kind(kind), key)
+        data = encode(kind, key, payload)
+        with self._open_dir(create=True) as dfd:
+            if dfd is None:
+                return
+            tmp = f"{_TMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            try:
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dfd,
+                )
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # rename(2) is atomic: readers see the old entry or the new one, never part of one,
+                # and of two writers the last rename wins with a whole entry.
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError as e:
+                log.warning("index cache entry %s %s not stored: %s", kind, key, e.strerror or e)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                return
+        log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
+
+    def spill_path(self, key: str) -> str | None:
+        """Where a large derived file (a zstd spill) for ``key`` may live; None when disabled or unsafe.
+
+        The directory is checked (ours, private) and created; open the path with O_NOFOLLOW.
+        """
+        with self._open_dir(create=True) as dfd:
+            if dfd is None or self.directory is None:
+                return None
+        return os.path.join(self.directory, _SPILL_PREFIX + _key_hash(key))
+
+    def entries(self) -> list[CacheEntryInfo]:
+        """Every entry and spill file in the directory (for ``ocifuse cache list``), oldest first."""
+        out: list[CacheEntryInfo] = []
+        with self._open_dir(create=False) as dfd:
+            if dfd is None:
+                return out
+            for name in os.listdir(dfd):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or name.startswith(_TMP_PREFIX):
+                    continue
+                if name.startswith(_SPILL_PREFIX):
+                    kind, key = "spill", name[len(_SPILL_PREFIX) :]
+                elif _ENTRY_NAME.fullmatch(name):
+                    kind, key = _peek(name, dfd)
+                else:
+                    continue  # not ours
+                out.append(CacheEntryInfo(kind=kind, key=key, size=st.st_size, mtime=st.st_mtime, name=name))
+        out.sort(key=lambda e: (e.mtime, e.name))
+        return out
+
+    def clear(self) -> int:
+        """Remove every entry, spill and temp file; returns the bytes freed."""
+        freed = 0
+        with self._open_dir(create=False) as dfd:
+            if dfd is None:
+                return 0
+            for name in os.listdir(dfd):
+                if not (name.startswith((_TMP_PREFIX, _SPILL_PREFIX)) or _ENTRY_NAME.fullmatch(name)):
+                    continue  # not ours
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        continue
+                    os.unlink(name, dir_fd=dfd)
+                except OSError as e:
+                    log.warning("index cache: cannot remove %s: %s", name, e.strerror or e)
+                    continue
+                freed += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return freed
+
+
+def _check_kind(kind: str) -> str:
+    if not _KIND.fullmatch(kind) or kind == "spill":
+        raise ValueError(f"invalid cache entry kind {kind!r}")
+    return kind
+
+
+def _read_entry(name: str, dfd: int) -> bytearray:
+    """An entry file's bytes; OSError (ELOOP for a symlink) or ValueError when it is not ours."""
+    # O_NONBLOCK: a FIFO planted in place of an entry must not hang the mount (it is refused below).
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ValueError(f"written by uid {st.st_uid}, not by this user")
+        if st.st_mode & 0o077:
+            raise ValueError(f"mode {stat.S_IMODE(st.st_mode):o}, not 600")
+        buf = bytearray(st.st_size)
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            n = os.readv(fd, [view[done:]])
+            if n == 0:
+                break
+            done += n
+        return buf[:done] if done < len(buf) else buf
+    finally:
+        os.close(fd)
+
+
+def _peek(name: str, dfd: int) -> tuple[str, str]:
+    """An entry file's kind and key from its header, ("?", "") when it has no readable one."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return "?", ""
+    try:
+        head = os.pread(fd, _HEADER.size + 2 * 65535, 0)
+    except OSError:
+        return "?", ""
+    finally:
+        os.close(fd)
+    if len(head) < _HEADER.size:
+        return "?", ""
+    magic, version, kind_len, key_len, _ = _HEADER.unpack_from(head)
+    if magic != MAGIC or version != CACHE_VERSION or len(head) < _HEADER.size + kind_len + key_len:
+        return "?", ""
+    kind = head[_HEADER.size : _HEADER.size + kind_len].decode(errors="replace")
+    key = head[_HEADER.size + kind_len : _HEADER.size + kind_len + key_len].decode(errors="replace")
+    return kind, key
+
+
+def default_directory() -> str:
+    """$XDG_CACHE_HOME/ocifuse, else ~/.cache/ocifuse; /var/cache/ocifuse for root (FHS 5.5)."""
+    if os.geteuid() == 0:
+        return "/var/cache/ocifuse"
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # XDG base directory spec: a relative value is invalid, ignore it
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ocifuse")
+
+
+def file_key(file: OpenFile) -> str:
+    """An outer archive's identity: (st_dev, st_ino, st_size, st_mtime_ns) + sha256 of its first and last MiB.
+
+    The identity tells files apart cheaply; the hash catches a file rewritten in place with its
+    size and mtime kept (``touch -r``), unless the change lies wholly between the two ends.
+    """
+    st = file.stat
+    h = hashlib.sha256()
+    try:
+        head = os.pread(file.fd, min(KEY_SPAN, st.st_size), 0)
+        h.update(head)
+        tail_start = max(len(head), st.st_size - KEY_SPAN)
+        if tail_start < st.st_size:
+            h.update(os.pread(file.fd, st.st_size - tail_start, tail_start))
+    except OSError as e:
+        raise LayoutOpenError(file.path, f"cannot read the archive ({e.strerror or e})") from e
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
+def blob_key(digest: Digest) -> str:
+    """A blob's key: its digest (so images sharing a layer share the entry)."""
+    return str(digest)
