@@ -12,7 +12,7 @@ import os
 import re
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -29,10 +29,32 @@ NAME_MAX = 255
 
 
 class Kind(enum.Enum):
-    """What a table entry is."""
+    """What a table entry is; the layout view serves files and directories, the rootfs view all kinds."""
 
     FILE = "file"
     DIR = "dir"
+    SYMLINK = "symlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the rootfs view serves beyond an entry's bytes (the layout view has none: None).
+
+    ``group`` is nonzero for hardlinks: every path whose entry has the same group is one inode,
+    with ``nlink`` names.
+    """
+
+    mode: int  # permission bits with setuid, setgid and sticky (0o7777)
+    uid: int
+    gid: int
+    link: bytes = b""  # a symlink's target, as stored
+    rdev: int = 0  # a device's number (os.makedev)
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    nlink: int = 1
+    group: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +69,7 @@ class Entry:
     size: int
     mtime: int
     source: int = 0
+    meta: Meta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +131,13 @@ def normalize(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _is_root(name: str) -> bool:
+def is_root(name: str) -> bool:
     """True for names of the archive root itself (``.``, ``./``), not for empty or ``..`` names."""
     return bool(name) and not name.startswith("/") and all(p in ("", ".") for p in name.split("/"))
 
 
-def _refusal(name: str) -> str:
+def refusal(name: str) -> str:
+    """Why the name policy (``normalize``) refuses ``name``."""
     if name.startswith("/"):
         return "absolute name"
     if "\0" in name:
@@ -147,49 +171,86 @@ class ArchiveTable:
         if size == 0:
             raise NotAnArchive(path, "empty file, not a tar archive")
         builder = _TableBuilder()
-        reader = _CappedReader(fileobj, path)
-        try:
-            # tarfile.open reads the first member: its errors are the loop's errors.
-            tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
-        except tarfile.ReadError as e:
-            raise NotAnArchive(path, f"not a tar archive ({e})") from e
-        except OSError as e:
-            raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
-        except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
-            raise NotAnArchive(path, f"corrupt tar header ({e})") from e
-        try:
-            while True:
-                reader.budget = MAX_MEMBER_HEADERS
-                info = _next_member(tf, reader, size)
-                if info is None:
-                    break
-                builder.add(info, size)
-                tf.members.clear()  # keep memory flat: the table is all we keep
-                if builder.past_end:
-                    break  # never seek to a size the file does not have (lseek fails past 2**63)
-        except LayoutOpenError:
-            raise
-        except OSError as e:
-            raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
-        except tarfile.ReadError as e:
-            raise TruncatedArchive(path, f"truncated tar archive ({e})") from e
-        except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
-            raise NotAnArchive(path, f"corrupt tar header ({e})") from e
-        if builder.past_end:
-            raise TruncatedArchive(path, f"truncated tar archive: {builder.past_end} runs past the end")
-        end = tf.offset
-        fileobj.seek(end)
-        trailer = fileobj.read(BLOCK)
-        if trailer and trailer.strip(b"\0"):
-            if len(trailer) < BLOCK:  # tarfile ends quietly at a header cut short
-                raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
-            raise NotAnArchive(path, f"invalid tar header at byte {end}")
+        end = walk(fileobj, path, size, builder.add)
         return cls(builder.finish(), builder.skipped, end)
+
+
+def walk(
+    fileobj: IO[bytes], path: str, size: int, add: Callable[[tarfile.TarInfo], None], *, layer: bool = False
+) -> int:
+    """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
+
+    The one header walk of ocifuse: the oci-archive table and the layer scan are two builders
+    over it. Member data is never read, only seeked over; a member whose data runs past ``size``
+    raises TruncatedArchive before ``add`` sees it. ``layer``: accept what Go's archive/tar accepts
+    and real layer tars hold (``umoci insert`` writes them): no end-of-archive blocks, the last
+    member's padding cut short, an empty file or an all-zero first block (an empty layer).
+    Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
+    """
+    if layer:
+        fileobj.seek(0)
+        if size == 0 or not fileobj.read(BLOCK).strip(b"\0"):
+            return 0  # Go's reader: io.EOF at the first header, or two zero blocks: no members
+        fileobj.seek(0)
+    reader = _CappedReader(fileobj, path)
+    try:
+        # tarfile.open reads the first member: its errors are the loop's errors.
+        tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+    except tarfile.ReadError as e:
+        raise NotAnArchive(path, f"not a tar archive ({e})") from e
+    except OSError as e:
+        raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+        raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+    try:
+        while True:
+            reader.budget = MAX_MEMBER_HEADERS
+            if layer and tf.offset >= size and getattr(tf, "firstmember", None) is None:
+                return size  # the last member ended at (or its padding past) the end: no end blocks
+            info = _next_member(tf, reader, size)
+            if info is None:
+                break
+            if info.size < 0:
+                # tarfile would step backwards by it, and could read the same headers forever.
+                raise ValueError(f"member {info.name!r} has a negative size")
+            if info.offset_data + info.size > size and _data_skipped(info):
+                # never seek to a size the file does not have (lseek fails past 2**63)
+                raise TruncatedArchive(path, f"truncated tar archive: {info.name} runs past the end")
+            add(info)
+            tf.members.clear()  # keep memory flat: the table is all we keep
+    except LayoutOpenError:
+        raise
+    except OSError as e:
+        raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
+    except tarfile.ReadError as e:
+        raise TruncatedArchive(path, f"truncated tar archive ({e})") from e
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+        raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+    end: int = tf.offset
+    fileobj.seek(end)
+    trailer = fileobj.read(BLOCK)
+    if trailer and trailer.strip(b"\0"):
+        if len(trailer) < BLOCK:  # tarfile ends quietly at a header cut short
+            raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
+        raise NotAnArchive(path, f"invalid tar header at byte {end}")
+    return end
 
 
 # A ustar header: name mode uid gid size mtime chksum type linkname magic version uname gname
 # devmajor devminor prefix (POSIX.1-2001 pax, "ustar Interchange Format").
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+
+
+# Header-only types (no data follows, for tarfile and Go's archive/tar alike) and regular files.
+_PLAIN_TYPES = (
+    tarfile.REGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+)
 
 
 def _nti(field: bytes) -> int:
@@ -198,12 +259,12 @@ def _nti(field: bytes) -> int:
 
 
 def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) -> tarfile.TarInfo | None:
-    """``tf.next()``, with a fast path for the common header: a plain ustar file or directory.
+    """``tf.next()``, with a fast path for the common header: a plain ustar file, directory or link.
 
     tarfile spends ~40 us of Python per header; this reads the same fields with one struct unpack
     (100,000 entries: the scan takes ~0.55x the time). It takes only headers that tarfile reads
     the same way and whose data lies inside the file; everything else (the first member, PAX and GNU
-    headers, links, base-256 numbers, a bad or signed checksum, zero blocks, the end) is tarfile's.
+    headers, base-256 numbers, a bad or signed checksum, zero blocks, the end) is tarfile's.
     """
     pos = tf.offset
     if getattr(tf, "firstmember", None) is not None or tf.pax_headers or pos + BLOCK > archive_size:
@@ -222,13 +283,13 @@ def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) 
 def _plain_header(
     buf: bytes, pos: int, archive_size: int, encoding: str, errors: str
 ) -> tarfile.TarInfo | None:
-    """The member of a plain ustar regular-file or directory header at ``pos``, or None (not plain)."""
+    """The member of a plain ustar header (a file, directory, link, device or fifo) at ``pos``, or None."""
     if len(buf) != BLOCK:
         return None
     (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, uname, gname, major, minor, prefix) = (
         _USTAR.unpack(buf)
     )
-    if magic != b"ustar\0" or kind not in (tarfile.REGTYPE, tarfile.DIRTYPE):
+    if magic != b"ustar\0" or kind not in _PLAIN_TYPES:
         return None
     try:
         numbers = [_nti(f) for f in (mode, uid, gid, size, mtime, chksum, major, minor)]
@@ -258,22 +319,16 @@ class _TableBuilder:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
         self.skipped: list[Skipped] = []
-        self.past_end: str | None = None
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, reason))
 
-    def add(self, info: tarfile.TarInfo, archive_size: int) -> None:
-        if info.size < 0:
-            # tarfile would step backwards by it, and could read the same headers forever.
-            raise ValueError(f"member {info.name!r} has a negative size")
-        if info.offset_data + info.size > archive_size and _data_skipped(info):
-            self.past_end = info.name
-            return
+    def add(self, info: tarfile.TarInfo) -> None:
+        """Enter one member into the table, or note why it is skipped."""
         name = normalize(info.name)
         if name is None:
-            if not _is_root(info.name):
-                self.skip(info.name, _refusal(info.name))
+            if not is_root(info.name):
+                self.skip(info.name, refusal(info.name))
             return  # "." or "./": the root itself
         try:
             mtime = int(info.mtime)

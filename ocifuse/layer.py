@@ -1,0 +1,173 @@
+"""The full-member scan of one layer tar: every entry type with the metadata a root filesystem serves.
+
+The header walk is archive.py's (``walk``: bounded header reads, the struct fast path, the end
+rules); this module is its second builder. Where the oci-archive table keeps files and
+directories, a layer keeps every member in order with its type, mode, owner, times, links,
+device numbers and PAX ``SCHILY.xattr.*`` attributes: rootfs.py merges layers from these.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import tarfile
+from dataclasses import dataclass
+
+from .archive import BLOCK, Skipped, is_root, normalize, refusal, walk
+from .errors import NotAnArchive
+from .source import Source, SourceFile, sniff
+
+# PAX extended attributes as GNU tar, bsdtar, Go's archive/tar and umoci write them.
+XATTR_PREFIX = "SCHILY.xattr."
+# Owners a Linux stat can carry (uid_t is 32 bits; (uid_t)-1 means "no change", never an owner).
+MAX_ID = 2**32 - 2
+# Device numbers the kernel's stat can carry through FUSE (new_encode_dev: 12-bit major, 20-bit minor).
+MAX_MAJOR = (1 << 12) - 1
+MAX_MINOR = (1 << 20) - 1
+
+
+class Type(enum.Enum):
+    """What a layer member is (the tar typeflag, POSIX.1-2001 ustar)."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+_TYPES = {
+    tarfile.REGTYPE: Type.FILE,
+    tarfile.AREGTYPE: Type.FILE,
+    tarfile.CONTTYPE: Type.FILE,
+    tarfile.DIRTYPE: Type.DIR,
+    tarfile.SYMTYPE: Type.SYMLINK,
+    tarfile.LNKTYPE: Type.HARDLINK,
+    tarfile.CHRTYPE: Type.CHAR,
+    tarfile.BLKTYPE: Type.BLOCK,
+    tarfile.FIFOTYPE: Type.FIFO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of a layer tar, as the headers describe it.
+
+    ``name`` is normalized ("" for the layer's root, ``.`` or ``./``); ``linkname`` is a symlink's
+    target exactly as stored, or a hardlink's target normalized; ``offset`` is where a file's
+    data starts in the layer's (uncompressed) stream.
+    """
+
+    name: str
+    type: Type
+    mode: int  # permission bits with setuid, setgid and sticky (mode & 0o7777)
+    uid: int
+    gid: int
+    mtime: int
+    offset: int = 0
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class LayerTable:
+    """Every member of one layer tar in archive order, plus what was skipped and why."""
+
+    def __init__(self, members: list[Member], skipped: list[Skipped], end: int) -> None:
+        self.members = members
+        self.skipped = skipped
+        self.end = end
+
+    @classmethod
+    def scan(cls, source: Source, name: str) -> LayerTable:
+        """Read every header of the layer tar in ``source``; ``name`` names the layer in errors.
+
+        Accepts what Go's archive/tar accepts (no end-of-archive blocks, a last member's padding
+        cut short, an empty stream). Raises NotAnArchive or TruncatedArchive.
+        """
+        kind = sniff(source.pread(0, 6))
+        if kind is not None:
+            raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
+        builder = _LayerBuilder()
+        with io.BufferedReader(SourceFile(source), BLOCK * 16) as f:
+            end = walk(f, name, source.size, builder.add, layer=True)
+        return cls(builder.members, builder.skipped, end)
+
+
+class _LayerBuilder:
+    """Turns each TarInfo into a Member, or a Skipped note saying why it is not served."""
+
+    def __init__(self) -> None:
+        self.members: list[Member] = []
+        self.skipped: list[Skipped] = []
+
+    def skip(self, info: tarfile.TarInfo, reason: str) -> None:
+        self.skipped.append(Skipped(info.name, reason))
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        """Record one member, or why it is skipped."""
+        kind = _TYPES.get(info.type)
+        if kind is None or info.sparse is not None:
+            what = "GNU sparse member" if info.sparse is not None else f"member of tar type {info.type!r}"
+            self.skip(info, f"{what} (not supported)")
+            return
+        name = normalize(info.name)
+        if name is None:
+            if not is_root(info.name):
+                self.skip(info, refusal(info.name))
+                return
+            if kind is not Type.DIR:
+                self.skip(info, "the layer's root is not a directory")
+                return
+            name = ""
+        if not (0 <= info.uid <= MAX_ID and 0 <= info.gid <= MAX_ID):
+            self.skip(info, f"owner {info.uid}:{info.gid} out of range")
+            return
+        try:
+            mtime = int(info.mtime)
+        except (TypeError, ValueError, OverflowError):  # a PAX mtime of "nan" or "1e400"
+            mtime = 0
+        linkname = info.linkname
+        if kind is Type.HARDLINK:
+            target = normalize(linkname)
+            if target is None:
+                self.skip(info, f"hardlink to {linkname!r}: {refusal(linkname)}")
+                return
+            linkname = target
+        elif kind is Type.SYMLINK:
+            if not linkname or "\0" in linkname:
+                self.skip(info, "symlink with an empty target or a NUL byte in it")
+                return
+        elif kind in (Type.CHAR, Type.BLOCK) and not (
+            0 <= info.devmajor <= MAX_MAJOR and 0 <= info.devminor <= MAX_MINOR
+        ):
+            self.skip(info, f"device {info.devmajor}:{info.devminor} out of range")
+            return
+        xattrs = tuple(
+            (
+                key[len(XATTR_PREFIX) :].encode("utf-8", "surrogateescape"),
+                value.encode("utf-8", "surrogateescape"),
+            )
+            for key, value in info.pax_headers.items()
+            if key.startswith(XATTR_PREFIX) and len(key) > len(XATTR_PREFIX)
+        )
+        self.members.append(
+            Member(
+                name,
+                kind,
+                info.mode & 0o7777,
+                info.uid,
+                info.gid,
+                mtime,
+                info.offset_data if kind is Type.FILE else 0,
+                info.size if kind is Type.FILE else 0,
+                linkname if kind in (Type.SYMLINK, Type.HARDLINK) else "",
+                info.devmajor if kind in (Type.CHAR, Type.BLOCK) else 0,
+                info.devminor if kind in (Type.CHAR, Type.BLOCK) else 0,
+                xattrs,
+            )
+        )

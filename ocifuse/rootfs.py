@@ -1,0 +1,257 @@
+"""Layers, in order, into one merged root filesystem, as image-spec layer.md applies changesets (pure).
+
+Each layer is a LayerTable (layer.py); the result maps every path of the merged tree to an Entry
+whose ``source`` is the index of the layer that holds its bytes and whose ``offset``/``size``
+point into that layer's uncompressed stream. Nothing is read here but headers already scanned.
+
+The rules (image-spec layer.md, "Applying Changesets", "Whiteouts", "Opaque Whiteout"):
+- ``.wh.NAME`` hides NAME, and everything under it, of *lower* layers; ``.wh..wh..opq`` hides
+  every lower entry of its directory. Whiteouts "MUST only apply to resources in lower/parent
+  layers": entries of the same layer stay, whatever the order of the members (``umoci insert
+  --opaque`` writes the opaque marker before its directory). Whiteout files are never served.
+- A non-directory replacing a directory, or a directory replacing a non-directory, replaces
+  the whole subtree; a directory over a directory keeps the lower children ("Changeset over
+  existing files": the upper directory's attributes win).
+- A hardlink names an inode that exists at that point, in this layer or a lower one; its
+  metadata is its target's (link(2) makes no new inode).
+What cannot be applied is skipped with a Note saying why; the merge never fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .archive import Entry, Kind, Meta
+from .layer import LayerTable, Member, Type
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+# Implicit directories (a member whose parents have no entries of their own) are made as
+# ``mkdir -p`` makes them with umask 022: mode 0755, owned by root.
+IMPLICIT_MODE = 0o755
+
+_KINDS = {
+    Type.FILE: Kind.FILE,
+    Type.DIR: Kind.DIR,
+    Type.SYMLINK: Kind.SYMLINK,
+    Type.CHAR: Kind.CHAR,
+    Type.BLOCK: Kind.BLOCK,
+    Type.FIFO: Kind.FIFO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A member of layer ``layer`` (0 = lowest) that was not applied, and why."""
+
+    layer: int
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Merged:
+    """The merged tree: every path (root excluded) to its entry, the root's entry, and the notes."""
+
+    entries: dict[str, Entry]
+    root: Entry
+    notes: list[Note]
+
+
+class _Leaf:
+    """A non-directory inode; hardlinked paths hold the same object."""
+
+    __slots__ = ("member", "layer")
+
+    def __init__(self, member: Member, layer: int) -> None:
+        self.member = member
+        self.layer = layer
+
+
+class _Dir:
+    """A directory: its member (None for an implicit one) and its children by name."""
+
+    __slots__ = ("member", "layer", "children")
+
+    def __init__(self, member: Member | None, layer: int) -> None:
+        self.member = member
+        self.layer = layer
+        self.children: dict[str, _Dir | _Leaf] = {}
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, base = path.rpartition("/")
+    return parent, base
+
+
+class _Merger:
+    def __init__(self) -> None:
+        self.root = _Dir(None, -1)
+        self.notes: list[Note] = []
+        self.layer = 0
+
+    def note(self, name: str, reason: str) -> None:
+        self.notes.append(Note(self.layer, name, reason))
+
+    def find(self, path: str) -> _Dir | _Leaf | None:
+        """The node at ``path`` now, without following symlinks; None if there is none."""
+        node: _Dir | _Leaf = self.root
+        for part in path.split("/") if path else ():
+            if not isinstance(node, _Dir):
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def parent_dir(self, path: str, name: str) -> _Dir:
+        """The directory ``path``, made (as implicit directories) where missing or not a directory."""
+        node = self.root
+        for part in path.split("/") if path else ():
+            child = node.children.get(part)
+            if not isinstance(child, _Dir):
+                if child is not None:
+                    self.note(name, f"{path!r} is not a directory below it: replaced by a directory")
+                child = node.children[part] = _Dir(None, self.layer)
+            node = child
+        return node
+
+    def apply(self, table: LayerTable) -> None:
+        """Apply one layer: its whiteouts to the layers below, then its entries in order."""
+        adds: list[Member] = []
+        hides: list[tuple[Member, str, bool]] = []  # (member, path, opaque)
+        for m in table.members:
+            parent, base = _split(m.name)
+            if not base.startswith(WHITEOUT):
+                adds.append(m)
+            elif base == OPAQUE:
+                hides.append((m, parent, True))
+            elif base.startswith(WHITEOUT + WHITEOUT):
+                self.note(m.name, "AUFS metadata (.wh..wh.*), not served")
+            elif base[len(WHITEOUT) :] in ("", ".", ".."):
+                # image-spec#1301: ".wh." names nothing; ".wh.." and ".wh..." would name the
+                # directory itself or its parent.
+                self.note(m.name, f"whiteout of {base[len(WHITEOUT) :]!r}: refused")
+            else:
+                hides.append(
+                    (m, f"{parent}/{base[len(WHITEOUT) :]}" if parent else base[len(WHITEOUT) :], False)
+                )
+        if hides:
+            made = {m.name: m.type for m in adds}
+            for m, path, opaque in hides:
+                self.hide(m, path, opaque, made)
+        for m in adds:
+            self.add(m)
+
+    def hide(self, m: Member, path: str, opaque: bool, made: dict[str, Type]) -> None:
+        """Apply one whiteout (``path`` hidden) or opaque marker (``path``'s lower children hidden)."""
+        ancestor = _split(m.name)[0]
+        while ancestor:
+            kind = made.get(ancestor)
+            if kind is not None and kind is not Type.DIR:
+                # umoci writes "dir-to-file/.wh.inner" after the file replacing the directory;
+                # umoci unpack accepts it, and the file already hides the whole lower subtree.
+                self.note(
+                    m.name, f"whiteout under {ancestor!r}, which this layer makes a {kind.value}: ignored"
+                )
+                return
+            ancestor = _split(ancestor)[0]
+        if opaque:
+            # The marker's directory exists in this layer, even if no entry of its own says so.
+            self.parent_dir(path, m.name).children.clear()
+            return
+        parent, base = _split(path)
+        holder = self.find(parent)
+        if holder is None:
+            self.parent_dir(parent, m.name)  # as moby's UnpackLayer: the parent exists in this layer
+        elif isinstance(holder, _Dir):
+            holder.children.pop(base, None)  # nothing to hide is fine: the name may be long gone
+
+    def add(self, m: Member) -> None:
+        """Apply one entry of the current layer."""
+        if m.name == "":
+            self.root.member, self.root.layer = m, self.layer
+            return
+        parent_path, base = _split(m.name)
+        if m.type is Type.HARDLINK:
+            if m.linkname == m.name:
+                self.note(m.name, "hardlink to itself")
+                return
+            target = self.find(m.linkname)
+            if not isinstance(target, _Leaf):
+                what = "a directory" if isinstance(target, _Dir) else "nothing in this or a lower layer"
+                self.note(m.name, f"hardlink to {m.linkname!r}, which is {what} at this point")
+                return
+            self.parent_dir(parent_path, m.name).children[base] = target
+            return
+        parent = self.parent_dir(parent_path, m.name)
+        existing = parent.children.get(base)
+        if m.type is Type.DIR:
+            if isinstance(existing, _Dir):
+                existing.member, existing.layer = m, self.layer  # the lower children stay
+            else:
+                parent.children[base] = _Dir(m, self.layer)
+            return
+        parent.children[base] = _Leaf(m, self.layer)
+
+
+def _meta(m: Member | None) -> Meta:
+    if m is None:
+        return Meta(mode=IMPLICIT_MODE, uid=0, gid=0)
+    return Meta(mode=m.mode, uid=m.uid, gid=m.gid, xattrs=m.xattrs)
+
+
+def _dir_entry(d: _Dir) -> Entry:
+    return Entry(Kind.DIR, 0, 0, 0 if d.member is None else d.member.mtime, max(d.layer, 0), _meta(d.member))
+
+
+def merge(layers: Sequence[LayerTable]) -> Merged:
+    """Apply ``layers`` (lowest first) as layer.md says; an entry's ``source`` is its layer's index."""
+    merger = _Merger()
+    for index, table in enumerate(layers):
+        merger.layer = index
+        merger.apply(table)
+    # Count each inode's names in the final tree, then make one Entry per inode.
+    links: dict[int, int] = {}
+    stack = [merger.root]
+    while stack:
+        for child in stack.pop().children.values():
+            if isinstance(child, _Dir):
+                stack.append(child)
+            else:
+                links[id(child)] = links.get(id(child), 0) + 1
+    entries: dict[str, Entry] = {}
+    made: dict[int, Entry] = {}
+    groups = 0
+    walk: list[tuple[str, _Dir]] = [("", merger.root)]
+    while walk:
+        prefix, directory = walk.pop()
+        for name, child in directory.children.items():
+            path = f"{prefix}{name}"
+            if isinstance(child, _Dir):
+                entries[path] = _dir_entry(child)
+                walk.append((f"{path}/", child))
+                continue
+            entry = made.get(id(child))
+            if entry is None:
+                nlink = links[id(child)]
+                if nlink > 1:
+                    groups += 1
+                entry = made[id(child)] = _leaf_entry(child, nlink, groups if nlink > 1 else 0)
+            entries[path] = entry
+    return Merged(entries=entries, root=_dir_entry(merger.root), notes=merger.notes)
+
+
+def _leaf_entry(leaf: _Leaf, nlink: int, group: int) -> Entry:
+    m = leaf.member
+    kind = _KINDS[m.type]
+    link = m.linkname.encode("utf-8", "surrogateescape") if kind is Kind.SYMLINK else b""
+    rdev = os.makedev(m.devmajor, m.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
+    meta = Meta(
+        mode=m.mode, uid=m.uid, gid=m.gid, link=link, rdev=rdev, xattrs=m.xattrs, nlink=nlink, group=group
+    )
+    size = m.size if kind is Kind.FILE else len(link)
+    return Entry(kind, m.offset if kind is Kind.FILE else 0, size, m.mtime, leaf.layer, meta)

@@ -1,0 +1,294 @@
+"""The layer scan (every member type and its metadata) and the layer merge (layer.md), without FUSE."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
+
+from ocifuse.archive import Entry, Kind
+from ocifuse.errors import NotAnArchive, TruncatedArchive
+from ocifuse.layer import LayerTable, Type
+from ocifuse.rootfs import Merged, merge
+from ocifuse.source import MemorySource
+
+# security.capability of cap_net_bind_service+ep (VFS_CAP_REVISION_2)
+CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+
+
+def tar_bytes(members: list[Member], *, end: bool = True, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """A layer tar of ``members``; ``end=False`` leaves out the end-of-archive blocks (umoci insert)."""
+    f = io.BytesIO()
+    for m in members:
+        write_member(f, m, fmt)  # type: ignore[arg-type]
+    if end:
+        f.write(b"\0" * 2 * BLOCK)
+    return f.getvalue()
+
+
+def scan(data: bytes) -> LayerTable:
+    """Scan a layer tar held in memory."""
+    return LayerTable.scan(MemorySource(data), "layer")
+
+
+def special(name: str, type_: bytes, major: int = 0, minor: int = 0) -> Member:
+    """A device or fifo member."""
+    m = dir_member(name)
+    m.info.type = type_
+    m.info.mode = 0o600
+    m.info.devmajor, m.info.devminor = major, minor
+    return m
+
+
+def whiteout(name: str) -> Member:
+    """A whiteout file (an empty regular file, as layer.md writes them)."""
+    return file_member(name, b"")
+
+
+def layers(*tars: list[Member]) -> Merged:
+    """Merge layer tars given as member lists, lowest first."""
+    return merge([scan(tar_bytes(t)) for t in tars])
+
+
+def content(merged: Merged, tars: list[bytes], path: str) -> bytes:
+    """The bytes the merged tree serves at ``path``, read from the layer its entry names."""
+    e = merged.entries[path]
+    return tars[e.source][e.offset : e.offset + e.size]
+
+
+# -- the scan --------------------------------------------------------------------------------------
+
+
+def test_scan_keeps_every_type_and_its_metadata() -> None:
+    """Files, dirs, symlinks, hardlinks, devices, fifos; setuid/sticky modes, owners, xattrs, long names."""
+    exe = file_member("bin/ping", b"\x7fELF...")
+    exe.info.mode, exe.info.uid, exe.info.gid = 0o4755, 1000, 1001
+    exe.info.pax_headers = {"SCHILY.xattr.security.capability": CAP.decode("utf-8", "surrogateescape")}
+    tmp = dir_member("tmp/")
+    tmp.info.mode = 0o1777
+    long_name = "deep/" + "x" * 200 + "/" + "y" * 150
+    members = [
+        dir_member("./"),
+        dir_member("bin/"),
+        exe,
+        tmp,
+        link_member("bin/sh", "busybox", tarfile.SYMTYPE),
+        link_member("bin/ping6", "bin/ping"),
+        special("dev/null", tarfile.CHRTYPE, 1, 3),
+        special("dev/sda", tarfile.BLKTYPE, 8, 0),
+        special("run/fifo", tarfile.FIFOTYPE),
+        file_member(long_name, b"long"),
+    ]
+    data = tar_bytes(members)
+    table = scan(data)
+    assert table.skipped == []
+    by_name = {m.name: m for m in table.members}
+    assert [m.name for m in table.members] == [
+        "", "bin", "bin/ping", "tmp", "bin/sh", "bin/ping6", "dev/null", "dev/sda", "run/fifo", long_name
+    ]  # fmt: skip
+    ping = by_name["bin/ping"]
+    assert (ping.type, ping.mode, ping.uid, ping.gid, ping.mtime) == (Type.FILE, 0o4755, 1000, 1001, MTIME)
+    assert data[ping.offset : ping.offset + ping.size] == b"\x7fELF..."
+    assert ping.xattrs == ((b"security.capability", CAP),)
+    assert by_name["tmp"].type is Type.DIR and by_name["tmp"].mode == 0o1777
+    assert (by_name["bin/sh"].type, by_name["bin/sh"].linkname) == (Type.SYMLINK, "busybox")
+    assert (by_name["bin/ping6"].type, by_name["bin/ping6"].linkname) == (Type.HARDLINK, "bin/ping")
+    null = by_name["dev/null"]
+    assert (null.type, null.devmajor, null.devminor, null.mode) == (Type.CHAR, 1, 3, 0o600)
+    assert (by_name["dev/sda"].type, by_name["dev/sda"].devmajor) == (Type.BLOCK, 8)
+    assert by_name["run/fifo"].type is Type.FIFO
+    big = by_name[long_name]
+    assert data[big.offset : big.offset + big.size] == b"long"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain headers of every type read by the struct fast path give the members tarfile's parse gives."""
+    from ocifuse import archive
+
+    members = [
+        dir_member("a/"),
+        file_member("a/f", b"x" * 700),
+        link_member("a/s", "f", tarfile.SYMTYPE),
+        link_member("a/h", "a/f"),
+        special("a/c", tarfile.CHRTYPE, 4, 5),
+        special("a/b", tarfile.BLKTYPE, 7, 9),
+        special("a/p", tarfile.FIFOTYPE),
+        file_member("a/g", b"y"),
+    ]
+    data = tar_bytes(members, fmt=fmt)
+    fast = scan(data)
+    with monkeypatch.context() as m:
+        m.setattr(archive, "_plain_header", lambda *args: None)
+        slow = scan(data)
+    assert fast.members == slow.members and fast.end == slow.end
+    assert len(fast.members) == len(members)
+
+
+def test_scan_accepts_tars_without_end_blocks_even_mid_block() -> None:
+    """umoci insert writes layers without end blocks, ending mid-block: Go accepts them, so do we."""
+    members = [dir_member("d/"), file_member("d/a", b"a" * 10), file_member("d/b", b"b" * 700)]
+    whole = tar_bytes(members, end=False)
+    cut = whole[: len(whole) - (-700 % BLOCK)]  # the last member's padding left out
+    assert len(cut) % BLOCK != 0
+    for data in (whole, cut):
+        table = scan(data)
+        assert [m.name for m in table.members] == ["d", "d/a", "d/b"]
+        b = table.members[2]
+        assert data[b.offset : b.offset + b.size] == b"b" * 700
+
+
+@pytest.mark.parametrize("data", [b"", b"\0" * 1024, b"\0" * 10240])
+def test_scan_empty_layers(data: bytes) -> None:
+    """An empty stream or only end blocks is a layer with no members (Go: io.EOF at the first header)."""
+    assert scan(data).members == []
+
+
+def test_scan_refuses_what_is_not_a_whole_tar() -> None:
+    """Data cut short, a header cut short, garbage, compressed bytes: one clear error each."""
+    whole = tar_bytes([file_member("f", b"z" * 2000)], end=False)
+    with pytest.raises(TruncatedArchive):
+        scan(whole[:1000])
+    with pytest.raises(TruncatedArchive):
+        scan(whole + tar_bytes([file_member("g", b"")])[:300])
+    with pytest.raises(NotAnArchive):
+        scan(os.urandom(4096))
+    with pytest.raises(NotAnArchive, match="gzip"):
+        scan(b"\x1f\x8b\x08\x00" + bytes(600))
+
+
+def test_scan_skips_unsafe_names_with_reasons() -> None:
+    """Absolute names, '..' components and hardlinks to such names are skipped, each with a reason."""
+    table = scan(
+        tar_bytes(
+            [
+                file_member("/etc/passwd", b"x"),
+                file_member("a/../../escape", b"x"),
+                link_member("h", "../outside"),
+                file_member("ok", b"fine"),
+            ]
+        )
+    )
+    assert [m.name for m in table.members] == ["ok"]
+    reasons = {s.name: s.reason for s in table.skipped}
+    assert reasons["/etc/passwd"] == "absolute name"
+    assert reasons["a/../../escape"] == "name contains '..'"
+    assert "hardlink to '../outside'" in reasons["h"]
+
+
+# -- the merge -------------------------------------------------------------------------------------
+
+
+def test_merge_whiteouts_hide_lower_files_and_subtrees() -> None:
+    """.wh.NAME hides a file or a whole directory of lower layers; whiteouts are never shown."""
+    merged = layers(
+        [dir_member("etc/"), file_member("etc/a", b"a"), file_member("etc/b", b"b"), dir_member("opt/"),
+         file_member("opt/x/y", b"y")],
+        [whiteout("etc/.wh.a"), whiteout(".wh.opt"), whiteout("etc/.wh.missing")],
+    )  # fmt: skip
+    assert sorted(merged.entries) == ["etc", "etc/b"]
+    assert merged.notes == []
+
+
+def test_merge_whiteout_applies_only_to_lower_layers() -> None:
+    """A file and its whiteout in the same layer: the file stays (layer.md), whichever comes first."""
+    for order in (
+        [file_member("a", b"new"), whiteout(".wh.a")],
+        [whiteout(".wh.a"), file_member("a", b"new")],
+    ):
+        tars = [tar_bytes([file_member("a", b"old")]), tar_bytes(order)]
+        merged = merge([scan(t) for t in tars])
+        assert content(merged, tars, "a") == b"new"
+
+
+@pytest.mark.parametrize("marker_first", [True, False])
+def test_merge_opaque_hides_lower_entries_only(marker_first: bool) -> None:
+    """.wh..wh..opq empties its directory of lower entries; the same layer's entries stay, in any order."""
+    upper = [dir_member("d/"), file_member("d/new", b"n"), dir_member("d/sub/")]
+    marker = whiteout("d/.wh..wh..opq")
+    upper = [marker, *upper] if marker_first else [*upper, marker]  # umoci writes the marker first
+    merged = layers([dir_member("d/"), file_member("d/old", b"o"), file_member("d/sub/deep", b"x")], upper)
+    assert sorted(merged.entries) == ["d", "d/new", "d/sub"]
+
+
+def test_merge_opaque_marker_alone_makes_its_directory() -> None:
+    """An opaque marker in a single-layer image (go-containerregistry#1623): its directory exists, empty."""
+    merged = layers([whiteout("empty/.wh..wh..opq"), file_member("f", b"")])
+    assert sorted(merged.entries) == ["empty", "f"]
+    assert merged.entries["empty"].kind is Kind.DIR
+
+
+def test_merge_replacements_take_whole_subtrees() -> None:
+    """A file over a directory drops the subtree; a directory over a file is empty; dir over dir merges."""
+    top = dir_member("keep/")
+    top.info.mode, top.info.uid = 0o700, 7
+    merged = layers(
+        [dir_member("d2f/"), file_member("d2f/inner", b"i"), file_member("f2d", b"f"), dir_member("keep/"),
+         file_member("keep/old", b"o")],
+        [file_member("d2f", b"file now"), whiteout("d2f/.wh.inner"), dir_member("f2d/"),
+         file_member("f2d/child", b"c"), top, file_member("keep/new", b"n")],
+    )  # fmt: skip
+    assert sorted(merged.entries) == ["d2f", "f2d", "f2d/child", "keep", "keep/new", "keep/old"]
+    assert merged.entries["d2f"].kind is Kind.FILE and merged.entries["f2d"].kind is Kind.DIR
+    keep = merged.entries["keep"].meta
+    assert keep is not None and (keep.mode, keep.uid) == (0o700, 7)
+    # umoci writes "dir-to-file/.wh.inner" after the file: ignored, and said so
+    assert [(n.layer, n.name) for n in merged.notes] == [(1, "d2f/.wh.inner")]
+    assert "ignored" in merged.notes[0].reason
+
+
+@pytest.mark.parametrize("name", [".wh.", "d/.wh..", "d/.wh..."])
+def test_merge_refuses_whiteouts_of_nothing_or_parents(name: str) -> None:
+    """'.wh.' names nothing (image-spec#1301); '.wh..' and '.wh...' would hide '.' or '..': refused, noted."""
+    merged = layers([dir_member("d/"), file_member("d/f", b"")], [whiteout(name)])
+    assert sorted(merged.entries) == ["d", "d/f"]
+    assert [n.name for n in merged.notes] == [name]
+
+
+def test_merge_hardlinks_share_one_inode() -> None:
+    """Hardlinks within and across layers: one entry, the right link count; a replaced target splits them."""
+    tars = [
+        tar_bytes([file_member("a", b"shared"), link_member("b", "a")]),
+        tar_bytes([link_member("c", "b")]),
+    ]
+    merged = merge([scan(t) for t in tars])
+    a, b, c = (merged.entries[p] for p in "abc")
+    assert a is b is c
+    assert a.meta is not None and a.meta.nlink == 3 and a.meta.group != 0
+    assert content(merged, tars, "c") == b"shared"
+    tars.append(tar_bytes([file_member("a", b"replaced")]))
+    merged = merge([scan(t) for t in tars])
+    a, b = merged.entries["a"], merged.entries["b"]
+    assert a is not b and merged.entries["c"] is b
+    assert a.meta is not None and b.meta is not None and (a.meta.nlink, b.meta.nlink) == (1, 2)
+    assert content(merged, tars, "b") == b"shared" and content(merged, tars, "a") == b"replaced"
+
+
+def test_merge_skips_hardlinks_to_nothing() -> None:
+    """A hardlink to a missing name, a later member, a directory or itself is skipped with a reason."""
+    merged = layers(
+        [dir_member("d/"), link_member("to-dir", "d"), link_member("early", "late"), file_member("late", b""),
+         link_member("gone", "nowhere"), link_member("self", "self")],
+    )  # fmt: skip
+    assert sorted(merged.entries) == ["d", "late"]
+    assert sorted(n.name for n in merged.notes) == ["early", "gone", "self", "to-dir"]
+
+
+def test_merge_serves_symlink_loops_as_they_are() -> None:
+    """Symlinks are entries with a target; loops and dangling targets are served, never followed."""
+    merged = layers([link_member("a", "b", tarfile.SYMTYPE), link_member("b", "a", tarfile.SYMTYPE)])
+    a = merged.entries["a"]
+    assert a.kind is Kind.SYMLINK and a.meta is not None and a.meta.link == b"b" and a.size == 1
+
+
+def test_merge_implicit_parents_and_root_metadata() -> None:
+    """Parents with no entry of their own are 0755 root-owned directories; './' sets the root's metadata."""
+    root = dir_member("./")
+    root.info.mode = 0o751
+    merged = layers([root, file_member("x/y/z", b"z")])
+    assert merged.root.meta is not None and merged.root.meta.mode == 0o751
+    x = merged.entries["x"]
+    assert isinstance(x, Entry) and x.kind is Kind.DIR and x.meta is not None and x.meta.mode == 0o755
