@@ -389,34 +389,11 @@ def _type_name(info: tarfile.TarInfo) -> str:
     return f"member of tar type {info.type!r}"
 
 
-class Archive:
-    """An open archive: its file held open for its life, its table, and bounds-checked reads.
+class Sources:
+    """Bounds-checked reads of table entries from a list of byte sources (``entry.source`` indexes it)."""
 
-    ``sources[0]`` is the archive's byte stream, which the table's offsets point into; entries
-    with another ``source`` index read from the other sources of the list.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = OpenFile(path)
-        try:
-            if not self.file.is_regular:
-                raise NotAnArchive(path, "not a regular file")
-            with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
-                self.table = ArchiveTable.scan(f, path, self.file.size)
-        except BaseException:
-            self.file.close()
-            raise
-        self.sources: list[Source] = [FileRange(self.file)]
-
-    @property
-    def fd(self) -> int:
-        """The archive's open fd (-1 once closed)."""
-        return self.file.fd
-
-    def check_unchanged(self) -> None:
-        """Raise ArchiveChanged when the file was truncated or rewritten in place since opening."""
-        self.file.check_unchanged()
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources = sources
 
     @staticmethod
     def clip(entry: Entry, offset: int, size: int) -> int:
@@ -437,12 +414,46 @@ class Archive:
             return bytearray()
         return self.sources[entry.source].pread_cached(entry.offset + offset, size)
 
+    def close(self) -> None:
+        """Close every source."""
+        for source in self.sources:
+            source.close()
+
+
+class Archive(Sources):
+    """An open archive: its file held open for its life, its table, and bounds-checked reads.
+
+    ``sources[0]`` is the archive's byte stream, which the table's offsets point into; entries
+    with another ``source`` index read from the other sources of the list.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = OpenFile(path)
+        try:
+            if not self.file.is_regular:
+                raise NotAnArchive(path, "not a regular file")
+            with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
+                self.table = ArchiveTable.scan(f, path, self.file.size)
+        except BaseException:
+            self.file.close()
+            raise
+        super().__init__([FileRange(self.file)])
+
+    @property
+    def fd(self) -> int:
+        """The archive's open fd (-1 once closed)."""
+        return self.file.fd
+
+    def check_unchanged(self) -> None:
+        """Raise ArchiveChanged when the file was truncated or rewritten in place since opening."""
+        self.file.check_unchanged()
+
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""
         return ((n, e) for n, e in self.table.entries.items() if e.kind is Kind.FILE)
 
     def close(self) -> None:
         """Close every source and the archive's fd."""
-        for source in self.sources:
-            source.close()
+        super().close()
         self.file.close()

@@ -56,9 +56,26 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPTS",
-        help="comma-separated mount options (verify, allow_other, debug, ...)",
+        help="comma-separated mount options (verify, allow_other, debug, rootfs, ref=NAME, ...)",
     )
     p.add_argument("--verify", action="store_true", help="check each blob against its digest when read")
+    p.add_argument(
+        "--rootfs", action="store_true", help="serve the image's root filesystem (its layers merged)"
+    )
+    p.add_argument("--ref", metavar="NAME", help="with --rootfs: the image's ref name or digest")
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="with --rootfs: the platform (default: this machine's)",
+    )
+    p.add_argument(
+        "--rootless", action="store_true", help="with --rootfs: show every file as the mounting user's"
+    )
+    p.add_argument(
+        "--ignore-diff-ids",
+        action="store_true",
+        help="with --rootfs: serve layers whose content differs from the config's diff_ids (logged)",
+    )
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
 
 

@@ -20,11 +20,13 @@ import pyfuse3
 import trio
 
 from . import options as mount_options
-from .archive import Archive
+from .archive import Archive, Sources
 from .errors import OcifuseError
 from .fs import Operations
+from .image import open_rootfs
 from .journal import stderr_is_journal
 from .layout import ArchiveLayout
+from .model import Platform
 from .resolve import refs
 from .tree import Tree
 
@@ -118,18 +120,19 @@ def mount_main(args: argparse.Namespace) -> int:
     archive_path = os.path.abspath(args.archive)
     mountpoint = args.mountpoint if _DEV_FD.fullmatch(args.mountpoint) else os.path.abspath(args.mountpoint)
     opts = mount_options.parse(
-        args.options, fsname=_fsname(archive_path), verify=args.verify, debug=args.debug
+        [*args.options, *_rootfs_flags(args)],
+        fsname=_fsname(archive_path),
+        verify=args.verify,
+        debug=args.debug,
     )
     setup_logging(foreground=True, debug=opts.debug)
     check_mountpoint(mountpoint)
-    archive = Archive(archive_path)
+    view = _open_view(archive_path, mountpoint, opts)
+    tree = view.tree
     try:
-        tree = Tree(archive.table.entries, root_mtime=int(os.fstat(archive.fd).st_mtime))
-        for skipped in archive.table.skipped:
-            log.warning("not served: %s: %s", skipped.name, skipped.reason)
         if opts.ignored:
             log.debug("ignored mount options: %s", ",".join(opts.ignored))
-        ops = Operations(archive, tree, verify=opts.verify)
+        ops = Operations(view.reader, tree, verify=opts.verify, xattrs=opts.rootfs, own_all=opts.rootless)
         # From the mount on, a stop signal waits for the loop's handler (_watch_signals): its default
         # action would kill the process and leave a dead mount ("Transport endpoint is not connected").
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -144,7 +147,7 @@ def mount_main(args: argparse.Namespace) -> int:
         log.info(
             "serving %s on %s: %d files, %d bytes", archive_path, mountpoint, tree.files, tree.total_size
         )
-        status = _status(archive, mountpoint, tree.files)
+        status = view.status
         clean = False
         try:
             trio.run(_serve, _Startup(archive_path, mountpoint, opts.readahead_kb, status, notify_parent))
@@ -157,10 +160,53 @@ def mount_main(args: argparse.Namespace) -> int:
             if not clean:
                 notify_parent("the daemon failed before the mount was live")
     finally:
-        archive.close()
+        view.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _rootfs_flags(args: argparse.Namespace) -> list[str]:
+    """The command line's --rootfs, --ref, ... as the ``-o`` options they stand for."""
+    out = [flag for flag in ("rootfs", "rootless", "ignore_diff_ids") if getattr(args, flag, False)]
+    for key in ("ref", "platform"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out.append(f"{key}={mount_options.escape(value)}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What a mount serves: the tree, the reads of its entries, systemd's STATUS= line, its closer."""
+
+    reader: Sources
+    tree: Tree
+    status: str
+    close: Callable[[], None]
+
+
+def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
+    """The layout view of an oci-archive, or (``rootfs``) the merged root filesystem of one image."""
+    if not opts.rootfs:
+        archive = Archive(archive_path)
+        try:
+            tree = Tree(archive.table.entries, root_mtime=int(os.fstat(archive.fd).st_mtime))
+            for skipped in archive.table.skipped:
+                log.warning("not served: %s: %s", skipped.name, skipped.reason)
+            status = _status(archive, mountpoint, tree.files)
+        except BaseException:
+            archive.close()
+            raise
+        return _View(archive, tree, status, archive.close)
+    platform = Platform.parse(opts.platform) if opts.platform else None
+    image = open_rootfs(archive_path, ref=opts.ref, platform=platform, ignore_diff_ids=opts.ignore_diff_ids)
+    for note in image.notes:
+        log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
+    tree = Tree(image.merged.entries, root=image.merged.root)
+    digest = image.resolved.descriptor.digest
+    text = f"serving the root filesystem of {digest} from {archive_path} on {mountpoint}, {tree.files} files"
+    return _View(image.sources, tree, "".join(c if c.isprintable() else "?" for c in text), image.close)
 
 
 def _status(archive: Archive, mountpoint: str, files: int) -> str:

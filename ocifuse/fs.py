@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from .archive import Archive
+from .archive import Kind, Meta, Sources
 from .digest import Digest
 from .errors import OcifuseError
 from .tree import Node, Tree
@@ -29,6 +29,15 @@ TIMEOUT = 86400.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# The file type bits of each kind of entry the rootfs view serves (stat(2), inode(7)).
+_TYPE_BITS = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+}
 
 
 def errno_of(exc: BaseException) -> int:
@@ -100,19 +109,34 @@ class Verdicts:
 
 
 class Operations(pyfuse3.Operations):
-    """A read-only view of an archive's tree: lookups from the tree, reads by pread off the trio thread."""
+    """A read-only view of a tree: lookups from the tree, reads by pread off the trio thread.
+
+    The layout view's entries carry no Meta: 0555/0444, the mounting user's, no xattrs. The
+    rootfs view's carry one: the image's modes, owners (or the mounting user's with
+    ``own_all``), link targets, device numbers and xattrs (``xattrs=True``).
+    """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, archive: Archive, tree: Tree, *, verify: bool = False) -> None:
+    def __init__(
+        self,
+        archive: Sources,
+        tree: Tree,
+        *,
+        verify: bool = False,
+        xattrs: bool = False,
+        own_all: bool = False,
+    ) -> None:
         super().__init__()
         self.archive = archive
         self.tree = tree
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.verdicts = Verdicts() if verify else None
+        self.xattrs = xattrs
+        self.own_all = own_all
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -146,7 +170,24 @@ class Operations(pyfuse3.Operations):
         attr.st_atime_ns = mtime_ns
         attr.st_mtime_ns = mtime_ns
         attr.st_ctime_ns = mtime_ns
+        meta = node.entry.meta
+        if meta is not None:
+            self._rich_attributes(attr, node, meta)
         return attr
+
+    def _rich_attributes(self, attr: pyfuse3.EntryAttributes, node: Node, meta: Meta) -> None:
+        """The rootfs view: the image's type and mode bits, owner, link count and device number.
+
+        setuid, setgid and devices are shown as the image has them and are inert: the mount is
+        always nosuid,nodev (options.FORCED).
+        """
+        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[node.entry.kind] | meta.mode)
+        if node.children is None:
+            attr.st_nlink = meta.nlink
+        if not self.own_all:
+            attr.st_uid = meta.uid
+            attr.st_gid = meta.gid
+        attr.st_rdev = meta.rdev
 
     def _is_dir(self, inode: int) -> bool:
         node = self.tree.node(inode)
@@ -232,27 +273,40 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # No extended attributes are served. ENOSYS, not ENODATA: the kernel then remembers that this
-    # filesystem has none and answers every later getxattr/listxattr itself (EOPNOTSUPP), where
-    # ENODATA would cost a round trip per call (``ls -l`` asks twice per file; 100,000 entries:
-    # ``ls -lR`` 15.6 s -> see bench/results.md).
+    # The layout view serves no extended attributes. ENOSYS, not ENODATA: the kernel then
+    # remembers that this filesystem has none and answers every later getxattr/listxattr itself
+    # (EOPNOTSUPP), where ENODATA would cost a round trip per call (``ls -l`` asks twice per file;
+    # 100,000 entries: ``ls -lR`` 15.6 s -> see bench/results.md). The rootfs view serves the
+    # layers' PAX SCHILY.xattr.* attributes, so it answers each call (ENODATA for a name it lacks).
 
     @handler
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        """Extended attributes are not supported (ENOSYS)."""
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        """An extended attribute of the rootfs view (ENODATA if absent); ENOSYS in the layout view."""
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        meta = self._node(inode).entry.meta
+        for key, value in meta.xattrs if meta is not None else ():
+            if key == name:
+                return value
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     @handler
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        """Extended attributes are not supported (ENOSYS)."""
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        """The extended attribute names of the rootfs view; ENOSYS in the layout view."""
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        meta = self._node(inode).entry.meta
+        return [key for key, _ in meta.xattrs] if meta is not None else []
 
     @handler
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
-        """There are no symlinks under a mount (the name policy never serves them)."""
-        raise pyfuse3.FUSEError(errno.EINVAL)
+        """A symlink's target as the layer stores it (never followed here); EINVAL for anything else."""
+        node = self._node(inode)
+        if node.entry.kind is not Kind.SYMLINK or node.entry.meta is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # readlink(2): not a symbolic link
+        return pyfuse3.FileNameT(node.entry.meta.link)
 
     # -- directories -------------------------------------------------------------------------
 
@@ -289,6 +343,8 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.entry.kind is not Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EACCES)  # the kernel opens devices, fifos, symlinks itself
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)

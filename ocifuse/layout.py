@@ -21,6 +21,7 @@ from .errors import (
     SizeMismatch,
     TooLarge,
 )
+from .source import FileRange, OpenFile, Source, sub_range
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
@@ -55,6 +56,10 @@ class Layout(ABC):
     @abstractmethod
     def file_names(self) -> Iterator[str]:
         """Every regular file of the layout, as layout-relative paths."""
+
+    @abstractmethod
+    def blob_source(self, digest: Digest) -> Source:
+        """The blob's bytes as a random-access source, valid until the layout is closed; BlobNotFound."""
 
     @abstractmethod
     def close(self) -> None:
@@ -162,6 +167,12 @@ class ArchiveLayout(Layout):
     def file_names(self) -> Iterator[str]:
         return (name for name, _ in self.archive.files())
 
+    def blob_source(self, digest: Digest) -> Source:
+        entry = self.archive.table.entries.get(digest.path)
+        if entry is None or entry.kind is not Kind.FILE:
+            raise BlobNotFound(str(digest))
+        return sub_range(self.archive.sources[entry.source], entry.offset, entry.size)
+
     def close(self) -> None:
         self.archive.close()
 
@@ -172,6 +183,7 @@ class DirectoryLayout(Layout):
     def __init__(self, path: str) -> None:
         self.path = path
         self.skipped = []
+        self._opened: list[OpenFile] = []
         try:
             self._root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
@@ -230,6 +242,15 @@ class DirectoryLayout(Layout):
         finally:
             os.close(fd)
 
+    def blob_source(self, digest: Digest) -> Source:
+        try:
+            fd = self._open(digest.path)
+        except FileMissing as e:
+            raise BlobNotFound(str(digest)) from e
+        file = OpenFile(f"{self.path}/{digest.path}", fd)
+        self._opened.append(file)
+        return FileRange(file)
+
     def file_names(self) -> Iterator[str]:
         def walk(prefix: str, dir_fd: int) -> Iterator[str]:
             with os.scandir(dir_fd) as it:
@@ -248,6 +269,8 @@ class DirectoryLayout(Layout):
         return walk("", self._root)
 
     def close(self) -> None:
+        for file in self._opened:
+            file.close()
         if self._root >= 0:
             os.close(self._root)
             self._root = -1

@@ -6,12 +6,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import OcifuseError
+from .model import Platform
 
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
-OWN_FLAGS = frozenset({"verify", "debug"})
-OWN_VALUES = frozenset({"readahead_kb"})
+OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids"})
+OWN_VALUES = frozenset({"readahead_kb", "ref", "platform"})
+# Options that choose or shape the rootfs view, meaningless without ``rootfs``.
+ROOTFS_ONLY = ("rootless", "ignore_diff_ids", "ref", "platform")
 # Passed through to libfuse / the kernel: what libfuse 3's fuse_session_new and fuse_session_mount
 # accept (mount.c, fuse_lowlevel.c). Others it refuses, failing the mount late and obscurely:
 # relatime and kin (ignored below), sync_read/async_read, max_readahead, max_background,
@@ -75,6 +78,11 @@ class MountOptions:
     verify: bool = False
     debug: bool = False
     readahead_kb: int = 1024
+    rootfs: bool = False  # serve the image's merged root filesystem, not the layout
+    ref: str | None = None  # which image (a ref name or digest), as inspect --ref
+    platform: str | None = None  # OS/ARCH[/VARIANT], as inspect --platform
+    rootless: bool = False  # every owner shown as the mounting user (umoci unpack --rootless)
+    ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
 
@@ -110,16 +118,26 @@ def parse(
     """
     fuse: dict[str, str | None] = {"fsname": escape(fsname), "subtype": "ocifuse"}
     ignored: list[str] = []
+    flags_set: set[str] = set()
+    values: dict[str, str] = {}
     readahead_kb = 1024
     for option in (o for text in option_lists for o in split(text)):
         key, eq, value = option.partition("=")
         if option in OWN_FLAGS:
-            verify = verify or key == "verify"
-            debug = debug or key == "debug"
-        elif key in OWN_VALUES and eq:
+            flags_set.add(option)
+        elif key == "readahead_kb" and eq:
             if not value.isdigit():
                 raise OptionError(f"option {option!r} wants a number of KiB")
             readahead_kb = int(value)
+        elif key in OWN_VALUES and eq:
+            if not value:
+                raise OptionError(f"option {key}= wants a value")
+            if key == "platform":
+                try:
+                    Platform.parse(value)
+                except ValueError as e:
+                    raise OptionError(str(e)) from e
+            values[key] = value
         elif option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             ignored.append(option)
         elif option in FUSE_FLAGS and not eq:
@@ -130,7 +148,20 @@ def parse(
             pass
         else:
             raise OptionError(f"unknown mount option {option!r}")
+    if "rootfs" not in flags_set:
+        stray = [o for o in ROOTFS_ONLY if o in flags_set or o in values]
+        if stray:
+            raise OptionError(f"option {stray[0]!r} applies to the rootfs view only (add rootfs)")
     flags = [*FORCED, *(k if v is None else f"{k}={v}" for k, v in fuse.items())]
     return MountOptions(
-        verify=verify, debug=debug, readahead_kb=readahead_kb, fuse=tuple(flags), ignored=tuple(ignored)
+        verify=verify or "verify" in flags_set,
+        debug=debug or "debug" in flags_set,
+        readahead_kb=readahead_kb,
+        rootfs="rootfs" in flags_set,
+        ref=values.get("ref"),
+        platform=values.get("platform"),
+        rootless="rootless" in flags_set,
+        ignore_diff_ids="ignore_diff_ids" in flags_set,
+        fuse=tuple(flags),
+        ignored=tuple(ignored),
     )

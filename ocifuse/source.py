@@ -74,12 +74,14 @@ class OpenFile:
     in place under a mount answers EIO (ArchiveChanged), never bytes of another file.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """Open ``path`` read-only, or take ``fd``, already open on it (closed with this object)."""
         self.path = path
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise LayoutOpenError(path, e.strerror or str(e)) from e
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise LayoutOpenError(path, e.strerror or str(e)) from e
         try:
             st = os.fstat(fd)
         except OSError as e:

@@ -1,4 +1,4 @@
-"""The immutable inode tree a mount serves, built once from an archive's entry table (pure)."""
+"""The immutable inode tree a mount serves, built once from an entry table (pure): layout or rootfs view."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 
 
 class Node(NamedTuple):
-    """One file or directory; ``children`` is sorted by name and None for files."""
+    """One inode; ``children`` is sorted by name for directories and None for everything else."""
 
     inode: int
     parent: int
@@ -29,38 +29,49 @@ def _fsencode(name: str) -> bytes:
 
 
 class Tree:
-    """Inodes allocated once, root first, in sorted path order: numbers are stable and never reused."""
+    """Inodes allocated once, root first, in sorted path order: numbers are stable and never reused.
 
-    def __init__(self, entries: dict[str, Entry], root_mtime: int = 0) -> None:
+    Paths whose entries share a nonzero ``meta.group`` (hardlinks of the rootfs view) are one
+    inode, numbered where its first path sorts.
+    """
+
+    def __init__(self, entries: dict[str, Entry], root_mtime: int = 0, root: Entry | None = None) -> None:
         paths = sorted(entries)  # a parent sorts before its children: it is a prefix of theirs
-        inode_of = {path: inode for inode, path in enumerate(paths, start=ROOT + 1)}
-        inode_of[""] = ROOT
-        parents = [0, ROOT]
+        root_entry = Entry(Kind.DIR, 0, 0, root_mtime) if root is None else root
+        nodes: list[Node | None] = [None, Node(ROOT, ROOT, root_entry, ())]
+        first_paths = [""]
+        inode_of = {"": ROOT}
         kids: dict[int, list[tuple[bytes, int]]] = {ROOT: []}
-        for inode, path in enumerate(paths, start=ROOT + 1):
+        grouped: dict[int, int] = {}
+        files = total = 0
+        for path in paths:
+            entry = entries[path]
             parent_path, _, name = path.rpartition("/")
             parent = inode_of[parent_path]
-            parents.append(parent)
+            meta = entry.meta
+            inode = grouped.get(meta.group, 0) if meta is not None and meta.group else 0
+            if not inode:
+                inode = len(nodes)
+                if meta is not None and meta.group:
+                    grouped[meta.group] = inode
+                if entry.kind is Kind.DIR:
+                    kids[inode] = []
+                    inode_of[path] = inode
+                    nodes.append(Node(inode, parent, entry, ()))
+                else:
+                    nodes.append(Node(inode, parent, entry, None))
+                    files += 1
+                    total += entry.size
+                first_paths.append(path)
             kids[parent].append((_fsencode(name), inode))
-            if entries[path].kind is Kind.DIR:
-                kids[inode] = []
         self._lookup = {parent: dict(children) for parent, children in kids.items()}
-        nodes: list[Node | None] = [None, Node(ROOT, ROOT, Entry(Kind.DIR, 0, 0, root_mtime), ())]
-        files = total = 0
-        for inode, path in enumerate(paths, start=ROOT + 1):
-            entry = entries[path]
-            children = kids.get(inode)
-            nodes.append(Node(inode, parents[inode], entry, None if children is None else ()))
-            if children is None:
-                files += 1
-                total += entry.size
         for parent, children in kids.items():
             children.sort()
             node = nodes[parent]
             assert node is not None
             nodes[parent] = node._replace(children=tuple(children))
         self._nodes = nodes
-        self.paths = paths
+        self.paths = first_paths
         self.files = files
         self.total_size = total
 
@@ -80,5 +91,5 @@ class Tree:
         return None if inode is None else self._nodes[inode]
 
     def path_of(self, inode: int) -> str:
-        """The layout-relative path of ``inode`` ("" for the root)."""
-        return "" if inode == ROOT else self.paths[inode - ROOT - 1]
+        """The path of ``inode`` ("" for the root; a hardlinked inode's first path)."""
+        return self.paths[inode - ROOT]

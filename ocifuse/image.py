@@ -1,0 +1,182 @@
+"""An image's root filesystem from a layout: resolve it, open each layer as a source, check, scan, merge.
+
+The rootfs view's read core, synchronous like the rest: ``open_rootfs`` takes a path (archive
+or layout directory), a ref and a platform, and returns the merged tree with the sources its
+entries point into. Layers are read where they lie: an uncompressed layer is a byte range of
+the archive (one pread per read), a compressed one a decompressing source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .archive import Sources
+from .digest import Digest
+from .errors import BlobNotFound, InvalidDigest, InvalidDocument, OcifuseError, SizeMismatch
+from .layer import LayerTable
+from .layout import Layout, open_layout
+from .model import Descriptor, Platform
+from .resolve import Resolved, resolve
+from .rootfs import Merged, Note, merge
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+# Layer media types (image-spec layer.md, media-types.md; Docker's image manifest v2.2).
+TAR_LAYERS = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar",
+    }
+)
+GZIP_LAYERS = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+ZSTD_LAYERS = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    }
+)
+# Largest config read to find rootfs.diff_ids (the same bound as every JSON document).
+MAX_CONFIG = 16 << 20
+
+
+class LayerError(OcifuseError):
+    """A layer the rootfs view cannot serve (absent, of an unknown type, not a tar); names the layer."""
+
+
+class DiffIdMismatch(LayerError):
+    """A layer's uncompressed digest is not the config's ``rootfs.diff_ids`` entry for it."""
+
+    def __init__(self, index: int, digest: str, expected: str, found: str) -> None:
+        super().__init__(
+            f"layer {index} ({digest}): its uncompressed content is {found}, the config's diff_id says "
+            f"{expected} (mount with -o ignore_diff_ids to serve it anyway)"
+        )
+        self.index = index
+        self.digest = digest
+        self.expected = expected
+        self.found = found
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RootImage:
+    """An image's merged root filesystem, the sources its entries read from, and what was skipped."""
+
+    layout: Layout
+    resolved: Resolved
+    sources: Sources  # entry.source = the layer's index in the manifest
+    merged: Merged
+    notes: list[Note]  # members skipped by the scans and the merge, with their layer
+
+    def close(self) -> None:
+        """Close the layer sources and the layout."""
+        self.sources.close()
+        self.layout.close()
+
+
+def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
+    """The config's ``rootfs.diff_ids`` (config.md), each a valid digest; InvalidDocument otherwise."""
+    config = resolved.manifest.config
+    name = f"config {config.digest}"
+    try:
+        obj = json.loads(layout.read_blob(config, MAX_CONFIG))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidDocument(name, f"not JSON ({e})") from e
+    rootfs = obj.get("rootfs") if isinstance(obj, dict) else None
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InvalidDocument(name, "rootfs.diff_ids is missing or not a list of strings")
+    try:
+        return [str(Digest.parse(i)) for i in ids]
+    except InvalidDigest as e:
+        raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
+
+
+def layer_source(layout: Layout, index: int, desc: Descriptor) -> tuple[Source, str]:
+    """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
+
+    Raises LayerError for a layer that is absent (naming a non-distributable one as such), of a
+    media type that is not a layer, or whose blob has another size than its descriptor says.
+    """
+    what = f"layer {index} ({desc.digest})"
+    try:
+        raw = layout.blob_source(desc.digest)
+    except BlobNotFound as e:
+        if desc.urls or "nondistributable" in desc.media_type or "foreign" in desc.media_type:
+            where = f" (its descriptor points to {', '.join(desc.urls)})" if desc.urls else ""
+            raise LayerError(
+                f"{what} is non-distributable and not in the archive{where}: fetch it into the layout first"
+            ) from e
+        raise LayerError(f"{what} is not in the layout") from e
+    if raw.size != desc.size:
+        raise LayerError(str(SizeMismatch(str(desc.digest), desc.size, raw.size)))
+    if desc.media_type in TAR_LAYERS:
+        # config.md: the diff_id is the digest of the uncompressed tar, which this blob is.
+        return raw, str(desc.digest)
+    if desc.media_type in GZIP_LAYERS | ZSTD_LAYERS:
+        raise LayerError(f"{what}: {desc.media_type} layers are not served yet (only uncompressed tar)")
+    raise LayerError(f"{what}: media type {desc.media_type!r} is not a layer this mount can serve")
+
+
+def open_rootfs(
+    path: str,
+    *,
+    ref: str | None = None,
+    platform: Platform | None = None,
+    ignore_diff_ids: bool = False,
+) -> RootImage:
+    """Resolve the image at ``path`` as inspect does, check its layers, and merge them (layer.md).
+
+    Raises an OcifuseError with one line saying what is wrong: the layout, the ref, a layer.
+    """
+    layout = open_layout(path)
+    sources: list[Source] = []
+    try:
+        resolved = resolve(layout, ref, platform)
+        layers = resolved.manifest.layers
+        expected = diff_ids(layout, resolved)
+        if len(expected) != len(layers) and not ignore_diff_ids:
+            raise LayerError(
+                f"the manifest lists {len(layers)} layers, the config's rootfs.diff_ids {len(expected)}"
+            )
+        tables: list[LayerTable] = []
+        for index, desc in enumerate(layers):
+            source, found = layer_source(layout, index, desc)
+            sources.append(source)
+            _check_diff_id(index, desc, expected, found, ignore_diff_ids)
+            tables.append(LayerTable.scan(source, f"layer {index} ({desc.digest})"))
+        merged = merge(tables)
+        notes = _notes(tables, merged)
+        return RootImage(
+            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged, notes=notes
+        )
+    except BaseException:
+        Sources(sources).close()
+        layout.close()
+        raise
+
+
+def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:
+    want = expected[index] if index < len(expected) else "nothing"
+    if want == found:
+        return
+    error = DiffIdMismatch(index, str(desc.digest), want, found)
+    if not ignore:
+        raise error
+    log.warning("served anyway (ignore_diff_ids): %s", error)
+
+
+def _notes(tables: Sequence[LayerTable], merged: Merged) -> list[Note]:
+    notes = [Note(i, s.name, s.reason) for i, t in enumerate(tables) for s in t.skipped]
+    return notes + merged.notes
