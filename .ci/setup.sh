@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS="libfuse3-dev fuse3 pkg-config gcc python3-dev python3-venv tar skopeo umoci oci-image-tool"
+# The rootfs tests run programs from the mount: chroot (coreutils), bwrap, podman with runc.
+PKGS="$PKGS busybox-static bubblewrap podman runc"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

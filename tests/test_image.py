@@ -1,0 +1,160 @@
+"""open_rootfs: layers resolved, checked against the config, scanned and merged; bad images refused."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mounting import require_fuse, run_ocifuse
+from oci import LayoutBuilder
+from tarbuild import file_member, link_member
+from test_rootfs import tar_bytes, whiteout
+
+from ocifuse import model
+from ocifuse.errors import InvalidDocument, NotAnArchive
+from ocifuse.image import DiffIdMismatch, LayerError, open_rootfs
+
+TAR = "application/vnd.oci.image.layer.v1.tar"
+
+
+def _sha(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def image(
+    tmp_path: Path,
+    layers: list[bytes],
+    *,
+    diff_ids: list[str] | None = None,
+    media_types: list[str] | None = None,
+    drop: set[int] = frozenset(),  # type: ignore[assignment]
+    extra: list[dict[str, Any]] | None = None,
+    form: str = "archive",
+) -> Path:
+    """A one-image layout with these layer blobs (``drop``: left out of the layout), as a tar or directory."""
+    b = LayoutBuilder()
+    descs = []
+    for i, data in enumerate(layers):
+        desc = b.blob(data, (media_types or [TAR] * len(layers))[i], **(extra[i] if extra else {}))
+        if i in drop:
+            del b.files[f"blobs/sha256/{desc['digest'][7:]}"]
+        descs.append(desc)
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": diff_ids if diff_ids is not None else [_sha(x) for x in layers],
+        },
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": model.MEDIA_MANIFEST,
+        "config": b.json_blob(config, model.MEDIA_CONFIG),
+        "layers": descs,
+    }
+    b.tag(
+        b.json_blob(manifest, model.MEDIA_MANIFEST, platform={"os": "linux", "architecture": "amd64"}), "v1"
+    )
+    return b.write_tar(tmp_path / "image.tar") if form == "archive" else b.write_dir(tmp_path / "image")
+
+
+@pytest.mark.parametrize("form", ["archive", "directory"])
+def test_open_rootfs_merges_layers_and_reads_bytes(tmp_path: Path, form: str) -> None:
+    """Two layers from an archive or a directory: the merged tree, and bytes read from the right layer."""
+    one = tar_bytes([file_member("etc/a", b"lower a"), file_member("etc/b", b"lower b")])
+    two = tar_bytes([file_member("etc/a", b"upper a"), whiteout("etc/.wh.b"), link_member("etc/c", "etc/a")])
+    img = open_rootfs(str(image(tmp_path, [one, two], form=form)), ref="v1")
+    try:
+        entries = img.merged.entries
+        assert sorted(entries) == ["etc", "etc/a", "etc/c"]
+        a = entries["etc/a"]
+        assert img.sources.pread(a, 0, 100) == b"upper a" and entries["etc/c"] is a
+        assert img.notes == []
+    finally:
+        img.close()
+
+
+def test_open_rootfs_refuses_a_diff_id_mismatch_naming_the_layer(tmp_path: Path) -> None:
+    """config.md: diff_ids[i] is layer i's uncompressed digest; a mismatch refuses unless told to serve."""
+    one, two = tar_bytes([file_member("a", b"1")]), tar_bytes([file_member("b", b"2")])
+    path = str(image(tmp_path, [one, two], diff_ids=[_sha(one), _sha(b"something else")]))
+    with pytest.raises(DiffIdMismatch) as caught:
+        open_rootfs(path)
+    assert (
+        caught.value.index == 1 and "layer 1" in str(caught.value) and "ignore_diff_ids" in str(caught.value)
+    )
+    img = open_rootfs(path, ignore_diff_ids=True)
+    img.close()
+
+
+def test_open_rootfs_refuses_a_diff_id_count_mismatch(tmp_path: Path) -> None:
+    """Fewer diff_ids than layers: which diff_id belongs to which layer is unknown; refused."""
+    one = tar_bytes([file_member("a", b"1")])
+    with pytest.raises(LayerError, match="1 layers, the config's rootfs.diff_ids 0"):
+        open_rootfs(str(image(tmp_path, [one], diff_ids=[])))
+
+
+def test_open_rootfs_refuses_a_layer_that_is_not_a_tar(tmp_path: Path) -> None:
+    """A layer blob of garbage: one line naming the layer."""
+    garbage = b"this is not a tar archive at all" * 40
+    with pytest.raises(NotAnArchive, match="layer 0"):
+        open_rootfs(str(image(tmp_path, [garbage])))
+
+
+def test_open_rootfs_refuses_absent_non_distributable_layers(tmp_path: Path) -> None:
+    """A non-distributable layer left out of the archive: a clear refusal, with its urls."""
+    one = tar_bytes([file_member("a", b"1")])
+    nondist = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+    urls = [{"urls": ["https://example.com/layer"]}]
+    path = str(image(tmp_path, [one], media_types=[nondist], drop={0}, extra=urls))
+    with pytest.raises(LayerError, match="non-distributable and not in the archive.*example.com/layer"):
+        open_rootfs(path)
+
+
+def test_open_rootfs_refuses_unknown_media_types(tmp_path: Path) -> None:
+    """A layer whose media type is not a layer (or one compressed with what no layer type names)."""
+    one = tar_bytes([file_member("a", b"1")])
+    with pytest.raises(LayerError, match="media type 'application/x-other' is not a layer"):
+        open_rootfs(str(image(tmp_path, [one], media_types=["application/x-other"])))
+
+
+def test_open_rootfs_refuses_a_config_without_diff_ids(tmp_path: Path) -> None:
+    """A config with no rootfs.diff_ids list: the image is not one a rootfs can be made of."""
+    b = LayoutBuilder()
+    b.tag(b.image([tar_bytes([])], config={"os": "linux", "architecture": "amd64"}), "v1")
+    with pytest.raises(InvalidDocument, match="diff_ids"):
+        open_rootfs(str(b.write_tar(tmp_path / "x.tar")))
+
+
+def test_open_rootfs_skips_hostile_members_with_notes(tmp_path: Path) -> None:
+    """Traversal, '..' in whiteouts, hardlinks to missing names: skipped and noted, never served."""
+    hostile = tar_bytes(
+        [
+            file_member("../../etc/shadow", b"x"),
+            file_member("/abs", b"x"),
+            whiteout("d/.wh.."),
+            link_member("h", "missing"),
+            link_member("s", "../../../../etc/passwd", tarfile.SYMTYPE),
+            file_member("ok", b"fine"),
+        ]
+    )
+    img = open_rootfs(str(image(tmp_path, [hostile])))
+    try:
+        assert sorted(img.merged.entries) == ["ok", "s"]  # a symlink is served as it is, never followed
+        assert sorted(n.name for n in img.notes) == ["../../etc/shadow", "/abs", "d/.wh..", "h"]
+    finally:
+        img.close()
+
+
+def test_mount_refusal_is_one_line(tmp_path: Path) -> None:
+    """``ocifuse mount --rootfs`` of an image with a bad diff_id: exit 2, one line naming the layer."""
+    require_fuse()
+    one = tar_bytes([file_member("a", b"1")])
+    path = image(tmp_path, [one], diff_ids=[_sha(b"other")])
+    (tmp_path / "mnt").mkdir()
+    done = run_ocifuse("mount", "--rootfs", path, tmp_path / "mnt")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "layer 0" in done.stderr, done.stderr

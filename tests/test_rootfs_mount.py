@@ -1,0 +1,127 @@
+"""The rootfs view on real FUSE mounts: images made by umoci and skopeo, compared with ``umoci unpack``.
+
+Programs run from the mount (chroot, bwrap, podman run --rootfs). Building the images needs root
+(mknod, chown): elsewhere these tests skip, and in CI (``CI=true``) they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import require_tools
+from mounting import mounted, run_ocifuse, skip_or_fail
+from rootfs_images import CAP_NET_RAW, LONG, build_umoci_image, snapshot, umoci_unpack, uncompressed
+
+pytestmark = pytest.mark.fuse
+
+PODMAN = [
+    "--runtime",
+    "runc",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=1024:1024",
+    "--network=none",
+]
+
+
+@dataclass(frozen=True)
+class Images:
+    """One image in several forms, and umoci's unpacking of it."""
+
+    umoci_layout: Path  # gzip layers, tag v4
+    plain_archive: Path  # oci-archive, uncompressed layers
+    plain_dir: Path  # layout directory, uncompressed layers
+    unpacked: Path  # umoci unpack's rootfs
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    """Build the multi-layer image once per session (rootfs_images.build_umoci_image)."""
+    require_tools("umoci", "skopeo")
+    if os.geteuid() != 0:
+        skip_or_fail("building the rootfs test image needs root (mknod, chown, umoci unpack as root)")
+    root = tmp_path_factory.mktemp("rootfs")
+    layout = build_umoci_image(root)
+    archive, directory = uncompressed(layout, "v4", root)
+    return Images(layout, archive, directory, umoci_unpack(layout, "v4", root / "unpacked"))
+
+
+def _sources(images: Images) -> dict[str, Path]:
+    return {"archive": images.plain_archive, "directory": images.plain_dir}
+
+
+@pytest.mark.parametrize("form", ["archive", "directory"])
+def test_rootfs_equals_umoci_unpack(images: Images, form: str, tmp_path: Path) -> None:
+    """Every path, type, mode, owner, size, mtime, link target, device, xattr, hardlink group and byte."""
+    expected, expected_groups = snapshot(images.unpacked)
+    with mounted(_sources(images)[form], tmp_path / "mnt", args=["--rootfs"]) as m:
+        served, groups = snapshot(m.mountpoint)
+        root_st, unpacked_st = os.stat(m.mountpoint), os.stat(images.unpacked)
+        log = m.stderr()
+    assert sorted(served) == sorted(expected)
+    for path, want in expected.items():
+        assert served[path] == want, path
+    assert groups == expected_groups == {frozenset({"data/hard2", "data/hard3"})}
+    assert (root_st.st_mode, root_st.st_uid, int(root_st.st_mtime)) == (
+        unpacked_st.st_mode,
+        unpacked_st.st_uid,
+        int(unpacked_st.st_mtime),
+    )
+    # what the image holds, spelled out: a regression in both tools at once must not pass
+    assert served["usr/bin/ping"][1] == 0o4755 and served["tmp"][1] == 0o1777
+    assert served["usr/bin/ping"][9] == (("security.capability", CAP_NET_RAW),)
+    assert served["home/app/.profile"][2:4] == (1000, 1000)
+    assert served["loop1"][7] == "loop2" and served["abs"][7] == "/etc/passwd"
+    assert served[LONG][10] == b"a file with a long name\n"
+    assert "opq/old1" not in served and "opq/new1" in served and "etc/group" not in served
+    assert served["d2f"][10] == b"a directory, then a file" and served["f2d/child"][10] == b"child"
+    # umoci's "d2f/.wh.inner" under the file that replaced the directory: ignored, and logged
+    assert "d2f/.wh.inner" in log
+
+
+def test_rootfs_rootless_shows_every_owner_as_the_mounting_user(images: Images, tmp_path: Path) -> None:
+    """-o rootless: every uid/gid is the mounting user's, as ``umoci unpack --rootless`` writes them."""
+    with mounted(images.plain_archive, tmp_path / "mnt", options=["rootfs,rootless"]) as m:
+        st = os.lstat(m.path("home", "app", ".profile"))
+        root = os.lstat(m.path("etc"))
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    assert (root.st_uid, root.st_gid) == (os.getuid(), os.getgid())
+
+
+def test_programs_run_from_the_mount(images: Images, tmp_path: Path) -> None:
+    """chroot and bwrap run busybox from the mount; podman runs it with the mount as --rootfs."""
+    require_tools("chroot", "bwrap", "podman", "runc")
+    script = "cat /data/small.txt && ls /opq && /usr/bin/ping"
+    want = "small file, second version\nnew1\nping\n"
+    with mounted(images.plain_archive, tmp_path / "mnt", args=["--rootfs"]) as m:
+        mnt = os.fspath(m.mountpoint)
+        chroot = subprocess.run(["chroot", mnt, "/bin/sh", "-c", script], capture_output=True, text=True)
+        bwrap = subprocess.run(
+            ["bwrap", "--ro-bind", mnt, "/", "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+        )
+        # ":O": podman lays a writable overlay over the read-only rootfs (it writes /etc/mtab, /etc/hosts)
+        podman = subprocess.run(
+            ["podman", "run", "--rm", *PODMAN, "--rootfs", f"{mnt}:O", "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert (chroot.returncode, chroot.stdout) == (0, want), chroot.stderr
+    assert (bwrap.returncode, bwrap.stdout) == (0, want), bwrap.stderr
+    assert (podman.returncode, podman.stdout) == (0, want), podman.stderr
+
+
+def test_rootfs_mount_refuses_without_a_single_image(images: Images, tmp_path: Path) -> None:
+    """A layout with several refs needs --ref; a ref that is not there is one line and exit 2."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = run_ocifuse("mount", "--rootfs", "--ref", "nope", images.umoci_layout, mnt)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "no ref 'nope'" in done.stderr, done.stderr
