@@ -247,7 +247,7 @@ class DirectoryLayout(Layout):
             fd = self._open(digest.path)
         except FileMissing as e:
             raise BlobNotFound(str(digest)) from e
-        file = OpenFile(f"{self.path}/{digest.path}", fd)
+        file = OpenFile(f"{self.path}/{digest.path}", fd=fd)
         self._opened.append(file)
         return FileRange(file)
 
