@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     fsck = sub.add_parser("fsck", help="verify every blob and document of a layout")
     fsck.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
     fsck.add_argument("--json", action="store_true", help="print the report as JSON")
+    fsck.add_argument(
+        "--layers", action="store_true", help="also check each image's layers as mount --rootfs reads them"
+    )
 
     insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
     insp.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
@@ -113,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "fsck":
         from .fsck import main as fsck_main
 
-        return fsck_main(args.path, as_json=args.json)
+        return fsck_main(args.path, as_json=args.json, layers=args.layers)
     if args.command == "inspect":
         from .inspect import main as inspect_main
 

@@ -38,6 +38,12 @@ code                        severity  meaning
 ``invalid-document``        error     JSON that does not match its media type (index, manifest, config)
 ``blob-unreferenced``       warning   a blob nothing reachable from index.json refers to
 ``blob-invalid-path``       warning   a file under ``blobs/`` whose path names no valid digest
+``diffid-mismatch``         error     ``--layers``: a layer's uncompressed content is not its config's
+                                      ``rootfs.diff_ids`` entry (or the config lists another number)
+``layer-invalid``           error     ``--layers``: a layer ``mount --rootfs`` cannot serve (not a tar,
+                                      cut short, absent, a media type that is not a layer)
+``layer-member-skipped``    warning   ``--layers``: a layer member the rootfs view does not apply
+                                      (``..``, a whiteout of nothing, a hardlink to nothing, ...)
 ==========================  ========  ==========================================================
 
 ``blobs_verified`` counts blobs whose content was hashed and ``bytes_verified`` the bytes hashed,
@@ -70,6 +76,7 @@ from .errors import (
     TooLarge,
     TruncatedArchive,
 )
+from .image import check_layers
 from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout, open_layout
 
 # Hashing chunk: large reads amortize the per-call cost; hashlib releases the GIL above 2 KiB.
@@ -115,6 +122,9 @@ CODES: Mapping[str, Severity] = {
     "invalid-document": _E,
     "blob-unreferenced": _W,
     "blob-invalid-path": _W,
+    "diffid-mismatch": _E,
+    "layer-invalid": _E,
+    "layer-member-skipped": _W,
 }
 
 
@@ -237,9 +247,10 @@ _PLACEHOLDER = {"mediaType": model.MEDIA_CONFIG, "digest": "sha256:" + "0" * 64,
 class _Checker:
     """The state of one fsck walk."""
 
-    def __init__(self, layout: Layout, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, layout: Layout, progress: Callable[[int], None] | None, layers: bool = False) -> None:
         self.layout = layout
         self.progress = progress
+        self.layers = layers
         self.findings: list[Finding] = []
         self.blobs: dict[Digest, _Blob] = {}
         self.parsed: set[tuple[Digest, str]] = set()
@@ -268,6 +279,8 @@ class _Checker:
                     self.unreferenced()
                 except (OcifuseError, OSError) as e:
                     self.add("blob-unreadable", f"cannot list blobs/: {e}", path="blobs")
+                if self.layers:
+                    self.check_layers()
         except _Stop:
             pass
         return Report(
@@ -275,6 +288,18 @@ class _Checker:
             blobs_verified=self.blobs_verified,
             bytes_verified=self.bytes_verified,
         )
+
+    def check_layers(self) -> None:
+        """``--layers``: each image's layers as ``mount --rootfs`` reads them (image.check_layers)."""
+        try:
+            problems = check_layers(self.layout)
+        except ArchiveChanged as e:
+            self.add("archive-changed", str(e), path=self.layout.path)
+            raise _Stop from e
+        except OcifuseError:
+            return  # index.json itself is unreadable: already a finding of the main walk
+        for p in problems:
+            self.add(p.code, p.message, digest=p.digest, path=Digest.parse(p.digest).path)
 
     def member_skipped(self, s: Skipped) -> None:
         self.add("member-skipped", f"archive member {s.name!r} not served: {s.reason}", path=s.name)
@@ -570,12 +595,13 @@ class _Checker:
                 )
 
 
-def check(layout: Layout, *, progress: Callable[[int], None] | None = None) -> Report:
+def check(layout: Layout, *, progress: Callable[[int], None] | None = None, layers: bool = False) -> Report:
     """Verify everything reachable from the layout's index.json; never raises for a bad layout.
 
-    ``progress``, if given, is called with the byte count of each chunk hashed.
+    ``progress``, if given, is called with the byte count of each chunk hashed. ``layers`` also
+    checks each image's layers as the rootfs view reads them (diff_ids, tars, the merge).
     """
-    return _Checker(layout, progress).run()
+    return _Checker(layout, progress, layers).run()
 
 
 def check_path(path: str, *, progress: Callable[[int], None] | None = None) -> Report:
@@ -666,8 +692,8 @@ def _blob_bytes(layout: Layout) -> int:
     return total
 
 
-def main(path: str, *, as_json: bool) -> int:
-    """``ocifuse fsck PATH [--json]``: 0 no error finding, 1 some error, 2 PATH is not a layout."""
+def main(path: str, *, as_json: bool, layers: bool = False) -> int:
+    """``ocifuse fsck PATH [--json] [--layers]``: 0 no error finding, 1 some error, 2 PATH is not a layout."""
     start = time.monotonic()
     try:
         layout = open_layout(path)
@@ -683,7 +709,7 @@ def main(path: str, *, as_json: bool) -> int:
             if total >= PROGRESS_MIN_BYTES:
                 bar = ProgressBar(total, sys.stderr)
         try:
-            report = check(layout, progress=bar)
+            report = check(layout, progress=bar, layers=layers)
         finally:
             if bar is not None:
                 bar.close()

@@ -18,8 +18,8 @@ from .digest import Digest
 from .errors import BlobNotFound, InvalidDigest, InvalidDocument, OcifuseError, SizeMismatch
 from .layer import LayerTable
 from .layout import Layout, open_layout
-from .model import Descriptor, Platform
-from .resolve import Resolved, resolve
+from .model import Descriptor, Manifest, Platform
+from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
 
@@ -180,3 +180,86 @@ def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found:
 def _notes(tables: Sequence[LayerTable], merged: Merged) -> list[Note]:
     notes = [Note(i, s.name, s.reason) for i, t in enumerate(tables) for s in t.skipped]
     return notes + merged.notes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerProblem:
+    """One thing ``fsck --layers`` found in a layer: a fsck finding code, the layer's digest, what."""
+
+    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped"
+    digest: str
+    message: str
+
+
+def check_layers(layout: Layout) -> list[LayerProblem]:
+    """Every image's layers, checked as ``mount --rootfs`` would use them; never raises for bad input.
+
+    Each layer (once per digest and diff_id) is opened, its diff_id compared with the config's,
+    its tar scanned; each image's layers are merged, and what the merge skips is reported too.
+    """
+    problems: list[LayerProblem] = []
+    seen: set[tuple[str, str]] = set()
+    tables: dict[str, LayerTable | None] = {}
+    for top in layout.index().manifests:
+        try:
+            docs = [(d, doc) for d, doc in walk(layout, top) if isinstance(doc, Manifest)]
+        except OcifuseError:
+            continue  # fsck's main walk reports unreadable documents
+        for desc, manifest in docs:
+            resolved = Resolved(descriptor=desc, manifest=manifest, trail=())
+            try:
+                expected = diff_ids(layout, resolved)
+            except OcifuseError:
+                continue  # not an image config (an artifact), or one the main walk reports
+            image_tables: list[tuple[int, LayerTable]] = []  # an invalid layer is left out of the merge
+            for index, layer in enumerate(manifest.layers):
+                digest = str(layer.digest)
+                want = expected[index] if index < len(expected) else "nothing"
+                if (digest, want) not in seen:
+                    seen.add((digest, want))
+                    tables[digest] = _check_layer(layout, index, layer, want, problems)
+                table = tables.get(digest)
+                if table is not None:
+                    image_tables.append((index, table))
+            for note in merge([t for _, t in image_tables]).notes:
+                layer = manifest.layers[image_tables[note.layer][0]]
+                message = f"in image {desc.digest}: {note.name!r} not applied: {note.reason}"
+                problems.append(
+                    LayerProblem(code="layer-member-skipped", digest=str(layer.digest), message=message)
+                )
+    return problems
+
+
+def _check_layer(
+    layout: Layout, index: int, desc: Descriptor, want: str, problems: list[LayerProblem]
+) -> LayerTable | None:
+    digest = str(desc.digest)
+    if not layout.has_blob(desc.digest):
+        return None  # fsck's main walk reports it (blob-missing, blob-external)
+    try:
+        source, found = layer_source(layout, index, desc)
+    except OcifuseError as e:
+        problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
+        return None
+    if found != want:
+        problems.append(
+            LayerProblem(
+                code="diffid-mismatch",
+                digest=digest,
+                message=f"uncompressed content is {found}, the config's diff_id says {want}",
+            )
+        )
+    try:
+        table = LayerTable.scan(source, f"layer {digest}")
+    except OcifuseError as e:
+        problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
+        return None
+    finally:
+        source.close()
+    for s in table.skipped:
+        problems.append(
+            LayerProblem(
+                code="layer-member-skipped", digest=digest, message=f"{s.name!r} not served: {s.reason}"
+            )
+        )
+    return table

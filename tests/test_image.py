@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mounting import require_fuse, run_ocifuse
+from mounting import OCIFUSE, require_fuse, run_ocifuse
 from oci import LayoutBuilder
 from tarbuild import file_member, link_member
 from test_rootfs import tar_bytes, whiteout
 
-from ocifuse import model
+from ocifuse import model, open_layout
 from ocifuse.errors import InvalidDocument, NotAnArchive
+from ocifuse.fsck import check
 from ocifuse.image import DiffIdMismatch, LayerError, open_rootfs
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -158,3 +160,37 @@ def test_mount_refusal_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     done = run_ocifuse("mount", "--rootfs", path, tmp_path / "mnt")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "layer 0" in done.stderr, done.stderr
+
+
+def _codes(path: Path, layers: bool = True) -> list[tuple[str, str | None]]:
+    with open_layout(path) as layout:
+        report = check(layout, layers=layers)
+    return [(f.code, f.digest) for f in report.findings]
+
+
+def test_fsck_layers_finds_a_diff_id_mismatch(tmp_path: Path) -> None:
+    """fsck --layers: diffid-mismatch names the layer; plain fsck cannot see it (the blobs are intact)."""
+    one, two = tar_bytes([file_member("a", b"1")]), tar_bytes([file_member("b", b"2")])
+    path = image(tmp_path, [one, two], diff_ids=[_sha(one), _sha(b"other")])
+    assert _codes(path, layers=False) == []
+    assert _codes(path) == [("diffid-mismatch", _sha(two))]
+
+
+def test_fsck_layers_finds_bad_layers_and_skipped_members(tmp_path: Path) -> None:
+    """A layer that is not a tar is layer-invalid; hostile members are layer-member-skipped warnings."""
+    garbage = b"not a tar" * 100
+    hostile = tar_bytes([file_member("../x", b""), link_member("h", "missing"), whiteout(".wh.")])
+    path = image(tmp_path, [hostile, garbage])
+    found = _codes(path)
+    assert found.count(("layer-member-skipped", _sha(hostile))) == 3
+    assert ("layer-invalid", _sha(garbage)) in found and len(found) == 4
+    done = subprocess.run(
+        [str(OCIFUSE), "fsck", "--layers", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1 and "error: layer-invalid" in done.stdout
+
+
+def test_fsck_layers_passes_a_good_image(tmp_path: Path) -> None:
+    """A clean image: no findings with or without --layers."""
+    one = tar_bytes([file_member("a", b"1"), link_member("b", "a")])
+    assert _codes(image(tmp_path, [one])) == []
