@@ -16,6 +16,9 @@ from conftest import require_tools
 from mounting import mounted, run_ocifuse, skip_or_fail
 from rootfs_images import CAP_NET_RAW, LONG, build_umoci_image, snapshot, umoci_unpack, uncompressed
 
+from ocifuse import open_layout
+from ocifuse.fsck import check
+
 pytestmark = pytest.mark.fuse
 
 PODMAN = [
@@ -125,3 +128,13 @@ def test_rootfs_mount_refuses_without_a_single_image(images: Images, tmp_path: P
     done = run_ocifuse("mount", "--rootfs", "--ref", "nope", images.umoci_layout, mnt)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no ref 'nope'" in done.stderr, done.stderr
+
+
+def test_fsck_layers_on_the_real_image(images: Images) -> None:
+    """fsck --layers of umoci's image: ok, with umoci's one whiteout under a replaced directory noted."""
+    with open_layout(images.plain_archive) as layout:
+        report = check(layout, layers=True)
+    assert report.ok
+    assert [(f.code, "d2f/.wh.inner" in f.message) for f in report.findings] == [
+        ("layer-member-skipped", True)
+    ]
