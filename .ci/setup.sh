@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Install what ocifuse needs on a fresh Debian/Ubuntu machine, then a venv in .venv with ocifuse in it.
-# Sourced by .ci/run (the test suite) and .ci/sample (the demo); safe to run again.
+#   bash .ci/setup.sh          the command only (what .ci/sample runs)
+#   bash .ci/setup.sh test     also the test tools: pytest, hypothesis, mypy, ruff (what .ci/run runs)
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+extra=""
+case "${1:-}" in
+  "") ;;
+  test) extra="[test]" ;;
+  *) echo "usage: $0 [test]" >&2; exit 2 ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -20,7 +29,12 @@ if [ -n "$missing" ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  # The system's interpreter, which the apt packages above are for (python3-dev, python3-venv): the
+  # first python3 on PATH may be a pyenv or conda one under a home directory other users cannot
+  # enter, and then nobody else could run .venv/bin/ocifuse (a mount for another user, mount(8)).
+  python=python3
+  [ -x /usr/bin/python3 ] && python=/usr/bin/python3
+  "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
