@@ -110,6 +110,57 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError("/dev/fuse: permission denied (this user may not use FUSE)")
 
 
+def check_source(path: str) -> None:
+    """Raise MountError for a directory: mount takes an archive, and a layout directory is read as it is."""
+    if not os.path.isdir(path):
+        return  # anything else is the archive scan's to judge (NotAnArchive says why)
+    if os.path.isfile(os.path.join(path, "oci-layout")):
+        raise MountError(
+            f"{path} is a layout directory, not an archive: tools read it as it is "
+            f"(skopeo inspect oci:{path}:TAG); ocifuse mount takes an oci-archive tar"
+        )
+    raise MountError(f"{path} is a directory, not an oci-archive tar")
+
+
+FUSE_CONF = "/etc/fuse.conf"
+# fusermount3 refuses these to a user other than root without user_allow_other (fusermount.c).
+_OTHERS_OPTIONS = ("allow_other", "allow_root")
+
+
+def allows_others(conf: str) -> bool:
+    """True if fuse.conf text turns on ``user_allow_other``, read as fusermount3 reads it.
+
+    fusermount.c (read_conf, strip_line): ``#`` starts a comment, surrounding whitespace is
+    dropped, and a line counts only when it ends with a newline.
+    """
+    lines = conf.split("\n")[:-1]  # the part after the last newline is not a line fusermount3 reads
+    return any(line.partition("#")[0].strip() == "user_allow_other" for line in lines)
+
+
+def check_allow_other(fuse_options: tuple[str, ...], *, euid: int, conf_path: str = FUSE_CONF) -> None:
+    """Raise MountError when a user other than root asks for allow_other/allow_root and fuse.conf forbids it.
+
+    Checked before libfuse is called: fusermount3's refusal and libfuse's would be two lines
+    that do not say what to change.
+    """
+    asked = [o for o in fuse_options if o in _OTHERS_OPTIONS]
+    if euid == 0 or not asked:
+        return
+    try:
+        with open(conf_path, encoding="utf-8", errors="replace") as f:
+            conf = f.read()
+    except FileNotFoundError:
+        conf = ""
+    except OSError as e:
+        log.debug("cannot read %s (%s): leaving %s to fusermount3", conf_path, e, asked[0])
+        return
+    if not allows_others(conf):
+        raise MountError(
+            f"option {asked[0]} needs a line 'user_allow_other' in {conf_path} for users other than "
+            f"root (an administrator adds it), or mount without {asked[0]}"
+        )
+
+
 def _fsname(path: str) -> str:
     """libfuse takes options as ASCII; other characters in the archive's path become '?'."""
     return path.encode("ascii", "replace").decode("ascii")
@@ -126,6 +177,8 @@ def mount_main(args: argparse.Namespace) -> int:
         debug=args.debug,
     )
     setup_logging(foreground=True, debug=opts.debug)
+    check_source(archive_path)
+    check_allow_other(opts.fuse, euid=os.geteuid())
     check_mountpoint(mountpoint)
     view = _open_view(archive_path, mountpoint, opts)
     tree = view.tree

@@ -88,10 +88,10 @@ class Image:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Unresolved:
-    """An index.json entry with no image for the platform asked for, and why."""
+    """An index.json entry (or a ``--ref``) with no image for the platform asked for, and why."""
 
     ref: str | None
-    digest: str
+    digest: str | None  # None for a --ref that names nothing in the layout
     error: str
 
 
@@ -105,6 +105,7 @@ class Summary:
     refs: tuple[RefEntry, ...]
     images: tuple[Image, ...]
     unresolved: tuple[Unresolved, ...] = ()
+    error: str | None = None  # what was asked for (--ref, --platform) and is not there: exit 1
 
     def to_json(self) -> dict[str, Any]:
         """The summary as one JSON object (``--json``)."""
@@ -237,13 +238,39 @@ def _runs_on(img: Image, want: Platform) -> bool:
     return resolve.platform_matches(want, have)
 
 
+def _platforms_of(entry: RefEntry) -> list[str]:
+    """The platforms an index entry's manifests are for (through nested indexes), each once."""
+    found = (p.platform for p in entry.platforms if p.media_type not in model.INDEX_TYPES)
+    return list(dict.fromkeys(p for p in found if p is not None))
+
+
+def _why_not(entry: RefEntry | None, want: Platform, error: OcifuseError, path: str) -> str:
+    """Why ``entry`` has no image for ``want``: for an index, the platforms it does have."""
+    if not isinstance(error, NotFound):
+        return f"{error} (ocifuse fsck {path} checks the whole layout)"
+    if entry is not None and entry.media_type in model.INDEX_TYPES and entry.error is None:
+        have = _platforms_of(entry)
+        return f"no manifest for {want} (it has {', '.join(have) if have else 'no platforms listed'})"
+    return str(error)
+
+
+def _entry_for(refs: tuple[RefEntry, ...], ref: str | None) -> RefEntry | None:
+    """The index.json entry ``ref`` names (a unique ref name or a top-level digest; None: the only one)."""
+    if ref is None:
+        return refs[0] if len(refs) == 1 else None
+    named = [r for r in refs if r.name == ref] or [r for r in refs if r.digest == ref]
+    return named[-1] if named else None  # resolve.refs: the last of duplicate names wins
+
+
 def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | None = None) -> Summary:
     """Summarize a layout: every ref, the platforms of each index, and the images asked for.
 
     With ``ref``, that ref (a name or a digest) is resolved; with only ``platform``, every
     index.json entry is resolved for it and at least one must have it. With neither, every entry
     is resolved for this machine's platform, and entries without it are listed as unresolved.
-    Raises NotFound when what was asked for is not there, OcifuseError when index.json is unusable.
+    What was asked for and is not there never hides the rest: it is listed as unresolved, with
+    the platforms there are, and ``Summary.error`` says why in one line (the command exits 1).
+    Raises OcifuseError only when index.json itself is unusable.
     """
     try:
         version: str | None = layout.header().image_layout_version
@@ -254,22 +281,35 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
     refs = tuple(_ref_entry(layout, d) for d in index.manifests)
     images: list[Image] = []
     unresolved: list[Unresolved] = []
+    error = None
     if ref is not None or (len(index.manifests) == 1 and platform is not None):
+        entry = _entry_for(refs, ref)
         name = ref if ref is not None else index.manifests[0].ref_name
-        img = _image(layout, resolve.resolve(layout, ref, want), name)
-        if platform is not None and not _runs_on(img, platform):
-            raise NotFound(f"{name or img.manifest.digest} is an image for {img.platform}, not {platform}")
-        images.append(img)
+        label = name or (entry.digest if entry is not None else "the only image")
+        try:
+            img = _image(layout, resolve.resolve(layout, ref, want), name)
+        except OcifuseError as e:
+            why = _why_not(entry, want, e, layout.path)
+            unresolved.append(Unresolved(ref=name, digest=None if entry is None else entry.digest, error=why))
+            error = why if entry is None else f"{label}: {why}"
+        else:
+            if platform is not None and not _runs_on(img, platform):
+                why = f"an image for {img.platform}"
+                unresolved.append(Unresolved(ref=name, digest=img.manifest.digest, error=why))
+                error = f"{label} is {why}, not {platform}"
+            else:
+                images.append(img)
     else:
         names = [d.ref_name for d in index.manifests]
-        for desc in index.manifests:
+        for desc, entry in zip(index.manifests, refs, strict=True):
             name = desc.ref_name
             # A unique ref name says which entry; otherwise the digest does.
             target = name if name is not None and names.count(name) == 1 else str(desc.digest)
             try:
                 img = _image(layout, resolve.resolve(layout, target, want), name)
             except OcifuseError as e:
-                unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=str(e)))
+                why = _why_not(entry, want, e, layout.path)
+                unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=why))
                 continue
             if platform is not None and not _runs_on(img, platform):
                 why = f"an image for {img.platform}"
@@ -277,7 +317,10 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
             else:
                 images.append(img)
         if platform is not None and not images:
-            raise NotFound(f"no manifest for platform {want} in {layout.path}")
+            shown = [f"{u.ref or u.digest}: {u.error}" for u in unresolved[:4]]
+            more = f"; and {len(unresolved) - 4} more" if len(unresolved) > 4 else ""
+            listing = f" ({'; '.join(shown)}{more})" if shown else " (index.json lists nothing)"
+            error = f"no image for {want} in {layout.path}{listing}"
     return Summary(
         path=layout.path,
         layout_version=version,
@@ -285,6 +328,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         refs=refs,
         images=tuple(images),
         unresolved=tuple(unresolved),
+        error=error,
     )
 
 
@@ -411,17 +455,16 @@ def main(path: str, *, ref: str | None, platform: str | None, as_json: bool) -> 
         except OcifuseError as e:
             print(f"ocifuse: {path}: not a usable layout: {e}", file=sys.stderr)
             return 2
-        try:
-            summary = summarize(layout, ref=ref, platform=want)
-        except NotFound as e:
-            print(f"ocifuse: {e}", file=sys.stderr)
-            return 1
-        except OcifuseError as e:
-            print(f"ocifuse: {e} (ocifuse fsck {path} checks the whole layout)", file=sys.stderr)
-            return 1
+        summary = summarize(layout, ref=ref, platform=want)
+    # The whole summary even when what was asked for is not there (JSON stays one document); the
+    # reason goes to stderr, and the exit status says it.
     if as_json:
         print(render_json(summary))
     else:
         for line in render_text(summary):
             print(line)
+    if summary.error is not None:
+        sys.stdout.flush()
+        print(f"ocifuse: {summary.error}", file=sys.stderr)
+        return 1
     return 0

@@ -10,7 +10,6 @@ import pytest
 from oci import LayoutBuilder
 
 from ocifuse import cli, inspect, model
-from ocifuse.errors import NotFound
 from ocifuse.layout import Layout, open_layout
 from ocifuse.model import Platform
 
@@ -131,13 +130,39 @@ def test_host_platform_default_never_fails(tmp_path: Path, backend: str) -> None
     assert len(summary.images) + len(summary.unresolved) == 3
 
 
-def test_not_found(tmp_path: Path, backend: str) -> None:
-    with pytest.raises(NotFound, match="no ref 'nope'"):
-        summarize(tmp_path, backend, ref="nope")
-    with pytest.raises(NotFound):
-        summarize(tmp_path / "2", backend, ref="multi", platform=Platform(os="windows", architecture="amd64"))
-    with pytest.raises(NotFound, match="linux/s390x"):
-        summarize(tmp_path / "3", backend, ref="single", platform=AMD64)
+def test_not_found_is_listed_not_raised(tmp_path: Path, backend: str) -> None:
+    """What was asked for and is not there: the rest is still summarized, the error names the ref."""
+    s = Sample()
+    summary = summarize(tmp_path, backend, s, ref="nope")
+    assert summary.error is not None and summary.error.startswith("no ref 'nope'")
+    assert [r.name for r in summary.refs] == ["multi", "single", None] and summary.images == ()
+    assert [(u.ref, u.digest) for u in summary.unresolved] == [("nope", None)]
+
+    windows = Platform(os="windows", architecture="amd64")
+    summary = summarize(tmp_path / "2", backend, s, ref="multi", platform=windows)
+    assert summary.error == "multi: no manifest for windows/amd64 (it has linux/amd64, linux/arm64/v8)"
+    assert [(u.ref, u.digest) for u in summary.unresolved] == [("multi", s.multi["digest"])]
+    assert len(summary.refs) == 3
+
+    summary = summarize(tmp_path / "3", backend, s, ref="single", platform=AMD64)
+    assert summary.error == "single is an image for linux/s390x, not linux/amd64"
+
+    summary = summarize(tmp_path / "4", backend, s, platform=windows)
+    assert summary.error is not None and summary.error.startswith("no image for windows/amd64 in ")
+    assert "multi: no manifest for windows/amd64 (it has linux/amd64, linux/arm64/v8)" in summary.error
+    assert "single: an image for linux/s390x" in summary.error
+    assert len(summary.unresolved) == 3
+
+
+def test_only_entry_without_the_platform_names_it(tmp_path: Path, backend: str) -> None:
+    """One index.json entry and a --platform it lacks: the message names the ref, not a digest."""
+    b = LayoutBuilder()
+    amd = b.image([b"a"], config=CONFIG)
+    b.tag(b.index([{**amd, "platform": {"os": "linux", "architecture": "amd64"}}]), "v1")
+    path = b.write_tar(tmp_path / "one.tar") if backend == "archive" else b.write_dir(tmp_path / "d")
+    with open_layout(path) as lay:
+        summary = inspect.summarize(lay, platform=Platform(os="linux", architecture="s390x"))
+    assert summary.error == "v1: no manifest for linux/s390x (it has linux/amd64)"
 
 
 def test_nested_index_platforms(tmp_path: Path, backend: str) -> None:
@@ -167,8 +192,7 @@ def test_repeated_nested_indexes_stay_linear(tmp_path: Path, backend: str) -> No
     summary = summarize(tmp_path, backend, s, ref="dag", platform=AMD64)
     assert summary.images[0].manifest.digest == bottom["digest"]
     assert len(summary.refs[0].platforms) == 2 * 30
-    with pytest.raises(NotFound):
-        summarize(tmp_path / "2", backend, s, ref="dag", platform=ARM64)
+    assert summarize(tmp_path / "2", backend, s, ref="dag", platform=ARM64).error is not None
 
 
 def test_sha512_layout(tmp_path: Path, backend: str) -> None:
@@ -235,7 +259,8 @@ def test_json_output(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture
     path = s.write(tmp_path, backend)
     assert cli.main(["inspect", "--json", str(path), "--ref", "multi", "--platform", "linux/amd64"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"path", "layout_version", "platform", "refs", "images", "unresolved"}
+    assert set(doc) == {"path", "layout_version", "platform", "refs", "images", "unresolved", "error"}
+    assert doc["error"] is None
     assert doc["refs"][0]["platforms"][1]["platform"] == "linux/arm64/v8"
     (img,) = doc["images"]
     assert img["manifest"] == {
@@ -258,22 +283,42 @@ def test_cli_every_ref(tmp_path: Path, backend: str, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize(
-    ("args", "status"),
+    ("args", "message"),
     [
-        (["--ref", "nope"], 1),
-        (["--ref", "multi", "--platform", "plan9/mips"], 1),
-        (["--platform", "plan9/mips"], 1),
-        (["--platform", "not-a-platform"], 2),
+        (["--ref", "nope"], "no ref 'nope' in index.json (refs: multi, single)"),
+        (["--ref", "multi", "--platform", "plan9/mips"], "multi: no manifest for plan9/mips (it has "),
+        (["--platform", "plan9/mips"], "no image for plan9/mips in "),
     ],
 )
-def test_cli_not_found(
-    tmp_path: Path, backend: str, capsys: pytest.CaptureFixture[str], args: list[str], status: int
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_not_found_prints_everything(
+    tmp_path: Path,
+    backend: str,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+    as_json: bool,
 ) -> None:
+    """No match: the whole summary on stdout (JSON stays JSON), one line on stderr, exit 1."""
     path = Sample().write(tmp_path, backend)
-    assert cli.main(["inspect", str(path), *args]) == status
+    assert cli.main(["inspect", str(path), *args, *(["--json"] if as_json else [])]) == 1
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith("ocifuse: ") and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"ocifuse: {message}") and captured.err.count("\n") == 1
+    if as_json:
+        doc = json.loads(captured.out)
+        assert [r["name"] for r in doc["refs"]] == ["multi", "single", None]
+        assert doc["error"] == captured.err[len("ocifuse: ") :].strip()
+        assert doc["unresolved"]
+    else:
+        assert "REF" in captured.out and "multi" in captured.out and "single" in captured.out
+        assert "not resolved for" in captured.out
+
+
+def test_cli_bad_platform_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Sample().write(tmp_path, "archive")
+    assert cli.main(["inspect", str(path), "--platform", "not-a-platform"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("ocifuse: ") and captured.err.count("\n") == 1
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"\x1f\x8b\x08\x00"])

@@ -1,0 +1,100 @@
+"""What a new user meets first: one-line refusals that say what to do instead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mounting import OCIFUSE, run_ocifuse
+from oci import LayoutBuilder
+
+from ocifuse import daemon
+
+NOBODY = 65534
+
+
+def _image(tmp_path: Path) -> LayoutBuilder:
+    b = LayoutBuilder()
+    b.tag(b.image([b"layer"]), "v1")
+    return b
+
+
+@pytest.mark.parametrize(
+    ("conf", "allowed"),
+    [
+        ("user_allow_other\n", True),
+        ("# comment\n  user_allow_other \t\nmount_max = 1000\n", True),
+        ("user_allow_other # yes\n", True),
+        ("#user_allow_other\n", False),  # Debian's default: commented out
+        ("user_allow_other", False),  # fusermount3 skips a last line without its newline
+        ("user_allow_others\n", False),
+        ("allow_other\n", False),
+        ("", False),
+    ],
+)
+def test_fuse_conf_read_as_fusermount3_reads_it(conf: str, allowed: bool) -> None:
+    assert daemon.allows_others(conf) is allowed
+
+
+def test_allow_other_refused_in_one_line(tmp_path: Path) -> None:
+    """Without user_allow_other, a user other than root is told the fix before libfuse is called."""
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("#user_allow_other\n")
+    for option in ("allow_other", "allow_root"):
+        with pytest.raises(daemon.MountError) as e:
+            daemon.check_allow_other(("ro", option), euid=1000, conf_path=str(conf))
+        assert str(e.value) == (
+            f"option {option} needs a line 'user_allow_other' in {conf} for users other than root "
+            f"(an administrator adds it), or mount without {option}"
+        )
+    with pytest.raises(daemon.MountError):  # no fuse.conf at all: nothing allows it
+        daemon.check_allow_other(("allow_other",), euid=1000, conf_path=str(tmp_path / "absent"))
+    daemon.check_allow_other(("allow_other",), euid=0, conf_path=str(conf))  # root: always allowed
+    daemon.check_allow_other(("ro", "nodev"), euid=1000, conf_path=str(conf))  # not asked for
+    conf.write_text("user_allow_other\n")
+    daemon.check_allow_other(("allow_other",), euid=1000, conf_path=str(conf))
+
+
+def _as_nobody(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *(os.fspath(a) for a in argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_allow_other_as_a_user(tmp_path: Path) -> None:
+    """The real command, run as ``nobody``: one line naming user_allow_other, exit 2, nothing mounted."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the command as another user")
+    with open(daemon.FUSE_CONF, encoding="utf-8", errors="replace") as f:
+        if daemon.allows_others(f.read()):
+            pytest.skip(f"{daemon.FUSE_CONF} allows allow_other here")
+    if _as_nobody(OCIFUSE, "--version").returncode != 0:
+        pytest.skip(f"{OCIFUSE} cannot be run by uid {NOBODY} (a venv under a private directory)")
+    archive = _image(tmp_path).write_tar(tmp_path / "a.tar")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = _as_nobody(OCIFUSE, "mount", "-o", "allow_other", archive, mnt)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "user_allow_other" in done.stderr, done.stderr
+    assert "fuse_session_mount" not in done.stderr and "fusermount3" not in done.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_mount_of_a_layout_directory(tmp_path: Path) -> None:
+    """A layout directory given to mount: one line saying tools read it as it is; no mount tried."""
+    layout = _image(tmp_path).write_dir(tmp_path / "layout")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = run_ocifuse("mount", layout, mnt)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        f"ocifuse: {layout} is a layout directory, not an archive: tools read it as it is "
+        f"(skopeo inspect oci:{layout}:TAG); ocifuse mount takes an oci-archive tar\n"
+    )
+    done = run_ocifuse("mount", tmp_path, mnt)  # a directory that is no layout either
+    assert done.returncode == 2
+    assert done.stderr == f"ocifuse: {tmp_path} is a directory, not an oci-archive tar\n"
+    assert not os.path.ismount(mnt)
