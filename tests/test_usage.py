@@ -59,7 +59,8 @@ def test_allow_other_refused_in_one_line(tmp_path: Path) -> None:
 
 
 def _as_nobody(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *(os.fspath(a) for a in argv)]
+    user = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    cmd = ["setpriv", *user, *(os.fspath(a) for a in argv)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
