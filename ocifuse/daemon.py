@@ -110,14 +110,17 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError("/dev/fuse: permission denied (this user may not use FUSE)")
 
 
-def check_source(path: str) -> None:
-    """Raise MountError for a directory: mount takes an archive, and a layout directory is read as it is."""
-    if not os.path.isdir(path):
+def check_source(path: str, *, rootfs: bool = False) -> None:
+    """Raise MountError for a directory's layout view: tools read a layout directory as it is.
+
+    The rootfs view (``--rootfs``) of a layout directory is served: it is not the directory itself.
+    """
+    if rootfs or not os.path.isdir(path):
         return  # anything else is the archive scan's to judge (NotAnArchive says why)
     if os.path.isfile(os.path.join(path, "oci-layout")):
         raise MountError(
-            f"{path} is a layout directory, not an archive: tools read it as it is "
-            f"(skopeo inspect oci:{path}:TAG); ocifuse mount takes an oci-archive tar"
+            f"{path} is a layout directory: tools read it as it is (skopeo inspect oci:{path}:TAG), "
+            "so only its root filesystem needs a mount (--rootfs)"
         )
     raise MountError(f"{path} is a directory, not an oci-archive tar")
 
@@ -177,7 +180,7 @@ def mount_main(args: argparse.Namespace) -> int:
         debug=args.debug,
     )
     setup_logging(foreground=True, debug=opts.debug)
-    check_source(archive_path)
+    check_source(archive_path, rootfs=opts.rootfs)
     check_allow_other(opts.fuse, euid=os.geteuid())
     check_mountpoint(mountpoint)
     view = _open_view(archive_path, mountpoint, opts)

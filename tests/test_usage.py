@@ -85,16 +85,17 @@ def test_allow_other_as_a_user(tmp_path: Path) -> None:
 
 
 def test_mount_of_a_layout_directory(tmp_path: Path) -> None:
-    """A layout directory given to mount: one line saying tools read it as it is; no mount tried."""
+    """A layout directory's layout view: one line saying tools read it as it is; no mount tried."""
     layout = _image(tmp_path).write_dir(tmp_path / "layout")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     done = run_ocifuse("mount", layout, mnt)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (
-        f"ocifuse: {layout} is a layout directory, not an archive: tools read it as it is "
-        f"(skopeo inspect oci:{layout}:TAG); ocifuse mount takes an oci-archive tar\n"
+        f"ocifuse: {layout} is a layout directory: tools read it as it is (skopeo inspect "
+        f"oci:{layout}:TAG), so only its root filesystem needs a mount (--rootfs)\n"
     )
+    daemon.check_source(str(layout), rootfs=True)  # its root filesystem is another matter
     done = run_ocifuse("mount", tmp_path, mnt)  # a directory that is no layout either
     assert done.returncode == 2
     assert done.stderr == f"ocifuse: {tmp_path} is a directory, not an oci-archive tar\n"
