@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from .layout import ArchiveLayout, DirectoryLayout, Layout, open_layout
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .layout import ArchiveLayout, DirectoryLayout, Layout, open_layout
 
 __all__ = ["ArchiveLayout", "DirectoryLayout", "Layout", "open_layout"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The public API, imported on first use (PEP 562): ``ocifuse umount`` never loads the read core."""
+    if name in __all__:
+        from . import layout
+
+        return getattr(layout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         from .daemon import mount_main
 
         return mount_main(args)
-    from .daemon import umount_main
+    from .umount import umount_main  # neither trio nor pyfuse3: unmounting stays cheap
 
     return umount_main(args.mountpoint, lazy=args.lazy)
 

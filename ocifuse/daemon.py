@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import trio
 
 from . import options as mount_options
 from .archive import Archive, Sources
+from .errors import MountError as MountError
 from .errors import OcifuseError
 from .fs import Operations
 from .image import open_rootfs
@@ -37,10 +37,6 @@ _DEV_FD = re.compile(r"/dev/fd/\d+")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 READY_TIMEOUT = 60.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-class MountError(OcifuseError):
-    """The mount cannot be made (mountpoint, FUSE, permissions); the message says why."""
 
 
 class _JournalFormatter(logging.Formatter):
@@ -385,39 +381,3 @@ def _set_readahead(dev: int, kib: int) -> None:
         log.debug("read_ahead_kb=%d for %s", kib, path)
     except OSError as e:
         log.debug("cannot set %s: %s (reads stay at the kernel's default size)", path, e)
-
-
-def _mount_type(mountpoint: str) -> str | None:
-    """The filesystem type mounted at ``mountpoint`` (from /proc/self/mountinfo), or None."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        found = None
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == mountpoint:
-                found = fields[sep + 1]  # the last mount at a point is the visible one
-        return found
-
-
-def umount_main(mountpoint: str, *, lazy: bool = False) -> int:
-    """``ocifuse umount``: unmount an ocifuse mount, even one whose daemon died."""
-    mountpoint = os.path.abspath(mountpoint)
-    kind = _mount_type(mountpoint)
-    if kind is None:
-        raise MountError(f"{mountpoint} is not mounted")
-    if kind != "fuse.ocifuse":
-        raise MountError(f"{mountpoint} is not an ocifuse mount (it is {kind})")
-    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise MountError("fusermount3 not found (install the fuse3 package)") from e
-    if done.returncode == 0:
-        return 0
-    if "busy" in done.stderr.lower():
-        raise MountError(
-            f"{mountpoint} is busy (files or directories in use there); close them, or use --lazy"
-        )
-    reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-    raise MountError(f"cannot unmount {mountpoint}: {reason}")

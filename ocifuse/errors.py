@@ -119,3 +119,7 @@ class NotFound(OcifuseError):
     """A ref, digest or platform that resolution could not find."""
 
     errno = _errno.ENOENT
+
+
+class MountError(OcifuseError):
+    """A mount cannot be made or removed (mountpoint, FUSE, permissions); the message says why."""
