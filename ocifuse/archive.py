@@ -151,12 +151,23 @@ def refusal(name: str) -> str:
 
 
 class ArchiveTable:
-    """The entry table of one archive: normalized path -> Entry, plus what was skipped."""
+    """The entry table of one archive: normalized path -> Entry, plus what was skipped.
 
-    def __init__(self, entries: dict[str, Entry], skipped: list[Skipped], end: int) -> None:
+    ``symlinks`` maps each symlink member's normalized name to its target as written (symlinks
+    are not served; a docker-archive's ``layer.tar`` links are resolved through it).
+    """
+
+    def __init__(
+        self,
+        entries: dict[str, Entry],
+        skipped: list[Skipped],
+        end: int,
+        symlinks: dict[str, str] | None = None,
+    ) -> None:
         self.entries = entries
         self.skipped = skipped
         self.end = end
+        self.symlinks = {} if symlinks is None else symlinks
 
     @classmethod
     def scan(cls, fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
@@ -172,7 +183,7 @@ class ArchiveTable:
             raise NotAnArchive(path, "empty file, not a tar archive")
         builder = _TableBuilder()
         end = walk(fileobj, path, size, builder.add)
-        return cls(builder.finish(), builder.skipped, end)
+        return cls(builder.finish(), builder.skipped, end, builder.symlinks)
 
 
 def walk(
@@ -319,6 +330,7 @@ class _TableBuilder:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
         self.skipped: list[Skipped] = []
+        self.symlinks: dict[str, str] = {}
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, reason))
@@ -334,6 +346,8 @@ class _TableBuilder:
             mtime = int(info.mtime)
         except (TypeError, ValueError, OverflowError):  # a PAX mtime of "nan" or "1e400"
             mtime = 0
+        if self.symlinks and not info.issym():
+            self.symlinks.pop(name, None)  # duplicate names: the last member wins
         if info.isdir():
             self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
         elif info.isreg():
@@ -349,6 +363,7 @@ class _TableBuilder:
                 return
             self.entries[name] = Entry(Kind.FILE, found.offset, found.size, mtime)
         elif info.issym():
+            self.symlinks[name] = info.linkname
             self.skip(info.name, f"symlink to {info.linkname!r} (symlinks are not served)")
         else:
             self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
