@@ -20,6 +20,7 @@ import trio
 
 from . import options as mount_options
 from .archive import Archive, Sources
+from .dockerarchive import adopt
 from .errors import MountError as MountError
 from .errors import OcifuseError
 from .fs import Operations
@@ -243,6 +244,9 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
     if not opts.rootfs:
         archive = Archive(archive_path)
         try:
+            docker = adopt(archive, require_image=True)  # a docker-archive is served as an OCI layout
+            for problem in docker.problems if docker is not None else ():
+                log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
             tree = Tree(archive.table.entries, root_mtime=int(os.fstat(archive.fd).st_mtime))
             for skipped in archive.table.skipped:
                 log.warning("not served: %s: %s", skipped.name, skipped.reason)

@@ -8,6 +8,7 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import model
 from .archive import Archive, Kind, Skipped
@@ -22,6 +23,9 @@ from .errors import (
     TooLarge,
 )
 from .source import FileRange, OpenFile, Source, sub_range
+
+if TYPE_CHECKING:
+    from .dockerarchive import DockerArchive
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
@@ -42,6 +46,10 @@ class Layout(ABC):
 
     path: str
     skipped: list[Skipped]
+    # What PATH is: "oci-layout" (a directory), "oci-archive" or "docker-archive" (dockerarchive.py).
+    format: str = "oci-layout"
+    # A docker-archive's view: what it serves on trust and what it could not serve (fsck reports it).
+    docker: DockerArchive | None = None
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -147,8 +155,22 @@ class ArchiveLayout(Layout):
     """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
 
     def __init__(self, path: str | Archive) -> None:
-        """Open the archive at ``path``, or take one already open (the mount's: same fd, same table)."""
-        self.archive = Archive(path) if isinstance(path, str) else path
+        """Open the archive at ``path``, or take one already open (the mount's: same fd, same table).
+
+        An archive opened here that is a docker-archive is served as an OCI layout (dockerarchive.py).
+        """
+        from .dockerarchive import DOCKER_ARCHIVE, OCI_ARCHIVE, adopt
+
+        if isinstance(path, str):
+            self.archive = Archive(path)
+            try:
+                self.docker = adopt(self.archive)
+            except BaseException:
+                self.archive.close()
+                raise
+        else:
+            self.archive = path
+        self.format = OCI_ARCHIVE if self.docker is None else DOCKER_ARCHIVE
         self.path = self.archive.path
         self.skipped = self.archive.table.skipped
 

@@ -1,0 +1,423 @@
+"""Serve a docker-archive (``docker save`` before Docker 25, ``podman save --format docker-archive``)
+as an OCI image layout, without copying a layer.
+
+A docker-archive is recognised by its contents, never by its name: a top-level ``manifest.json``
+and no ``oci-layout`` (an archive with both, as Docker 25 and later write, is an OCI layout and is
+served as it is). ``manifest.json`` lists, per image, its ``Config`` (a JSON file), its
+``RepoTags`` and its ``Layers`` (one tar per layer, duplicates often symlinks to the first copy).
+
+What the view serves (image-layout.md):
+
+- ``oci-layout`` and ``index.json``, made in memory; index.json has one entry per RepoTag, its
+  ``org.opencontainers.image.ref.name`` the RepoTag as written (``localhost/bb:latest``), as
+  ``podman save --format oci-archive`` and ``skopeo copy ... oci:DIR:NAME`` write it; an image
+  without RepoTags gets one entry without a name;
+- one image manifest per image, made in memory, deterministically (same archive, same bytes);
+- ``blobs/<alg>/<hex>`` of the config (its sha256, hashed at open) and of each layer, both read
+  from the archive's own bytes by pread. An uncompressed layer's digest is its ``diff_id`` from the
+  config (config.md: the digest of the uncompressed tar), taken on trust at open and checked by
+  fsck; a gzip or zstd layer keeps its own media type and is hashed at open (its digest is the
+  sha256 of its stored bytes, which nothing in the archive records).
+
+Layer and config paths are resolved inside the archive: symlinks relative to the link's
+directory, never above the archive's root, at most MAX_SYMLINKS of them. Whatever cannot be
+served is a Problem with a stable code (fsck's codes); the rest of the archive is still served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import model
+from .archive import Archive, ArchiveTable, Entry, Kind, Skipped, normalize
+from .digest import Digest
+from .errors import InvalidDigest, LayoutOpenError
+from .layout import MAX_JSON, OCI_LAYOUT
+from .source import MemorySource, Source, sniff
+
+log = logging.getLogger(__name__)
+
+MANIFEST_JSON = "manifest.json"
+# Symlinks followed to resolve one path: Linux's limit for one path resolution (path_resolution(7)).
+MAX_SYMLINKS = 40
+CHUNK = 1 << 20
+# image-layout.md, "oci-layout file".
+LAYOUT_HEADER = b'{"imageLayoutVersion":"1.0.0"}'
+# layer.md, "Media types": the stored layer's own type, by its magic bytes.
+LAYER_TYPES = {
+    None: "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+
+OCI_ARCHIVE = "oci-archive"
+DOCKER_ARCHIVE = "docker-archive"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """Something of a docker-archive that cannot be served as it is: a stable code and one line."""
+
+    code: str
+    message: str
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustedLayer:
+    """An uncompressed layer served under its config's diff_id, unhashed (fsck checks it)."""
+
+    member: str
+    entry: Entry
+    diff_id: Digest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Image:
+    """One image of manifest.json as the view serves it."""
+
+    refs: tuple[str, ...]
+    manifest: Digest
+    config: str  # the archive member, as manifest.json names it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DockerArchive:
+    """The OCI layout view of a docker-archive: its table, its documents, what it could not serve."""
+
+    entries: dict[str, Entry]
+    documents: tuple[bytes, ...]  # MemorySource i is the archive's source first_source + i
+    images: tuple[Image, ...]
+    problems: tuple[Problem, ...]
+    trusted: tuple[TrustedLayer, ...]
+    skipped: list[Skipped]
+
+    def trusted_digests(self) -> frozenset[Digest]:
+        """The blob digests taken from diff_ids without hashing."""
+        return frozenset(t.diff_id for t in self.trusted)
+
+
+def archive_format(table: ArchiveTable) -> str | None:
+    """OCI_ARCHIVE, DOCKER_ARCHIVE or None (neither), by the archive's top-level files."""
+
+    def is_file(name: str) -> bool:
+        entry = table.entries.get(name)
+        return entry is not None and entry.kind is Kind.FILE
+
+    if is_file(OCI_LAYOUT):
+        return OCI_ARCHIVE  # Docker 25+ writes manifest.json too: an OCI layout, served as it is
+    if is_file(MANIFEST_JSON) or MANIFEST_JSON in table.symlinks:
+        return DOCKER_ARCHIVE
+    return None
+
+
+def adopt(archive: Archive, *, require_image: bool = False) -> DockerArchive | None:
+    """Serve ``archive`` as an OCI layout when it is a docker-archive; None for other archives.
+
+    The archive's table is replaced by the view's and its documents are appended to its sources.
+    With ``require_image`` (the mount), an archive that is neither kind, or a docker-archive of
+    which no image can be served, raises LayoutOpenError with a one-line reason.
+    """
+    kind = archive_format(archive.table)
+    if kind is None and require_image:
+        raise LayoutOpenError(archive.path, "no oci-layout or manifest.json: not an image archive")
+    if kind != DOCKER_ARCHIVE:
+        return None
+    view = synthesize(archive.table, archive.sources[0], len(archive.sources))
+    if require_image and not view.images:
+        why = view.problems[0].message if view.problems else "manifest.json lists no image"
+        raise LayoutOpenError(archive.path, f"docker-archive with no image to serve: {why}")
+    archive.sources.extend(MemorySource(d) for d in view.documents)
+    archive.table = ArchiveTable(view.entries, view.skipped, archive.table.end)
+    return view
+
+
+class _Unusable(Exception):
+    """One image (or all of manifest.json) cannot be served; carries the Problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def resolve_member(table: ArchiveTable, name: str) -> tuple[str, Entry]:
+    """The regular member a manifest.json path names, following symlinks inside the archive.
+
+    Raises _Unusable: ``docker-path-invalid`` (absolute or ``..``), ``docker-symlink-escape``
+    (a link whose target leaves the archive), ``docker-symlink-loop`` (more than MAX_SYMLINKS
+    links), ``docker-member-missing`` (no such regular file).
+    """
+    path = normalize(name)
+    if path is None:
+        raise _Unusable(Problem(code="docker-path-invalid", message=f"path {name!r} is absolute or has '..'"))
+    for _ in range(MAX_SYMLINKS + 1):
+        target = table.symlinks.get(path)
+        if target is None:
+            entry = table.entries.get(path)
+            if entry is None or entry.kind is not Kind.FILE:
+                why = f"{name!r} is not a regular file in the archive"
+                raise _Unusable(Problem(code="docker-member-missing", message=why, path=path))
+            return path, entry
+        # A link's target is relative to the link's directory (symlink(7)); an absolute target or
+        # one that climbs above the archive's root names something outside the archive.
+        parts: list[str] = path.split("/")[:-1]
+        if target.startswith("/"):
+            parts = [".."]
+        else:
+            for p in target.split("/"):
+                if p in ("", "."):
+                    continue
+                if p != "..":
+                    parts.append(p)
+                elif parts and parts[-1] != "..":
+                    parts.pop()
+                else:
+                    parts = [".."]
+                    break
+        if parts[:1] == [".."] or not parts:
+            why = f"{name!r}: symlink {path!r} -> {target!r} points outside the archive"
+            raise _Unusable(Problem(code="docker-symlink-escape", message=why, path=path))
+        path = "/".join(parts)
+    why = f"{name!r}: more than {MAX_SYMLINKS} symlinks (a loop?)"
+    raise _Unusable(Problem(code="docker-symlink-loop", message=why, path=path))
+
+
+def _json_dumps(obj: object) -> bytes:
+    """Deterministic compact JSON (key order as built), as Go's encoding/json writes it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _descriptor(media_type: str, digest: Digest, size: int) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": str(digest), "size": size}
+
+
+class _Builder:
+    """The state of one synthesis: the archive's table and bytes, what has been served so far."""
+
+    def __init__(self, table: ArchiveTable, source: Source, first_source: int) -> None:
+        self.table = table
+        self.source = source
+        self.first_source = first_source
+        self.blobs: dict[Digest, Entry] = {}
+        self.documents: list[bytes] = []
+        self.problems: list[Problem] = []
+        self.trusted: list[TrustedLayer] = []
+        self.hashed: dict[tuple[int, int], Digest] = {}  # (offset, size) -> sha256, each member once
+        self.mtime = 0
+
+    def read(self, entry: Entry, what: str, path: str) -> bytes:
+        """A small member whole (manifest.json, a config); _Unusable when it is too large."""
+        if entry.size > MAX_JSON:
+            code = "docker-manifest-invalid" if what == MANIFEST_JSON else "docker-config-invalid"
+            why = f"{what} is {entry.size} bytes, more than the {MAX_JSON}-byte limit for JSON"
+            raise _Unusable(Problem(code=code, message=why, path=path))
+        return self.source.pread(entry.offset, entry.size)
+
+    def sha256(self, entry: Entry) -> Digest:
+        """The sha256 of a member's bytes, hashed once per member."""
+        key = (entry.offset, entry.size)
+        found = self.hashed.get(key)
+        if found is None:
+            h = hashlib.sha256()
+            done = 0
+            while done < entry.size:
+                chunk = self.source.pread(entry.offset + done, min(CHUNK, entry.size - done))
+                if not chunk:
+                    break
+                h.update(chunk)
+                done += len(chunk)
+            found = self.hashed[key] = Digest("sha256", h.hexdigest())
+        return found
+
+    def add_blob(self, digest: Digest, entry: Entry) -> None:
+        """Serve ``entry`` at ``blobs/<alg>/<hex>``; the first member of a digest wins."""
+        self.blobs.setdefault(digest, entry)
+
+    def add_document(self, data: bytes) -> Digest:
+        """Serve a document made in memory as a sha256 blob; returns its digest."""
+        digest = Digest.of(data)
+        if digest not in self.blobs:
+            self.blobs[digest] = Entry(
+                Kind.FILE, 0, len(data), self.mtime, self.first_source + len(self.documents)
+            )
+            self.documents.append(data)
+        return digest
+
+    def manifest_json(self) -> list[Any]:
+        """manifest.json parsed: a list of objects; _Unusable when it is not."""
+        path, entry = resolve_member(self.table, MANIFEST_JSON)
+        self.mtime = entry.mtime
+        data = self.read(entry, MANIFEST_JSON, path)
+        try:
+            value = json.loads(data)
+        except RecursionError as e:
+            raise _bad_manifest("JSON nested too deeply") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _bad_manifest(f"not valid JSON: {e}") from e
+        if not isinstance(value, list):
+            raise _bad_manifest("not a JSON array of images")
+        return value
+
+    def image(self, i: int, obj: object) -> Image:
+        """Serve image ``i`` of manifest.json: its config, its layers, a manifest made for it."""
+        where = f"{MANIFEST_JSON}[{i}]"
+        if not isinstance(obj, dict):
+            raise _bad_manifest(f"{where} is not a JSON object")
+        config_name = obj.get("Config")
+        layer_names = obj.get("Layers")
+        tags = obj.get("RepoTags")
+        if not isinstance(config_name, str):
+            raise _bad_manifest(f"{where}: Config is missing or not a string")
+        if not isinstance(layer_names, list) or not all(isinstance(n, str) for n in layer_names):
+            raise _bad_manifest(f"{where}: Layers is missing or not a list of strings")
+        if tags is None:
+            tags = []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise _bad_manifest(f"{where}: RepoTags is not a list of strings")
+        config_path, config_entry = resolve_member(self.table, config_name)
+        config_digest, diff_ids = self.config(config_name, config_path, config_entry)
+        if len(diff_ids) != len(layer_names):
+            why = f"{where}: {len(layer_names)} layers but its config has {len(diff_ids)} diff_ids"
+            raise _Unusable(Problem(code="docker-layer-count", message=why, path=config_path))
+        layers = [self.layer(name, diff_id) for name, diff_id in zip(layer_names, diff_ids, strict=True)]
+        self.add_blob(config_digest, config_entry)
+        for _, digest, entry, trusted in layers:
+            self.add_blob(digest, entry)
+            if trusted is not None:
+                self.trusted.append(trusted)
+        # manifest.md; the same key order as skopeo writes when it converts a docker-archive.
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": model.MEDIA_MANIFEST,
+            "config": _descriptor(model.MEDIA_CONFIG, config_digest, config_entry.size),
+            "layers": [
+                _descriptor(media_type, digest, entry.size) for media_type, digest, entry, _ in layers
+            ],
+        }
+        digest = self.add_document(_json_dumps(manifest))
+        return Image(refs=tuple(tags), manifest=digest, config=config_name)
+
+    def config(self, name: str, path: str, entry: Entry) -> tuple[Digest, list[Digest]]:
+        """The config's sha256 and its ``rootfs.diff_ids`` (config.md); _Unusable when unusable."""
+        data = self.read(entry, f"config {name}", path)
+        digest = Digest.of(data)
+
+        def bad(why: str) -> _Unusable:
+            return _Unusable(
+                Problem(code="docker-config-invalid", message=f"config {name!r}: {why}", path=path)
+            )
+
+        try:
+            obj = json.loads(data)
+        except RecursionError as e:
+            raise bad("JSON nested too deeply") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"not valid JSON: {e}") from e
+        rootfs = obj.get("rootfs") if isinstance(obj, dict) else None
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list):
+            raise bad("no rootfs.diff_ids list")
+        try:
+            parsed = [Digest.parse(d) for d in diff_ids]
+        except InvalidDigest as e:
+            raise bad(f"rootfs.diff_ids: {e}") from e
+        claimed = _named_digest(path)
+        if claimed is not None and claimed != digest:
+            # The file is named by the image ID, which is the config's sha256 (docker save).
+            self.problems.append(
+                Problem(
+                    code="docker-config-digest",
+                    message=f"config {name!r} is named {claimed} but its content hashes to {digest}",
+                    path=path,
+                )
+            )
+        return digest, parsed
+
+    def layer(self, name: str, diff_id: Digest) -> tuple[str, Digest, Entry, TrustedLayer | None]:
+        """The media type and digest a layer is served under, its member, its digest if on trust."""
+        path, entry = resolve_member(self.table, name)
+        kind = sniff(self.source.pread(entry.offset, min(entry.size, 6)))
+        media_type = LAYER_TYPES.get(kind)
+        if media_type is None:
+            why = f"layer {name!r} is {kind}-compressed, which no OCI layer media type names"
+            raise _Unusable(Problem(code="docker-layer-compression", message=why, path=path))
+        if kind is None:
+            # config.md: a diff_id is the digest of the layer's uncompressed tar, which this member is.
+            return media_type, diff_id, entry, TrustedLayer(member=path, entry=entry, diff_id=diff_id)
+        return media_type, self.sha256(entry), entry, None
+
+
+def _bad_manifest(why: str) -> _Unusable:
+    return _Unusable(
+        Problem(code="docker-manifest-invalid", message=f"{MANIFEST_JSON}: {why}", path=MANIFEST_JSON)
+    )
+
+
+def _named_digest(path: str) -> Digest | None:
+    """The sha256 a config's file name claims (``<hex>.json``, ``blobs/sha256/<hex>``), or None."""
+    from_path = Digest.from_path(path)
+    if from_path is not None:
+        return from_path
+    base = path.rpartition("/")[2].removesuffix(".json")
+    try:
+        return Digest.parse(f"sha256:{base}")
+    except InvalidDigest:
+        return None
+
+
+def synthesize(table: ArchiveTable, source: Source, first_source: int) -> DockerArchive:
+    """The OCI layout view of the docker-archive whose table and bytes are given.
+
+    ``first_source`` is the sources index the view's first document will have. Never raises for
+    bad content (every problem is in ``problems``); errors reading ``source`` propagate.
+    """
+    b = _Builder(table, source, first_source)
+    images: list[Image] = []
+    try:
+        listed = b.manifest_json()
+    except _Unusable as e:
+        b.problems.append(e.problem)
+        listed = []
+    for i, obj in enumerate(listed):
+        try:
+            images.append(b.image(i, obj))
+        except _Unusable as e:
+            b.problems.append(e.problem)
+    entries: dict[str, Entry] = {
+        OCI_LAYOUT: Entry(Kind.FILE, 0, len(LAYOUT_HEADER), b.mtime, first_source + len(b.documents)),
+    }
+    b.documents.append(LAYOUT_HEADER)
+    index = {"schemaVersion": 2, "mediaType": model.MEDIA_INDEX, "manifests": list(_index_entries(b, images))}
+    data = _json_dumps(index)
+    entries["index.json"] = Entry(Kind.FILE, 0, len(data), b.mtime, first_source + len(b.documents))
+    b.documents.append(data)
+    entries["blobs"] = Entry(Kind.DIR, 0, 0, b.mtime)
+    for digest, entry in b.blobs.items():
+        entries.setdefault(f"blobs/{digest.algorithm}", Entry(Kind.DIR, 0, 0, b.mtime))
+        entries[digest.path] = entry
+    # Symlinks are not served as such; those a layer path names are resolved above, others are moot.
+    skipped = [s for s in table.skipped if normalize(s.name) not in table.symlinks]
+    return DockerArchive(
+        entries=entries,
+        documents=tuple(b.documents),
+        images=tuple(images),
+        problems=tuple(b.problems),
+        trusted=tuple(b.trusted),
+        skipped=skipped,
+    )
+
+
+def _index_entries(b: _Builder, images: list[Image]) -> Iterator[dict[str, Any]]:
+    """index.json's manifests: one per RepoTag (image-layout.md, annotations.md ref.name)."""
+    for image in images:
+        entry = b.blobs[image.manifest]
+        desc = _descriptor(model.MEDIA_MANIFEST, image.manifest, entry.size)
+        if not image.refs:
+            yield desc
+        for ref in image.refs:
+            yield {**desc, "annotations": {model.REF_NAME: ref}}
