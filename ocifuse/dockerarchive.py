@@ -97,10 +97,6 @@ class DockerArchive:
     trusted: tuple[TrustedLayer, ...]
     skipped: list[Skipped]
 
-    def trusted_digests(self) -> frozenset[Digest]:
-        """The blob digests taken from diff_ids without hashing."""
-        return frozenset(t.diff_id for t in self.trusted)
-
 
 def archive_format(table: ArchiveTable) -> str | None:
     """OCI_ARCHIVE, DOCKER_ARCHIVE or None (neither), by the archive's top-level files."""

@@ -44,7 +44,23 @@ code                        severity  meaning
                                       cut short, absent, a media type that is not a layer)
 ``layer-member-skipped``    warning   ``--layers``: a layer member the rootfs view does not apply
                                       (``..``, a whiteout of nothing, a hardlink to nothing, ...)
+``docker-manifest-invalid`` error     a docker-archive's ``manifest.json`` is not JSON, too large,
+                                      not a list of images, or an image lacks Config or Layers
+``docker-member-missing``   error     ``manifest.json`` names a config or layer the archive lacks
+``docker-path-invalid``     error     ``manifest.json`` names a path that is absolute or has ``..``
+``docker-symlink-escape``   error     a config or layer symlink points outside the archive
+``docker-symlink-loop``     error     a config or layer path goes through more than 40 symlinks
+``docker-config-invalid``   error     a config that is not JSON, too large, or has no valid
+                                      ``rootfs.diff_ids``
+``docker-config-digest``    error     a config whose content does not hash to the digest its name says
+``docker-layer-count``      error     an image's Layers and its config's diff_ids differ in number
+``docker-layer-compression`` error    a layer compressed in a way no OCI media type names (xz, bzip2)
+``docker-diff-id-mismatch`` error     an uncompressed layer whose sha256 is not its config's diff_id
 ==========================  ========  ==========================================================
+
+A docker-archive (``manifest.json``, no ``oci-layout``) is checked as the OCI layout the mount
+serves for it (dockerarchive.py), plus the ``docker-*`` findings: an image with such an error is
+left out of that layout.
 
 ``blobs_verified`` counts blobs whose content was hashed and ``bytes_verified`` the bytes hashed,
 whether or not they matched (a mismatch is a finding).
@@ -125,6 +141,16 @@ CODES: Mapping[str, Severity] = {
     "diffid-mismatch": _E,
     "layer-invalid": _E,
     "layer-member-skipped": _W,
+    "docker-manifest-invalid": _E,
+    "docker-member-missing": _E,
+    "docker-path-invalid": _E,
+    "docker-symlink-escape": _E,
+    "docker-symlink-loop": _E,
+    "docker-config-invalid": _E,
+    "docker-config-digest": _E,
+    "docker-layer-count": _E,
+    "docker-layer-compression": _E,
+    "docker-diff-id-mismatch": _E,
 }
 
 
@@ -261,6 +287,9 @@ class _Checker:
         # Set when a document could not be parsed: what it refers to is unknown, so "unreferenced"
         # cannot be told apart from "referenced by the unparsable document" and is not reported.
         self.incomplete = False
+        # A docker-archive's layers served under their diff_ids, unhashed until now.
+        trusted = () if layout.docker is None else layout.docker.trusted
+        self.trusted = {t.diff_id: t.member for t in reversed(trusted)}  # the first member served
 
     def add(self, code: str, message: str, *, digest: object = None, path: str | None = None) -> None:
         self.findings.append(
@@ -270,6 +299,8 @@ class _Checker:
     def run(self) -> Report:
         for s in self.layout.skipped:
             self.member_skipped(s)
+        for p in () if self.layout.docker is None else self.layout.docker.problems:
+            self.add(p.code, p.message, path=p.path)
         try:
             self.header()
             if self.index():
@@ -531,7 +562,15 @@ class _Checker:
         self.blobs_verified += 1
         self.bytes_verified += verifier.length
         found = verifier.found()
-        if found != digest:
+        if found != digest and digest in self.trusted:
+            # config.md: a diff_id is the digest of the uncompressed layer, which the member is.
+            self.add(
+                "docker-diff-id-mismatch",
+                f"layer {self.trusted[digest]!r} hashes to {found}, not its config's diff_id",
+                digest=digest,
+                path=digest.path,
+            )
+        elif found != digest:
             self.add("digest-mismatch", f"content hashes to {found}", digest=digest, path=digest.path)
         return b"".join(kept) if keep else None
 

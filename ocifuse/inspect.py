@@ -106,6 +106,8 @@ class Summary:
     images: tuple[Image, ...]
     unresolved: tuple[Unresolved, ...] = ()
     error: str | None = None  # what was asked for (--ref, --platform) and is not there: exit 1
+    format: str = "oci-layout"  # "oci-layout" (a directory), "oci-archive" or "docker-archive"
+    problems: tuple[str, ...] = ()  # what a docker-archive could not serve ("code: message")
 
     def to_json(self) -> dict[str, Any]:
         """The summary as one JSON object (``--json``)."""
@@ -329,6 +331,8 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         images=tuple(images),
         unresolved=tuple(unresolved),
         error=error,
+        format=layout.format,
+        problems=tuple(f"{p.code}: {p.message}" for p in (layout.docker.problems if layout.docker else ())),
     )
 
 
@@ -410,6 +414,8 @@ def _image_lines(img: Image) -> Iterator[str]:
 def render_text(summary: Summary) -> Iterator[str]:
     """Lines of the human summary: the ref table, each index's platforms, then each image."""
     version = f"oci-layout {summary.layout_version}" if summary.layout_version else "no valid oci-layout"
+    if summary.format == "docker-archive":
+        version = f"docker-archive, served as {version}"
     yield f"{summary.path} ({version})"
     yield ""
     rows = [["REF", "TYPE", "DIGEST", "SIZE"]]
@@ -430,6 +436,10 @@ def render_text(summary: Summary) -> Iterator[str]:
         yield ""
         for u in summary.unresolved:
             yield f"not resolved for {summary.platform}: {u.ref or u.digest}: {u.error}"
+    if summary.problems:
+        yield ""
+        for problem in summary.problems:
+            yield f"not served from the docker-archive: {problem}"
 
 
 def render_json(summary: Summary) -> str:
