@@ -65,7 +65,10 @@ class Problem:
 
     code: str
     message: str
-    path: str | None = None
+    path: str | None = None  # the archive member (or manifest.json path) it is about
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,7 +129,7 @@ def adopt(archive: Archive, *, require_image: bool = False) -> DockerArchive | N
         return None
     view = synthesize(archive.table, archive.sources[0], len(archive.sources))
     if require_image and not view.images:
-        why = view.problems[0].message if view.problems else "manifest.json lists no image"
+        why = str(view.problems[0]) if view.problems else "manifest.json lists no image"
         raise LayoutOpenError(archive.path, f"docker-archive with no image to serve: {why}")
     archive.sources.extend(MemorySource(d) for d in view.documents)
     archive.table = ArchiveTable(view.entries, view.skipped, archive.table.end)
@@ -150,13 +153,14 @@ def resolve_member(table: ArchiveTable, name: str) -> tuple[str, Entry]:
     """
     path = normalize(name)
     if path is None:
-        raise _Unusable(Problem(code="docker-path-invalid", message=f"path {name!r} is absolute or has '..'"))
+        why = "an absolute path or one with '..', named by manifest.json"
+        raise _Unusable(Problem(code="docker-path-invalid", message=why, path=name))
     for _ in range(MAX_SYMLINKS + 1):
         target = table.symlinks.get(path)
         if target is None:
             entry = table.entries.get(path)
             if entry is None or entry.kind is not Kind.FILE:
-                why = f"{name!r} is not a regular file in the archive"
+                why = "named by manifest.json, but not a regular file in the archive"
                 raise _Unusable(Problem(code="docker-member-missing", message=why, path=path))
             return path, entry
         # A link's target is relative to the link's directory (symlink(7)); an absolute target or
@@ -176,11 +180,11 @@ def resolve_member(table: ArchiveTable, name: str) -> tuple[str, Entry]:
                     parts = [".."]
                     break
         if parts[:1] == [".."] or not parts:
-            why = f"{name!r}: symlink {path!r} -> {target!r} points outside the archive"
+            why = f"symlink to {target!r} points outside the archive"
             raise _Unusable(Problem(code="docker-symlink-escape", message=why, path=path))
         path = "/".join(parts)
-    why = f"{name!r}: more than {MAX_SYMLINKS} symlinks (a loop?)"
-    raise _Unusable(Problem(code="docker-symlink-loop", message=why, path=path))
+    why = f"more than {MAX_SYMLINKS} symlinks to follow (a loop)"
+    raise _Unusable(Problem(code="docker-symlink-loop", message=why, path=name))
 
 
 def _json_dumps(obj: object) -> bytes:
@@ -210,7 +214,7 @@ class _Builder:
         """A small member whole (manifest.json, a config); _Unusable when it is too large."""
         if entry.size > MAX_JSON:
             code = "docker-manifest-invalid" if what == MANIFEST_JSON else "docker-config-invalid"
-            why = f"{what} is {entry.size} bytes, more than the {MAX_JSON}-byte limit for JSON"
+            why = f"{entry.size} bytes, more than the {MAX_JSON}-byte limit for JSON"
             raise _Unusable(Problem(code=code, message=why, path=path))
         return self.source.pread(entry.offset, entry.size)
 
@@ -263,7 +267,7 @@ class _Builder:
         """Serve image ``i`` of manifest.json: its config, its layers, a manifest made for it."""
         where = f"{MANIFEST_JSON}[{i}]"
         if not isinstance(obj, dict):
-            raise _bad_manifest(f"{where} is not a JSON object")
+            raise _bad_manifest(f"{where}: not a JSON object")
         config_name = obj.get("Config")
         layer_names = obj.get("Layers")
         tags = obj.get("RepoTags")
@@ -278,7 +282,7 @@ class _Builder:
         config_path, config_entry = resolve_member(self.table, config_name)
         config_digest, diff_ids = self.config(config_name, config_path, config_entry)
         if len(diff_ids) != len(layer_names):
-            why = f"{where}: {len(layer_names)} layers but its config has {len(diff_ids)} diff_ids"
+            why = f"{len(diff_ids)} diff_ids, but {where} lists {len(layer_names)} layers"
             raise _Unusable(Problem(code="docker-layer-count", message=why, path=config_path))
         layers = [self.layer(name, diff_id) for name, diff_id in zip(layer_names, diff_ids, strict=True)]
         self.add_blob(config_digest, config_entry)
@@ -304,9 +308,7 @@ class _Builder:
         digest = Digest.of(data)
 
         def bad(why: str) -> _Unusable:
-            return _Unusable(
-                Problem(code="docker-config-invalid", message=f"config {name!r}: {why}", path=path)
-            )
+            return _Unusable(Problem(code="docker-config-invalid", message=f"config: {why}", path=path))
 
         try:
             obj = json.loads(data)
@@ -328,7 +330,7 @@ class _Builder:
             self.problems.append(
                 Problem(
                     code="docker-config-digest",
-                    message=f"config {name!r} is named {claimed} but its content hashes to {digest}",
+                    message=f"config named {claimed} hashes to {digest}",
                     path=path,
                 )
             )
@@ -340,7 +342,7 @@ class _Builder:
         kind = sniff(self.source.pread(entry.offset, min(entry.size, 6)))
         media_type = LAYER_TYPES.get(kind)
         if media_type is None:
-            why = f"layer {name!r} is {kind}-compressed, which no OCI layer media type names"
+            why = f"{kind}-compressed layer, which no OCI layer media type names"
             raise _Unusable(Problem(code="docker-layer-compression", message=why, path=path))
         if kind is None:
             # config.md: a diff_id is the digest of the layer's uncompressed tar, which this member is.
@@ -349,9 +351,7 @@ class _Builder:
 
 
 def _bad_manifest(why: str) -> _Unusable:
-    return _Unusable(
-        Problem(code="docker-manifest-invalid", message=f"{MANIFEST_JSON}: {why}", path=MANIFEST_JSON)
-    )
+    return _Unusable(Problem(code="docker-manifest-invalid", message=why, path=MANIFEST_JSON))
 
 
 def _named_digest(path: str) -> Digest | None:

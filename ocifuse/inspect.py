@@ -332,7 +332,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         unresolved=tuple(unresolved),
         error=error,
         format=layout.format,
-        problems=tuple(f"{p.code}: {p.message}" for p in (layout.docker.problems if layout.docker else ())),
+        problems=tuple(f"{p.code}: {p}" for p in (layout.docker.problems if layout.docker else ())),
     )
 
 

@@ -259,8 +259,20 @@ def test_json_output(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture
     path = s.write(tmp_path, backend)
     assert cli.main(["inspect", "--json", str(path), "--ref", "multi", "--platform", "linux/amd64"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"path", "layout_version", "platform", "refs", "images", "unresolved", "error"}
+    assert set(doc) == {
+        "path",
+        "layout_version",
+        "platform",
+        "refs",
+        "images",
+        "unresolved",
+        "error",
+        "format",
+        "problems",
+    }
     assert doc["error"] is None
+    assert doc["format"] == ("oci-archive" if backend == "archive" else "oci-layout")
+    assert doc["problems"] == []
     assert doc["refs"][0]["platforms"][1]["platform"] == "linux/arm64/v8"
     (img,) = doc["images"]
     assert img["manifest"] == {
