@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +38,12 @@ from .archive import Archive, ArchiveTable, Entry, Kind, Skipped, normalize
 from .digest import Digest
 from .errors import InvalidDigest, LayoutOpenError
 from .layout import MAX_JSON, OCI_LAYOUT
-from .source import MemorySource, Source, sniff
+from .source import MemorySource, sniff
 
 log = logging.getLogger(__name__)
+
+# How the view reads a member: Archive.pread (entry, offset in it, size), from whichever source holds it.
+Pread = Callable[[Entry, int, int], bytes]
 
 MANIFEST_JSON = "manifest.json"
 # Symlinks followed to resolve one path: Linux's limit for one path resolution (path_resolution(7)).
@@ -127,7 +130,7 @@ def adopt(archive: Archive, *, require_image: bool = False) -> DockerArchive | N
         raise LayoutOpenError(archive.path, "no oci-layout or manifest.json: not an image archive")
     if kind != DOCKER_ARCHIVE:
         return None
-    view = synthesize(archive.table, archive.sources[0], len(archive.sources))
+    view = synthesize(archive.table, archive.pread, len(archive.sources))
     if require_image and not view.images:
         why = str(view.problems[0]) if view.problems else "manifest.json lists no image"
         raise LayoutOpenError(archive.path, f"docker-archive with no image to serve: {why}")
@@ -199,9 +202,9 @@ def _descriptor(media_type: str, digest: Digest, size: int) -> dict[str, Any]:
 class _Builder:
     """The state of one synthesis: the archive's table and bytes, what has been served so far."""
 
-    def __init__(self, table: ArchiveTable, source: Source, first_source: int) -> None:
+    def __init__(self, table: ArchiveTable, pread: Pread, first_source: int) -> None:
         self.table = table
-        self.source = source
+        self.pread = pread
         self.first_source = first_source
         self.blobs: dict[Digest, Entry] = {}
         self.documents: list[bytes] = []
@@ -216,7 +219,7 @@ class _Builder:
             code = "docker-manifest-invalid" if what == MANIFEST_JSON else "docker-config-invalid"
             why = f"{entry.size} bytes, more than the {MAX_JSON}-byte limit for JSON"
             raise _Unusable(Problem(code=code, message=why, path=path))
-        return self.source.pread(entry.offset, entry.size)
+        return self.pread(entry, 0, entry.size)
 
     def sha256(self, entry: Entry) -> Digest:
         """The sha256 of a member's bytes, hashed once per member."""
@@ -226,7 +229,7 @@ class _Builder:
             h = hashlib.sha256()
             done = 0
             while done < entry.size:
-                chunk = self.source.pread(entry.offset + done, min(CHUNK, entry.size - done))
+                chunk = self.pread(entry, done, CHUNK)
                 if not chunk:
                     break
                 h.update(chunk)
@@ -339,7 +342,7 @@ class _Builder:
     def layer(self, name: str, diff_id: Digest) -> tuple[str, Digest, Entry, TrustedLayer | None]:
         """The media type and digest a layer is served under, its member, its digest if on trust."""
         path, entry = resolve_member(self.table, name)
-        kind = sniff(self.source.pread(entry.offset, min(entry.size, 6)))
+        kind = sniff(self.pread(entry, 0, 6))
         media_type = LAYER_TYPES.get(kind)
         if media_type is None:
             why = f"{kind}-compressed layer, which no OCI layer media type names"
@@ -347,6 +350,8 @@ class _Builder:
         if kind is None:
             # config.md: a diff_id is the digest of the layer's uncompressed tar, which this member is.
             return media_type, diff_id, entry, TrustedLayer(member=path, entry=entry, diff_id=diff_id)
+        # Nothing in the archive records the stored bytes' digest: hash them (once per member).
+        log.debug("hashing the %s-compressed layer %s (%d bytes) for its digest", kind, path, entry.size)
         return media_type, self.sha256(entry), entry, None
 
 
@@ -366,13 +371,14 @@ def _named_digest(path: str) -> Digest | None:
         return None
 
 
-def synthesize(table: ArchiveTable, source: Source, first_source: int) -> DockerArchive:
-    """The OCI layout view of the docker-archive whose table and bytes are given.
+def synthesize(table: ArchiveTable, pread: Pread, first_source: int) -> DockerArchive:
+    """The OCI layout view of the docker-archive whose table is given, its bytes read with ``pread``.
 
-    ``first_source`` is the sources index the view's first document will have. Never raises for
-    bad content (every problem is in ``problems``); errors reading ``source`` propagate.
+    ``pread`` is Archive.pread (an entry, an offset in it, a size); ``first_source`` is the sources
+    index the view's first document will have. Never raises for bad content (every problem is in
+    ``problems``); errors reading the archive propagate.
     """
-    b = _Builder(table, source, first_source)
+    b = _Builder(table, pread, first_source)
     images: list[Image] = []
     try:
         listed = b.manifest_json()
