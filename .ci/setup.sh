@@ -18,6 +18,8 @@ SUDO=""
 PKGS="libfuse3-dev fuse3 pkg-config gcc python3-dev python3-venv tar skopeo umoci oci-image-tool"
 # The rootfs tests run programs from the mount: chroot (coreutils), bwrap, podman with runc.
 PKGS="$PKGS busybox-static bubblewrap podman runc"
+# The docker-archive tests build images with buildah and save them with podman.
+PKGS="$PKGS buildah"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

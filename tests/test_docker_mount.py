@@ -1,0 +1,228 @@
+"""docker-archives written by podman, mounted: skopeo, umoci and podman read them as OCI layouts.
+
+Images are built without network (``buildah from scratch`` + busybox-static) in a podman/buildah
+store under the session's tmp directory (``--root``/``--runroot``), never the machine's storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import require_tools, run
+from mounting import mounted, run_ocifuse
+
+pytestmark = pytest.mark.fuse
+
+BASE = "localhost/bb:latest"
+APP = "localhost/bb2:v1"
+APP_FILE = b"written by the second layer\n"
+
+
+@dataclass(frozen=True)
+class Store:
+    """An isolated podman/buildah store: the global flags that point at it."""
+
+    root: Path
+    runroot: Path  # podman wants it short (at most 50 characters): a directory of its own in /tmp
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", "vfs"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment: per-user config and data under the store, not the machine's."""
+        home = self.root / "home"
+        return {**os.environ, "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
+
+    def podman(self, *argv: str | Path) -> str:
+        """Run podman on this store; its stdout."""
+        cmd = ["podman", *self.flags, "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+        return _out(*cmd, *argv, env=self.env)
+
+    def buildah(self, *argv: str | Path) -> str:
+        """Run buildah on this store; its stdout."""
+        return _out("buildah", *self.flags, *argv, env=self.env)
+
+
+@contextlib.contextmanager
+def isolated_store(parent: Path) -> Iterator[Store]:
+    """A fresh store under ``parent`` (its runroot in /tmp); reset and removed afterwards."""
+    store = Store(parent / "store", Path(tempfile.mkdtemp(prefix="ocifuse-run-")))
+    try:
+        yield store
+    finally:
+        for cmd in (
+            ["buildah", *store.flags, "rm", "--all"],
+            ["podman", *store.flags, "system", "reset", "-f"],
+        ):
+            subprocess.run(cmd, capture_output=True, check=False, env=store.env)
+        shutil.rmtree(store.root, ignore_errors=True)
+        shutil.rmtree(store.runroot, ignore_errors=True)
+
+
+def _out(*argv: str | Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _busybox() -> Path:
+    found = shutil.which("busybox")
+    assert found is not None
+    return Path(found)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """podman's docker-archives: one image, and two images in one archive (``save -m``)."""
+
+    single: Path
+    multi: Path
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
+    """Build two images (the second on the first) with buildah and save them with podman."""
+    require_tools("podman", "buildah", "busybox", "skopeo", "umoci")
+    work = tmp_path_factory.mktemp("docker")
+    with isolated_store(work) as store:
+        ctr = store.buildah("from", "scratch").strip()
+        store.buildah("copy", ctr, _busybox(), "/bin/busybox")
+        store.buildah("config", "--cmd", '["/bin/busybox","echo","hello from the mount"]', ctr)
+        store.buildah("commit", "-q", ctr, BASE)
+        (work / "two").write_bytes(APP_FILE)
+        ctr2 = store.buildah("from", BASE).strip()
+        store.buildah("copy", ctr2, work / "two", "/two")
+        store.buildah("commit", "-q", ctr2, APP)
+        single, multi = work / "single.tar", work / "multi.tar"
+        store.podman("save", "-q", "--format", "docker-archive", "-o", single, BASE)
+        store.podman("save", "-q", "-m", "--format", "docker-archive", "-o", multi, BASE, APP)
+        yield Saved(single, multi, work)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.name != "manifest.json"}
+
+
+@pytest.mark.parametrize(("which", "tags"), [("single", [BASE]), ("multi", [BASE, APP])])
+def test_skopeo_reads_the_mount_as_the_archive(
+    saved: Saved, tmp_path: Path, which: str, tags: list[str]
+) -> None:
+    archive = saved.single if which == "single" else saved.multi
+    with mounted(archive, tmp_path / "mnt") as m:
+        index = json.loads((m.mountpoint / "index.json").read_bytes())
+        assert [d["annotations"]["org.opencontainers.image.ref.name"] for d in index["manifests"]] == tags
+        for tag in tags:
+            info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{tag}"))
+            assert info["Digest"] in {d["digest"] for d in index["manifests"]}
+            assert info["Architecture"] and info["Os"] == "linux"
+            a, b = tmp_path / f"a-{len(tag)}", tmp_path / f"b-{len(tag)}"
+            run("skopeo", "copy", "--quiet", f"oci:{m.mountpoint}:{tag}", f"dir:{a}")
+            run("skopeo", "copy", "--quiet", f"docker-archive:{archive}:{tag}", f"dir:{b}")
+            # The same config and layer blobs, byte for byte, under the same names (their digests).
+            assert _files(a) == _files(b)
+            layers = json.loads((a / "manifest.json").read_bytes())["layers"]
+            assert [layer["digest"] for layer in layers] == info["Layers"]
+
+
+def test_umoci_unpacks_the_mount(saved: Saved, tmp_path: Path) -> None:
+    with mounted(saved.multi, tmp_path / "mnt") as m:
+        run("umoci", "unpack", "--rootless", "--image", f"{m.mountpoint}:{APP}", tmp_path / "bundle")
+    rootfs = tmp_path / "bundle" / "rootfs"
+    assert (rootfs / "bin" / "busybox").read_bytes() == _busybox().read_bytes()
+    assert (rootfs / "two").read_bytes() == APP_FILE
+    config = json.loads((tmp_path / "bundle" / "config.json").read_bytes())
+    assert config["process"]["args"] == ["/bin/busybox", "echo", "hello from the mount"]
+
+
+def test_podman_pulls_and_runs_from_the_mount(saved: Saved, tmp_path: Path) -> None:
+    with isolated_store(tmp_path) as store:
+        with mounted(saved.multi, tmp_path / "mnt") as m:
+            store.podman("pull", "-q", f"oci:{m.mountpoint}:{APP}")
+            with tarfile.open(saved.multi) as tf:
+                listed = json.loads(tf.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        config = next(e["Config"] for e in listed if APP in e["RepoTags"])
+        # podman names an image by its config's digest: the same image as the archive's.
+        (image_id,) = store.podman("images", "--no-trunc", "--format", "{{.ID}}").split()
+        assert image_id.removeprefix("sha256:") == config.removesuffix(".json")
+        out = store.podman(
+            "run",
+            "--rm",
+            "--runtime",
+            "runc",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--network=none",
+            image_id,
+            "/bin/busybox",
+            "cat",
+            "/two",
+        )
+        assert out.encode() == APP_FILE
+
+
+@pytest.mark.parametrize("which", ["single", "multi"])
+def test_fsck_and_inspect_of_podman_archives(saved: Saved, which: str) -> None:
+    archive = saved.single if which == "single" else saved.multi
+    done = run_ocifuse("fsck", "--json", archive)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["findings"] == []
+    done = run_ocifuse("inspect", "--json", archive)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["format"] == "docker-archive"
+    assert [r["name"] for r in summary["refs"]] == ([BASE] if which == "single" else [BASE, APP])
+
+
+def test_fsck_names_a_damaged_layer_of_a_podman_archive(saved: Saved, tmp_path: Path) -> None:
+    """One flipped byte inside a layer: fsck says which layer no longer hashes to its diff_id."""
+    damaged = tmp_path / "damaged.tar"
+    shutil.copyfile(saved.single, damaged)
+    with tarfile.open(damaged) as tf:
+        layer = next(i for i in tf.getmembers() if i.isfile() and i.name.endswith(".tar"))
+    with open(damaged, "r+b") as f:
+        f.seek(layer.offset_data + layer.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    done = run_ocifuse("fsck", "--json", damaged)
+    assert done.returncode == 1
+    (finding,) = json.loads(done.stdout)["findings"]
+    assert finding["code"] == "docker-diff-id-mismatch"
+    assert finding["digest"] == "sha256:" + layer.name.removesuffix(".tar")
+    # The mount serves it still (taken on trust); with verify, reading the damaged layer is EIO.
+    with mounted(damaged, tmp_path / "mnt", options=["verify"]) as m:
+        blob = m.mountpoint / "blobs" / "sha256" / layer.name.removesuffix(".tar")
+        with pytest.raises(OSError) as err:
+            blob.read_bytes()
+        assert err.value.errno == 5
+
+
+def test_mount_refuses_a_tar_that_is_no_image(tmp_path: Path) -> None:
+    """A root filesystem tar has neither oci-layout nor manifest.json: one line, exit 2."""
+    rootfs = tmp_path / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tf:
+        tf.add(_busybox(), "bin/busybox")
+    (tmp_path / "mnt").mkdir()
+    done = run_ocifuse("mount", "-f", rootfs, tmp_path / "mnt")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"ocifuse: {rootfs}: no oci-layout or manifest.json: not an image archive"
+    ]
