@@ -20,7 +20,7 @@ COMMANDS = ("fsck", "inspect", "mount", "umount")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ocifuse",
-        description="Mount, check and inspect OCI image archives (oci-archive tars) without extracting them.",
+        description="Mount, check and inspect oci-archives and docker-archives without extracting them.",
     )
     p.add_argument("--version", action="version", version=f"ocifuse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--json", action="store_true", help="print one JSON object")
 
-    mnt = sub.add_parser("mount", help="mount an oci-archive read-only as an OCI layout directory")
+    mnt = sub.add_parser("mount", help="mount an oci-archive or docker-archive read-only as an OCI layout")
     _mount_arguments(mnt)
 
     um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tools, run
+from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
 
 pytestmark = pytest.mark.fuse
@@ -226,3 +227,26 @@ def test_mount_refuses_a_tar_that_is_no_image(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"ocifuse: {rootfs}: no oci-layout or manifest.json: not an image archive"
     ]
+
+
+def test_mount_serves_the_images_it_can_and_warns(tmp_path: Path) -> None:
+    """One image damaged: a warning line names its problem, the other image is served."""
+    d = two_images()
+    d.manifest[1]["Layers"].pop()
+    with mounted(d.write(tmp_path / "d.tar"), tmp_path / "mnt") as m:
+        index = json.loads((m.mountpoint / "index.json").read_bytes())
+        names = [e["annotations"]["org.opencontainers.image.ref.name"] for e in index["manifests"]]
+        assert names == ["localhost/base:latest"]
+        warnings = [line for line in m.stderr().splitlines() if "docker-archive" in line]
+    assert len(warnings) == 1 and "docker-layer-count" in warnings[0]
+
+
+def test_mount_refuses_a_docker_archive_with_nothing_to_serve(tmp_path: Path) -> None:
+    path = two_images().write(tmp_path / "d.tar", manifest_bytes=b"[{not json")
+    (tmp_path / "mnt").mkdir()
+    done = run_ocifuse("mount", "-f", path, tmp_path / "mnt")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        f"ocifuse: {path}: docker-archive with no image to serve: manifest.json: not valid JSON"
+    )
