@@ -39,7 +39,9 @@ code                        severity  meaning
 ``blob-unreferenced``       warning   a blob nothing reachable from index.json refers to
 ``blob-invalid-path``       warning   a file under ``blobs/`` whose path names no valid digest
 ``diffid-mismatch``         error     ``--layers``: a layer's uncompressed content is not its config's
-                                      ``rootfs.diff_ids`` entry (or the config lists another number)
+                                      ``rootfs.diff_ids`` entry (or the config lists another number);
+                                      without ``--layers`` too for a docker-archive's layer, served
+                                      under its diff_id
 ``layer-invalid``           error     ``--layers``: a layer ``mount --rootfs`` cannot serve (not a tar,
                                       cut short, absent, a media type that is not a layer)
 ``layer-member-skipped``    warning   ``--layers``: a layer member the rootfs view does not apply
@@ -55,12 +57,12 @@ code                        severity  meaning
 ``docker-config-digest``    error     a config whose content does not hash to the digest its name says
 ``docker-layer-count``      error     an image's Layers and its config's diff_ids differ in number
 ``docker-layer-compression`` error    a layer compressed in a way no OCI media type names (xz, bzip2)
-``docker-diff-id-mismatch`` error     an uncompressed layer whose sha256 is not its config's diff_id
 ==========================  ========  ==========================================================
 
 A docker-archive (``manifest.json``, no ``oci-layout``) is checked as the OCI layout the mount
 serves for it (dockerarchive.py), plus the ``docker-*`` findings: an image with such an error is
-left out of that layout.
+left out of that layout. Its uncompressed layers are served under their diff_ids, so a layer whose
+content hashes to something else is ``diffid-mismatch`` (not ``digest-mismatch``).
 
 ``blobs_verified`` counts blobs whose content was hashed and ``bytes_verified`` the bytes hashed,
 whether or not they matched (a mismatch is a finding).
@@ -150,7 +152,6 @@ CODES: Mapping[str, Severity] = {
     "docker-config-digest": _E,
     "docker-layer-count": _E,
     "docker-layer-compression": _E,
-    "docker-diff-id-mismatch": _E,
 }
 
 
@@ -565,7 +566,7 @@ class _Checker:
         if found != digest and digest in self.trusted:
             # config.md: a diff_id is the digest of the uncompressed layer, which the member is.
             self.add(
-                "docker-diff-id-mismatch",
+                "diffid-mismatch",
                 f"layer {self.trusted[digest]!r} hashes to {found}, not its config's diff_id",
                 digest=digest,
                 path=digest.path,

@@ -205,7 +205,7 @@ def test_fsck_names_a_damaged_layer_of_a_podman_archive(saved: Saved, tmp_path: 
     done = run_ocifuse("fsck", "--json", damaged)
     assert done.returncode == 1
     (finding,) = json.loads(done.stdout)["findings"]
-    assert finding["code"] == "docker-diff-id-mismatch"
+    assert finding["code"] == "diffid-mismatch"
     assert finding["digest"] == "sha256:" + layer.name.removesuffix(".tar")
     # The mount serves it still (taken on trust); with verify, reading the damaged layer is EIO.
     with mounted(damaged, tmp_path / "mnt", options=["verify"]) as m:
