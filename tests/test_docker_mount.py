@@ -250,3 +250,10 @@ def test_mount_refuses_a_docker_archive_with_nothing_to_serve(tmp_path: Path) ->
     assert line.startswith(
         f"ocifuse: {path}: docker-archive with no image to serve: manifest.json: not valid JSON"
     )
+
+
+def test_rootfs_of_a_docker_archive_image(saved: Saved, tmp_path: Path) -> None:
+    """mount --rootfs reads the docker-archive through the same OCI view: the image's merged tree."""
+    with mounted(saved.multi, tmp_path / "mnt", args=["--rootfs", "--ref", APP]) as m:
+        assert (m.mountpoint / "two").read_bytes() == APP_FILE
+        assert (m.mountpoint / "bin" / "busybox").read_bytes() == _busybox().read_bytes()
