@@ -108,7 +108,7 @@ def archive_format(table: ArchiveTable) -> str | None:
     """OCI_ARCHIVE, DOCKER_ARCHIVE or None (neither), by the archive's top-level files."""
 
     def is_file(name: str) -> bool:
-        entry = table.entries.get(name)
+        entry = table.get(name)  # no dict of every entry for a table loaded from the cache
         return entry is not None and entry.kind is Kind.FILE
 
     if is_file(OCI_LAYOUT):

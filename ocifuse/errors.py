@@ -43,6 +43,17 @@ class ArchiveChanged(OcifuseError):
         self.path = path
 
 
+class CorruptTable(OcifuseError):
+    """An entry of the table points outside its source: the table is not this archive's (EIO)."""
+
+    def __init__(self, offset: int, size: int, source_size: int) -> None:
+        super().__init__(
+            f"a table entry ({size} bytes at {offset}) lies past the end of its source ({source_size} bytes)"
+        )
+        self.offset = offset
+        self.size = size
+
+
 class InvalidDigest(OcifuseError):
     """A string that does not follow the digest grammar of descriptor.md."""
 
