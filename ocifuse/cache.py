@@ -11,7 +11,7 @@ whole entry, never a mix; a failing disk is a warning, never an error of the mou
 Entry file layout (little endian)::
 
     magic "OCIFUSE\\x1a" | u32 version | u16 len(kind) | u16 len(key) | u64 len(payload)
-    | kind | key | payload | blake2b-256 over everything before it
+    | kind | key | payload | sha256 over everything before it (SHA-NI: ~1 GB/s, 3x blake2b here)
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ from .source import OpenFile
 log = logging.getLogger(__name__)
 
 # Bump when any stored format changes (this file's framing or a payload's, e.g. archive tables).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 MAGIC = b"OCIFUSE\x1a"
 _HEADER = struct.Struct("<8sIHHQ")
@@ -74,34 +74,21 @@ def encode(kind: str, key: str, payload: bytes) -> bytes:
     """The bytes of one entry file (what ``store`` writes)."""
     kind_b, key_b = kind.encode(), key.encode()
     head = _HEADER.pack(MAGIC, CACHE_VERSION, len(kind_b), len(key_b), len(payload)) + kind_b + key_b
-    h = hashlib.blake2b(head, digest_size=_CHECKSUM_SIZE)
+    h = hashlib.sha256(head)
     h.update(payload)
     return head + payload + h.digest()
 
 
-def decode(data: bytes | bytearray | memoryview, kind: str, key: str) -> bytes:
-    """The payload of an entry file's bytes; raises ValueError saying why they are not (kind, key)'s."""
-    view = memoryview(data)
-    if len(view) < _HEADER.size + _CHECKSUM_SIZE:
+def _head(head: bytes) -> tuple[int, int, int]:
+    """(len(kind), len(key), len(payload)) of an entry's first bytes; ValueError when not an entry of ours."""
+    if len(head) < _HEADER.size:
         raise ValueError("truncated")
-    magic, version, kind_len, key_len, payload_len = _HEADER.unpack_from(view)
+    magic, version, kind_len, key_len, payload_len = _HEADER.unpack_from(head)
     if magic != MAGIC:
         raise ValueError("not a cache entry")
     if version != CACHE_VERSION:
         raise ValueError(f"format version {version}, this ocifuse reads {CACHE_VERSION}")
-    start = _HEADER.size + kind_len + key_len
-    if len(view) != start + payload_len + _CHECKSUM_SIZE:
-        raise ValueError(
-            "truncated" if len(view) < start + payload_len + _CHECKSUM_SIZE else "trailing bytes"
-        )
-    end = start + payload_len
-    if hashlib.blake2b(view[:end], digest_size=_CHECKSUM_SIZE).digest() != view[end:]:
-        raise ValueError("checksum mismatch")
-    if bytes(view[_HEADER.size : _HEADER.size + kind_len]) != kind.encode():
-        raise ValueError("entry of another kind")
-    if bytes(view[_HEADER.size + kind_len : start]) != key.encode():
-        raise ValueError("entry of another key")
-    return bytes(view[start:end])
+    return kind_len, key_len, payload_len
 
 
 class IndexCache:
@@ -190,18 +177,13 @@ class IndexCache:
             if dfd is None:
                 return None
             try:
-                data = _read_entry(name, dfd)
+                payload = _read_entry(name, dfd, kind, key)
             except FileNotFoundError:
                 return None
             except OSError as e:
                 problem = "a symlink" if e.errno == errno.ELOOP else (e.strerror or str(e))
                 self._discard(dfd, name, kind, key, problem)
                 return None
-            except ValueError as e:
-                self._discard(dfd, name, kind, key, str(e))
-                return None
-            try:
-                payload = decode(data, kind, key)
             except ValueError as e:
                 self._discard(dfd, name, kind, key, str(e))
                 return None
@@ -220,7 +202,7 @@ class IndexCache:
         with self._open_dir(create=True) as dfd:
             if dfd is None:
                 return
-            tmp = f"{_TMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            tmp = f"{_TMP_PREFIX}{name}.{os.getpid()}.{os.urandom(4).hex()}"
             try:
                 fd = os.open(
                     tmp,
@@ -305,8 +287,11 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _read_entry(name: str, dfd: int) -> bytearray:
-    """An entry file's bytes; OSError (ELOOP for a symlink) or ValueError when it is not ours."""
+def _read_entry(name: str, dfd: int, kind: str, key: str) -> bytes:
+    """The payload of entry file ``name``; OSError (ELOOP for a symlink) or ValueError saying why not.
+
+    The payload is read straight into the bytes returned (one copy of a 10 MB table, not three).
+    """
     # O_NONBLOCK: a FIFO planted in place of an entry must not hang the mount (it is refused below).
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     try:
@@ -317,17 +302,39 @@ def _read_entry(name: str, dfd: int) -> bytearray:
             raise ValueError(f"written by uid {st.st_uid}, not by this user")
         if st.st_mode & 0o077:
             raise ValueError(f"mode {stat.S_IMODE(st.st_mode):o}, not 600")
-        buf = bytearray(st.st_size)
-        view = memoryview(buf)
-        done = 0
-        while done < len(buf):
-            n = os.readv(fd, [view[done:]])
-            if n == 0:
-                break
-            done += n
-        return buf[:done] if done < len(buf) else buf
+        want = _HEADER.size + len(kind.encode()) + len(key.encode())
+        head = _pread_all(fd, want, 0)
+        kind_len, key_len, payload_len = _head(head)
+        if head[_HEADER.size :] != kind.encode() + key.encode() or _HEADER.size + kind_len + key_len != want:
+            raise ValueError("entry of another kind or key")
+        if st.st_size != want + payload_len + _CHECKSUM_SIZE:
+            raise ValueError(
+                "truncated" if st.st_size < want + payload_len + _CHECKSUM_SIZE else "trailing bytes"
+            )
+        payload = _pread_all(fd, payload_len, want)
+        checksum = _pread_all(fd, _CHECKSUM_SIZE, want + payload_len)
+        if len(payload) != payload_len or len(checksum) != _CHECKSUM_SIZE:
+            raise ValueError("truncated")
+        h = hashlib.sha256(head)
+        h.update(payload)
+        if h.digest() != checksum:
+            raise ValueError("checksum mismatch")
+        return payload
     finally:
         os.close(fd)
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes from ``offset`` (fewer only at the end of the file)."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]  # Linux returns at most 0x7ffff000 bytes per read
+    done = len(data)
+    while done < size and (more := os.pread(fd, size - done, offset + done)):
+        parts.append(more)
+        done += len(more)
+    return b"".join(parts)
 
 
 def _peek(name: str, dfd: int) -> tuple[str, str]:
@@ -342,10 +349,11 @@ def _peek(name: str, dfd: int) -> tuple[str, str]:
         return "?", ""
     finally:
         os.close(fd)
-    if len(head) < _HEADER.size:
+    try:
+        kind_len, key_len, _ = _head(head)
+    except ValueError:
         return "?", ""
-    magic, version, kind_len, key_len, _ = _HEADER.unpack_from(head)
-    if magic != MAGIC or version != CACHE_VERSION or len(head) < _HEADER.size + kind_len + key_len:
+    if len(head) < _HEADER.size + kind_len + key_len:
         return "?", ""
     kind = head[_HEADER.size : _HEADER.size + kind_len].decode(errors="replace")
     key = head[_HEADER.size + kind_len : _HEADER.size + kind_len + key_len].decode(errors="replace")
@@ -353,13 +361,27 @@ def _peek(name: str, dfd: int) -> tuple[str, str]:
 
 
 def default_directory() -> str:
-    """$XDG_CACHE_HOME/ocifuse, else ~/.cache/ocifuse; /var/cache/ocifuse for root (FHS 5.5)."""
+    """$XDG_CACHE_HOME/ocifuse, else ~/.cache/ocifuse; /var/cache/ocifuse for root (FHS 5.5).
+
+    Under systemd, a unit's ``CacheDirectory=ocifuse`` sets $CACHE_DIRECTORY (systemd.exec(5)),
+    which is the same directory for both managers, made by systemd with the unit's owner and mode.
+    """
+    service = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]  # ":"-separated if several
+    if os.path.isabs(service):
+        return service
     if os.geteuid() == 0:
         return "/var/cache/ocifuse"
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # XDG base directory spec: a relative value is invalid, ignore it
         base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ocifuse")
+
+
+def open_cache(directory: str | None = None, *, disabled: bool = False) -> IndexCache:
+    """The cache a command asked for: none (``nocache``), ``directory`` (``cache=DIR``), or the default."""
+    if disabled:
+        return IndexCache(None)
+    return IndexCache(os.path.abspath(directory)) if directory else IndexCache.default()
 
 
 def file_key(file: OpenFile) -> str:
@@ -384,3 +406,37 @@ def file_key(file: OpenFile) -> str:
 def blob_key(digest: Digest) -> str:
     """A blob's key: its digest (so images sharing a layer share the entry)."""
     return str(digest)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(0, seconds):.0f}s"
+
+
+def cache_main(action: str, directory: str | None) -> int:
+    """``ocifuse cache list|clear [--cache DIR]``: 0 done (an absent cache is an empty one)."""
+    cache = open_cache(directory)
+    if action == "clear":
+        count = len(cache.entries())
+        freed = cache.clear()
+        print(f"removed {count} entries, {_human(freed)} from {cache.directory}")
+        return 0
+    entries = cache.entries()
+    now = time.time()
+    if entries:
+        print(f"{'KIND':<12} {'SIZE':>10} {'AGE':>5}  KEY")
+    for e in entries:
+        print(f"{e.kind:<12} {_human(e.size):>10} {_age(now - e.mtime):>5}  {e.key}")
+    total = sum(e.size for e in entries)
+    print(f"total: {len(entries)} entries, {_human(total)} in {cache.directory}")
+    return 0

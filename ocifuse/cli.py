@@ -14,7 +14,7 @@ from .errors import OcifuseError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("fsck", "inspect", "mount", "umount")
+COMMANDS = ("fsck", "inspect", "mount", "umount", "cache")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     fsck.add_argument(
         "--layers", action="store_true", help="also check each image's layers as mount --rootfs reads them"
     )
+    _cache_arguments(fsck)
 
     insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
     insp.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to resolve (default: this machine's)"
     )
     insp.add_argument("--json", action="store_true", help="print one JSON object")
+    _cache_arguments(insp)
 
     mnt = sub.add_parser("mount", help="mount an oci-archive or docker-archive read-only as an OCI layout")
     _mount_arguments(mnt)
@@ -46,7 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")
     um.add_argument("mountpoint", metavar="MOUNTPOINT")
     um.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
+
+    cache = sub.add_parser("cache", help="list or clear the index cache (stored entry tables and indexes)")
+    cache.add_argument("action", choices=("list", "clear"), help="list the entries, or remove them all")
+    cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's, see README)")
     return p
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's, see README)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the index cache")
 
 
 def _mount_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +91,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         help="with --rootfs: serve layers whose content differs from the config's diff_ids (logged)",
     )
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
+    _cache_arguments(p)
 
 
 def _helper_parser() -> argparse.ArgumentParser:
@@ -114,13 +126,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "fsck":
+        from .cache import open_cache
         from .fsck import main as fsck_main
 
-        return fsck_main(args.path, as_json=args.json, layers=args.layers)
+        return fsck_main(
+            args.path,
+            as_json=args.json,
+            layers=args.layers,
+            cache=open_cache(args.cache, disabled=args.no_cache),
+        )
     if args.command == "inspect":
+        from .cache import open_cache
         from .inspect import main as inspect_main
 
-        return inspect_main(args.path, ref=args.ref, platform=args.platform, as_json=args.json)
+        return inspect_main(
+            args.path,
+            ref=args.ref,
+            platform=args.platform,
+            as_json=args.json,
+            cache=open_cache(args.cache, disabled=args.no_cache),
+        )
+    if args.command == "cache":
+        from .cache import cache_main
+
+        return cache_main(args.action, args.cache)
     if args.command == "mount":
         from .daemon import mount_main
 

@@ -20,6 +20,7 @@ import trio
 
 from . import options as mount_options
 from .archive import Archive, Sources
+from .cache import open_cache
 from .dockerarchive import adopt
 from .errors import MountError as MountError
 from .errors import OcifuseError
@@ -175,6 +176,8 @@ def mount_main(args: argparse.Namespace) -> int:
         fsname=_fsname(archive_path),
         verify=args.verify,
         debug=args.debug,
+        cache=args.cache,
+        nocache=args.no_cache,
     )
     setup_logging(foreground=True, debug=opts.debug)
     check_source(archive_path, rootfs=opts.rootfs)
@@ -242,12 +245,12 @@ class _View:
 def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
     """The layout view of an oci-archive, or (``rootfs``) the merged root filesystem of one image."""
     if not opts.rootfs:
-        archive = Archive(archive_path)
+        archive = Archive(archive_path, open_cache(opts.cache, disabled=opts.nocache))
         try:
             docker = adopt(archive, require_image=True)  # a docker-archive is served as an OCI layout
             for problem in docker.problems if docker is not None else ():
                 log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
-            tree = Tree(archive.table.entries, root_mtime=int(os.fstat(archive.fd).st_mtime))
+            tree = Tree(archive.table, root_mtime=int(os.fstat(archive.fd).st_mtime))
             for skipped in archive.table.skipped:
                 log.warning("not served: %s: %s", skipped.name, skipped.reason)
             status = _status(archive, mountpoint, tree.files)

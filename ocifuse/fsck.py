@@ -82,6 +82,7 @@ from typing import Any, TextIO
 
 from . import model
 from .archive import Skipped
+from .cache import IndexCache
 from .digest import Digest
 from .errors import (
     ArchiveChanged,
@@ -732,11 +733,15 @@ def _blob_bytes(layout: Layout) -> int:
     return total
 
 
-def main(path: str, *, as_json: bool, layers: bool = False) -> int:
-    """``ocifuse fsck PATH [--json] [--layers]``: 0 no error finding, 1 some error, 2 PATH is not a layout."""
+def main(path: str, *, as_json: bool, layers: bool = False, cache: IndexCache | None = None) -> int:
+    """``ocifuse fsck PATH [--json] [--layers]``: 0 no error finding, 1 some error, 2 PATH is not a layout.
+
+    fsck never takes a stored table on trust: it scans every header (a damaged header between
+    the ends that ``file_key`` hashes must be found), then stores the fresh table in ``cache``.
+    """
     start = time.monotonic()
     try:
-        layout = open_layout(path)
+        layout = open_layout(path, cache, rescan=True)
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         if as_json:

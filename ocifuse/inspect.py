@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import model, resolve
+from .cache import IndexCache
 from .errors import LayoutOpenError, NotFound, OcifuseError
 from .layout import Layout, open_layout
 from .model import Descriptor, Platform
@@ -447,15 +448,20 @@ def render_json(summary: Summary) -> str:
     return json.dumps(summary.to_json(), indent=2)
 
 
-def main(path: str, *, ref: str | None, platform: str | None, as_json: bool) -> int:
-    """``ocifuse inspect``: 0 shown, 1 the ref or platform is not there, 2 PATH is not a usable layout."""
+def main(
+    path: str, *, ref: str | None, platform: str | None, as_json: bool, cache: IndexCache | None = None
+) -> int:
+    """``ocifuse inspect``: 0 shown, 1 the ref or platform is not there, 2 PATH is not a usable layout.
+
+    The archive's table comes from ``cache`` when stored there (as a mount's does), else is stored.
+    """
     try:
         want = None if platform is None else Platform.parse(platform)
     except ValueError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2
     try:
-        layout = open_layout(path)
+        layout = open_layout(path, cache)
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2

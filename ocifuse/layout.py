@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import model
 from .archive import Archive, Kind, Skipped
+from .cache import IndexCache
 from .digest import Digest
 from .errors import (
     BlobNotFound,
@@ -154,15 +155,16 @@ class Layout(ABC):
 class ArchiveLayout(Layout):
     """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
 
-    def __init__(self, path: str | Archive) -> None:
+    def __init__(self, path: str | Archive, cache: IndexCache | None = None, *, rescan: bool = False) -> None:
         """Open the archive at ``path``, or take one already open (the mount's: same fd, same table).
 
         An archive opened here that is a docker-archive is served as an OCI layout (dockerarchive.py).
+        ``cache`` and ``rescan`` are Archive's: where a stored table may come from and go to.
         """
         from .dockerarchive import DOCKER_ARCHIVE, OCI_ARCHIVE, adopt
 
         if isinstance(path, str):
-            self.archive = Archive(path)
+            self.archive = Archive(path, cache, rescan=rescan)
             try:
                 self.docker = adopt(self.archive)
             except BaseException:
@@ -175,13 +177,13 @@ class ArchiveLayout(Layout):
         self.skipped = self.archive.table.skipped
 
     def size_of(self, name: str) -> int:
-        entry = self.archive.table.entries.get(name)
+        entry = self.archive.table.get(name)
         if entry is None or entry.kind is not Kind.FILE:
             raise FileMissing(name)
         return entry.size
 
     def read_at(self, name: str, offset: int, size: int) -> bytes:
-        entry = self.archive.table.entries.get(name)
+        entry = self.archive.table.get(name)
         if entry is None or entry.kind is not Kind.FILE:
             raise FileMissing(name)
         return self.archive.pread(entry, offset, size)
@@ -298,9 +300,12 @@ class DirectoryLayout(Layout):
             self._root = -1
 
 
-def open_layout(path: str | os.PathLike[str]) -> Layout:
+def open_layout(
+    path: str | os.PathLike[str], cache: IndexCache | None = None, *, rescan: bool = False
+) -> Layout:
     """Open ``path`` as a layout: a directory as a DirectoryLayout, any other file as an archive.
 
+    An archive's table may come from ``cache`` (and a scanned one go to it); see Archive.
     Raises LayoutOpenError (with a one-line reason naming the path) when it cannot be opened.
     """
     path = os.fspath(path)
@@ -310,4 +315,4 @@ def open_layout(path: str | os.PathLike[str]) -> Layout:
         raise LayoutOpenError(path, e.strerror or str(e)) from e
     if stat.S_ISDIR(st.st_mode):
         return DirectoryLayout(path)
-    return ArchiveLayout(path)
+    return ArchiveLayout(path, cache, rescan=rescan)

@@ -11,8 +11,8 @@ from .model import Platform
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
-OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids"})
-OWN_VALUES = frozenset({"readahead_kb", "ref", "platform"})
+OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache"})
+OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache"})
 # Options that choose or shape the rootfs view, meaningless without ``rootfs``.
 ROOTFS_ONLY = ("rootless", "ignore_diff_ids", "ref", "platform")
 # Passed through to libfuse / the kernel: what libfuse 3's fuse_session_new and fuse_session_mount
@@ -83,6 +83,8 @@ class MountOptions:
     platform: str | None = None  # OS/ARCH[/VARIANT], as inspect --platform
     rootless: bool = False  # every owner shown as the mounting user (umoci unpack --rootless)
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
+    cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
+    nocache: bool = False  # nocache: neither read nor write the index cache
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
 
@@ -110,11 +112,18 @@ def escape(value: str) -> str:
 
 
 def parse(
-    option_lists: Iterable[str], *, fsname: str, verify: bool = False, debug: bool = False
+    option_lists: Iterable[str],
+    *,
+    fsname: str,
+    verify: bool = False,
+    debug: bool = False,
+    cache: str | None = None,
+    nocache: bool = False,
 ) -> MountOptions:
     """Sort ``-o`` lists into a MountOptions; raises OptionError for unknown options.
 
     ``rw``, ``dev`` and ``suid`` are accepted and ignored: the mount is always ``ro,nodev,nosuid``.
+    ``nocache`` wins over any ``cache=DIR``, wherever each is given.
     """
     fuse: dict[str, str | None] = {"fsname": escape(fsname), "subtype": "ocifuse"}
     ignored: list[str] = []
@@ -162,6 +171,8 @@ def parse(
         platform=values.get("platform"),
         rootless="rootless" in flags_set,
         ignore_diff_ids="ignore_diff_ids" in flags_set,
+        cache=values.get("cache", cache),
+        nocache=nocache or "nocache" in flags_set,
         fuse=tuple(flags),
         ignored=tuple(ignored),
     )

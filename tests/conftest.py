@@ -28,6 +28,21 @@ def require_tools(*tools: str) -> None:
     skip_or_fail(f"missing peer tool(s): {', '.join(missing)}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test (nor an ocifuse it starts) writes the real index cache: the default is a scratch one.
+
+    $CACHE_DIRECTORY is what systemd's CacheDirectory= sets, and the default ocifuse honours first.
+    """
+    old = os.environ.get("CACHE_DIRECTORY")
+    os.environ["CACHE_DIRECTORY"] = str(tmp_path_factory.mktemp("index-cache"))
+    yield
+    if old is None:
+        del os.environ["CACHE_DIRECTORY"]
+    else:
+        os.environ["CACHE_DIRECTORY"] = old
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test fails (after cleaning up) if it leaves one of its own ocifuse mounts behind."""

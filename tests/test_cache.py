@@ -308,6 +308,11 @@ def test_entries_and_clear(tmp_path: Path) -> None:
 
 
 def test_default_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(
+        "CACHE_DIRECTORY", f"{tmp_path}/service:{tmp_path}/second"
+    )  # systemd's CacheDirectory=
+    assert IndexCache.default().directory == f"{tmp_path}/service"
+    monkeypatch.delenv("CACHE_DIRECTORY")
     if os.geteuid() == 0:
         assert IndexCache.default().directory == "/var/cache/ocifuse"
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -318,6 +323,13 @@ def test_default_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert cache_mod.default_directory() == str(tmp_path / "home" / ".cache" / "ocifuse")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_mod.default_directory() == str(tmp_path / "home" / ".cache" / "ocifuse")
+
+
+def test_open_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cache_mod.open_cache("rel").directory == str(tmp_path / "rel")
+    assert cache_mod.open_cache("rel", disabled=True).directory is None
+    assert cache_mod.open_cache(None).directory == cache_mod.default_directory()
 
 
 def test_file_key_follows_identity_and_both_ends(tmp_path: Path) -> None:

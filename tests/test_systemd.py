@@ -196,6 +196,9 @@ def test_service_template_settings(kind: str) -> None:
     assert any(f.endswith("%i.env") for f in s["EnvironmentFile"])
     assert "ExecStop" not in s  # SIGTERM unmounts: test_notify_ready_and_stopping
     assert not set(NAMESPACING) & set(s), "namespacing would hide the mount from the system"
+    # The index cache: made by systemd, private, found through $CACHE_DIRECTORY (ocifuse.cache).
+    assert (s["CacheDirectory"], s["CacheDirectoryMode"]) == (["ocifuse"], ["0700"])
+    assert "DynamicUser" not in s  # with it, CacheDirectory= would mean a mount namespace
 
 
 def analyze_env(tmp_path: Path) -> dict[str, str]:
