@@ -259,7 +259,13 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
             raise
         return _View(archive, tree, status, archive.close)
     platform = Platform.parse(opts.platform) if opts.platform else None
-    image = open_rootfs(archive_path, ref=opts.ref, platform=platform, ignore_diff_ids=opts.ignore_diff_ids)
+    image = open_rootfs(
+        archive_path,
+        ref=opts.ref,
+        platform=platform,
+        ignore_diff_ids=opts.ignore_diff_ids,
+        cache=open_cache(opts.cache, disabled=opts.nocache),
+    )
     for note in image.notes:
         log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
     tree = Tree(image.merged.entries, root=image.merged.root)

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .archive import Sources
+from .cache import blob_key
 from .digest import Digest
 from .errors import BlobNotFound, InvalidDigest, InvalidDocument, OcifuseError, SizeMismatch
-from .layer import LayerTable
+from .layer import LayerTable, TableStore
 from .layout import Layout, open_layout
 from .model import Descriptor, Manifest, Platform
 from .resolve import Resolved, resolve, walk
@@ -135,10 +136,13 @@ def open_rootfs(
     ref: str | None = None,
     platform: Platform | None = None,
     ignore_diff_ids: bool = False,
+    cache: TableStore | None = None,
 ) -> RootImage:
     """Resolve the image at ``path`` as inspect does, check its layers, and merge them (layer.md).
 
-    Raises an OcifuseError with one line saying what is wrong: the layout, the ref, a layer.
+    ``cache`` keeps each layer's table under its digest, so a second mount (or another image
+    sharing the layer) reads no layer header. Raises an OcifuseError with one line saying what is
+    wrong: the layout, the ref, a layer.
     """
     layout = open_layout(path)
     sources: list[Source] = []
@@ -155,7 +159,8 @@ def open_rootfs(
             source, found = layer_source(layout, index, desc)
             sources.append(source)
             _check_diff_id(index, desc, expected, found, ignore_diff_ids)
-            tables.append(LayerTable.scan(source, f"layer {index} ({desc.digest})"))
+            name = f"layer {index} ({desc.digest})"
+            tables.append(LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache))
         merged = merge(tables)
         notes = _notes(tables, merged)
         return RootImage(

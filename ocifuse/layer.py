@@ -8,14 +8,24 @@ device numbers and PAX ``SCHILY.xattr.*`` attributes: rootfs.py merges layers fr
 
 from __future__ import annotations
 
+import base64
 import enum
 import io
+import json
+import logging
 import tarfile
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .archive import BLOCK, Skipped, is_root, normalize, refusal, walk
 from .errors import NotAnArchive
 from .source import Source, SourceFile, sniff
+
+log = logging.getLogger(__name__)
+
+# The persistent cache's kind for a layer's table (cache.py); bump TABLE_FORMAT when it changes.
+CACHE_KIND = "layer-table"
+TABLE_FORMAT = 1
 
 # PAX extended attributes as GNU tar, bsdtar, Go's archive/tar and umoci write them.
 XATTR_PREFIX = "SCHILY.xattr."
@@ -74,6 +84,16 @@ class Member:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
+class TableStore(Protocol):
+    """What the layer scan needs of the persistent cache (cache.IndexCache has it)."""
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        """The payload stored under (kind, key), or None."""
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        """Store a payload (atomically; errors are logged, never raised)."""
+
+
 class LayerTable:
     """Every member of one layer tar in archive order, plus what was skipped and why."""
 
@@ -96,6 +116,76 @@ class LayerTable:
         with io.BufferedReader(SourceFile(source), BLOCK * 16) as f:
             end = walk(f, name, source.size, builder.add, layer=True)
         return cls(builder.members, builder.skipped, end)
+
+    @classmethod
+    def load_or_scan(
+        cls, source: Source, name: str, *, key: str | None, cache: TableStore | None
+    ) -> LayerTable:
+        """The table from the persistent cache (``key``: the layer's digest), else scanned and stored.
+
+        A cached table is used only if it parses, names a stream of exactly ``source.size`` bytes
+        and keeps every member inside it; anything else is logged and the layer scanned again.
+        """
+        if cache is not None and key is not None:
+            payload = cache.load(CACHE_KIND, key)
+            if payload is not None:
+                try:
+                    return cls.from_bytes(payload, source.size)
+                except (ValueError, TypeError, KeyError, IndexError, UnicodeError) as e:
+                    log.warning("%s: cached layer table unusable (%s): scanning the layer again", name, e)
+        table = cls.scan(source, name)
+        if cache is not None and key is not None:
+            cache.store(CACHE_KIND, key, table.to_bytes(source.size))
+        return table
+
+    def to_bytes(self, size: int) -> bytes:
+        """The table as the cache stores it (JSON), for a layer stream of ``size`` bytes."""
+        members = [
+            [m.name, m.type.value, m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,
+             m.devmajor, m.devminor, [[_b64(k), _b64(v)] for k, v in m.xattrs]]
+            for m in self.members
+        ]  # fmt: skip
+        doc = {
+            "format": TABLE_FORMAT,
+            "size": size,
+            "end": self.end,
+            "members": members,
+            "skipped": [[s.name, s.reason] for s in self.skipped],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, size: int) -> LayerTable:
+        """A table from ``to_bytes``; ValueError (or TypeError, ...) when it is not one for ``size`` bytes."""
+        doc: Any = json.loads(payload)
+        if doc["format"] != TABLE_FORMAT or doc["size"] != size or not 0 <= doc["end"] <= size:
+            raise ValueError("for another format or another stream")
+        members = []
+        for row in doc["members"]:
+            name, kind, mode, uid, gid, mtime, offset, length, linkname, major, minor, xattrs = row
+            fields = (mode, uid, gid, mtime, offset, length, major, minor)
+            if not all(type(x) is int for x in fields) or not (
+                isinstance(name, str) and isinstance(linkname, str)
+            ):
+                raise ValueError("a member of the wrong shape")
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(f"member {name!r} lies outside the layer")
+            if (name and normalize(name) != name) or (
+                kind == Type.HARDLINK.value and normalize(linkname) != linkname
+            ):
+                raise ValueError(f"member {name!r} has a name the scan refuses")
+            pairs = tuple(
+                (base64.b64decode(k, validate=True), base64.b64decode(v, validate=True)) for k, v in xattrs
+            )
+            members.append(
+                Member(name, Type(kind), mode, uid, gid, mtime, offset, length, linkname, major, minor, pairs)
+            )
+        skipped = [Skipped(str(n), str(r)) for n, r in doc["skipped"]]
+        return cls(members, skipped, doc["end"])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 class _LayerBuilder:

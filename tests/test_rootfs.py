@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Callable
 
 import pytest
 from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
@@ -292,3 +293,55 @@ def test_merge_implicit_parents_and_root_metadata() -> None:
     assert merged.root.meta is not None and merged.root.meta.mode == 0o751
     x = merged.entries["x"]
     assert isinstance(x, Entry) and x.kind is Kind.DIR and x.meta is not None and x.meta.mode == 0o755
+
+
+class DictStore:
+    """An in-memory stand-in for the persistent cache's load/store."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], bytes] = {}
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        return self.entries.get((kind, key))
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        self.entries[(kind, key)] = payload
+
+
+def test_layer_table_round_trips_through_the_cache() -> None:
+    """A cached table equals the scan, every field and xattr byte; the second load reads no header."""
+    exe = file_member("bin/x", b"binary")
+    exe.info.pax_headers = {"SCHILY.xattr.security.capability": CAP.decode("utf-8", "surrogateescape")}
+    members = [dir_member("./"), exe, link_member("bin/y", "bin/x"), file_member("/abs", b"")]
+    data = tar_bytes(
+        [*members, special("dev/c", tarfile.CHRTYPE, 5, 1), link_member("s", "t", tarfile.SYMTYPE)]
+    )
+    store = DictStore()
+    scanned = LayerTable.load_or_scan(MemorySource(data), "layer", key="sha256:x", cache=store)
+    assert store.entries
+    zeros = MemorySource(bytes(len(data)))  # scanned, this would be an empty layer: the table is the cache's
+    assert LayerTable.load_or_scan(zeros, "layer", key="sha256:x", cache=store).members == scanned.members
+    again = LayerTable.from_bytes(store.entries[("layer-table", "sha256:x")], len(data))
+    assert (again.members, again.skipped, again.end) == (scanned.members, scanned.skipped, scanned.end)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d.replace(b'"format":1', b'"format":2'),
+        lambda d: d.replace(b"bin/x", b"../xx"),
+        lambda d: d[:-5],
+        lambda d: d.replace(b',"file",', b',"sock",'),
+    ],
+)
+def test_a_bad_cached_table_is_scanned_again(damage: Callable[[bytes], bytes]) -> None:
+    """A cached table for another format, with a refused name, cut short or of an unknown type: rescanned."""
+    data = tar_bytes([file_member("bin/x", b"binary")])
+    store = DictStore()
+    good = LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store)
+    store.entries[("layer-table", "k")] = damage(store.entries[("layer-table", "k")])
+    assert LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store).members == good.members
+    # a table cached for a longer stream is not used for this one either
+    bigger = tar_bytes([file_member("bin/x", b"binary" * 1000)])
+    store.entries[("layer-table", "k")] = LayerTable.scan(MemorySource(bigger), "b").to_bytes(len(bigger))
+    assert LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store).members == good.members
