@@ -1,0 +1,339 @@
+"""Bench: ``ocifuse mount --rootfs`` against ``umoci unpack`` of the same multi-layer gzip image.
+
+What it does:
+
+1. Builds, in a scratch directory, a umoci image of three gzip layers made by ``umoci repack``
+   (``--files`` files, ``--mib`` MiB uncompressed in all at full size: 30,000 files, ~1 GiB; half of
+   each file random, half text, so gzip has work to do): layer 1 adds 60% of the files, layer 2
+   adds 30% and rewrites some, layer 3 adds the rest and deletes some. ``skopeo copy`` makes the
+   oci-archive the mount reads (its gzip layers as umoci wrote them).
+2. Times, ``--runs`` rounds (interleaved, medians reported), the page cache warm (the archive read
+   once first: the comparison is of the work, not of the disk):
+   - ``umoci unpack`` of the image into a fresh directory (as root);
+   - the first ``--rootfs`` mount until live, with an empty index cache (``-o cache=DIR`` of a
+     fresh directory: every layer decompressed once, indexed, hashed for its diff_id, scanned);
+   - the second mount until live (the index cache filled by the first);
+   - a small file's first byte: after a first mount vs after ``umoci unpack`` (both from nothing);
+   - reading every file: ``tar -cf - -C MNT . | wc -c`` on a fresh first-mounted tree (index cached)
+     vs ``umoci unpack`` alone (GNU tar skips reading files when its archive is /dev/null);
+   - ``--reads`` random 4 KiB reads inside files of the gzip layers (p50, p99);
+   - the daemon's largest RSS during the whole-tree read.
+3. Writes the results between the ``rootfs`` markers of ``bench/results.md`` (other sections kept).
+
+Run as root: ``.venv/bin/python -m bench.rootfs [--files N] [--mib M] [--runs R] [--no-write]``.
+No timing here is ever a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
+RESULTS = Path(__file__).with_name("results.md")
+START = "<!-- rootfs:start -->"
+END = "<!-- rootfs:end -->"
+MIB = 1 << 20
+
+
+def log(msg: str) -> None:
+    """Progress to stderr."""
+    print(f"[rootfs bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(*cmd: str | Path) -> None:
+    """Run a tool; its output is discarded, a failure raises."""
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+# -- the image ------------------------------------------------------------------------------------
+
+
+def _content(rng: random.Random, size: int) -> bytes:
+    """Half random bytes, half repetitive text: gzip gets about 2:1, as on real root filesystems."""
+    half = size // 2
+    text = (b"the quick brown fox jumps over the lazy dog %d\n" % rng.randrange(1000)) * (
+        (size - half) // 40 + 1
+    )
+    return rng.randbytes(half) + text[: size - half]
+
+
+def _sizes(rng: random.Random, files: int, total: int) -> list[int]:
+    """File sizes: most small (1-32 KiB), 1% large, adding up to about ``total`` bytes."""
+    large = max(1, files // 100)
+    small = [rng.randrange(1024, 32 * 1024) for _ in range(files - large)]
+    rest = max(total - sum(small), large * 64 * 1024)
+    return small + [rest // large] * large
+
+
+def _write_files(rootfs: Path, names: list[str], sizes: dict[str, int], rng: random.Random) -> None:
+    for name in names:
+        path = rootfs / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_content(rng, sizes[name]))
+
+
+def build_image(scratch: Path, files: int, mib: int) -> tuple[Path, Path]:
+    """The umoci layout (tag ``bench``) and skopeo's oci-archive of it; both with gzip layers."""
+    rng = random.Random(42)
+    names = [f"usr/share/d{i % 97:02d}/s{i % 13}/file{i:06d}.dat" for i in range(files)]
+    sizes = dict(zip(names, _sizes(rng, files, mib * MIB), strict=True))
+    rng.shuffle(names)
+    a, b = int(files * 0.6), int(files * 0.9)
+    layout, bundle = scratch / "umoci", scratch / "bundle"
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:base")
+    run("umoci", "unpack", "--image", f"{layout}:base", bundle)
+    rootfs = bundle / "rootfs"
+    _write_files(rootfs, names[:a], sizes, rng)
+    run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:l1", bundle)
+    _write_files(rootfs, names[a:b] + names[: a // 10], sizes, rng)  # adds, and rewrites 6% of layer 1
+    run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:l2", bundle)
+    _write_files(rootfs, names[b:], sizes, rng)
+    for name in names[a // 10 : a // 5]:  # deletes 6% of layer 1: whiteouts
+        (rootfs / name).unlink()
+    run("umoci", "repack", "--image", f"{layout}:bench", bundle)
+    shutil.rmtree(bundle)
+    archive = scratch / "image.tar"
+    run("skopeo", "copy", "--quiet", f"oci:{layout}:bench", f"oci-archive:{archive}:bench")
+    return layout, archive
+
+
+# -- mounts ----------------------------------------------------------------------------------------
+
+
+def _daemon(mnt: Path) -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+                if os.fsencode(mnt) in argv and b"mount" in argv:
+                    return int(name)
+    raise RuntimeError(f"no daemon serves {mnt}")
+
+
+def rss_kib(pid: int) -> int:
+    """A process's VmRSS."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def mounted(archive: Path, mnt: Path, cache: Path) -> Iterator[tuple[float, int]]:
+    """``ocifuse mount --rootfs`` (returns once live): the seconds it took, the daemon's pid."""
+    mnt.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    run(OCIFUSE, "mount", "--rootfs", "-o", f"cache={cache}", archive, mnt)
+    took = time.perf_counter() - start
+    try:
+        yield took, _daemon(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def unpack(layout: Path, dest: Path) -> float:
+    """``umoci unpack`` into ``dest`` (removed first); seconds."""
+    shutil.rmtree(dest, ignore_errors=True)
+    start = time.perf_counter()
+    run("umoci", "unpack", "--image", f"{layout}:bench", dest)
+    return time.perf_counter() - start
+
+
+def read_all(root: Path) -> tuple[float, int]:
+    """``tar -cf - -C ROOT . | wc -c``: seconds, and the bytes tar wrote."""
+    start = time.perf_counter()
+    tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(root), "."], stdout=subprocess.PIPE)
+    wc = subprocess.run(["wc", "-c"], stdin=tar.stdout, capture_output=True, text=True, check=True)
+    assert tar.stdout is not None
+    tar.stdout.close()
+    if tar.wait() != 0:
+        raise RuntimeError(f"tar failed on {root}")
+    return time.perf_counter() - start, int(wc.stdout.split()[0])
+
+
+def first_byte(path: Path) -> float:
+    """Seconds to read one byte of ``path`` (from a process already started)."""
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        f.read(1)
+    return time.perf_counter() - start
+
+
+def random_reads(root: Path, count: int, rng: random.Random) -> list[float]:
+    """Latencies of ``count`` 4 KiB preads at random offsets of random large-ish files (O_DIRECT-free)."""
+    files = [p for p in root.rglob("*.dat") if p.stat().st_size > 64 * 1024]
+    out = []
+    for _ in range(count):
+        path = rng.choice(files)
+        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not the page cache of an earlier read
+            start = time.perf_counter()
+            os.pread(fd, 4096, rng.randrange(0, size - 4096))
+            out.append(time.perf_counter() - start)
+        finally:
+            os.close(fd)
+    return out
+
+
+class RssMax:
+    """The largest VmRSS of ``pid`` while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.kib = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError):
+                self.kib = max(self.kib, rss_kib(self.pid))
+
+    def __enter__(self) -> RssMax:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def measure(layout: Path, archive: Path, scratch: Path, runs: int, reads: int) -> dict[str, list[float]]:
+    """Every measurement, ``runs`` interleaved rounds."""
+    s: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        s.setdefault(key, []).append(value)
+
+    run("cat", archive)  # warm: every round reads from the page cache
+    mnt, dest = scratch / "mnt", scratch / "unpacked"
+    small = None
+    for r in range(runs):
+        log(f"round {r + 1}/{runs}")
+        took = unpack(layout, dest)
+        add("unpack", took)
+        if small is None:
+            small = min((p for p in (dest / "rootfs").rglob("*.dat")), key=lambda p: p.stat().st_size)
+            small = small.relative_to(dest / "rootfs")
+        add("unpack_first_byte", took + first_byte(dest / "rootfs" / small))
+        cache = Path(tempfile.mkdtemp(dir=scratch, prefix="cache-"))
+        with mounted(archive, mnt, cache) as (took, _):
+            add("first_mount", took)
+            add("mount_first_byte", took + first_byte(mnt / small))
+        with mounted(archive, mnt, cache) as (took, pid):
+            add("second_mount", took)
+            with RssMax(pid) as rss:
+                seconds, nbytes = read_all(mnt)
+            add("read_all", seconds)
+            add("read_all_bytes", nbytes)
+            add("rss_mib", rss.kib / 1024)
+            if r == 0:
+                lat = random_reads(mnt, reads, random.Random(r))
+                add("read4k_p50_ms", statistics.median(lat) * 1000)
+                add("read4k_p99_ms", statistics.quantiles(lat, n=100)[98] * 1000)
+        shutil.rmtree(cache)
+    shutil.rmtree(dest, ignore_errors=True)
+    return s
+
+
+def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
+    """The markdown section."""
+    med = {k: statistics.median(v) for k, v in s.items()}
+
+    def ok(good: bool) -> str:
+        return "met" if good else "**missed**"
+
+    mount_speedup = med["unpack"] / med["first_mount"]
+    first_byte_speedup = med["unpack_first_byte"] / med["mount_first_byte"]
+    read_ratio = med["read_all"] / med["unpack"]
+    unpack = f"umoci unpack {med['unpack']:.2f} s"
+    p50, p99 = med["read4k_p50_ms"], med["read4k_p99_ms"]
+    rows = [
+        ("first `--rootfs` mount until live", f"{med['first_mount']:.2f} s", unpack,
+         f"{mount_speedup:.1f}x sooner", ">= 2x", ok(mount_speedup >= 2)),
+        ("second mount (index cached)", f"{med['second_mount']:.2f} s", "", "", "<= 1 s",
+         ok(med["second_mount"] <= 1)),
+        ("a small file's first byte", f"{med['mount_first_byte']:.2f} s",
+         f"after umoci unpack {med['unpack_first_byte']:.2f} s", f"{first_byte_speedup:.1f}x sooner",
+         ">= 10x", ok(first_byte_speedup >= 10)),
+        ("every file read (`tar -cf - \\| wc -c`)", f"{med['read_all']:.2f} s", unpack,
+         f"{read_ratio:.2f}x", "<= 1.5x", ok(read_ratio <= 1.5)),
+        ("random 4 KiB reads in gzip layers", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "", "",
+         "p99 <= 20 ms", ok(p99 <= 20)),
+        ("daemon RSS (reading every file)", f"{med['rss_mib']:.0f} MB", "", "", "<= 200 MB",
+         ok(med["rss_mib"] <= 200)),
+    ]  # fmt: skip
+    lines = [
+        f"Image: 3 gzip layers by `umoci repack`, {files} files, {mib} MiB uncompressed "
+        f"({int(med['read_all_bytes']) // MIB} MiB as tar); {runs} rounds, medians; page cache warm; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
+        "",
+        "| measurement | ocifuse | against | ratio | target | |",
+        "|---|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the rootfs section of bench/results.md."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    block = f"{START}\n## rootfs view (bench/rootfs.py)\n\n{text}\n{END}"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS.write_text(new)
+
+
+def main() -> int:
+    """Build, measure, report."""
+    p = argparse.ArgumentParser(description="ocifuse --rootfs against umoci unpack (see bench/README.md)")
+    p.add_argument("--files", type=int, default=30_000, help="files in the image")
+    p.add_argument("--mib", type=int, default=1024, help="uncompressed MiB in the image")
+    p.add_argument("--runs", type=int, default=3, help="rounds (medians reported)")
+    p.add_argument("--reads", type=int, default=300, help="random 4 KiB reads")
+    p.add_argument("--no-write", action="store_true", help="print only; leave bench/results.md alone")
+    p.add_argument("--scratch", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/rootfs.py: run as root (umoci unpack as root, FUSE mounts)", file=sys.stderr)
+        return 2
+    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-rootfs-bench-", dir=args.scratch))
+    try:
+        log(f"building the image: {args.files} files, {args.mib} MiB")
+        layout, archive = build_image(scratch, args.files, args.mib)
+        log(f"archive: {archive.stat().st_size // MIB} MiB")
+        text = report(
+            measure(layout, archive, scratch, args.runs, args.reads), args.files, args.mib, args.runs
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
