@@ -163,10 +163,8 @@ class LayerTable:
         members = []
         for row in doc["members"]:
             name, kind, mode, uid, gid, mtime, offset, length, linkname, major, minor, xattrs = row
-            fields = (mode, uid, gid, mtime, offset, length, major, minor)
-            if not all(type(x) is int for x in fields) or not (
-                isinstance(name, str) and isinstance(linkname, str)
-            ):
+            mode | uid | gid | mtime | offset | length | major | minor  # noqa: B018  TypeError unless ints
+            if type(name) is not str or type(linkname) is not str:
                 raise ValueError("a member of the wrong shape")
             if offset < 0 or length < 0 or offset + length > size:
                 raise ValueError(f"member {name!r} lies outside the layer")

@@ -91,6 +91,10 @@ class _Merger:
         self.root = _Dir(None, -1)
         self.notes: list[Note] = []
         self.layer = 0
+        self.linked = False  # a hardlink was made
+        # The directory the last entry went into, by path: consecutive members share parents.
+        # Reset whenever a directory is replaced (only add and parent_dir replace anything).
+        self._last: tuple[str, _Dir] | None = None
 
     def note(self, name: str, reason: str) -> None:
         self.notes.append(Note(self.layer, name, reason))
@@ -109,6 +113,9 @@ class _Merger:
 
     def parent_dir(self, path: str, name: str) -> _Dir:
         """The directory ``path``, made (as implicit directories) where missing or not a directory."""
+        last = self._last
+        if last is not None and last[0] == path:
+            return last[1]
         node = self.root
         for part in path.split("/") if path else ():
             child = node.children.get(part)
@@ -117,10 +124,12 @@ class _Merger:
                     self.note(name, f"{path!r} is not a directory below it: replaced by a directory")
                 child = node.children[part] = _Dir(None, self.layer)
             node = child
+        self._last = (path, node)
         return node
 
     def apply(self, table: LayerTable) -> None:
         """Apply one layer: its whiteouts to the layers below, then its entries in order."""
+        self._last = None
         adds: list[Member] = []
         hides: list[tuple[Member, str, bool]] = []  # (member, path, opaque)
         for m in table.members:
@@ -143,11 +152,13 @@ class _Merger:
             made = {m.name: m.type for m in adds}
             for m, path, opaque in hides:
                 self.hide(m, path, opaque, made)
+            self._last = None
         for m in adds:
             self.add(m)
 
     def hide(self, m: Member, path: str, opaque: bool, made: dict[str, Type]) -> None:
         """Apply one whiteout (``path`` hidden) or opaque marker (``path``'s lower children hidden)."""
+        self._last = None  # a directory removed here may be the one remembered
         ancestor = _split(m.name)[0]
         while ancestor:
             kind = made.get(ancestor)
@@ -185,7 +196,11 @@ class _Merger:
                 what = "a directory" if isinstance(target, _Dir) else "nothing in this or a lower layer"
                 self.note(m.name, f"hardlink to {m.linkname!r}, which is {what} at this point")
                 return
-            self.parent_dir(parent_path, m.name).children[base] = target
+            parent = self.parent_dir(parent_path, m.name)
+            if isinstance(parent.children.get(base), _Dir):
+                self._last = None
+            parent.children[base] = target
+            self.linked = True
             return
         parent = self.parent_dir(parent_path, m.name)
         existing = parent.children.get(base)
@@ -195,17 +210,45 @@ class _Merger:
             else:
                 parent.children[base] = _Dir(m, self.layer)
             return
+        if isinstance(existing, _Dir):
+            self._last = None  # a file replaces a directory, and everything below it
         parent.children[base] = _Leaf(m, self.layer)
 
 
-def _meta(m: Member | None) -> Meta:
-    if m is None:
-        return Meta(mode=IMPLICIT_MODE, uid=0, gid=0)
-    return Meta(mode=m.mode, uid=m.uid, gid=m.gid, xattrs=m.xattrs)
+class _Metas:
+    """One Meta object per distinct value: most files of an image share mode, owner and no xattrs."""
 
+    def __init__(self) -> None:
+        self._made: dict[tuple[object, ...], Meta] = {}
 
-def _dir_entry(d: _Dir) -> Entry:
-    return Entry(Kind.DIR, 0, 0, 0 if d.member is None else d.member.mtime, max(d.layer, 0), _meta(d.member))
+    def get(
+        self, mode: int, uid: int, gid: int, xattrs: tuple[tuple[bytes, bytes], ...], nlink: int = 1,
+        group: int = 0, link: bytes = b"", rdev: int = 0,
+    ) -> Meta:  # fmt: skip
+        key = (mode, uid, gid, xattrs, nlink, group, link, rdev)
+        meta = self._made.get(key)
+        if meta is None:
+            meta = self._made[key] = Meta(
+                mode=mode, uid=uid, gid=gid, link=link, rdev=rdev, xattrs=xattrs, nlink=nlink, group=group
+            )
+        return meta
+
+    def directory(self, d: _Dir) -> Entry:
+        m = d.member
+        if m is None:
+            return Entry(Kind.DIR, 0, 0, 0, max(d.layer, 0), self.get(IMPLICIT_MODE, 0, 0, ()))
+        return Entry(Kind.DIR, 0, 0, m.mtime, max(d.layer, 0), self.get(m.mode, m.uid, m.gid, m.xattrs))
+
+    def leaf(self, leaf: _Leaf, nlink: int, group: int) -> Entry:
+        m = leaf.member
+        if m.type is Type.FILE:
+            meta = self.get(m.mode, m.uid, m.gid, m.xattrs, nlink, group)
+            return Entry(Kind.FILE, m.offset, m.size, m.mtime, leaf.layer, meta)
+        kind = _KINDS[m.type]
+        link = m.linkname.encode("utf-8", "surrogateescape") if kind is Kind.SYMLINK else b""
+        rdev = os.makedev(m.devmajor, m.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
+        meta = self.get(m.mode, m.uid, m.gid, m.xattrs, nlink, group, link, rdev)
+        return Entry(kind, 0, len(link), m.mtime, leaf.layer, meta)
 
 
 def merge(layers: Sequence[LayerTable]) -> Merged:
@@ -216,7 +259,7 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
         merger.apply(table)
     # Count each inode's names in the final tree, then make one Entry per inode.
     links: dict[int, int] = {}
-    stack = [merger.root]
+    stack = [merger.root] if merger.linked else []  # link counts matter only if there are hardlinks
     while stack:
         for child in stack.pop().children.values():
             if isinstance(child, _Dir):
@@ -224,6 +267,7 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
             else:
                 links[id(child)] = links.get(id(child), 0) + 1
     entries: dict[str, Entry] = {}
+    metas = _Metas()
     made: dict[int, Entry] = {}
     groups = 0
     walk: list[tuple[str, _Dir]] = [("", merger.root)]
@@ -232,26 +276,14 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
         for name, child in directory.children.items():
             path = f"{prefix}{name}"
             if isinstance(child, _Dir):
-                entries[path] = _dir_entry(child)
+                entries[path] = metas.directory(child)
                 walk.append((f"{path}/", child))
                 continue
             entry = made.get(id(child))
             if entry is None:
-                nlink = links[id(child)]
+                nlink = links.get(id(child), 1)
                 if nlink > 1:
                     groups += 1
-                entry = made[id(child)] = _leaf_entry(child, nlink, groups if nlink > 1 else 0)
+                entry = made[id(child)] = metas.leaf(child, nlink, groups if nlink > 1 else 0)
             entries[path] = entry
-    return Merged(entries=entries, root=_dir_entry(merger.root), notes=merger.notes)
-
-
-def _leaf_entry(leaf: _Leaf, nlink: int, group: int) -> Entry:
-    m = leaf.member
-    kind = _KINDS[m.type]
-    link = m.linkname.encode("utf-8", "surrogateescape") if kind is Kind.SYMLINK else b""
-    rdev = os.makedev(m.devmajor, m.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
-    meta = Meta(
-        mode=m.mode, uid=m.uid, gid=m.gid, link=link, rdev=rdev, xattrs=m.xattrs, nlink=nlink, group=group
-    )
-    size = m.size if kind is Kind.FILE else len(link)
-    return Entry(kind, m.offset if kind is Kind.FILE else 0, size, m.mtime, leaf.layer, meta)
+    return Merged(entries=entries, root=metas.directory(merger.root), notes=merger.notes)

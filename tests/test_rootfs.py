@@ -8,8 +8,11 @@ import tarfile
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
 
+from ocifuse import rootfs as rootfs_module
 from ocifuse.archive import Entry, Kind
 from ocifuse.errors import NotAnArchive, TruncatedArchive
 from ocifuse.layer import LayerTable, Type
@@ -332,6 +335,8 @@ def test_layer_table_round_trips_through_the_cache() -> None:
         lambda d: d.replace(b"bin/x", b"../xx"),
         lambda d: d[:-5],
         lambda d: d.replace(b',"file",', b',"sock",'),
+        lambda d: d.replace(b',"file",420,', b',"file","420",'),
+        lambda d: d.replace(b',"file",420,0,0,1700000000,512,', b',"file",420,0,0,1700000000,99999,'),
     ],
 )
 def test_a_bad_cached_table_is_scanned_again(damage: Callable[[bytes], bytes]) -> None:
@@ -345,3 +350,56 @@ def test_a_bad_cached_table_is_scanned_again(damage: Callable[[bytes], bytes]) -
     bigger = tar_bytes([file_member("bin/x", b"binary" * 1000)])
     store.entries[("layer-table", "k")] = LayerTable.scan(MemorySource(bigger), "b").to_bytes(len(bigger))
     assert LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store).members == good.members
+
+
+_NAMES = ["a", "b", "a/b", "a/c", "a/b/c", "b/a", "c"]
+
+
+def _op(kind: str, name: str, n: int) -> Member:
+    parent, _, base = name.rpartition("/")
+    prefix = f"{parent}/" if parent else ""
+    if kind == "file":
+        return file_member(name, b"%d" % n)
+    if kind == "dir":
+        return dir_member(name + "/")
+    if kind == "symlink":
+        return link_member(name, "a", tarfile.SYMTYPE)
+    if kind == "hardlink":
+        return link_member(name, _NAMES[n % len(_NAMES)])
+    if kind == "whiteout":
+        return whiteout(f"{prefix}.wh.{base}")
+    return whiteout(f"{name}/.wh..wh..opq")
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["file", "dir", "symlink", "hardlink", "whiteout", "opaque"]), st.sampled_from(_NAMES)
+    ),
+    max_size=8,
+)
+
+
+def _shape(merged: Merged) -> object:
+    return sorted((p, e.kind, e.source, e.offset, e.meta and e.meta.nlink) for p, e in merged.entries.items())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ops, min_size=1, max_size=4))
+def test_merge_memo_never_changes_the_result(layer_ops: list[list[tuple[str, str]]]) -> None:
+    """Random layers of files, dirs, links, whiteouts and opaque markers: the same tree with the
+    remembered parent directory as without it; and no path is ever both a file and under one."""
+    tables = [scan(tar_bytes([_op(k, n, i) for i, (k, n) in enumerate(ops)])) for ops in layer_ops]
+    fast = merge(tables)
+    plain = rootfs_module._Merger.parent_dir
+
+    def forgetful(self: rootfs_module._Merger, path: str, name: str) -> rootfs_module._Dir:
+        self._last = None
+        return plain(self, path, name)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(rootfs_module._Merger, "parent_dir", forgetful)
+        slow = merge(tables)
+    assert _shape(fast) == _shape(slow)
+    for path in fast.entries:
+        parent = path.rpartition("/")[0]
+        assert not parent or fast.entries[parent].kind is Kind.DIR
