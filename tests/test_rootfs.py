@@ -344,7 +344,9 @@ def test_a_bad_cached_table_is_scanned_again(damage: Callable[[bytes], bytes]) -
     data = tar_bytes([file_member("bin/x", b"binary")])
     store = DictStore()
     good = LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store)
-    store.entries[("layer-table", "k")] = damage(store.entries[("layer-table", "k")])
+    damaged = damage(store.entries[("layer-table", "k")])
+    assert damaged != store.entries[("layer-table", "k")]
+    store.entries[("layer-table", "k")] = damaged
     assert LayerTable.load_or_scan(MemorySource(data), "layer", key="k", cache=store).members == good.members
     # a table cached for a longer stream is not used for this one either
     bigger = tar_bytes([file_member("bin/x", b"binary" * 1000)])
