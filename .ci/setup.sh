@@ -20,6 +20,8 @@ PKGS="libfuse3-dev fuse3 pkg-config gcc python3-dev python3-venv tar skopeo umoc
 PKGS="$PKGS busybox-static bubblewrap podman runc"
 # The docker-archive tests build images with buildah and save them with podman.
 PKGS="$PKGS buildah"
+# Compressed archives and layers: the tools that make them in the tests.
+PKGS="$PKGS gzip pigz zstd xz-utils bzip2"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -35,6 +35,27 @@ class TruncatedArchive(LayoutOpenError):
     """The archive ends in the middle of a member or a header."""
 
 
+class CompressedDataError(LayoutOpenError):
+    """Compressed bytes that do not decompress whole: truncated, damaged (CRC), trailing data, unsupported.
+
+    ``compression`` names the format ("gzip", "zstd"); ``path`` the archive or blob they belong to.
+    """
+
+    def __init__(self, path: str, compression: str, reason: str) -> None:
+        super().__init__(path, f"{compression}: {reason}")
+        self.compression = compression
+
+
+class DecompressionLimit(LayoutOpenError):
+    """Decompressing would pass a bound (``-o max_size``, ``-o spill_max``, free disk): ``option``."""
+
+    errno = _errno.EFBIG
+
+    def __init__(self, path: str, reason: str, option: str) -> None:
+        super().__init__(path, reason)
+        self.option = option
+
+
 class ArchiveChanged(OcifuseError):
     """The archive was truncated or rewritten after it was opened; its bytes are no longer trusted."""
 

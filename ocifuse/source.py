@@ -14,6 +14,7 @@ import os
 import stat
 from abc import ABC, abstractmethod
 
+from .digest import Digest
 from .errors import ArchiveChanged, LayoutOpenError
 
 # preadv2(2) flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14; buffered reads 5.9).
@@ -34,6 +35,9 @@ def sniff(head: bytes) -> str | None:
     for prefix, kind in MAGIC.items():
         if head.startswith(prefix):
             return kind
+    # RFC 8878 3.1.2: a zstd stream may open with a skippable frame, magic 0x184D2A50..5F (pzstd does).
+    if len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50:
+        return "zstd"
     return None
 
 
@@ -43,6 +47,8 @@ class Source(ABC):
     size: int
     # What the bytes are stored as: "plain", "gzip", "zstd", "memory" (inspect and fsck say it).
     compression: str = "plain"
+    # The sha256 of the decompressed stream, for sources that decompress (a layer's DiffID).
+    uncompressed_digest: Digest | None = None
 
     @abstractmethod
     def pread(self, offset: int, size: int) -> bytes:
@@ -166,7 +172,9 @@ class SubRange(Source):
 def sub_range(parent: Source, start: int, size: int) -> Source:
     """A range of ``parent``; a range of a file range is a file range (one pread, no extra hop)."""
     if isinstance(parent, FileRange):
-        return FileRange(parent.file, parent.start + start, size)
+        found = FileRange(parent.file, parent.start + start, size)
+        found.compression = parent.compression  # a range of a zstd spill file is zstd's bytes
+        return found
     return SubRange(parent, start, size)
 
 

@@ -1,0 +1,722 @@
+"""Random access into compressed bytes: gzip by seek points (rapidgzip), zstd by frames or a spill file.
+
+``open_decompressed(raw, ...)`` returns a Source of the decompressed bytes of ``raw``, chosen by
+magic bytes (``source.sniff``), never by name; ``raw`` itself when it is not compressed. The first
+open reads the whole compressed stream once, in order: that one pass builds the index, checks the
+stream end to end (CRC, truncation, trailing data), counts the uncompressed size, and hashes the
+uncompressed bytes (a layer's DiffID, image-spec config.md ``rootfs.diff_ids``). The index is saved
+in the cache under the caller's key, so a later open reads none of the stream. Nothing is served
+before that pass has checked the whole stream: damaged bytes are never served as good.
+
+- gzip (RFC 1952; multi-member, e.g. pigz): rapidgzip's seek points, one every GZIP_CHUNK
+  compressed bytes, each with its 32 KiB window. Readers are not thread-safe (they release the
+  GIL): a small pool, one reader per worker thread at a time.
+- zstd (RFC 8878): a stream of frames each at most ZSTD_FRAME_INPLACE bytes decompressed (the
+  seekable format's frames, zstd:chunked's per-file frames, ``pzstd`` output) is read in place
+  through a frame table: a read decompresses only its frames. A larger frame (what ``zstd`` writes:
+  one frame for the whole input) cannot be entered in the middle: its bytes are decompressed once
+  into a spill file in the cache directory, bounded by ``Limits.spill_max`` and the free space.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import contextlib
+import errno
+import hashlib
+import io
+import logging
+import os
+import struct
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyzstd
+import rapidgzip
+
+from .digest import Digest
+from .errors import CompressedDataError, DecompressionLimit, OcifuseError
+from .source import FileRange, OpenFile, Source, SourceFile, sniff
+
+log = logging.getLogger(__name__)
+
+# Compressed bytes between two gzip seek points (rapidgzip's chunk_size). 1 MiB: a random 64 KiB
+# read decompresses ~1.5 MiB on average (p99 ~3 ms here); the index holds one 32 KiB window per
+# point, ~2% of the uncompressed size at a 2:1 ratio. A reader must reopen with the same value.
+GZIP_CHUNK = 1 << 20
+# Decompressing readers per gzip source: concurrent reads beyond this wait for one (2 CPUs here).
+MAX_READERS = 2
+# The largest zstd frame (decompressed) served in place; a stream with a larger one is spilled.
+ZSTD_FRAME_INPLACE = 8 << 20
+# Decoded zstd frames kept in memory per source (at most ZSTD_FRAME_INPLACE each).
+ZSTD_FRAMES_KEPT = 4
+# zstd's own default window limit (RFC 8878 3.1.1.1.2 lets a frame ask for up to 3.75 TiB):
+# ``zstd --long`` (2^27) is read, a frame asking for more is refused, as ``zstd -d`` refuses it.
+ZSTD_WINDOW_LOG_MAX = 27
+# Default bounds of one first pass (documented in README.md, "Compressed archives").
+DEFAULT_MAX_SIZE = 64 << 30
+DEFAULT_SPILL_MAX = 16 << 30
+# A spill never leaves less than this much free on its filesystem (or 10% of it, if smaller).
+SPILL_RESERVE = 1 << 30
+_READ = 1 << 20
+_CHECK_FREE_EVERY = 64 << 20
+
+
+class IndexStore(Protocol):
+    """What open_decompressed needs of the persistent cache (cache.IndexCache has it)."""
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        """The payload stored under (kind, key), or None."""
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        """Store a payload (atomically; errors are logged, never raised)."""
+
+    def spill_path(self, key: str) -> str | None:
+        """Where a large derived file for ``key`` may live; None when the cache is disabled."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds of a first pass: uncompressed bytes read (time) and spilled (disk); mount options."""
+
+    max_size: int = DEFAULT_MAX_SIZE  # -o max_size=SIZE
+    spill_max: int = DEFAULT_SPILL_MAX  # -o spill_max=SIZE
+
+
+Progress = Callable[[int], None]
+"""Called with each count of compressed bytes the first pass has consumed."""
+
+
+def open_decompressed(
+    raw: Source,
+    *,
+    key: str | None,
+    cache: IndexStore | None,
+    name: str,
+    limits: Limits | None = None,
+    progress: Progress | None = None,
+) -> Source:
+    """A Source of the decompressed bytes of ``raw`` (``raw`` itself when it is not compressed).
+
+    ``key`` names ``raw``'s content in ``cache`` (cache.blob_key / cache.file_key); with no key or
+    no cache the index is built and not kept. ``name`` (a path or a digest) names ``raw`` in errors.
+    The result's ``uncompressed_digest`` is the sha256 of the decompressed stream.
+
+    Raises CompressedDataError (damaged, truncated, trailing data, xz/bzip2) or DecompressionLimit.
+    """
+    kind = sniff(raw.pread(0, 8))
+    if kind is None:
+        return raw
+    limits = limits or Limits()
+    store = cache if key is not None else None
+    if kind == "gzip":
+        return GzipSource.open(raw, key=key, cache=store, name=name, limits=limits, progress=progress)
+    if kind == "zstd":
+        return _open_zstd(raw, key=key, cache=store, name=name, limits=limits, progress=progress)
+    raise CompressedDataError(name, kind, "not supported (ocifuse reads gzip and zstd)")
+
+
+# -- the index payloads ---------------------------------------------------------------------------
+
+# Every payload starts with: magic, uncompressed size, compressed size, sha256 of the uncompressed
+# stream. The cache checks version and checksum; these fields check the entry belongs to ``raw``.
+_HEAD = struct.Struct("<4sQQ32s")
+_GZIP_MAGIC = b"OGZ1"
+_ZSTD_FRAMES_MAGIC = b"OZF1"
+_ZSTD_SPILL_MAGIC = b"OZS1"
+_U64 = struct.Struct("<Q")
+_FRAME = struct.Struct("<QQQ")  # compressed offset, compressed size, uncompressed size
+_SPILL = struct.Struct("<QQ")  # the spill file's inode and mtime_ns
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    magic: bytes
+    size: int
+    compressed_size: int
+    sha256: bytes
+
+    def pack(self) -> bytes:
+        return _HEAD.pack(self.magic, self.size, self.compressed_size, self.sha256)
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256", self.sha256.hex())
+
+
+def _unpack_head(payload: bytes | None, raw: Source, *magics: bytes) -> tuple[_Head, bytes] | None:
+    """The head and the rest of a cached payload, or None when it is not for ``raw``."""
+    if payload is None or len(payload) < _HEAD.size:
+        return None
+    head = _Head(*_HEAD.unpack_from(payload))
+    if head.magic not in magics or head.compressed_size != raw.size:
+        return None
+    return head, payload[_HEAD.size :]
+
+
+# -- gzip -----------------------------------------------------------------------------------------
+
+_open_readers: weakref.WeakSet[rapidgzip.RapidgzipFile] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_readers() -> None:
+    """rapidgzip's threads must be gone before the interpreter is: close what is still open."""
+    for reader in list(_open_readers):
+        with contextlib.suppress(Exception):
+            reader.close()
+
+
+def _gzip_reader(raw: Source) -> rapidgzip.RapidgzipFile:
+    # SourceFile: rapidgzip reads from byte 0 of an object's fileno() when it has one; a blob
+    # inside an archive starts elsewhere. parallelization=1: faster than 2 on 2 CPUs (bench/README).
+    reader = rapidgzip.RapidgzipFile(SourceFile(raw), parallelization=1, chunk_size=GZIP_CHUNK)
+    _open_readers.add(reader)
+    return reader
+
+
+def _gzip_error(name: str, error: Exception, at: int) -> CompressedDataError:
+    """rapidgzip's exception as one line a user can act on."""
+    text = str(error)
+    if "CRC32" in text:
+        reason = "CRC mismatch: the compressed data is damaged"
+    elif "gzip/zlib header" in text or "wrapper" in text:
+        reason = f"not gzip data after byte {at} (trailing data, or a damaged member header)"
+    elif "valid file format" in text:
+        reason = "not a gzip stream (damaged header)"
+    else:
+        reason = f"damaged or truncated gzip data near byte {at}"
+    return CompressedDataError(name, "gzip", reason)
+
+
+class _ReaderPool:
+    """Up to ``limit`` reader objects, each used by one thread at a time; the rest wait."""
+
+    def __init__(self, make: Callable[[], rapidgzip.RapidgzipFile], limit: int) -> None:
+        self._make = make
+        self._limit = limit
+        self._idle: list[tuple[int, rapidgzip.RapidgzipFile]] = []  # (position after last read, reader)
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def add(self, reader: rapidgzip.RapidgzipFile) -> None:
+        """Adopt a reader made elsewhere (the one that built the index)."""
+        with self._cond:
+            self._count += 1
+            self._idle.append((-1, reader))
+
+    def acquire(self, offset: int) -> rapidgzip.RapidgzipFile:
+        """An idle reader (preferring one that stopped at ``offset``: a sequential read), or a new one."""
+        with self._cond:
+            while not self._idle and self._count >= self._limit and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise OcifuseError("read after close")
+            if self._idle:
+                i = next((i for i, (pos, _) in enumerate(self._idle) if pos == offset), -1)
+                return self._idle.pop(i)[1]
+            self._count += 1
+        try:
+            return self._make()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def release(self, reader: rapidgzip.RapidgzipFile, position: int) -> None:
+        """Give a reader back; ``position`` < 0 means it failed: close it and forget it."""
+        with self._cond:
+            if position >= 0 and not self._closed:
+                self._idle.append((position, reader))
+                reader = None
+            else:
+                self._count -= 1
+            self._cond.notify()
+        if reader is not None:
+            reader.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for _, reader in idle:
+            reader.close()
+
+
+class GzipSource(Source):
+    """The decompressed bytes of a gzip stream, read through rapidgzip with an imported index."""
+
+    compression = "gzip"
+
+    def __init__(self, raw: Source, name: str, index: bytes, head: _Head) -> None:
+        self.raw = raw
+        self.name = name
+        self.size = head.size
+        self.uncompressed_digest = head.digest
+        self.head = head
+        self._index = index
+        self._pool = _ReaderPool(self._new_reader, MAX_READERS)
+
+    def _new_reader(self) -> rapidgzip.RapidgzipFile:
+        reader = _gzip_reader(self.raw)
+        try:
+            reader.import_index(io.BytesIO(self._index))
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+
+    @classmethod
+    def open(
+        cls,
+        raw: Source,
+        *,
+        key: str | None,
+        cache: IndexStore | None,
+        name: str,
+        limits: Limits,
+        progress: Progress | None,
+    ) -> GzipSource:
+        """From the cached index when there is a good one, else by one pass over the stream."""
+        if cache is not None and key is not None:
+            found = _unpack_head(cache.load("gzip-index", key), raw, _GZIP_MAGIC)
+            if found is not None:
+                source = cls(raw, name, found[1], found[0])
+                try:
+                    source._pool.add(source._new_reader())  # the index must import: else rebuild
+                except (ValueError, RuntimeError, OSError) as e:
+                    log.warning("%s: cached gzip index unusable (%s): rebuilding it", name, e)
+                    source.close()
+                else:
+                    log.debug("%s: gzip index from the cache", name)
+                    return source
+        source = cls._build(raw, name, limits, progress)
+        if cache is not None and key is not None:
+            cache.store("gzip-index", key, source.head.pack() + source._index)
+        return source
+
+    @classmethod
+    def _build(cls, raw: Source, name: str, limits: Limits, progress: Progress | None) -> GzipSource:
+        reader = _gzip_reader(raw)
+        try:
+            sha = hashlib.sha256()
+            size = consumed = 0
+            buf = bytearray(_READ)
+            view = memoryview(buf)
+            while True:
+                try:
+                    n = reader.readinto(buf)
+                except (ValueError, RuntimeError) as e:
+                    raise _gzip_error(name, e, reader.tell_compressed() // 8) from e
+                if not n:
+                    break
+                size += n
+                if size > limits.max_size:
+                    raise DecompressionLimit(
+                        name,
+                        f"gzip: decompresses to more than {limits.max_size} bytes, the max_size bound "
+                        "(-o max_size=SIZE raises it)",
+                        "max_size",
+                    )
+                sha.update(view[:n])
+                if progress is not None:
+                    done = reader.tell_compressed() // 8
+                    progress(done - consumed)
+                    consumed = done
+            # rapidgzip ends quietly at some truncations: the stream must end exactly at raw's end.
+            end = -(-reader.tell_compressed() // 8)
+            if end != raw.size:
+                raise CompressedDataError(
+                    name, "gzip", f"truncated: the stream stops at byte {end} of {raw.size}"
+                )
+            if progress is not None:
+                progress(raw.size - consumed)
+            out = io.BytesIO()
+            reader.export_index(out)
+        except BaseException:
+            reader.close()
+            raise
+        head = _Head(_GZIP_MAGIC, size, raw.size, sha.digest())
+        source = cls(raw, name, out.getvalue(), head)
+        source._pool.add(reader)
+        return source
+
+    def pread(self, offset: int, size: int) -> bytes:
+        size = self.clip(offset, size)
+        if size == 0:
+            return b""
+        reader = self._pool.acquire(offset)
+        position = -1
+        try:
+            buf = bytearray(size)
+            view = memoryview(buf)
+            got = 0
+            reader.seek(offset)
+            while got < size:
+                n = reader.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got != size:
+                raise CompressedDataError(
+                    self.name, "gzip", f"stream ends at byte {offset + got}, before its indexed end"
+                )
+            position = offset + size
+            return bytes(buf)
+        except (ValueError, RuntimeError) as e:
+            raise _gzip_error(self.name, e, offset) from e
+        finally:
+            self._pool.release(reader, position)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# -- zstd -----------------------------------------------------------------------------------------
+
+_ZSTD_OPTION = {int(pyzstd.DParameter.windowLogMax): ZSTD_WINDOW_LOG_MAX}
+
+
+def _zstd_error(name: str, error: Exception, at: int) -> CompressedDataError:
+    text = str(error)
+    if "memory" in text.lower() or "window" in text.lower():
+        reason = (
+            f"the frame at byte {at} needs a window over 2^{ZSTD_WINDOW_LOG_MAX} bytes "
+            "(zstd --long=28 or more; zstd -d refuses it too)"
+        )
+    elif "checksum" in text.lower():
+        reason = f"checksum mismatch in the frame at byte {at}: the compressed data is damaged"
+    elif "dictionary" in text.lower():
+        reason = f"the frame at byte {at} needs a dictionary (not supported)"
+    elif "frame descriptor" in text.lower():
+        reason = f"not zstd data at byte {at} (trailing data, or a damaged frame header)"
+    else:
+        reason = f"damaged frame at byte {at} ({text})"
+    return CompressedDataError(name, "zstd", reason)
+
+
+class _Frames:
+    """What one pass learns: the frames that hold data (compressed offset, size, uncompressed size)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, int, int]] = []
+        self.size = 0
+        self.sha = hashlib.sha256()
+
+
+class _TooLargeFrame(Exception):
+    """A frame larger than ZSTD_FRAME_INPLACE: the stream must be spilled instead."""
+
+
+class _HighWater:
+    """Turns positions into Progress increments, never counting a byte twice (a spill pass re-reads)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.high = 0
+
+    def __call__(self, position: int) -> None:
+        if position > self.high:
+            self.progress(position - self.high)
+            self.high = position
+
+
+def _zstd_pass(
+    raw: Source, name: str, limits: Limits, progress: _HighWater | None, spill: _Spill | None
+) -> _Frames:
+    """Decompress ``raw`` once, in order: the frame table, size and sha256; the bytes into ``spill``.
+
+    Without a spill, raises _TooLargeFrame at the first frame over ZSTD_FRAME_INPLACE.
+    """
+    out = _Frames()
+    fed = start = frame_size = 0
+    pending = b""
+    started = False
+    d = pyzstd.ZstdDecompressor(option=_ZSTD_OPTION)
+    while True:
+        try:
+            if d.needs_input:
+                if not pending:
+                    pending = raw.pread(fed, _READ)
+                    if not pending:
+                        break
+                    fed += len(pending)
+                    if progress is not None:
+                        progress(fed)
+                data = d.decompress(pending, max_length=_READ)
+                pending = b""
+                started = True
+            else:
+                data = d.decompress(b"", max_length=_READ)
+        except pyzstd.ZstdError as e:
+            raise _zstd_error(name, e, start) from e
+        if data:
+            frame_size += len(data)
+            out.size += len(data)
+            if out.size > limits.max_size:
+                raise DecompressionLimit(
+                    name,
+                    f"zstd: decompresses to more than {limits.max_size} bytes, the max_size bound "
+                    "(-o max_size=SIZE raises it)",
+                    "max_size",
+                )
+            if spill is None and frame_size > ZSTD_FRAME_INPLACE:
+                raise _TooLargeFrame
+            out.sha.update(data)
+            if spill is not None:
+                spill.write(data, out.size)
+        if d.eof:  # RFC 8878 3.1: frames follow each other; a skippable frame decodes to nothing
+            pending = d.unused_data
+            end = fed - len(pending)
+            if frame_size:
+                out.frames.append((start, end - start, frame_size))
+            start, frame_size, started = end, 0, False
+            d = pyzstd.ZstdDecompressor(option=_ZSTD_OPTION)
+    if started:
+        raise CompressedDataError(name, "zstd", f"truncated: the frame at byte {start} is cut short")
+    return out
+
+
+class ZstdFrames(Source):
+    """The decompressed bytes of a zstd stream of small frames: a read decompresses its frames only."""
+
+    compression = "zstd"
+
+    def __init__(self, raw: Source, name: str, frames: list[tuple[int, int, int]], head: _Head) -> None:
+        self.raw = raw
+        self.name = name
+        self.frames = frames
+        self.size = head.size
+        self.uncompressed_digest = head.digest
+        self._starts: list[int] = []
+        at = 0
+        for _, _, usize in frames:
+            self._starts.append(at)
+            at += usize
+        self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _frame(self, i: int) -> bytes:
+        with self._lock:
+            data = self._kept.get(i)
+            if data is not None:
+                self._kept.move_to_end(i)
+                return data
+        coff, csize, usize = self.frames[i]
+        comp = self.raw.pread(coff, csize)
+        try:
+            data = pyzstd.decompress(comp, option=_ZSTD_OPTION) if len(comp) == csize else b""
+        except pyzstd.ZstdError as e:
+            raise _zstd_error(self.name, e, coff) from e
+        if len(data) != usize:
+            raise CompressedDataError(
+                self.name, "zstd", f"the frame at byte {coff} no longer decompresses to {usize} bytes"
+            )
+        with self._lock:
+            self._kept[i] = data
+            while len(self._kept) > ZSTD_FRAMES_KEPT:
+                self._kept.popitem(last=False)
+        return data
+
+    def _read(self, offset: int, size: int, frame: Callable[[int], bytes | None]) -> bytes | None:
+        parts = []
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while size > 0:
+            data = frame(i)
+            if data is None:
+                return None
+            piece = data[offset - self._starts[i] : offset - self._starts[i] + size]
+            parts.append(piece)
+            offset += len(piece)
+            size -= len(piece)
+            i += 1
+        return b"".join(parts)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        size = self.clip(offset, size)
+        if size == 0:
+            return b""
+        data = self._read(offset, size, self._frame)
+        assert data is not None
+        return data
+
+    def pread_cached(self, offset: int, size: int) -> bytearray | None:
+        """From frames already decoded (memory), else None."""
+        size = self.clip(offset, size)
+
+        def kept(i: int) -> bytes | None:
+            with self._lock:
+                return self._kept.get(i)
+
+        data = self._read(offset, size, kept) if size else b""
+        return None if data is None else bytearray(data)
+
+
+class ZstdSpill(FileRange):
+    """The decompressed bytes of a zstd stream, written once to a spill file and read from it by pread."""
+
+    compression = "zstd"
+
+    def __init__(self, file: OpenFile, head: _Head) -> None:
+        super().__init__(file, 0, head.size)
+        self.uncompressed_digest = head.digest
+
+
+class _Spill:
+    """A spill file being written: in the cache directory (renamed into place when whole) or anonymous."""
+
+    def __init__(self, path: str | None, name: str, limits: Limits) -> None:
+        self.path = path
+        self.name = name
+        self.limits = limits
+        directory = os.path.dirname(path) if path else tempfile.gettempdir()
+        self.directory = directory
+        self.temp: str | None = None
+        if path is not None:
+            self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=".spill-")
+        else:
+            try:
+                self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError:  # a filesystem without O_TMPFILE
+                with tempfile.TemporaryFile(dir=directory) as f:
+                    self.fd = os.dup(f.fileno())
+        self._next_check = 0
+
+    def write(self, data: bytes, written: int) -> None:
+        """Append ``data`` (``written`` bytes in all, with it), within spill_max and the free space."""
+        if written > self.limits.spill_max:
+            raise DecompressionLimit(
+                self.name,
+                f"zstd: a stream with large frames is spilled to disk to be read at random, and it "
+                f"decompresses to more than {self.limits.spill_max} bytes, the spill_max bound "
+                "(-o spill_max=SIZE raises it)",
+                "spill_max",
+            )
+        if written >= self._next_check:
+            self._next_check = written + _CHECK_FREE_EVERY
+            st = os.statvfs(self.directory)
+            reserve = min(SPILL_RESERVE, st.f_blocks * st.f_frsize // 10)
+            if st.f_bavail * st.f_frsize < _CHECK_FREE_EVERY + reserve:
+                raise DecompressionLimit(
+                    self.name,
+                    f"zstd: no room to spill the decompressed stream in {self.directory} (it would leave "
+                    f"less than {reserve} bytes free; -o cache=DIR puts it elsewhere)",
+                    "cache",
+                )
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                raise DecompressionLimit(
+                    self.name, f"zstd: cannot write the spill file in {self.directory}: {e.strerror}", "cache"
+                ) from e
+            view = view[n:]
+
+    def finish(self) -> OpenFile:
+        """The spill, whole, as an OpenFile (renamed into its cache path first)."""
+        if self.temp is not None and self.path is not None:
+            os.rename(self.temp, self.path)
+            self.temp = None
+        return OpenFile(self.path or f"{self.name} (spill)", fd=self.fd)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        if self.temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp)
+
+
+def _open_zstd(
+    raw: Source,
+    *,
+    key: str | None,
+    cache: IndexStore | None,
+    name: str,
+    limits: Limits,
+    progress: Progress | None,
+) -> Source:
+    """From the cached frame table or spill file when good, else by one pass (two for a large frame)."""
+    if cache is not None and key is not None:
+        cached = _cached_zstd(raw, key, cache, name)
+        if cached is not None:
+            return cached
+    high = None if progress is None else _HighWater(progress)
+    try:
+        found = _zstd_pass(raw, name, limits, high, None)
+    except _TooLargeFrame:
+        log.info("%s: a zstd frame over %d bytes: decompressing to a spill file", name, ZSTD_FRAME_INPLACE)
+        return _spill_zstd(raw, key=key, cache=cache, name=name, limits=limits, progress=high)
+    head = _Head(_ZSTD_FRAMES_MAGIC, found.size, raw.size, found.sha.digest())
+    if cache is not None and key is not None:
+        table = b"".join(_FRAME.pack(*f) for f in found.frames)
+        cache.store("zstd-index", key, head.pack() + _U64.pack(len(found.frames)) + table)
+    return ZstdFrames(raw, name, found.frames, head)
+
+
+def _spill_zstd(
+    raw: Source,
+    *,
+    key: str | None,
+    cache: IndexStore | None,
+    name: str,
+    limits: Limits,
+    progress: _HighWater | None,
+) -> Source:
+    path = cache.spill_path(key) if cache is not None and key is not None else None
+    spill = _Spill(path, name, limits)
+    try:
+        found = _zstd_pass(raw, name, limits, progress, spill)
+        file = spill.finish()
+    except BaseException:
+        spill.discard()
+        raise
+    head = _Head(_ZSTD_SPILL_MAGIC, found.size, raw.size, found.sha.digest())
+    if cache is not None and key is not None and path is not None:
+        st = file.stat
+        cache.store("zstd-index", key, head.pack() + _SPILL.pack(st.st_ino, st.st_mtime_ns))
+    return ZstdSpill(file, head)
+
+
+def _cached_zstd(raw: Source, key: str, cache: IndexStore, name: str) -> Source | None:
+    found = _unpack_head(cache.load("zstd-index", key), raw, _ZSTD_FRAMES_MAGIC, _ZSTD_SPILL_MAGIC)
+    if found is None:
+        return None
+    head, rest = found
+    if head.magic == _ZSTD_FRAMES_MAGIC:
+        if len(rest) < _U64.size:
+            return None
+        (count,) = _U64.unpack_from(rest)
+        if len(rest) != _U64.size + count * _FRAME.size:
+            return None
+        frames = [_FRAME.unpack_from(rest, _U64.size + i * _FRAME.size) for i in range(count)]
+        if sum(f[2] for f in frames) != head.size or any(c + s > raw.size for c, s, _ in frames):
+            return None
+        log.debug("%s: zstd frame table from the cache", name)
+        return ZstdFrames(raw, name, frames, head)
+    path = cache.spill_path(key)
+    if path is None or len(rest) != _SPILL.size:
+        return None
+    ino, mtime_ns = _SPILL.unpack(rest)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("%s: cannot open the spill file %s: %s", name, path, e.strerror)
+        return None
+    file = OpenFile(path, fd=fd)
+    st = file.stat
+    if (st.st_ino, st.st_mtime_ns, st.st_size) != (ino, mtime_ns, head.size) or st.st_uid != os.geteuid():
+        file.close()
+        return None
+    log.debug("%s: zstd spill file from the cache: %s", name, path)
+    return ZstdSpill(file, head)

@@ -1,0 +1,423 @@
+"""Random access into gzip and zstd made by the real tools: every byte equals the tool's own ``-d`` output."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pyzstd
+from conftest import require_tools
+
+from ocifuse import compressed
+from ocifuse.compressed import GzipSource, Limits, ZstdFrames, ZstdSpill, open_decompressed
+from ocifuse.errors import ArchiveChanged, CompressedDataError, DecompressionLimit
+from ocifuse.source import FileRange, MemorySource, OpenFile, Source, SourceFile
+
+
+def _semi_compressible(size: int, seed: int) -> bytes:
+    """Text-like runs and random runs, ~2:1 under gzip: seek points fall inside both kinds."""
+    rng = random.Random(seed)
+    letters = b"abcdefghij klmnopqrstuvwxyz\n"
+    words = [bytes(rng.choice(letters) for _ in range(rng.randint(2, 12))) for _ in range(800)]
+    out = bytearray()
+    while len(out) < size:
+        if rng.random() < 0.5:
+            out += b" ".join(rng.choices(words, k=4000))
+        else:
+            out += rng.randbytes(rng.randint(1000, 60000))
+    return bytes(out[:size])
+
+
+@pytest.fixture(autouse=True)
+def _small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames over 1 MiB spill (8 MiB in use): the 5 MiB fixtures then take both zstd paths."""
+    monkeypatch.setattr(compressed, "ZSTD_FRAME_INPLACE", 1 << 20)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("plain") / "data"
+    path.write_bytes(_semi_compressible(5 << 20, 1))
+    return path
+
+
+def _run(cmd: str, src: Path, dst: Path) -> Path:
+    with open(src, "rb") as i, open(dst, "wb") as o:
+        subprocess.run(cmd.split(), stdin=i, stdout=o, check=True)
+    return dst
+
+
+def _gzip(plain: Path, tmp: Path) -> Path:
+    require_tools("gzip")
+    return _run("gzip -c -6", plain, tmp / "data.gz")
+
+
+def _pigz(plain: Path, tmp: Path) -> Path:
+    require_tools("pigz")
+    return _run("pigz -c -p 2 -b 128", plain, tmp / "data.pigz.gz")
+
+
+def _multi_member(plain: Path, tmp: Path) -> Path:
+    """Three gzip members one after the other (``cat a.gz b.gz``; RFC 1952 2.2)."""
+    require_tools("gzip")
+    data = plain.read_bytes()
+    out = tmp / "data.multi.gz"
+    with open(out, "wb") as o:
+        for part in (data[: 1 << 20], data[1 << 20 : 3 << 20], data[3 << 20 :]):
+            o.write(subprocess.run(["gzip", "-c"], input=part, stdout=subprocess.PIPE, check=True).stdout)
+    return out
+
+
+def _zstd(plain: Path, tmp: Path) -> Path:
+    require_tools("zstd")
+    return _run("zstd -q -c -3", plain, tmp / "data.zst")
+
+
+def _zstd_long(plain: Path, tmp: Path) -> Path:
+    require_tools("zstd")
+    return _run("zstd -q -c --long", plain, tmp / "data.long.zst")
+
+
+def _pzstd(plain: Path, tmp: Path) -> Path:
+    require_tools("pzstd")
+    return _run("pzstd -q -c -p 2", plain, tmp / "data.pzstd.zst")
+
+
+def _seekable(plain: Path, tmp: Path) -> Path:
+    """The zstd seekable format (frames of at most 256 KiB, then a skippable seek-table frame)."""
+    out = tmp / "data.seekable.zst"
+    with pyzstd.SeekableZstdFile(out, "w", max_frame_content_size=256 << 10) as f:
+        f.write(plain.read_bytes())
+    return out
+
+
+MAKERS: dict[str, Callable[[Path, Path], Path]] = {
+    "gzip": _gzip,
+    "pigz": _pigz,
+    "gzip-multi-member": _multi_member,
+    "zstd": _zstd,
+    "zstd-long": _zstd_long,
+    "pzstd": _pzstd,
+    "zstd-seekable": _seekable,
+}
+
+
+class DictStore:
+    """An in-memory stand-in for cache.IndexCache (same three calls), counting what it is asked."""
+
+    def __init__(self, spill_dir: Path | None = None) -> None:
+        self.entries: dict[tuple[str, str], bytes] = {}
+        self.spill_dir = spill_dir
+        self.loads = 0
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        self.loads += 1
+        return self.entries.get((kind, key))
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        self.entries[(kind, key)] = payload
+
+    def spill_path(self, key: str) -> str | None:
+        return None if self.spill_dir is None else str(self.spill_dir / f"{key}.spill")
+
+
+def _open(path: Path, **kw: object) -> tuple[OpenFile, Source]:
+    file = OpenFile(str(path))
+    kw.setdefault("key", None)
+    kw.setdefault("cache", None)
+    return file, open_decompressed(FileRange(file), name=str(path), **kw)  # type: ignore[arg-type]
+
+
+def _check_all(source: Source, expected: bytes) -> None:
+    assert source.size == len(expected)
+    assert SourceFile(source).read() == expected
+    rng = random.Random(7)
+    for _ in range(60):
+        offset = rng.randrange(0, len(expected))
+        size = rng.choice([1, 512, 4096, 65536, 300000])
+        assert source.pread(offset, size) == expected[offset : offset + size]
+    assert source.pread(len(expected) - 10, 100) == expected[-10:]
+    assert source.pread(len(expected), 100) == b""
+    assert source.uncompressed_digest is not None
+    assert source.uncompressed_digest.encoded == hashlib.sha256(expected).hexdigest()
+
+
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_every_byte_equals_the_tools_output(maker: str, plain: Path, tmp_path: Path) -> None:
+    path = MAKERS[maker](plain, tmp_path)
+    kind = "gzip" if "gz" in maker or maker == "pigz" else "zstd"
+    # The tool's own decompression is the reference, not our input.
+    tool = ["gzip", "-dc"] if kind == "gzip" else ["zstd", "-dcq", "--long=27"]
+    expected = subprocess.run([*tool, str(path)], stdout=subprocess.PIPE, check=True).stdout
+    assert expected == plain.read_bytes()
+    file, source = _open(path)
+    try:
+        assert source.compression == kind
+        _check_all(source, expected)
+    finally:
+        source.close()
+        file.close()
+
+
+def test_which_zstd_streams_are_read_in_place(plain: Path, tmp_path: Path) -> None:
+    """Small frames: a frame table (no copy); one large frame (what ``zstd`` writes): a spill file."""
+    for maker, kind in (("zstd-seekable", ZstdFrames), ("zstd", ZstdSpill)):
+        file, source = _open(MAKERS[maker](plain, tmp_path))
+        try:
+            assert isinstance(source, kind), maker
+        finally:
+            source.close()
+            file.close()
+
+
+def test_plain_bytes_come_back_as_they_are(plain: Path) -> None:
+    file = OpenFile(str(plain))
+    raw = FileRange(file)
+    try:
+        assert open_decompressed(raw, key=None, cache=None, name="x") is raw
+    finally:
+        file.close()
+
+
+@pytest.mark.parametrize("maker", ["gzip", "zstd-seekable", "zstd"])
+def test_a_compressed_blob_inside_a_larger_file(maker: str, plain: Path, tmp_path: Path) -> None:
+    """A blob at byte 1000 of an archive: the reader must not start at byte 0 of the fd."""
+    blob = MAKERS[maker](plain, tmp_path).read_bytes()
+    outer = tmp_path / "outer"
+    outer.write_bytes(b"\x1f\x8b" + os.urandom(998) + blob + os.urandom(3000))
+    file = OpenFile(str(outer))
+    source = open_decompressed(FileRange(file, 1000, len(blob)), key=None, cache=None, name="blob")
+    try:
+        _check_all(source, plain.read_bytes())
+    finally:
+        source.close()
+        file.close()
+
+
+@pytest.mark.parametrize("maker", ["gzip", "pigz", "zstd-seekable", "zstd"])
+def test_the_index_is_saved_and_reused(maker: str, plain: Path, tmp_path: Path) -> None:
+    path = MAKERS[maker](plain, tmp_path)
+    store = DictStore(tmp_path)
+    file, first = _open(path, key="k1", cache=store)
+    first.close()
+    assert len(store.entries) == 1
+    consumed: list[int] = []
+    second = open_decompressed(FileRange(file), key="k1", cache=store, name="x", progress=consumed.append)
+    try:
+        assert consumed == []  # no pass over the stream: all from the index
+        _check_all(second, plain.read_bytes())
+    finally:
+        second.close()
+        file.close()
+
+
+@pytest.mark.parametrize("maker", ["gzip", "zstd-seekable", "zstd"])
+def test_a_damaged_or_foreign_index_is_rebuilt(maker: str, plain: Path, tmp_path: Path) -> None:
+    path = MAKERS[maker](plain, tmp_path)
+    store = DictStore(tmp_path)
+    file, first = _open(path, key="k", cache=store)
+    first.close()
+    ((kind, key), payload) = next(iter(store.entries.items()))
+    for bad in (payload[:10], payload[:-7], b"XXXX" + payload[4:]):
+        store.entries[(kind, key)] = bad
+        source = open_decompressed(FileRange(file), key="k", cache=store, name="x")
+        try:
+            _check_all(source, plain.read_bytes())
+        finally:
+            source.close()
+    file.close()
+
+
+def test_progress_counts_every_compressed_byte(plain: Path, tmp_path: Path) -> None:
+    for maker in ("gzip", "zstd"):
+        path = MAKERS[maker](plain, tmp_path)
+        consumed: list[int] = []
+        file, source = _open(path, progress=consumed.append)
+        source.close()
+        file.close()
+        assert sum(consumed) == path.stat().st_size
+        assert all(n >= 0 for n in consumed)
+
+
+def test_concurrent_readers_each_get_their_bytes(plain: Path, tmp_path: Path) -> None:
+    """rapidgzip readers are not thread-safe: the pool gives each thread its own."""
+    expected = plain.read_bytes()
+    file, source = _open(_gzip(plain, tmp_path))
+    assert isinstance(source, GzipSource)
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(40):
+                offset = rng.randrange(0, len(expected))
+                assert source.pread(offset, 70000) == expected[offset : offset + 70000]
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        source.close()
+        file.close()
+    assert errors == []
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def _damaged(path: Path, how: str) -> Path:
+    data = bytearray(path.read_bytes())
+    if how == "truncated-early":
+        data = data[:1000]
+    elif how == "truncated-middle":
+        data = data[: len(data) // 2]
+    elif how == "truncated-end":
+        data = data[:-3]
+    elif how == "flipped-byte":
+        data[len(data) // 3] ^= 0x40
+    elif how == "flipped-trailer":
+        data[-6] ^= 0x01  # gzip: in CRC32/ISIZE; zstd: in the content checksum
+    elif how == "trailing-garbage":
+        data += b"this is not compressed data\n"
+    elif how == "trailing-zeros":
+        data += bytes(1024)
+    out = path.with_name(f"{path.name}.{how}")
+    out.write_bytes(bytes(data))
+    return out
+
+
+DAMAGE = [
+    "truncated-early",
+    "truncated-middle",
+    "truncated-end",
+    "flipped-byte",
+    "flipped-trailer",
+    "trailing-garbage",
+    "trailing-zeros",
+]
+
+
+@pytest.mark.parametrize("maker", ["gzip", "pigz", "zstd", "zstd-seekable"])
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damage_is_one_clear_error(maker: str, how: str, plain: Path, tmp_path: Path) -> None:
+    """Damage the tool itself notices is one CompressedDataError; no other bytes than the tool's served.
+
+    Where the format has no check over the damaged bytes (a seekable-format frame written without
+    a checksum), ``zstd -d`` itself cannot tell: then the bytes served must be the tool's.
+    """
+    bad = _damaged(MAKERS[maker](plain, tmp_path), how)
+    kind = "gzip" if "gz" in maker or maker == "pigz" else "zstd"
+    tool = subprocess.run(["gzip" if kind == "gzip" else "zstd", "-dcq", str(bad)], capture_output=True)
+    try:
+        file, source = _open(bad)
+    except CompressedDataError as e:
+        message = str(e)
+        assert message.startswith(f"{bad}: {kind}: ")
+        assert "\n" not in message
+        return
+    try:
+        served = SourceFile(source).read()
+    finally:
+        source.close()
+        file.close()
+    assert tool.returncode == 0, f"{kind} -d fails on it ({tool.stderr!r}); ocifuse served it"
+    assert served == tool.stdout
+
+
+def test_xz_and_bzip2_are_named_in_the_refusal(plain: Path, tmp_path: Path) -> None:
+    require_tools("xz", "bzip2")
+    for tool in ("xz", "bzip2"):
+        path = _run(f"{tool} -c", plain, tmp_path / f"data.{tool}")
+        with pytest.raises(CompressedDataError, match=f"{tool}: not supported"):
+            _open(path)
+
+
+@pytest.mark.parametrize("tool", ["gzip -c -9", "zstd -q -c -19"])
+def test_a_bomb_stops_at_max_size(tool: str, tmp_path: Path) -> None:
+    """50 MiB of zeros compress to kilobytes; max_size bounds the pass, in time and memory."""
+    require_tools(tool.split()[0])
+    zeros = tmp_path / "zeros"
+    with open(zeros, "wb") as f:
+        f.truncate(50 << 20)
+    path = _run(tool, zeros, tmp_path / "bomb")
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DecompressionLimit, match="max_size") as info:
+        _open(path, limits=Limits(max_size=4 << 20))
+    assert info.value.option == "max_size"
+
+
+def test_a_spill_stops_at_spill_max(plain: Path, tmp_path: Path) -> None:
+    store = DictStore(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(DecompressionLimit, match="spill_max") as info:
+        _open(_zstd(plain, tmp_path), key="k", cache=store, limits=Limits(spill_max=1 << 20))
+    assert info.value.option == "spill_max"
+    assert os.listdir(tmp_path / "cache") == []  # the partial spill is gone
+    assert store.entries == {}
+
+
+def test_a_spill_lives_in_the_cache_and_is_reused(plain: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    store = DictStore(cache_dir)
+    path = _zstd(plain, tmp_path)
+    file, first = _open(path, key="k", cache=store)
+    first.close()
+    assert os.listdir(cache_dir) == ["k.spill"]
+    second = open_decompressed(FileRange(file), key="k", cache=store, name="x")
+    try:
+        assert isinstance(second, ZstdSpill)
+        _check_all(second, plain.read_bytes())
+    finally:
+        second.close()
+    # A spill file changed since it was written is not trusted: rebuilt.
+    with open(cache_dir / "k.spill", "r+b") as f:
+        f.truncate(10)
+    third = open_decompressed(FileRange(file), key="k", cache=store, name="x")
+    try:
+        _check_all(third, plain.read_bytes())
+    finally:
+        third.close()
+        file.close()
+
+
+@pytest.mark.parametrize("maker", ["gzip", "zstd-seekable", "zstd"])
+def test_an_archive_changed_underneath_answers_eio(maker: str, plain: Path, tmp_path: Path) -> None:
+    """Built, then the file is rewritten in place: reads that reach the file fail, never stale bytes."""
+    path = MAKERS[maker](plain, tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copy(path, copy)
+    file, source = _open(copy)
+    try:
+        with open(copy, "r+b") as f:
+            f.truncate(copy.stat().st_size // 2)
+        if isinstance(source, ZstdSpill):
+            return  # its bytes were checked whole and copied out at open: they stay good
+        with pytest.raises(ArchiveChanged):
+            for offset in range(0, source.size, 1 << 20):
+                source.pread(offset, 4096)
+    finally:
+        source.close()
+        file.close()
+
+
+def test_a_memory_source_can_be_decompressed() -> None:
+    """Any Source works, not only files (a blob read through another source)."""
+    data = _semi_compressible(300000, 3)
+    source = open_decompressed(MemorySource(pyzstd.compress(data)), key=None, cache=None, name="m")
+    try:
+        _check_all(source, data)
+    finally:
+        source.close()
