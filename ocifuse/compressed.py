@@ -582,7 +582,7 @@ class _Spill:
         self.directory = directory
         self.temp: str | None = None
         if path is not None:
-            self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=".spill-")
+            self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=".tmp.spill-")
         else:
             try:
                 self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)

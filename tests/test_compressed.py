@@ -16,6 +16,7 @@ import pyzstd
 from conftest import require_tools
 
 from ocifuse import compressed
+from ocifuse.cache import IndexCache
 from ocifuse.compressed import GzipSource, Limits, ZstdFrames, ZstdSpill, open_decompressed
 from ocifuse.errors import ArchiveChanged, CompressedDataError, DecompressionLimit
 from ocifuse.source import FileRange, MemorySource, OpenFile, Source, SourceFile
@@ -109,25 +110,6 @@ MAKERS: dict[str, Callable[[Path, Path], Path]] = {
 }
 
 
-class DictStore:
-    """An in-memory stand-in for cache.IndexCache (same three calls), counting what it is asked."""
-
-    def __init__(self, spill_dir: Path | None = None) -> None:
-        self.entries: dict[tuple[str, str], bytes] = {}
-        self.spill_dir = spill_dir
-        self.loads = 0
-
-    def load(self, kind: str, key: str) -> bytes | None:
-        self.loads += 1
-        return self.entries.get((kind, key))
-
-    def store(self, kind: str, key: str, payload: bytes) -> None:
-        self.entries[(kind, key)] = payload
-
-    def spill_path(self, key: str) -> str | None:
-        return None if self.spill_dir is None else str(self.spill_dir / f"{key}.spill")
-
-
 def _open(path: Path, **kw: object) -> tuple[OpenFile, Source]:
     file = OpenFile(str(path))
     kw.setdefault("key", None)
@@ -204,10 +186,10 @@ def test_a_compressed_blob_inside_a_larger_file(maker: str, plain: Path, tmp_pat
 @pytest.mark.parametrize("maker", ["gzip", "pigz", "zstd-seekable", "zstd"])
 def test_the_index_is_saved_and_reused(maker: str, plain: Path, tmp_path: Path) -> None:
     path = MAKERS[maker](plain, tmp_path)
-    store = DictStore(tmp_path)
+    store = IndexCache(str(tmp_path / "cache"))
     file, first = _open(path, key="k1", cache=store)
     first.close()
-    assert len(store.entries) == 1
+    assert len(store.entries()) == (2 if isinstance(first, ZstdSpill) else 1)
     consumed: list[int] = []
     second = open_decompressed(FileRange(file), key="k1", cache=store, name="x", progress=consumed.append)
     try:
@@ -221,12 +203,15 @@ def test_the_index_is_saved_and_reused(maker: str, plain: Path, tmp_path: Path) 
 @pytest.mark.parametrize("maker", ["gzip", "zstd-seekable", "zstd"])
 def test_a_damaged_or_foreign_index_is_rebuilt(maker: str, plain: Path, tmp_path: Path) -> None:
     path = MAKERS[maker](plain, tmp_path)
-    store = DictStore(tmp_path)
+    store = IndexCache(str(tmp_path / "cache"))
     file, first = _open(path, key="k", cache=store)
     first.close()
-    ((kind, key), payload) = next(iter(store.entries.items()))
-    for bad in (payload[:10], payload[:-7], b"XXXX" + payload[4:]):
-        store.entries[(kind, key)] = bad
+    kind = "gzip-index" if maker == "gzip" else "zstd-index"
+    payload = store.load(kind, "k")
+    assert payload is not None
+    # Whole entries (the cache's checksum holds) whose payload is not this stream's index.
+    for bad in (payload[:10], payload[:-7], b"XXXX" + payload[4:], payload[:60] + bytes(len(payload) - 60)):
+        store.store(kind, "k", bad)
         source = open_decompressed(FileRange(file), key="k", cache=store, name="x")
         try:
             _check_all(source, plain.read_bytes())
@@ -359,23 +344,22 @@ def test_a_bomb_stops_at_max_size(tool: str, tmp_path: Path) -> None:
 
 
 def test_a_spill_stops_at_spill_max(plain: Path, tmp_path: Path) -> None:
-    store = DictStore(tmp_path / "cache")
-    (tmp_path / "cache").mkdir()
+    store = IndexCache(str(tmp_path / "cache"))
     with pytest.raises(DecompressionLimit, match="spill_max") as info:
         _open(_zstd(plain, tmp_path), key="k", cache=store, limits=Limits(spill_max=1 << 20))
     assert info.value.option == "spill_max"
-    assert os.listdir(tmp_path / "cache") == []  # the partial spill is gone
-    assert store.entries == {}
+    assert os.listdir(tmp_path / "cache") == []  # the partial spill is gone, nothing stored
 
 
 def test_a_spill_lives_in_the_cache_and_is_reused(plain: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
-    cache_dir.mkdir()
-    store = DictStore(cache_dir)
+    store = IndexCache(str(cache_dir))
     path = _zstd(plain, tmp_path)
     file, first = _open(path, key="k", cache=store)
     first.close()
-    assert os.listdir(cache_dir) == ["k.spill"]
+    spill = store.spill_path("k")
+    assert spill is not None
+    assert sorted(e.kind for e in store.entries()) == ["spill", "zstd-index"]
     second = open_decompressed(FileRange(file), key="k", cache=store, name="x")
     try:
         assert isinstance(second, ZstdSpill)
@@ -383,7 +367,7 @@ def test_a_spill_lives_in_the_cache_and_is_reused(plain: Path, tmp_path: Path) -
     finally:
         second.close()
     # A spill file changed since it was written is not trusted: rebuilt.
-    with open(cache_dir / "k.spill", "r+b") as f:
+    with open(spill, "r+b") as f:
         f.truncate(10)
     third = open_decompressed(FileRange(file), key="k", cache=store, name="x")
     try:
