@@ -73,12 +73,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 from . import model
 from .archive import Skipped
@@ -97,6 +96,7 @@ from .errors import (
 )
 from .image import check_layers
 from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout, open_layout
+from .progress import ProgressBar, human, on_tty
 
 # Hashing chunk: large reads amortize the per-call cost; hashlib releases the GIL above 2 KiB.
 CHUNK = 4 << 20
@@ -658,14 +658,6 @@ def check_path(path: str, *, progress: Callable[[int], None] | None = None) -> R
 # -- output ----------------------------------------------------------------------------------------
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def render_text(report: Report, *, seconds: float | None = None) -> Iterator[str]:
     """Lines of the human report: one per finding, then a summary."""
     for f in report.findings:
@@ -676,10 +668,10 @@ def render_text(report: Report, *, seconds: float | None = None) -> Iterator[str
     took = f" in {seconds:.2f}s" if seconds is not None else ""
     rate = ""
     if seconds and report.bytes_verified:
-        rate = f" ({_human(report.bytes_verified / seconds)}/s)"
+        rate = f" ({human(report.bytes_verified / seconds)}/s)"
     status = "ok" if report.ok else "FAILED"
     yield (
-        f"{status}: {report.blobs_verified} blobs verified, {_human(report.bytes_verified)} hashed"
+        f"{status}: {report.blobs_verified} blobs verified, {human(report.bytes_verified)} hashed"
         f"{took}{rate}; {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
     )
 
@@ -687,42 +679,6 @@ def render_text(report: Report, *, seconds: float | None = None) -> Iterator[str
 def render_json(report: Report) -> str:
     """The ``--json`` report."""
     return json.dumps(report.to_json(), indent=2)
-
-
-class ProgressBar:
-    """A one-line progress bar on a TTY (stdlib only), redrawn at most ten times a second."""
-
-    def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
-        self.total = max(total, 1)
-        self.stream = stream
-        self.width = width
-        self.done = 0
-        self._last = 0.0
-        self._start = time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= 0.1:
-            self._last = now
-            self.draw(now)
-
-    def draw(self, now: float) -> None:
-        """Redraw the bar."""
-        frac = min(self.done / self.total, 1.0)
-        filled = int(frac * self.width)
-        rate = self.done / max(now - self._start, 1e-6)
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:3.0f}% "
-            f"{_human(self.done)} / {_human(self.total)}  {_human(rate)}/s "
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Erase the bar."""
-        if self._last:
-            self.stream.write("\r" + " " * (self.width + 60) + "\r")
-            self.stream.flush()
 
 
 def _blob_bytes(layout: Layout) -> int:
@@ -749,7 +705,7 @@ def main(path: str, *, as_json: bool, layers: bool = False, cache: IndexCache | 
         return 2
     with layout:
         bar = None
-        if sys.stderr.isatty() and not os.environ.get("OCIFUSE_NO_PROGRESS"):
+        if on_tty():
             total = _blob_bytes(layout)
             if total >= PROGRESS_MIN_BYTES:
                 bar = ProgressBar(total, sys.stderr)

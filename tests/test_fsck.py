@@ -611,15 +611,6 @@ def test_cli_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert captured.err.startswith("ocifuse: ")
 
 
-def test_progress_bar_draws_and_erases() -> None:
-    stream = io.StringIO()
-    bar = fsck.ProgressBar(1000, stream)
-    bar(500)
-    bar.close()
-    text = stream.getvalue()
-    assert "50%" in text and text.endswith("\r")
-
-
 def test_progress_callback_sees_every_byte(tmp_path: Path, backend: str) -> None:
     seen: list[int] = []
     with open_layout(write(sample(), tmp_path, backend)) as layout:
