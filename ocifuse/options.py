@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .compressed import Limits
 from .errors import OcifuseError
 from .model import Platform
 
@@ -13,6 +14,8 @@ FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
 OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache"})
 OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache"})
+# Sizes (K/M/G/T suffixes) bounding the decompression of a compressed archive (compressed.Limits).
+OWN_SIZES = frozenset({"max_size", "spill_max"})
 # Options that choose or shape the rootfs view, meaningless without ``rootfs``.
 ROOTFS_ONLY = ("rootless", "ignore_diff_ids", "ref", "platform")
 # Passed through to libfuse / the kernel: what libfuse 3's fuse_session_new and fuse_session_mount
@@ -85,8 +88,22 @@ class MountOptions:
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
     nocache: bool = False  # nocache: neither read nor write the index cache
+    limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(option: str, value: str) -> int:
+    """A byte count with an optional K, M, G or T suffix (powers of 1024): ``64G``; OptionError if not."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit():
+        raise OptionError(f"option {option!r} wants a size in bytes (e.g. 512M, 64G)")
+    return int(number) * _UNITS[unit]
 
 
 def split(text: str) -> list[str]:
@@ -130,6 +147,7 @@ def parse(
     flags_set: set[str] = set()
     values: dict[str, str] = {}
     readahead_kb = 1024
+    sizes: dict[str, int] = {}
     for option in (o for text in option_lists for o in split(text)):
         key, eq, value = option.partition("=")
         if option in OWN_FLAGS:
@@ -147,6 +165,8 @@ def parse(
                 except ValueError as e:
                     raise OptionError(str(e)) from e
             values[key] = value
+        elif key in OWN_SIZES and eq:
+            sizes[key] = parse_size(option, value)
         elif option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             ignored.append(option)
         elif option in FUSE_FLAGS and not eq:
@@ -173,6 +193,7 @@ def parse(
         ignore_diff_ids="ignore_diff_ids" in flags_set,
         cache=values.get("cache", cache),
         nocache=nocache or "nocache" in flags_set,
+        limits=Limits(**sizes),
         fuse=tuple(flags),
         ignored=tuple(ignored),
     )

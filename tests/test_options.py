@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ocifuse import options
+from ocifuse.compressed import Limits
 from ocifuse.errors import OcifuseError
 from ocifuse.options import FORCED, MountOptions, OptionError, escape, parse, split
 
@@ -127,6 +128,26 @@ def test_readahead_kb(value: str, kib: int) -> None:
 def test_readahead_kb_wants_a_number(bad: str) -> None:
     """A read-ahead that is not a plain number of KiB is an OptionError naming it."""
     with pytest.raises(OptionError, match="readahead_kb"):
+        parse([bad], fsname=FSNAME)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"), [("0", 0), ("4096", 4096), ("64k", 64 << 10), ("512M", 512 << 20), ("2GiB", 2 << 30)]
+)
+def test_decompression_bounds(value: str, size: int) -> None:
+    """max_size and spill_max take a size with an optional K/M/G/T suffix; not passed to libfuse."""
+    opts = parse([f"max_size={value},spill_max={value}"], fsname=FSNAME)
+    assert opts.limits.max_size == size and opts.limits.spill_max == size
+    assert "max_size" not in fuse_dict(opts) and "spill_max" not in fuse_dict(opts)
+
+
+def test_decompression_bounds_default() -> None:
+    assert parse([], fsname=FSNAME).limits == Limits()
+
+
+@pytest.mark.parametrize("bad", ["max_size=", "max_size=-1", "max_size=1X", "spill_max=ten", "max_size=1.5G"])
+def test_decompression_bounds_want_a_size(bad: str) -> None:
+    with pytest.raises(OptionError, match=bad.partition("=")[0]):
         parse([bad], fsname=FSNAME)
 
 
