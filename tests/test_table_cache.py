@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import tarbuild
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tarbuild import file_member, many_members, write_archive
 
 from ocifuse import archive as archive_module
@@ -171,3 +173,30 @@ def test_unusable_payload_is_scanned_over(tmp_path: Path, monkeypatch: pytest.Mo
         f.close()
     with closing(Archive(str(path), cache=cache)) as a:
         assert a.pread(a.table.entries["f"], 0, 10) == b"data\n"
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_mutated_payload_decodes_or_raises_value_error(data: st.DataObject) -> None:
+    """The checksum guards the cache; decode itself still never fails other than with ValueError."""
+    entries = {
+        "d": Entry(Kind.DIR, 0, 0, 1),
+        "d/f": Entry(Kind.FILE, 512, 3, 2),
+        "g": Entry(Kind.FILE, 9, 0, 3),
+    }
+    payload = bytearray(ArchiveTable(entries, [Skipped("s", "why")], 2048, {"l": "t"}).encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(payload)))
+        how = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if how == "flip" and at < len(payload):
+            payload[at] ^= data.draw(st.integers(1, 255))
+        elif how == "cut":
+            del payload[at:]
+        else:
+            payload[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        table = ArchiveTable.decode(bytes(payload))
+    except ValueError:
+        return
+    list(table.files())
+    len(table.entries)
