@@ -265,6 +265,7 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
         platform=platform,
         ignore_diff_ids=opts.ignore_diff_ids,
         cache=open_cache(opts.cache, disabled=opts.nocache),
+        limits=opts.limits,
     )
     for note in image.notes:
         log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from .archive import Sources
 from .cache import blob_key
+from .compressed import IndexStore, Limits, open_decompressed
 from .digest import Digest
 from .errors import BlobNotFound, InvalidDigest, InvalidDocument, OcifuseError, SizeMismatch
-from .layer import LayerTable, TableStore
+from .layer import LayerTable
 from .layout import Layout, open_layout
 from .model import Descriptor, Manifest, Platform
 from .resolve import Resolved, resolve, walk
@@ -104,13 +105,26 @@ def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
         raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
 
 
-def layer_source(layout: Layout, index: int, desc: Descriptor) -> tuple[Source, str]:
+def layer_source(
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    *,
+    cache: IndexStore | None = None,
+    limits: Limits | None = None,
+) -> tuple[Source, str]:
     """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
 
+    An uncompressed layer is its blob (a byte range of the archive); a gzip or zstd one is a
+    random-access decompressing source whose first open hashes the stream (its index and that
+    hash kept in ``cache`` under the layer's digest). Which, is decided by the blob's magic bytes.
     Raises LayerError for a layer that is absent (naming a non-distributable one as such), of a
-    media type that is not a layer, or whose blob has another size than its descriptor says.
+    media type that is not a layer, or whose blob has another size than its descriptor says;
+    CompressedDataError for damaged compressed data.
     """
     what = f"layer {index} ({desc.digest})"
+    if desc.media_type not in TAR_LAYERS | GZIP_LAYERS | ZSTD_LAYERS:
+        raise LayerError(f"{what}: media type {desc.media_type!r} is not a layer this mount can serve")
     try:
         raw = layout.blob_source(desc.digest)
     except BlobNotFound as e:
@@ -122,12 +136,10 @@ def layer_source(layout: Layout, index: int, desc: Descriptor) -> tuple[Source, 
         raise LayerError(f"{what} is not in the layout") from e
     if raw.size != desc.size:
         raise LayerError(str(SizeMismatch(str(desc.digest), desc.size, raw.size)))
-    if desc.media_type in TAR_LAYERS:
-        # config.md: the diff_id is the digest of the uncompressed tar, which this blob is.
-        return raw, str(desc.digest)
-    if desc.media_type in GZIP_LAYERS | ZSTD_LAYERS:
-        raise LayerError(f"{what}: {desc.media_type} layers are not served yet (only uncompressed tar)")
-    raise LayerError(f"{what}: media type {desc.media_type!r} is not a layer this mount can serve")
+    source = open_decompressed(raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits)
+    found = source.uncompressed_digest
+    # config.md: the diff_id is the digest of the uncompressed tar, which an uncompressed blob is.
+    return source, str(desc.digest if found is None else found)
 
 
 def open_rootfs(
@@ -136,13 +148,15 @@ def open_rootfs(
     ref: str | None = None,
     platform: Platform | None = None,
     ignore_diff_ids: bool = False,
-    cache: TableStore | None = None,
+    cache: IndexStore | None = None,
+    limits: Limits | None = None,
 ) -> RootImage:
     """Resolve the image at ``path`` as inspect does, check its layers, and merge them (layer.md).
 
-    ``cache`` keeps each layer's table under its digest, so a second mount (or another image
-    sharing the layer) reads no layer header. Raises an OcifuseError with one line saying what is
-    wrong: the layout, the ref, a layer.
+    ``cache`` keeps each layer's index and table under its digest, so a second mount (or another
+    image sharing the layer) decompresses nothing and reads no layer header. ``limits`` bounds
+    the first pass over a compressed layer (decompression bombs). Raises an OcifuseError with one
+    line saying what is wrong: the layout, the ref, a layer.
     """
     layout = open_layout(path)
     sources: list[Source] = []
@@ -156,7 +170,7 @@ def open_rootfs(
             )
         tables: list[LayerTable] = []
         for index, desc in enumerate(layers):
-            source, found = layer_source(layout, index, desc)
+            source, found = layer_source(layout, index, desc, cache=cache, limits=limits)
             sources.append(source)
             _check_diff_id(index, desc, expected, found, ignore_diff_ids)
             name = f"layer {index} ({desc.digest})"

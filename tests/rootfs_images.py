@@ -126,6 +126,17 @@ def uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
     return archive, directory
 
 
+def compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
+    """The image as skopeo writes oci-archives with gzip (umoci's layers kept) and zstd layers."""
+    gzip_archive, zstd_archive = root / "gzip.tar", root / "zstd.tar"
+    _run("skopeo", "copy", "--quiet", f"oci:{umoci_layout}:{tag}", f"oci-archive:{gzip_archive}:{tag}")
+    _run(
+        "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd", f"oci:{umoci_layout}:{tag}",
+        f"oci-archive:{zstd_archive}:{tag}",
+    )  # fmt: skip
+    return {"gzip-archive": gzip_archive, "zstd-archive": zstd_archive}
+
+
 def umoci_unpack(umoci_layout: Path, tag: str, dest: Path) -> Path:
     """``umoci unpack`` of the image (as root): its rootfs directory."""
     _run("umoci", "unpack", "--image", f"{umoci_layout}:{tag}", dest)

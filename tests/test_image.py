@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import os
 import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pyzstd
 from mounting import OCIFUSE, require_fuse, run_ocifuse
 from oci import LayoutBuilder
 from tarbuild import file_member, link_member
 from test_rootfs import tar_bytes, whiteout
 
 from ocifuse import model, open_layout
-from ocifuse.errors import InvalidDocument, NotAnArchive
+from ocifuse.errors import CompressedDataError, InvalidDocument, NotAnArchive
 from ocifuse.fsck import check
 from ocifuse.image import DiffIdMismatch, LayerError, open_rootfs
 
@@ -37,6 +40,7 @@ def image(
     form: str = "archive",
 ) -> Path:
     """A one-image layout with these layer blobs (``drop``: left out of the layout), as a tar or directory."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     b = LayoutBuilder()
     descs = []
     for i, data in enumerate(layers):
@@ -194,3 +198,52 @@ def test_fsck_layers_passes_a_good_image(tmp_path: Path) -> None:
     """A clean image: no findings with or without --layers."""
     one = tar_bytes([file_member("a", b"1"), link_member("b", "a")])
     assert _codes(image(tmp_path, [one])) == []
+
+
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+@pytest.mark.parametrize(
+    ("media_type", "compress"),
+    [(GZIP, gzip.compress), (ZSTD, pyzstd.compress), (DOCKER_GZIP, gzip.compress)],
+    ids=["gzip", "zstd", "docker-gzip"],
+)
+def test_open_rootfs_reads_compressed_layers(tmp_path: Path, media_type: str, compress: Any) -> None:
+    """gzip and zstd layers (OCI and Docker media types): merged, read at any offset, diff_id checked."""
+    lower = tar_bytes([file_member("big", bytes(range(256)) * 4096), file_member("gone", b"x")])
+    upper = tar_bytes([whiteout(".wh.gone"), file_member("new", b"new")])
+    blobs = [compress(lower), compress(upper)]
+    path = image(tmp_path, blobs, diff_ids=[_sha(lower), _sha(upper)], media_types=[media_type] * 2)
+    img = open_rootfs(str(path))
+    try:
+        assert sorted(img.merged.entries) == ["big", "new"]
+        big = img.merged.entries["big"]
+        assert img.sources.pread(big, 500_000, 300) == (bytes(range(256)) * 4096)[500_000:500_300]
+    finally:
+        img.close()
+    with pytest.raises(DiffIdMismatch, match="layer 1"):  # the digest of the compressed blob is no diff_id
+        open_rootfs(
+            str(
+                image(
+                    tmp_path / "bad",
+                    blobs,
+                    diff_ids=[_sha(lower), _sha(blobs[1])],
+                    media_types=[media_type] * 2,
+                )
+            )
+        )
+
+
+def test_open_rootfs_refuses_damaged_compressed_layers(tmp_path: Path) -> None:
+    """A gzip layer cut short, or one that decompresses to something that is not a tar: one line each."""
+    layer = tar_bytes([file_member("f", os.urandom(100_000))])
+    cut = gzip.compress(layer)[:-2000]
+    with pytest.raises(CompressedDataError, match="layer 0"):
+        open_rootfs(str(image(tmp_path / "cut", [cut], diff_ids=[_sha(layer)], media_types=[GZIP])))
+    junk = b"no tar in here " * 100
+    with pytest.raises(NotAnArchive, match="layer 0"):
+        open_rootfs(
+            str(image(tmp_path / "junk", [gzip.compress(junk)], diff_ids=[_sha(junk)], media_types=[GZIP]))
+        )

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import require_tools
 from mounting import mounted, run_ocifuse, skip_or_fail
-from rootfs_images import CAP_NET_RAW, LONG, build_umoci_image, snapshot, umoci_unpack, uncompressed
+from rootfs_images import (
+    CAP_NET_RAW,
+    LONG,
+    build_umoci_image,
+    compressed,
+    snapshot,
+    umoci_unpack,
+    uncompressed,
+)
 
 from ocifuse import open_layout
 from ocifuse.fsck import check
@@ -40,6 +48,9 @@ class Images:
     plain_archive: Path  # oci-archive, uncompressed layers
     plain_dir: Path  # layout directory, uncompressed layers
     unpacked: Path  # umoci unpack's rootfs
+    forms: dict[
+        str, Path
+    ]  # every form, by name: the above, umoci's gzip layout, skopeo's gzip and zstd archives
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +62,26 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     root = tmp_path_factory.mktemp("rootfs")
     layout = build_umoci_image(root)
     archive, directory = uncompressed(layout, "v4", root)
-    return Images(layout, archive, directory, umoci_unpack(layout, "v4", root / "unpacked"))
+    forms = {"plain-archive": archive, "plain-directory": directory, "umoci-gzip-directory": layout}
+    forms.update(compressed(layout, "v4", root))
+    return Images(layout, archive, directory, umoci_unpack(layout, "v4", root / "unpacked"), forms)
 
 
-def _sources(images: Images) -> dict[str, Path]:
-    return {"archive": images.plain_archive, "directory": images.plain_dir}
+FORMS = ["plain-archive", "plain-directory", "umoci-gzip-directory", "gzip-archive", "zstd-archive"]
 
 
-@pytest.mark.parametrize("form", ["archive", "directory"])
-def test_rootfs_equals_umoci_unpack(images: Images, form: str, tmp_path: Path) -> None:
-    """Every path, type, mode, owner, size, mtime, link target, device, xattr, hardlink group and byte."""
+@pytest.mark.parametrize("cached", [False, True], ids=["first-mount", "from-cache"])
+@pytest.mark.parametrize("form", FORMS)
+def test_rootfs_equals_umoci_unpack(images: Images, form: str, cached: bool, tmp_path: Path) -> None:
+    """Every path, type, mode, owner, size, mtime, link target, device, xattr, hardlink group and byte,
+    in every layer compression, on a first mount and on one whose indexes come from the cache."""
     expected, expected_groups = snapshot(images.unpacked)
-    with mounted(_sources(images)[form], tmp_path / "mnt", args=["--rootfs"]) as m:
+    options = [f"rootfs,ref=v4,cache={tmp_path / 'cache'}"]
+    if cached:
+        with mounted(images.forms[form], tmp_path / "first", options=options):
+            pass
+        assert any((tmp_path / "cache").iterdir())
+    with mounted(images.forms[form], tmp_path / "mnt", options=options) as m:
         served, groups = snapshot(m.mountpoint)
         root_st, unpacked_st = os.stat(m.mountpoint), os.stat(images.unpacked)
         log = m.stderr()
@@ -130,11 +149,12 @@ def test_rootfs_mount_refuses_without_a_single_image(images: Images, tmp_path: P
     assert done.stderr.count("\n") == 1 and "no ref 'nope'" in done.stderr, done.stderr
 
 
-def test_fsck_layers_on_the_real_image(images: Images) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_fsck_layers_on_the_real_image(images: Images, form: str) -> None:
     """fsck --layers of umoci's image: ok, with umoci's one whiteout under a replaced directory noted."""
-    with open_layout(images.plain_archive) as layout:
+    with open_layout(images.forms[form]) as layout:
         report = check(layout, layers=True)
     assert report.ok
-    assert [(f.code, "d2f/.wh.inner" in f.message) for f in report.findings] == [
-        ("layer-member-skipped", True)
-    ]
+    # umoci's own layout keeps blobs of earlier repacks no tag names (umoci gc would drop them)
+    found = [(f.code, "d2f/.wh.inner" in f.message) for f in report.findings if f.code != "blob-unreferenced"]
+    assert set(found) == {("layer-member-skipped", True)}  # once per image: umoci's layout has v2, v3, v4
