@@ -13,7 +13,8 @@ What it does:
    - the first ``--rootfs`` mount until live, with an empty index cache (``-o cache=DIR`` of a
      fresh directory: every layer decompressed once, indexed, hashed for its diff_id, scanned);
    - the second mount until live (the index cache filled by the first);
-   - a small file's first byte: after a first mount vs after ``umoci unpack`` (both from nothing);
+   - a small file's first byte: after a first mount, and after a mount with the index cached, vs
+     after ``umoci unpack`` (from nothing);
    - reading every file: ``tar -cf - -C MNT . | wc -c`` on a fresh first-mounted tree (index cached)
      vs ``umoci unpack`` alone (GNU tar skips reading files when its archive is /dev/null);
    - ``--reads`` random 4 KiB reads inside files of the gzip layers (p50, p99);
@@ -242,6 +243,7 @@ def measure(layout: Path, archive: Path, scratch: Path, runs: int, reads: int) -
             add("mount_first_byte", took + first_byte(mnt / small))
         with mounted(archive, mnt, cache) as (took, pid):
             add("second_mount", took)
+            add("cached_first_byte", took + first_byte(mnt / small))
             with RssMax(pid) as rss:
                 seconds, nbytes = read_all(mnt)
             add("read_all", seconds)
@@ -265,6 +267,7 @@ def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
 
     mount_speedup = med["unpack"] / med["first_mount"]
     first_byte_speedup = med["unpack_first_byte"] / med["mount_first_byte"]
+    cached_speedup = med["unpack_first_byte"] / med["cached_first_byte"]
     read_ratio = med["read_all"] / med["unpack"]
     unpack = f"umoci unpack {med['unpack']:.2f} s"
     p50, p99 = med["read4k_p50_ms"], med["read4k_p99_ms"]
@@ -273,9 +276,12 @@ def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
          f"{mount_speedup:.1f}x sooner", ">= 2x", ok(mount_speedup >= 2)),
         ("second mount (index cached)", f"{med['second_mount']:.2f} s", "", "", "<= 1 s",
          ok(med["second_mount"] <= 1)),
-        ("a small file's first byte", f"{med['mount_first_byte']:.2f} s",
+        ("a small file's first byte, first mount", f"{med['mount_first_byte']:.2f} s",
          f"after umoci unpack {med['unpack_first_byte']:.2f} s", f"{first_byte_speedup:.1f}x sooner",
          ">= 10x", ok(first_byte_speedup >= 10)),
+        ("a small file's first byte, index cached", f"{med['cached_first_byte']:.2f} s",
+         f"after umoci unpack {med['unpack_first_byte']:.2f} s", f"{cached_speedup:.1f}x sooner",
+         ">= 10x", ok(cached_speedup >= 10)),
         ("every file read (`tar -cf - \\| wc -c`)", f"{med['read_all']:.2f} s", unpack,
          f"{read_ratio:.2f}x", "<= 1.5x", ok(read_ratio <= 1.5)),
         ("random 4 KiB reads in gzip layers", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "", "",

@@ -8,8 +8,10 @@ the archive (one pread per read), a compressed one a decompressing source.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,8 @@ ZSTD_LAYERS = frozenset(
         "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
     }
 )
+# Layers opened at once: each first pass over a compressed one holds a decompressor's buffers.
+MAX_PARALLEL_LAYERS = 4
 # Largest config read to find rootfs.diff_ids (the same bound as every JSON document).
 MAX_CONFIG = 16 << 20
 
@@ -168,13 +172,20 @@ def open_rootfs(
             raise LayerError(
                 f"the manifest lists {len(layers)} layers, the config's rootfs.diff_ids {len(expected)}"
             )
+        # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash,
+        # then the header scan) runs in rapidgzip or pyzstd with the GIL released.
+        workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
+            jobs = [pool.submit(_open_layer, layout, i, d, cache, limits) for i, d in enumerate(layers)]
+            concurrent.futures.wait(jobs)
+        for job in jobs:  # every source opened is closed on failure, whichever layer failed
+            if job.exception() is None:
+                sources.append(job.result()[0])
         tables: list[LayerTable] = []
-        for index, desc in enumerate(layers):
-            source, found = layer_source(layout, index, desc, cache=cache, limits=limits)
-            sources.append(source)
+        for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
+            source, found, table = job.result()  # the first failing layer's error, in layer order
             _check_diff_id(index, desc, expected, found, ignore_diff_ids)
-            name = f"layer {index} ({desc.digest})"
-            tables.append(LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache))
+            tables.append(table)
         merged = merge(tables)
         notes = _notes(tables, merged)
         return RootImage(
@@ -183,6 +194,19 @@ def open_rootfs(
     except BaseException:
         Sources(sources).close()
         layout.close()
+        raise
+
+
+def _open_layer(
+    layout: Layout, index: int, desc: Descriptor, cache: IndexStore | None, limits: Limits | None
+) -> tuple[Source, str, LayerTable]:
+    """One layer's source, diff_id and table (from the cache, else scanned); closes the source on error."""
+    source, found = layer_source(layout, index, desc, cache=cache, limits=limits)
+    try:
+        name = f"layer {index} ({desc.digest})"
+        return source, found, LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache)
+    except BaseException:
+        source.close()
         raise
 
 
