@@ -24,6 +24,7 @@ from .layer import LayerTable
 from .layout import Layout, open_layout
 from .model import Descriptor, Manifest, Platform
 from .resolve import Resolved, resolve, walk
+from .rootfs import CACHE_KIND as TREE_KIND
 from .rootfs import Merged, Note, merge
 from .source import Source
 
@@ -83,7 +84,7 @@ class RootImage:
     resolved: Resolved
     sources: Sources  # entry.source = the layer's index in the manifest
     merged: Merged
-    notes: list[Note]  # members skipped by the scans and the merge, with their layer
+    notes: list[Note]  # members skipped by the scans and the merge, with their layer (merged.notes)
 
     def close(self) -> None:
         """Close the layer sources and the layout."""
@@ -172,24 +173,43 @@ def open_rootfs(
             raise LayerError(
                 f"the manifest lists {len(layers)} layers, the config's rootfs.diff_ids {len(expected)}"
             )
+        # The merged tree of this image from the cache, when it is there: no table read, no merge.
+        key = str(resolved.descriptor.digest)
+        payload = cache.load(TREE_KIND, key) if cache is not None else None
         # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash,
         # then the header scan) runs in rapidgzip or pyzstd with the GIL released.
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
-            jobs = [pool.submit(_open_layer, layout, i, d, cache, limits) for i, d in enumerate(layers)]
+            jobs = [
+                pool.submit(_open_layer, layout, i, d, cache, limits, payload is None)
+                for i, d in enumerate(layers)
+            ]
             concurrent.futures.wait(jobs)
         for job in jobs:  # every source opened is closed on failure, whichever layer failed
             if job.exception() is None:
                 sources.append(job.result()[0])
-        tables: list[LayerTable] = []
+        tables: list[LayerTable | None] = []
         for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
             source, found, table = job.result()  # the first failing layer's error, in layer order
             _check_diff_id(index, desc, expected, found, ignore_diff_ids)
             tables.append(table)
-        merged = merge(tables)
-        notes = _notes(tables, merged)
+        sizes = [source.size for source in sources]
+        merged = None
+        if payload is not None:
+            try:
+                merged = Merged.from_bytes(payload, sizes)
+            except (ValueError, TypeError, KeyError, IndexError, UnicodeError) as e:
+                log.warning("cached tree of %s unusable (%s): merging the layers again", key, e)
+        if merged is None:
+            scanned = [
+                t if t is not None else _table(layers[i], i, sources[i], cache) for i, t in enumerate(tables)
+            ]
+            merged = merge(scanned)
+            merged = Merged(entries=merged.entries, root=merged.root, notes=_notes(scanned, merged))
+            if cache is not None:
+                cache.store(TREE_KIND, key, merged.to_bytes(sizes))
         return RootImage(
-            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged, notes=notes
+            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged, notes=merged.notes
         )
     except BaseException:
         Sources(sources).close()
@@ -198,16 +218,21 @@ def open_rootfs(
 
 
 def _open_layer(
-    layout: Layout, index: int, desc: Descriptor, cache: IndexStore | None, limits: Limits | None
-) -> tuple[Source, str, LayerTable]:
-    """One layer's source, diff_id and table (from the cache, else scanned); closes the source on error."""
+    layout: Layout, index: int, desc: Descriptor, cache: IndexStore | None, limits: Limits | None, scan: bool
+) -> tuple[Source, str, LayerTable | None]:
+    """One layer's source, diff_id and (if ``scan``) table; closes the source on error."""
     source, found = layer_source(layout, index, desc, cache=cache, limits=limits)
     try:
-        name = f"layer {index} ({desc.digest})"
-        return source, found, LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache)
+        return source, found, _table(desc, index, source, cache) if scan else None
     except BaseException:
         source.close()
         raise
+
+
+def _table(desc: Descriptor, index: int, source: Source, cache: IndexStore | None) -> LayerTable:
+    """The layer's table: from the cache, else scanned (and stored)."""
+    name = f"layer {index} ({desc.digest})"
+    return LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache)
 
 
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:

@@ -19,13 +19,19 @@ What cannot be applied is skipped with a Note saying why; the merge never fails.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .archive import Entry, Kind, Meta
+from .archive import Entry, Kind, Meta, normalize
 from .layer import LayerTable, Member, Type
 
+# The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
+CACHE_KIND = "rootfs-tree"
+TREE_FORMAT = 1
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 # Implicit directories (a member whose parents have no entries of their own) are made as
@@ -58,6 +64,86 @@ class Merged:
     entries: dict[str, Entry]
     root: Entry
     notes: list[Note]
+
+    def to_bytes(self, sizes: Sequence[int]) -> bytes:
+        """The tree as the index cache stores it (JSON), for layer streams of these ``sizes``."""
+        metas: dict[int, int] = {}
+        rows: list[list[object]] = []
+
+        def meta_index(meta: Meta | None) -> int:
+            assert meta is not None  # every entry of a merged tree has one
+            found = metas.get(id(meta))
+            if found is None:
+                found = metas[id(meta)] = len(metas)
+                rows.append(
+                    [meta.mode, meta.uid, meta.gid, _b64(meta.link), meta.rdev,
+                     [[_b64(k), _b64(v)] for k, v in meta.xattrs], meta.nlink, meta.group]
+                )  # fmt: skip
+            return found
+
+        def entry(path: str, e: Entry) -> list[object]:
+            return [path, e.kind.value, e.offset, e.size, e.mtime, e.source, meta_index(e.meta)]
+
+        doc = {
+            "format": TREE_FORMAT,
+            "sizes": list(sizes),
+            "root": entry("", self.root),
+            "entries": [entry(p, e) for p, e in self.entries.items()],
+            "metas": rows,
+            "notes": [[n.layer, n.name, n.reason] for n in self.notes],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, sizes: Sequence[int]) -> Merged:
+        """A tree from ``to_bytes``; ValueError (or TypeError, ...) unless it is a whole, consistent one
+        for layer streams of exactly these ``sizes``: every file inside its layer, every name one the
+        scan accepts, every parent a directory."""
+        doc: Any = json.loads(payload)
+        if doc["format"] != TREE_FORMAT or doc["sizes"] != list(sizes):
+            raise ValueError("for another format or other layers")
+        metas = []
+        for mode, uid, gid, link, rdev, xattrs, nlink, group in doc["metas"]:
+            mode | uid | gid | rdev | nlink | group  # noqa: B018  TypeError unless ints
+            pairs = tuple((_unb64(k), _unb64(v)) for k, v in xattrs)
+            link = _unb64(link)
+            metas.append(
+                Meta(
+                    mode=mode, uid=uid, gid=gid, link=link, rdev=rdev, xattrs=pairs, nlink=nlink, group=group
+                )
+            )
+        made: dict[int, Entry] = {}
+
+        def entry(row: list[Any]) -> tuple[str, Entry]:
+            path, kind, offset, size, mtime, source, meta = row
+            offset | size | mtime | source | meta  # noqa: B018  TypeError unless ints
+            kind = Kind(kind)
+            if not (0 <= source < len(sizes) and offset >= 0 and size >= 0 and 0 <= meta < len(metas)):
+                raise ValueError(f"entry {path!r} out of range")
+            if kind is Kind.FILE and offset + size > sizes[source]:
+                raise ValueError(f"file {path!r} lies outside its layer")
+            if kind is Kind.DIR and metas[meta].group:
+                raise ValueError(f"directory {path!r} in a hardlink group")
+            # hardlinked paths share one Entry, as merge makes them (a group's Meta is its own)
+            e = made.get(meta) if metas[meta].group else None
+            if e is None:
+                e = Entry(kind, offset, size, mtime, source, metas[meta])
+                if metas[meta].group:
+                    made[meta] = e
+            return path, e
+
+        root_path, root = entry(doc["root"])
+        entries = dict(entry(row) for row in doc["entries"])
+        if root_path != "" or root.kind is not Kind.DIR or "" in entries:
+            raise ValueError("the root is not a directory")
+        for path in entries:
+            if normalize(path) != path:
+                raise ValueError(f"entry {path!r} has a name the scan refuses")
+            parent = path.rpartition("/")[0]
+            if parent and (parent not in entries or entries[parent].kind is not Kind.DIR):
+                raise ValueError(f"entry {path!r} has no directory above it")
+        notes = [Note(int(layer), str(name), str(reason)) for layer, name, reason in doc["notes"]]
+        return cls(entries=entries, root=root, notes=notes)
 
 
 class _Leaf:
@@ -287,3 +373,11 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
                 entry = made[id(child)] = metas.leaf(child, nlink, groups if nlink > 1 else 0)
             entries[path] = entry
     return Merged(entries=entries, root=metas.directory(merger.root), notes=merger.notes)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)

@@ -405,3 +405,42 @@ def test_merge_memo_never_changes_the_result(layer_ops: list[list[tuple[str, str
     for path in fast.entries:
         parent = path.rpartition("/")[0]
         assert not parent or fast.entries[parent].kind is Kind.DIR
+
+
+def _hardlinked_tree() -> tuple[Merged, list[int]]:
+    tars = [
+        tar_bytes([dir_member("./"), file_member("d/a", b"shared"), link_member("d/b", "d/a"),
+                   link_member("s", "d/a", tarfile.SYMTYPE), special("c", tarfile.CHRTYPE, 1, 3)]),
+        tar_bytes([link_member("c2", "d/b"), whiteout(".wh.nothing"), file_member("/abs", b"")]),
+    ]  # fmt: skip
+    return merge([scan(t) for t in tars]), [len(t) for t in tars]
+
+
+def test_merged_tree_round_trips_through_the_cache() -> None:
+    """A cached tree is the merge's: every entry, hardlinks still one Entry, the root, the notes."""
+    merged, sizes = _hardlinked_tree()
+    again = Merged.from_bytes(merged.to_bytes(sizes), sizes)
+    assert again.entries == merged.entries and again.root == merged.root and again.notes == merged.notes
+    assert again.entries["d/a"] is again.entries["d/b"] is again.entries["c2"]
+    assert again.entries["d/a"].meta is not None and again.entries["d/a"].meta.nlink == 3
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d.replace(b'"sizes":[', b'"sizes":[1,'),  # cached for other layers
+        lambda d: d.replace(b'["d/a","file",', b'["../a","file",'),  # a refused name
+        lambda d: d.replace(b'["d","dir",', b'["e","dir",'),  # a parent that is not there
+        lambda d: d.replace(b'"file",1024,6,', b'"file",1024,99999,'),  # a file outside its layer
+        lambda d: d.replace(b'"format":1', b'"format":0'),
+        lambda d: d[:-3],
+    ],
+)
+def test_a_bad_cached_tree_is_refused(damage: Callable[[bytes], bytes]) -> None:
+    """A cached tree that is not whole, for other layers, or inconsistent: ValueError (then merged again)."""
+    merged, sizes = _hardlinked_tree()
+    good = merged.to_bytes(sizes)
+    bad = damage(good)
+    assert bad != good
+    with pytest.raises(ValueError):
+        Merged.from_bytes(bad, sizes)
