@@ -8,6 +8,7 @@ fsck, inspect and mount can all say what was left out and why.
 from __future__ import annotations
 
 import enum
+import io
 import itertools
 import logging
 import os
@@ -21,8 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, overload
 
+from .compressed import Limits, Progress, open_decompressed
 from .errors import CorruptTable, LayoutOpenError, NotAnArchive, TruncatedArchive
-from .source import FileRange, OpenFile, Source, sniff
+from .source import FileRange, OpenFile, Source, SourceFile, sniff
 
 if TYPE_CHECKING:
     from .cache import IndexCache
@@ -719,38 +721,76 @@ class Archive(Sources):
     with another ``source`` index read from the other sources of the list.
     """
 
-    def __init__(self, path: str, cache: IndexCache | None = None, *, rescan: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        cache: IndexCache | None = None,
+        *,
+        rescan: bool = False,
+        limits: Limits | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         """Open ``path`` and scan its headers, or load its table from ``cache`` when one is stored.
 
-        ``rescan`` (fsck): scan even when a table is stored, and store the fresh one.
-        Raises LayoutOpenError (NotAnArchive, TruncatedArchive) naming ``path``.
+        A gzip- or zstd-compressed archive is decompressed once to index it (or its index is loaded
+        from ``cache``): ``sources[0]`` is then the decompressed stream (compressed.py), bounded by
+        ``limits`` and reported to ``progress``. ``rescan`` (fsck): scan and index again even when
+        stored, and store the fresh ones. Raises LayoutOpenError (NotAnArchive, TruncatedArchive,
+        CompressedDataError, DecompressionLimit) naming ``path``.
         """
         self.path = path
         self.file = OpenFile(path)
         try:
             if not self.file.is_regular:
                 raise NotAnArchive(path, "not a regular file")
-            super().__init__([FileRange(self.file)])
-            self.table = self._load_or_scan(cache, rescan)
+            key = None
+            if cache is not None and cache.directory is not None:
+                from .cache import file_key
+
+                key = file_key(self.file)
+            stream = open_decompressed(
+                FileRange(self.file),
+                key=key,
+                cache=cache,
+                name=path,
+                limits=limits,
+                progress=progress,
+                rebuild=rescan,
+            )
+            super().__init__([stream])
+            try:
+                self.table = self._load_or_scan(cache, key, rescan)
+            except BaseException:
+                stream.close()
+                raise
         except BaseException:
             self.file.close()
             raise
 
-    def _scan(self) -> ArchiveTable:
-        with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
-            return ArchiveTable.scan(f, self.path, self.file.size)
+    @property
+    def compression(self) -> str:
+        """How the archive is stored: "plain", "gzip" or "zstd"."""
+        return self.sources[0].compression
 
-    def _load_or_scan(self, cache: IndexCache | None, rescan: bool) -> ArchiveTable:
-        """The table stored in ``cache`` for this file's identity, else a scan (stored when worth it).
+    def _scan(self) -> ArchiveTable:
+        stream = self.sources[0]
+        if stream.compression == "plain":  # a plain tar: buffered reads of its fd, nothing between
+            with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
+                return ArchiveTable.scan(f, self.path, self.file.size)
+        try:
+            with io.BufferedReader(SourceFile(stream), buffer_size=BLOCK * 128) as f:
+                return ArchiveTable.scan(f, self.path, stream.size)
+        except (NotAnArchive, TruncatedArchive) as e:
+            raise type(e)(self.path, f"{stream.compression}-compressed, but {e.reason}") from e
+
+    def _load_or_scan(self, cache: IndexCache | None, key: str | None, rescan: bool) -> ArchiveTable:
+        """The table stored in ``cache`` under ``key`` (the file identity), else a scan (stored if worth it).
 
         A stored table is trusted only as far as its checksum and key go: every read still checks
         its entry against the source's size (``_source``).
         """
-        if cache is None or cache.directory is None:
+        if cache is None or key is None:
             return self._scan()
-        from .cache import file_key
-
-        key = file_key(self.file)
         payload = None if rescan else cache.load("table", key)
         if payload is not None:
             try:

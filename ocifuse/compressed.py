@@ -101,11 +101,13 @@ def open_decompressed(
     name: str,
     limits: Limits | None = None,
     progress: Progress | None = None,
+    rebuild: bool = False,
 ) -> Source:
     """A Source of the decompressed bytes of ``raw`` (``raw`` itself when it is not compressed).
 
     ``key`` names ``raw``'s content in ``cache`` (cache.blob_key / cache.file_key); with no key or
-    no cache the index is built and not kept. ``name`` (a path or a digest) names ``raw`` in errors.
+    no cache the index is built and not kept; ``rebuild`` (fsck) builds it even when stored, which
+    checks the whole stream again. ``name`` (a path or a digest) names ``raw`` in errors.
     The result's ``uncompressed_digest`` is the sha256 of the decompressed stream.
 
     Raises CompressedDataError (damaged, truncated, trailing data, xz/bzip2) or DecompressionLimit.
@@ -116,9 +118,13 @@ def open_decompressed(
     limits = limits or Limits()
     store = cache if key is not None else None
     if kind == "gzip":
-        return GzipSource.open(raw, key=key, cache=store, name=name, limits=limits, progress=progress)
+        return GzipSource.open(
+            raw, key=key, cache=store, name=name, limits=limits, progress=progress, rebuild=rebuild
+        )
     if kind == "zstd":
-        return _open_zstd(raw, key=key, cache=store, name=name, limits=limits, progress=progress)
+        return _open_zstd(
+            raw, key=key, cache=store, name=name, limits=limits, progress=progress, rebuild=rebuild
+        )
     raise CompressedDataError(name, kind, "not supported (ocifuse reads gzip and zstd)")
 
 
@@ -285,9 +291,10 @@ class GzipSource(Source):
         name: str,
         limits: Limits,
         progress: Progress | None,
+        rebuild: bool = False,
     ) -> GzipSource:
-        """From the cached index when there is a good one, else by one pass over the stream."""
-        if cache is not None and key is not None:
+        """From the cached index when there is a good one (and no ``rebuild``), else by one pass."""
+        if cache is not None and key is not None and not rebuild:
             found = _unpack_head(cache.load("gzip-index", key), raw, _GZIP_MAGIC)
             if found is not None:
                 source = cls(raw, name, found[1], found[0])
@@ -644,9 +651,10 @@ def _open_zstd(
     name: str,
     limits: Limits,
     progress: Progress | None,
+    rebuild: bool = False,
 ) -> Source:
     """From the cached frame table or spill file when good, else by one pass (two for a large frame)."""
-    if cache is not None and key is not None:
+    if cache is not None and key is not None and not rebuild:
         cached = _cached_zstd(raw, key, cache, name)
         if cached is not None:
             return cached

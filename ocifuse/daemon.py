@@ -27,8 +27,9 @@ from .errors import OcifuseError
 from .fs import Operations
 from .image import open_rootfs
 from .journal import stderr_is_journal
-from .layout import ArchiveLayout
+from .layout import ArchiveLayout, file_size
 from .model import Platform
+from .progress import reporting
 from .resolve import refs
 from .tree import Tree
 
@@ -245,7 +246,22 @@ class _View:
 def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
     """The layout view of an oci-archive, or (``rootfs``) the merged root filesystem of one image."""
     if not opts.rootfs:
-        archive = Archive(archive_path, open_cache(opts.cache, disabled=opts.nocache))
+        # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
+        # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
+        with reporting(f"indexing {archive_path}", file_size(archive_path)) as progress:
+            archive = Archive(
+                archive_path,
+                open_cache(opts.cache, disabled=opts.nocache),
+                limits=opts.limits,
+                progress=progress,
+            )
+        if archive.compression != "plain":
+            log.info(
+                "%s: %s-compressed, %d bytes decompressed",
+                archive_path,
+                archive.compression,
+                archive.sources[0].size,
+            )
         try:
             docker = adopt(archive, require_image=True)  # a docker-archive is served as an OCI layout
             for problem in docker.problems if docker is not None else ():

@@ -12,8 +12,12 @@ Finding codes (stable; scripts may match on them):
 code                        severity  meaning
 ==========================  ========  ==========================================================
 ``layout-unreadable``       error     PATH cannot be opened at all (missing, unreadable)
-``archive-corrupt``         error     PATH is not a tar archive (or a compressed one), or a header is corrupt
+``archive-corrupt``         error     PATH is not a tar archive (nor a gzip/zstd-compressed one), or a
+                                      header is corrupt
 ``archive-truncated``       error     the tar ends in the middle of a header or a member
+``compressed-corrupt``      error     the gzip/zstd stream of a compressed archive is damaged,
+                                      truncated or followed by other data, or it is xz/bzip2
+``compressed-too-large``    error     decompressing passes a bound (``max_size``, ``spill_max``, disk)
 ``archive-changed``         error     the archive was rewritten while fsck read it (the walk stops)
 ``member-skipped``          warning   an archive member the name policy does not serve (absolute
                                       name, ``..``, symlink, device, sparse file, ...)
@@ -86,6 +90,8 @@ from .digest import Digest
 from .errors import (
     ArchiveChanged,
     BlobNotFound,
+    CompressedDataError,
+    DecompressionLimit,
     FileMissing,
     InvalidDocument,
     LayoutOpenError,
@@ -119,6 +125,8 @@ CODES: Mapping[str, Severity] = {
     "layout-unreadable": _E,
     "archive-corrupt": _E,
     "archive-truncated": _E,
+    "compressed-corrupt": _E,
+    "compressed-too-large": _E,
     "archive-changed": _E,
     "member-skipped": _W,
     "layout-missing": _E,
@@ -184,6 +192,7 @@ class Report:
     findings: tuple[Finding, ...]
     blobs_verified: int = 0
     bytes_verified: int = 0
+    compression: str = "plain"  # how the archive is stored: plain, gzip, zstd
 
     @property
     def ok(self) -> bool:
@@ -204,6 +213,7 @@ class Report:
         """The report as ``ocifuse fsck --json`` prints it."""
         return {
             "ok": self.ok,
+            "compression": self.compression,
             "blobs_verified": self.blobs_verified,
             "bytes_verified": self.bytes_verified,
             "findings": [f.to_json() for f in self.findings],
@@ -217,7 +227,11 @@ def finding(code: str, message: str, *, digest: str | None = None, path: str | N
 
 def open_failure(error: LayoutOpenError) -> Report:
     """The report for a PATH that cannot be opened as a layout."""
-    if isinstance(error, TruncatedArchive):
+    if isinstance(error, CompressedDataError):
+        code = "compressed-corrupt"
+    elif isinstance(error, DecompressionLimit):
+        code = "compressed-too-large"
+    elif isinstance(error, TruncatedArchive):
         code = "archive-truncated"
     elif isinstance(error, NotAnArchive):
         code = "archive-corrupt"
@@ -320,6 +334,7 @@ class _Checker:
             findings=tuple(self.findings),
             blobs_verified=self.blobs_verified,
             bytes_verified=self.bytes_verified,
+            compression=self.layout.compression,
         )
 
     def check_layers(self) -> None:
@@ -670,8 +685,9 @@ def render_text(report: Report, *, seconds: float | None = None) -> Iterator[str
     if seconds and report.bytes_verified:
         rate = f" ({human(report.bytes_verified / seconds)}/s)"
     status = "ok" if report.ok else "FAILED"
+    stored = "" if report.compression == "plain" else f"{report.compression}-compressed archive, "
     yield (
-        f"{status}: {report.blobs_verified} blobs verified, {human(report.bytes_verified)} hashed"
+        f"{status}: {stored}{report.blobs_verified} blobs verified, {human(report.bytes_verified)} hashed"
         f"{took}{rate}; {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
     )
 

@@ -101,6 +101,7 @@ class Summary:
     """Everything ``ocifuse inspect`` shows."""
 
     path: str
+    compression: str  # how the archive is stored: plain, gzip, zstd
     layout_version: str | None
     platform: str  # the platform images were resolved for
     refs: tuple[RefEntry, ...]
@@ -326,6 +327,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
             error = f"no image for {want} in {layout.path}{listing}"
     return Summary(
         path=layout.path,
+        compression=layout.compression,
         layout_version=version,
         platform=str(want),
         refs=refs,
@@ -417,7 +419,8 @@ def render_text(summary: Summary) -> Iterator[str]:
     version = f"oci-layout {summary.layout_version}" if summary.layout_version else "no valid oci-layout"
     if summary.format == "docker-archive":
         version = f"docker-archive, served as {version}"
-    yield f"{summary.path} ({version})"
+    stored = "" if summary.compression == "plain" else f", {summary.compression}-compressed"
+    yield f"{summary.path} ({version}{stored})"
     yield ""
     rows = [["REF", "TYPE", "DIGEST", "SIZE"]]
     for r in summary.refs:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import model
 from .archive import Archive, Kind, Skipped
 from .cache import IndexCache
+from .compressed import Limits
 from .digest import Digest
 from .errors import (
     BlobNotFound,
@@ -23,6 +24,7 @@ from .errors import (
     SizeMismatch,
     TooLarge,
 )
+from .progress import reporting
 from .source import FileRange, OpenFile, Source, sub_range
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ class Layout(ABC):
 
     path: str
     skipped: list[Skipped]
+    # How the layout's bytes are stored: "plain" (a tar or a directory), "gzip" or "zstd".
+    compression: str = "plain"
     # What PATH is: "oci-layout" (a directory), "oci-archive" or "docker-archive" (dockerarchive.py).
     format: str = "oci-layout"
     # A docker-archive's view: what it serves on trust and what it could not serve (fsck reports it).
@@ -155,16 +159,25 @@ class Layout(ABC):
 class ArchiveLayout(Layout):
     """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
 
-    def __init__(self, path: str | Archive, cache: IndexCache | None = None, *, rescan: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Archive,
+        cache: IndexCache | None = None,
+        *,
+        rescan: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
         """Open the archive at ``path``, or take one already open (the mount's: same fd, same table).
 
         An archive opened here that is a docker-archive is served as an OCI layout (dockerarchive.py).
-        ``cache`` and ``rescan`` are Archive's: where a stored table may come from and go to.
+        ``cache``, ``rescan`` and ``limits`` are Archive's: where a stored table and index may come
+        from and go to, and the bounds of decompressing a compressed archive (its progress is shown).
         """
         from .dockerarchive import DOCKER_ARCHIVE, OCI_ARCHIVE, adopt
 
         if isinstance(path, str):
-            self.archive = Archive(path, cache, rescan=rescan)
+            with reporting(f"indexing {path}", file_size(path)) as progress:
+                self.archive = Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
             try:
                 self.docker = adopt(self.archive)
             except BaseException:
@@ -175,6 +188,7 @@ class ArchiveLayout(Layout):
         self.format = OCI_ARCHIVE if self.docker is None else DOCKER_ARCHIVE
         self.path = self.archive.path
         self.skipped = self.archive.table.skipped
+        self.compression = self.archive.compression
 
     def size_of(self, name: str) -> int:
         entry = self.archive.table.get(name)
@@ -199,6 +213,14 @@ class ArchiveLayout(Layout):
 
     def close(self) -> None:
         self.archive.close()
+
+
+def file_size(path: str) -> int:
+    """The size of the file at ``path`` (a progress total), 0 when it cannot be had (opening says why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 class DirectoryLayout(Layout):
@@ -301,11 +323,16 @@ class DirectoryLayout(Layout):
 
 
 def open_layout(
-    path: str | os.PathLike[str], cache: IndexCache | None = None, *, rescan: bool = False
+    path: str | os.PathLike[str],
+    cache: IndexCache | None = None,
+    *,
+    rescan: bool = False,
+    limits: Limits | None = None,
 ) -> Layout:
     """Open ``path`` as a layout: a directory as a DirectoryLayout, any other file as an archive.
 
-    An archive's table may come from ``cache`` (and a scanned one go to it); see Archive.
+    An archive's table (and a compressed one's index) may come from ``cache`` (and a built one
+    go to it); ``limits`` bound decompressing; see Archive.
     Raises LayoutOpenError (with a one-line reason naming the path) when it cannot be opened.
     """
     path = os.fspath(path)
@@ -315,4 +342,4 @@ def open_layout(
         raise LayoutOpenError(path, e.strerror or str(e)) from e
     if stat.S_ISDIR(st.st_mode):
         return DirectoryLayout(path)
-    return ArchiveLayout(path, cache, rescan=rescan)
+    return ArchiveLayout(path, cache, rescan=rescan, limits=limits)

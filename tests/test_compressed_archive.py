@@ -1,0 +1,274 @@
+"""Compressed oci-archives (``.tar.gz``, ``.tar.zst``): fsck, inspect and mount read them as plain ones."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import RealImage, require_tools, run
+from mounting import MountSpec, background_mount, mounted, mounted_many
+from oci import extract
+
+from ocifuse import cli, compressed
+from ocifuse.archive import Archive
+from ocifuse.cache import IndexCache
+from ocifuse.compressed import Limits
+from ocifuse.errors import ArchiveChanged, DecompressionLimit
+from ocifuse.layout import ArchiveLayout, open_layout
+
+TAG = "v1"
+# The tools that make each variant, and the one that takes it back (the reference).
+COMPRESSORS = {
+    "gzip": (["gzip", "-c"], ["gzip", "-dc"]),
+    "pigz": (["pigz", "-c", "-p", "2"], ["gzip", "-dc"]),
+    "zstd": (["zstd", "-q", "-c"], ["zstd", "-dcq"]),
+    "zstd-long": (["zstd", "-q", "-c", "--long"], ["zstd", "-dcq", "--long=27"]),
+    "pzstd": (["pzstd", "-q", "-c", "-p", "2"], ["zstd", "-dcq"]),
+}
+
+
+def _kind(name: str) -> str:
+    return "gzip" if name in ("gzip", "pigz") else "zstd"
+
+
+def _pipe(cmd: list[str], src: Path, dst: Path) -> Path:
+    with open(src, "rb") as i, open(dst, "wb") as o:
+        subprocess.run(cmd, stdin=i, stdout=o, check=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def archives(real_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """skopeo's oci-archive, compressed by each tool."""
+    require_tools("gzip", "pigz", "zstd", "pzstd")
+    root = tmp_path_factory.mktemp("compressed")
+    return {
+        name: _pipe(make, real_archive, root / f"image.{name}") for name, (make, _) in COMPRESSORS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``tar -x`` of each archive decompressed by its tool's own ``-d``."""
+    root = tmp_path_factory.mktemp("reference")
+    out = {}
+    for name, path in archives.items():
+        plain = _pipe(COMPRESSORS[name][1], path, root / f"{name}.tar")
+        out[name] = extract(plain, root / name)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- the read core --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_every_file_equals_tar_x_of_the_decompressed_archive(
+    name: str, archives: dict[str, Path], reference: dict[str, Path]
+) -> None:
+    expected = _files(reference[name])
+    with open_layout(archives[name]) as layout:
+        assert layout.compression == _kind(name)
+        assert sorted(layout.file_names()) == sorted(expected)
+        for path, data in expected.items():
+            assert layout.read_at(path, 0, len(data) + 1) == data
+
+
+def test_a_plain_archive_stays_a_file_range(real_archive: Path) -> None:
+    """Uncompressed: the archive's own fd, read by pread (and pread_cached), nothing between."""
+    from ocifuse.source import FileRange
+
+    archive = Archive(str(real_archive))
+    try:
+        assert archive.compression == "plain"
+        assert type(archive.sources[0]) is FileRange
+    finally:
+        archive.close()
+
+
+def test_the_second_open_reads_the_index_from_the_cache(archives: dict[str, Path], tmp_path: Path) -> None:
+    cache = IndexCache(str(tmp_path / "cache"))
+    for name in ("gzip", "zstd"):
+        seen: list[int] = []
+        first = Archive(str(archives[name]), cache, progress=seen.append)
+        first.close()
+        assert sum(seen) == archives[name].stat().st_size
+        seen.clear()
+        second = Archive(str(archives[name]), cache, progress=seen.append)
+        try:
+            assert seen == []  # nothing decompressed to open it
+            assert second.compression == _kind(name)
+            assert second.table.entries.keys() == first.table.entries.keys()
+        finally:
+            second.close()
+
+
+def test_an_archive_changed_underneath_fails_reads(archives: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "image.tar.gz"
+    shutil.copy(archives["gzip"], copy)
+    layout = ArchiveLayout(str(copy))
+    try:
+        big = max(layout.file_names(), key=layout.size_of)
+        with open(copy, "r+b") as f:
+            f.truncate(copy.stat().st_size - 100)
+        with pytest.raises(ArchiveChanged):
+            for offset in range(0, layout.size_of(big), 1 << 20):
+                layout.read_at(big, offset, 4096)
+    finally:
+        layout.close()
+
+
+# -- fsck and inspect -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gzip", "zstd"])
+def test_fsck_and_inspect_say_the_compression(
+    name: str, archives: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(archives[name])
+    assert cli.main(["fsck", "--json", path]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["compression"] == _kind(name) and report["blobs_verified"] >= 3
+    assert cli.main(["fsck", path]) == 0
+    assert f"ok: {_kind(name)}-compressed archive, " in capsys.readouterr().out
+    assert cli.main(["inspect", "--json", path]) == 0
+    assert json.loads(capsys.readouterr().out)["compression"] == _kind(name)
+    assert cli.main(["inspect", path]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{path} (oci-layout 1.0.0, {_kind(name)}-compressed)"
+
+
+def _bad(archives: dict[str, Path], tmp: Path, how: str) -> tuple[Path, str]:
+    """A damaged or hostile compressed archive, and the fsck code it must give."""
+    data = bytearray(archives["gzip"].read_bytes())
+    out = tmp / f"bad-{how}.tar.gz"
+    code = "compressed-corrupt"
+    if how == "truncated":
+        data = data[: len(data) * 2 // 3]
+    elif how == "crc":
+        data[-6] ^= 0x10
+    elif how == "trailing-garbage":
+        data += b"garbage after the stream\n"
+    elif how == "not-a-tar":
+        data = bytearray(
+            subprocess.run(["gzip", "-c"], input=b"just text\n" * 1000, capture_output=True).stdout
+        )
+        code = "archive-corrupt"
+    elif how == "zstd-truncated":
+        data = bytearray(archives["zstd"].read_bytes())[:-50]
+        out = tmp / "bad.tar.zst"
+    elif how == "xz":
+        data = bytearray(subprocess.run(["xz", "-c"], input=bytes(10240), capture_output=True).stdout)
+        out = tmp / "bad.tar.xz"
+    out.write_bytes(bytes(data))
+    return out, code
+
+
+BAD = ["truncated", "crc", "trailing-garbage", "not-a-tar", "zstd-truncated", "xz"]
+
+
+@pytest.mark.parametrize("how", BAD)
+def test_bad_input_is_one_line_and_a_stable_code(
+    how: str, archives: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_tools("xz")
+    path, code = _bad(archives, tmp_path, how)
+    assert cli.main(["fsck", "--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert [f["code"] for f in json.loads(captured.out)["findings"]] == [code]
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"ocifuse: {path}: ")
+    assert cli.main(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_bomb_stops_at_max_size(tmp_path: Path) -> None:
+    """A tar of zeros compresses ~1000:1; max_size stops the first pass, in time and disk."""
+    zeros = tmp_path / "zeros.tar"
+    with open(zeros, "wb") as f:
+        f.truncate(64 << 20)
+    for tool, suffix in ((["gzip", "-c", "-9"], "gz"), (["zstd", "-q", "-c", "-19"], "zst")):
+        bomb = _pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
+        assert bomb.stat().st_size < 200_000
+        with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE"):
+            Archive(str(bomb), limits=Limits(max_size=8 << 20))
+
+
+def test_a_spill_is_bounded(
+    archives: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A single-frame .tar.zst bigger than the in-place limit spills, within spill_max."""
+    monkeypatch.setattr(compressed, "ZSTD_FRAME_INPLACE", 1 << 20)
+    with pytest.raises(DecompressionLimit, match="spill_max"):
+        Archive(str(archives["zstd"]), IndexCache(str(tmp_path / "c")), limits=Limits(spill_max=1 << 20))
+    archive = Archive(str(archives["zstd"]), IndexCache(str(tmp_path / "c")))
+    try:
+        assert isinstance(archive.sources[0], compressed.ZstdSpill)
+    finally:
+        archive.close()
+
+
+# -- real mounts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_mounts_equal_tar_x(archives: dict[str, Path], reference: dict[str, Path], tmp_path: Path) -> None:
+    specs = [MountSpec(archives[n], tmp_path / n) for n in sorted(COMPRESSORS)]
+    with mounted_many(specs) as mounts:
+        for name, m in zip(sorted(COMPRESSORS), mounts, strict=True):
+            assert _files(m.mountpoint) == _files(reference[name]), name
+            assert f"{_kind(name)}-compressed" in m.stderr()
+
+
+@pytest.mark.fuse
+def test_skopeo_and_umoci_read_the_mount_of_a_tar_gz(
+    archives: dict[str, Path], real_image: RealImage, tmp_path: Path
+) -> None:
+    require_tools("skopeo", "umoci")
+    with mounted(archives["gzip"], tmp_path / "mnt") as m:
+        run("skopeo", "copy", "--quiet", f"oci:{m.mountpoint}:{TAG}", f"dir:{tmp_path / 'from-mount'}")
+        run(
+            "skopeo",
+            "copy",
+            "--quiet",
+            f"oci-archive:{real_image.archive}:{TAG}",
+            f"dir:{tmp_path / 'plain'}",
+        )
+        assert _files(tmp_path / "from-mount") == _files(tmp_path / "plain")
+        run("umoci", "unpack", "--image", f"{m.mountpoint}:{TAG}", tmp_path / "bundle")
+    for path, data in real_image.files.items():
+        if not path.startswith("/etc/app"):  # only in tag v2
+            assert (tmp_path / "bundle" / "rootfs" / path.lstrip("/")).read_bytes() == data
+
+
+@pytest.mark.fuse
+def test_mount_refuses_a_bomb_in_one_line(tmp_path: Path) -> None:
+    zeros = tmp_path / "zeros.tar"
+    with open(zeros, "wb") as f:
+        f.truncate(32 << 20)
+    bomb = _pipe(["gzip", "-c"], zeros, tmp_path / "bomb.tar.gz")
+    with background_mount(bomb, tmp_path / "mnt", options=["max_size=4M"]) as result:
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "max_size" in lines[0], result.stderr
+
+
+@pytest.mark.fuse
+def test_a_live_mount_answers_eio_when_the_archive_changes(archives: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "image.tar.gz"
+    shutil.copy(archives["gzip"], copy)
+    with mounted(copy, tmp_path / "mnt") as m:
+        blobs = sorted((m.mountpoint / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+        with open(copy, "r+b") as f:
+            f.truncate(copy.stat().st_size // 2)
+        with pytest.raises(OSError) as info:
+            blobs[-1].read_bytes()
+        assert info.value.errno == errno.EIO
+        assert m.alive() and sorted(os.listdir(m.mountpoint)) == ["blobs", "index.json", "oci-layout"]
