@@ -15,6 +15,7 @@ content comes from ``sample_builder`` (tests/oci.py's LayoutBuilder); the tar is
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 import random
 import subprocess
@@ -26,7 +27,7 @@ from typing import BinaryIO, Literal
 
 from oci import LayoutBuilder
 
-from ocifuse.errors import LayoutOpenError, NotAnArchive, TruncatedArchive
+from ocifuse.errors import CompressedDataError, LayoutOpenError, NotAnArchive, TruncatedArchive
 
 # tarfile.USTAR_FORMAT, GNU_FORMAT, PAX_FORMAT
 TarFormat = Literal[0, 1, 2]
@@ -357,9 +358,23 @@ def empty_file(directory: Path) -> Path:
 
 
 def gzipped(directory: Path) -> Path:
-    """A gzip-compressed oci-archive (which an oci-archive never is)."""
+    """A gzip-compressed oci-archive (``docker save | gzip``): served as the plain one."""
     out = directory / "gzipped.tar.gz"
     out.write_bytes(gzip.compress(pax(directory).read_bytes()))
+    return out
+
+
+def gzipped_not_a_tar(directory: Path) -> Path:
+    """Good gzip around bytes that are no tar."""
+    out = directory / "text.tar.gz"
+    out.write_bytes(gzip.compress(b"not a tar\n" * 100))
+    return out
+
+
+def xz_compressed(directory: Path) -> Path:
+    """An xz-compressed oci-archive: a compression ocifuse names but does not read."""
+    out = directory / "xz.tar.xz"
+    out.write_bytes(lzma.compress(pax(directory).read_bytes()))
     return out
 
 
@@ -402,7 +417,8 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], type[LayoutOpenError]]] = {
     "truncated_mid_header": (truncated_mid_header, TruncatedArchive),
     "not_a_tar": (not_a_tar, NotAnArchive),
     "empty_file": (empty_file, NotAnArchive),
-    "gzipped": (gzipped, NotAnArchive),
+    "gzipped_not_a_tar": (gzipped_not_a_tar, NotAnArchive),
+    "xz_compressed": (xz_compressed, CompressedDataError),
     "garbage_after_member": (garbage_after_member, NotAnArchive),
     "pax_absurd_header": (pax_absurd_header, NotAnArchive),
     "pax_absurd_size": (pax_absurd_size, TruncatedArchive),

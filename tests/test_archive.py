@@ -199,10 +199,25 @@ def test_broken_archives_raise_an_error_naming_the_file(case: str, tmp_path: Pat
         assert "\n" not in str(info.value)
 
 
-def test_gzip_message_says_decompress(tmp_path: Path) -> None:
-    """A compressed archive is named as such, with what to do about it."""
-    with pytest.raises(NotAnArchive, match="gzip-compressed.*decompress"):
-        Archive(str(tarbuild.gzipped(tmp_path)))
+def test_a_gzipped_archive_serves_what_the_plain_one_does(tmp_path: Path) -> None:
+    """``gzip`` around an oci-archive changes nothing served (tests/test_compressed_archive.py: the tools)."""
+    packed = Archive(str(tarbuild.gzipped(tmp_path)))  # writes pax.tar too: open the plain one after
+    plain = Archive(str(tarbuild.pax(tmp_path)))
+    try:
+        assert (plain.compression, packed.compression) == ("plain", "gzip")
+        assert plain.table.entries.keys() == packed.table.entries.keys()
+        for name, entry in plain.files():
+            assert packed.pread(packed.table.entries[name], 0, entry.size) == plain.pread(
+                entry, 0, entry.size
+            )
+    finally:
+        plain.close()
+        packed.close()
+
+
+def test_a_gzipped_non_tar_says_both(tmp_path: Path) -> None:
+    with pytest.raises(NotAnArchive, match="gzip-compressed, but not a tar archive"):
+        Archive(str(tarbuild.gzipped_not_a_tar(tmp_path)))
 
 
 def test_garbage_is_an_error_not_silent_truncation(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from conftest import RealImage, require_tools, run
 from mounting import MountSpec, background_mount, mounted, mounted_many
 from oci import extract
 
-from ocifuse import cli, compressed
+from ocifuse import cli, compressed, fsck
 from ocifuse.archive import Archive
 from ocifuse.cache import IndexCache
 from ocifuse.compressed import Limits
@@ -197,8 +197,9 @@ def test_a_bomb_stops_at_max_size(tmp_path: Path) -> None:
     for tool, suffix in ((["gzip", "-c", "-9"], "gz"), (["zstd", "-q", "-c", "-19"], "zst")):
         bomb = _pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
         assert bomb.stat().st_size < 200_000
-        with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE"):
+        with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE") as info:
             Archive(str(bomb), limits=Limits(max_size=8 << 20))
+        assert fsck.open_failure(info.value).codes == {"compressed-too-large"}
 
 
 def test_a_spill_is_bounded(

@@ -261,6 +261,7 @@ def test_json_output(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {
         "path",
+        "compression",
         "layout_version",
         "platform",
         "refs",
