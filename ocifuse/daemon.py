@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import logging.handlers
 import os
 import re
 import signal
@@ -25,13 +24,11 @@ from .dockerarchive import adopt
 from .errors import MountError as MountError
 from .errors import OcifuseError
 from .fs import Operations
-from .image import open_rootfs
 from .journal import stderr_is_journal
-from .layout import ArchiveLayout, file_size
-from .model import Platform
+from .layout import file_size
 from .progress import reporting
-from .resolve import refs
 from .tree import Tree
+from .umount import visible_mount
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +63,9 @@ def setup_logging(*, foreground: bool, debug: bool) -> None:
                 logging.Formatter("%(asctime)s ocifuse[%(process)d] %(levelname)s: %(message)s")
             )
     else:
-        handler = logging.handlers.SysLogHandler("/dev/log")
+        from logging.handlers import SysLogHandler  # only a background mount logs to syslog
+
+        handler = SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("ocifuse[%(process)d]: %(levelname)s: %(message)s"))
     root.addHandler(handler)
 
@@ -197,6 +196,8 @@ def mount_main(args: argparse.Namespace) -> int:
             pyfuse3.init(ops, mountpoint, set(opts.fuse))
         except RuntimeError as e:
             raise MountError(f"cannot mount {archive_path} on {mountpoint} ({e})") from e
+        # Which mount is ours, for the unmount at the end (see _still_ours).
+        ours = None if _DEV_FD.fullmatch(mountpoint) else visible_mount(mountpoint)
         notify_parent: Callable[[str], None] = _no_parent
         if not args.foreground:
             notify_parent = _daemonize()
@@ -213,7 +214,7 @@ def mount_main(args: argparse.Namespace) -> int:
             log.debug("the FUSE loop failed", exc_info=True)
             raise MountError(f"serving {archive_path} on {mountpoint} failed: {_innermost(e)}") from e
         finally:
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=_still_ours(mountpoint, ours))
             if not clean:
                 notify_parent("the daemon failed before the mount was live")
     finally:
@@ -221,6 +222,28 @@ def mount_main(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _still_ours(mountpoint: str, ours: tuple[str, str] | None) -> bool:
+    """Whether the daemon may unmount ``mountpoint`` on its way out: only while its own mount is there.
+
+    libfuse unmounts by path (fuse_kern_unmount: umount2(MNT_DETACH) as root, else fusermount3 -u
+    -z), whatever is mounted there by then; it skips that only when the kernel has already cut the
+    connection. A daemon stopped (SIGTERM) after its mount was lazily detached (``ocifuse umount
+    --lazy`` of a busy mount, systemd's ExecStopPost) still has its connection, and another mount
+    may sit on the same path by then: unmounting by path would detach that one, and a process
+    walking it would find names it had just listed gone (FileNotFoundError).
+    """
+    if _DEV_FD.fullmatch(mountpoint):
+        return True  # mount.fuse3 made the mount; libfuse knows it by its fd
+    if ours is None:
+        return True  # not found right after mounting (cannot happen): keep libfuse's behaviour
+    now = visible_mount(mountpoint)
+    if now == ours:
+        return True
+    if now is not None and now[1] == ours[1]:
+        log.warning("%s: another mount is there now; leaving it alone", mountpoint)
+    return False
 
 
 def _rootfs_flags(args: argparse.Namespace) -> list[str]:
@@ -274,6 +297,10 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
             archive.close()
             raise
         return _View(archive, tree, status, archive.close)
+    # The rootfs view's modules are imported only for it: every mount pays for its imports.
+    from .image import open_rootfs
+    from .model import Platform
+
     platform = Platform.parse(opts.platform) if opts.platform else None
     image = open_rootfs(
         archive_path,
@@ -294,6 +321,9 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
 def _status(archive: Archive, mountpoint: str, files: int) -> str:
     """systemd's STATUS= line (sd_notify(3)): the archive, its refs (index.json), the mountpoint."""
     try:
+        from .layout import ArchiveLayout
+        from .resolve import refs
+
         names = list(refs(ArchiveLayout(archive)))  # in index.json's order
     except OcifuseError as e:
         log.debug("no refs for the status line: %s", e)

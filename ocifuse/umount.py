@@ -16,8 +16,12 @@ FSTYPE = "fuse.ocifuse"  # subtype=ocifuse, always set (options.py)
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
-def mount_type(mountpoint: str) -> str | None:
-    """The filesystem type mounted at ``mountpoint`` (from /proc/self/mountinfo), or None."""
+def visible_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(device "major:minor", filesystem type) of the mount visible at ``mountpoint``, or None.
+
+    Read from /proc/self/mountinfo (proc(5)), never by stat: a stat of a FUSE mount waits for its
+    daemon, which may be the caller.
+    """
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         found = None
         for line in f:
@@ -25,8 +29,14 @@ def mount_type(mountpoint: str) -> str | None:
             sep = fields.index("-")
             point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
             if point == mountpoint:
-                found = fields[sep + 1]  # the last mount at a point is the visible one
+                found = (fields[2], fields[sep + 1])  # the last mount at a point is the visible one
         return found
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted at ``mountpoint``, or None."""
+    found = visible_mount(mountpoint)
+    return None if found is None else found[1]
 
 
 def umount_main(mountpoint: str, *, lazy: bool = False) -> int:
