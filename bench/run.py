@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import latency
 from bench.archives import MIB, BuiltArchive, build_many, build_umoci
 
 REPO = Path(__file__).resolve().parent.parent
@@ -763,7 +764,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="only the 100,001-entry mount, scanned vs cached (its own section of results.md)",
     )
+    p.add_argument(
+        "--only",
+        choices=("latency",),
+        help="one section only: latency = one-shot mount/umount latency (bench/latency.py)",
+    )
+    p.add_argument("--mid-mib", type=int, default=300, help="size of the latency round trip's archive (MiB)")
     args = p.parse_args(argv)
+    if args.only == "latency":
+        return latency_main(args)
     s_runs = args.runs
     if args.only_100k:
         return main_100k(args)
@@ -807,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrent_reads(mounts, s, archives["blobs5k"])
         log("5. many entries")
         many_entries(mounts, s, "entries100k", archives["entries100k"])
+        log("6. one-shot latency")
+        mid = build_umoci(scratch / "mid.tar", scratch, mib=args.mid_mib)
+        lat = latency_samples(archives["big"], mid, scratch, args.runs)
         if args.profile:
             profile_read(mounts, archives["big"], scratch / "profile-read.svg")
             shutil.copy(scratch / "profile-read.svg", BENCH / "profile-read.svg")
@@ -824,9 +836,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["load_end"] = loadavg()
     text = report(s, info, archives)
     print(text)
+    lat_text = latency_report(lat, archives["big"], mid, info["load_start"], args.runs)
+    print(lat_text)
     if not args.no_write:
         write_section(text)
+        write_section(lat_text, "latency")
         (BENCH / "results.json").write_text(json.dumps({"info": info, "samples": s.values}, indent=1) + "\n")
+        (BENCH / "latency.json").write_text(json.dumps(lat, indent=1) + "\n")
         plot(s, archives, BENCH / "results.png")
         log("wrote bench/results.md (read-path section), results.json, results.png")
     return 0
@@ -867,6 +883,62 @@ def main_100k(args: argparse.Namespace) -> int:
     if not args.no_write:
         write_section(text, "mount-100k")
         log("wrote bench/results.md (mount-100k section)")
+    return 0
+
+
+def latency_samples(big: BuiltArchive, mid: BuiltArchive, scratch: Path, runs: int) -> dict[str, list[float]]:
+    """6. One-shot latency (bench/latency.py) over the 1 GiB archive and the ~300 MB one."""
+    return latency.measure(
+        ocifuse=OCIFUSE,
+        python=PROJECT_PY,
+        big=big.path,
+        mid=mid.path,
+        tag_big=big.tag,
+        tag_mid=mid.tag,
+        scratch=scratch,
+        runs=runs,
+        log=log,
+    )
+
+
+def latency_report(
+    samples: dict[str, list[float]], big: BuiltArchive, mid: BuiltArchive, load_start: str, runs: int
+) -> str:
+    """The latency section's markdown."""
+    info = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "load_start": load_start,
+        "load_end": loadavg(),
+        "runs": runs,
+        "big_mib": big.size / MIB,
+        "mid_mib": mid.size / MIB,
+    }
+    return latency.report(samples, info)
+
+
+def latency_main(args: argparse.Namespace) -> int:
+    """``--only latency``: build the two archives, measure, write the latency section."""
+    signal.signal(signal.SIGTERM, _terminate)
+    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-bench-", dir=args.scratch))
+    use_scratch_cache(scratch)
+    load_start = loadavg()
+    log(f"scratch {scratch}; load {load_start}")
+    try:
+        log(f"building archives ({args.big_mib} MiB and {args.mid_mib} MiB, umoci + skopeo)")
+        big = build_umoci(scratch / "big.tar", scratch, mib=args.big_mib)
+        mid = build_umoci(scratch / "mid.tar", scratch, mib=args.mid_mib)
+        samples = latency_samples(big, mid, scratch, args.runs)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            log(f"kept {scratch}")
+    text = latency_report(samples, big, mid, load_start, args.runs)
+    print(text)
+    if not args.no_write:
+        write_section(text, "latency")
+        (BENCH / "latency.json").write_text(json.dumps(samples, indent=1) + "\n")
+        log("wrote bench/results.md (latency section), latency.json")
     return 0
 
 

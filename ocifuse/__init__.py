@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy reads it as True)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .layout import ArchiveLayout, DirectoryLayout, Layout, open_layout
 
 __all__ = ["ArchiveLayout", "DirectoryLayout", "Layout", "open_layout"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -11,8 +10,6 @@ from collections.abc import Sequence
 
 from . import __version__, journal
 from .errors import OcifuseError
-
-log = logging.getLogger(__name__)
 
 COMMANDS = ("fsck", "inspect", "mount", "umount", "cache")
 
