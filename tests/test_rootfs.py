@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import tarfile
 from collections.abc import Callable
 
+import pyfuse3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
 
 from ocifuse import rootfs as rootfs_module
-from ocifuse.archive import Entry, Kind
+from ocifuse.archive import Entry, Kind, Sources
 from ocifuse.errors import NotAnArchive, TruncatedArchive
+from ocifuse.fs import Operations
 from ocifuse.layer import LayerTable, Type
 from ocifuse.rootfs import Merged, merge
 from ocifuse.source import MemorySource
+from ocifuse.tree import ROOT, Tree
 
 # security.capability of cap_net_bind_service+ep (VFS_CAP_REVISION_2)
+CTX = pyfuse3.RequestContext()
 CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 
 
@@ -444,3 +450,58 @@ def test_a_bad_cached_tree_is_refused(damage: Callable[[bytes], bytes]) -> None:
     assert bad != good
     with pytest.raises(ValueError):
         Merged.from_bytes(bad, sizes)
+
+
+# -- the rootfs view's operations, without a mount (pyfuse3 handlers under trio) -------------------
+
+
+def _rootfs_ops(*, own_all: bool = False) -> Operations:
+    exe = file_member("bin/x", b"#!/bin/sh\n")
+    exe.info.mode, exe.info.uid, exe.info.gid = 0o4755, 1000, 1001
+    exe.info.pax_headers = {"SCHILY.xattr.security.capability": CAP.decode("utf-8", "surrogateescape")}
+    tars = [
+        tar_bytes([exe, link_member("bin/y", "bin/x"), link_member("s", "/bin/x", tarfile.SYMTYPE),
+                   special("null", tarfile.CHRTYPE, 1, 3), special("p", tarfile.FIFOTYPE)]),
+    ]  # fmt: skip
+    merged = merge([scan(t) for t in tars])
+    tree = Tree(merged.entries, root=merged.root)
+    return Operations(Sources([MemorySource(t) for t in tars]), tree, xattrs=True, own_all=own_all)
+
+
+async def _lookup(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
+    inode = ROOT
+    attr = await ops.getattr(pyfuse3.InodeT(inode), CTX)
+    for part in path.split("/"):
+        attr = await ops.lookup(pyfuse3.InodeT(inode), pyfuse3.FileNameT(part.encode()), CTX)
+        inode = attr.st_ino
+    return attr
+
+
+async def test_rootfs_operations_serve_the_image_metadata() -> None:
+    """Modes with setuid, owners, nlink, symlink targets, device numbers, xattrs; reads of the bytes."""
+    ops = _rootfs_ops()
+    x, y = await _lookup(ops, "bin/x"), await _lookup(ops, "bin/y")
+    assert x.st_ino == y.st_ino and x.st_nlink == 2
+    assert (x.st_mode, x.st_uid, x.st_gid) == (stat.S_IFREG | 0o4755, 1000, 1001)
+    assert await ops.getxattr(x.st_ino, pyfuse3.XAttrNameT(b"security.capability"), CTX) == CAP
+    assert await ops.listxattr(x.st_ino, CTX) == [b"security.capability"]
+    with pytest.raises(pyfuse3.FUSEError) as missing:
+        await ops.getxattr(x.st_ino, pyfuse3.XAttrNameT(b"user.none"), CTX)
+    assert missing.value.errno == errno.ENODATA
+    fi = await ops.open(x.st_ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 100) == b"#!/bin/sh\n"
+    s = await _lookup(ops, "s")
+    assert stat.S_ISLNK(s.st_mode) and s.st_size == len("/bin/x")
+    assert await ops.readlink(s.st_ino, CTX) == b"/bin/x"
+    with pytest.raises(pyfuse3.FUSEError) as not_link:
+        await ops.readlink(x.st_ino, CTX)
+    assert not_link.value.errno == errno.EINVAL
+    null, fifo = await _lookup(ops, "null"), await _lookup(ops, "p")
+    assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO(fifo.st_mode)
+
+
+async def test_rootfs_operations_own_all_maps_every_owner() -> None:
+    """own_all (-o rootless): every uid/gid is the mounting user's; modes stay the image's."""
+    x = await _lookup(_rootfs_ops(own_all=True), "bin/x")
+    assert (x.st_uid, x.st_gid, stat.S_IMODE(x.st_mode)) == (os.getuid(), os.getgid(), 0o4755)
