@@ -18,9 +18,11 @@ from tarbuild import file_member, link_member
 from test_rootfs import tar_bytes, whiteout
 
 from ocifuse import model, open_layout
+from ocifuse import options as mount_options
 from ocifuse.errors import CompressedDataError, InvalidDocument, NotAnArchive
 from ocifuse.fsck import check
 from ocifuse.image import DiffIdMismatch, LayerError, open_rootfs
+from ocifuse.options import OptionError
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 
@@ -247,3 +249,21 @@ def test_open_rootfs_refuses_damaged_compressed_layers(tmp_path: Path) -> None:
         open_rootfs(
             str(image(tmp_path / "junk", [gzip.compress(junk)], diff_ids=[_sha(junk)], media_types=[GZIP]))
         )
+
+
+def test_rootfs_options_belong_together() -> None:
+    """rootfs-only options without rootfs, and verify with it: one OptionError each, before mounting."""
+    for given_options, message in (
+        (["rootless"], "rootfs view only"),
+        (["ref=v1"], "rootfs view only"),
+        (["rootfs,verify"], "layout view only"),
+        (["rootfs,platform=linux"], "OS/ARCH"),
+    ):
+        with pytest.raises(OptionError, match=message):
+            mount_options.parse(given_options, fsname="x")
+    opts = mount_options.parse(
+        ["rootfs,ref=a\\,b,platform=linux/arm64/v8,rootless,ignore_diff_ids"], fsname="x"
+    )
+    assert (opts.rootfs, opts.ref, opts.platform, opts.rootless, opts.ignore_diff_ids) == (
+        True, "a,b", "linux/arm64/v8", True, True
+    )  # fmt: skip
