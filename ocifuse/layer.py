@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 CACHE_KIND = "layer-table"
 TABLE_FORMAT = 1
 
+# How much of a compressed layer the scan reads at once (30,000 small files: ~0.75 -> ~0.45 s a layer).
+COMPRESSED_READ_AHEAD = 256 << 10
 # PAX extended attributes as GNU tar, bsdtar, Go's archive/tar and umoci write them.
 XATTR_PREFIX = "SCHILY.xattr."
 # Owners a Linux stat can carry (uid_t is 32 bits; (uid_t)-1 means "no change", never an owner).
@@ -113,7 +115,10 @@ class LayerTable:
         if kind is not None:
             raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
         builder = _LayerBuilder()
-        with io.BufferedReader(SourceFile(source), BLOCK * 16) as f:
+        # A decompressing source costs a seek per read: read ahead far enough to take the headers of
+        # many small members at once (a plain source: a pread per few headers is cheapest).
+        buffer = BLOCK * 16 if source.compression == "plain" else COMPRESSED_READ_AHEAD
+        with io.BufferedReader(SourceFile(source), buffer) as f:
             end = walk(f, name, source.size, builder.add, layer=True)
         return cls(builder.members, builder.skipped, end)
 
