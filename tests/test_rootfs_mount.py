@@ -7,6 +7,7 @@ Programs run from the mount (chroot, bwrap, podman run --rootfs). Building the i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +159,52 @@ def test_fsck_layers_on_the_real_image(images: Images, form: str) -> None:
     # umoci's own layout keeps blobs of earlier repacks no tag names (umoci gc would drop them)
     found = [(f.code, "d2f/.wh.inner" in f.message) for f in report.findings if f.code != "blob-unreferenced"]
     assert set(found) == {("layer-member-skipped", True)}  # once per image: umoci's layout has v2, v3, v4
+
+
+def test_buildah_image_equals_umoci_unpack(tmp_path: Path) -> None:
+    """An image buildah builds from busybox-static (a copy, then a run that adds symlinks and deletes a
+    file: two layers with a whiteout), pushed to an oci-archive: the mount equals umoci unpack of it."""
+    require_tools("buildah", "umoci", "runc")
+    if os.geteuid() != 0:
+        skip_or_fail("buildah with its own storage root needs root here")
+    store = [
+        "--storage-driver",
+        "vfs",
+        "--root",
+        str(tmp_path / "storage"),
+        "--runroot",
+        str(tmp_path / "run"),
+    ]
+
+    def buildah(*argv: str) -> str:
+        done = subprocess.run(["buildah", *store, *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"buildah {' '.join(argv)}: {done.stderr}"
+        return done.stdout.strip()
+
+    container = buildah("from", "scratch")
+    try:
+        buildah("copy", container, "/bin/busybox", "/bin/busybox")
+        buildah("copy", container, "/bin/busybox", "/doomed")
+        script = "/bin/busybox --install -s /bin && mkdir -p /etc && echo built > /etc/motd && rm /doomed"
+        buildah(
+            "run", "--runtime", "runc", "--network", "none", container, "/bin/busybox", "sh", "-c", script
+        )
+        buildah("commit", "-q", container, "rootfs-test:1")
+        buildah("push", "-q", "rootfs-test:1", f"oci-archive:{tmp_path / 'image.tar'}:v1")
+    finally:
+        buildah("rm", container)
+        shutil.rmtree(tmp_path / "storage", ignore_errors=True)
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    subprocess.run(["tar", "-xf", str(tmp_path / "image.tar"), "-C", str(layout)], check=True)
+    expected, expected_groups = snapshot(umoci_unpack(layout, "v1", tmp_path / "unpacked"))
+    with mounted(
+        tmp_path / "image.tar", tmp_path / "mnt", options=[f"rootfs,cache={tmp_path / 'cache'}"]
+    ) as m:
+        served, groups = snapshot(m.mountpoint)
+        run = subprocess.run(
+            ["chroot", str(m.mountpoint), "/bin/cat", "/etc/motd"], capture_output=True, text=True
+        )
+    assert served == expected and groups == expected_groups
+    assert "doomed" not in served and served["bin/sh"][7] == "/bin/busybox"
+    assert run.stdout == "built\n"
