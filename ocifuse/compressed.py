@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 GZIP_CHUNK = 1 << 20
 # Decompressing readers per gzip source: concurrent reads beyond this wait for one (2 CPUs here).
 MAX_READERS = 2
+# A read this far past where a reader stopped continues its stream (kernel read-ahead: 1 MiB requests).
+SEQUENTIAL_AHEAD = 4 << 20
 # The largest zstd frame (decompressed) served in place; a stream with a larger one is spilled.
 ZSTD_FRAME_INPLACE = 8 << 20
 # Decoded zstd frames kept in memory per source (at most ZSTD_FRAME_INPLACE each).
@@ -201,61 +203,90 @@ def _gzip_error(name: str, error: Exception, at: int) -> CompressedDataError:
     return CompressedDataError(name, "gzip", reason)
 
 
+@dataclass(slots=True, eq=False)
+class _Reader:
+    """A pooled reader: where its stream stands after its last (or current) read, and whether in use."""
+
+    file: rapidgzip.RapidgzipFile
+    position: int = -1
+    busy: bool = False
+
+
 class _ReaderPool:
-    """Up to ``limit`` reader objects, each used by one thread at a time; the rest wait."""
+    """Up to ``limit`` reader objects, each used by one thread at a time; the rest wait.
+
+    A read that continues a reader's stream (at its position, or up to SEQUENTIAL_AHEAD past it:
+    the kernel's read-ahead sends the next requests before the first is answered) goes to that
+    reader, waiting for it if busy: it has the chunk decoded, and two readers taking turns on one
+    stream would each decode every chunk.
+    """
 
     def __init__(self, make: Callable[[], rapidgzip.RapidgzipFile], limit: int) -> None:
         self._make = make
         self._limit = limit
-        self._idle: list[tuple[int, rapidgzip.RapidgzipFile]] = []  # (position after last read, reader)
-        self._count = 0
+        self._readers: list[_Reader] = []
+        self._creating = 0
         self._closed = False
         self._cond = threading.Condition()
 
-    def add(self, reader: rapidgzip.RapidgzipFile) -> None:
+    def add(self, file: rapidgzip.RapidgzipFile) -> None:
         """Adopt a reader made elsewhere (the one that built the index)."""
         with self._cond:
-            self._count += 1
-            self._idle.append((-1, reader))
+            self._readers.append(_Reader(file))
 
-    def acquire(self, offset: int) -> rapidgzip.RapidgzipFile:
-        """An idle reader (preferring one that stopped at ``offset``: a sequential read), or a new one."""
+    def acquire(self, offset: int, size: int) -> _Reader:
+        """The reader for a read of ``size`` bytes at ``offset`` (marked busy until ``release``)."""
         with self._cond:
-            while not self._idle and self._count >= self._limit and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise OcifuseError("read after close")
-            if self._idle:
-                i = next((i for i, (pos, _) in enumerate(self._idle) if pos == offset), -1)
-                return self._idle.pop(i)[1]
-            self._count += 1
+            while True:
+                if self._closed:
+                    raise OcifuseError("read after close")
+                follows = [r for r in self._readers if r.position <= offset < r.position + SEQUENTIAL_AHEAD]
+                idle = [r for r in self._readers if not r.busy]
+                if follows:
+                    reader = follows[0]
+                    if reader.busy:
+                        self._cond.wait()
+                        continue
+                elif idle:
+                    # The idle reader least likely to be continued: the one that stopped earliest.
+                    reader = min(idle, key=lambda r: r.position)
+                elif len(self._readers) + self._creating < self._limit:
+                    self._creating += 1
+                    break
+                else:
+                    self._cond.wait()
+                    continue
+                reader.busy, reader.position = True, offset + size
+                return reader
         try:
-            return self._make()
-        except BaseException:
+            reader = _Reader(self._make(), offset + size, busy=True)
+        finally:
             with self._cond:
-                self._count -= 1
-                self._cond.notify()
-            raise
-
-    def release(self, reader: rapidgzip.RapidgzipFile, position: int) -> None:
-        """Give a reader back; ``position`` < 0 means it failed: close it and forget it."""
+                self._creating -= 1
+                self._cond.notify_all()
         with self._cond:
-            if position >= 0 and not self._closed:
-                self._idle.append((position, reader))
-                reader = None
-            else:
-                self._count -= 1
-            self._cond.notify()
-        if reader is not None:
-            reader.close()
+            self._readers.append(reader)
+        return reader
+
+    def release(self, reader: _Reader, ok: bool) -> None:
+        """Give a reader back; one whose read failed is closed and forgotten (its state is unknown)."""
+        with self._cond:
+            reader.busy = False
+            if not ok or self._closed:
+                with contextlib.suppress(ValueError):
+                    self._readers.remove(reader)
+            self._cond.notify_all()
+        if not ok or self._closed:
+            reader.file.close()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle = [r for r in self._readers if not r.busy]
+            self._readers = [r for r in self._readers if r.busy]
             self._cond.notify_all()
-        for _, reader in idle:
-            reader.close()
+        for reader in idle:
+            reader.file.close()
 
 
 class GzipSource(Source):
@@ -361,15 +392,15 @@ class GzipSource(Source):
         size = self.clip(offset, size)
         if size == 0:
             return b""
-        reader = self._pool.acquire(offset)
-        position = -1
+        reader = self._pool.acquire(offset, size)
+        ok = False
         try:
             buf = bytearray(size)
             view = memoryview(buf)
             got = 0
-            reader.seek(offset)
+            reader.file.seek(offset)
             while got < size:
-                n = reader.readinto(view[got:])
+                n = reader.file.readinto(view[got:])
                 if not n:
                     break
                 got += n
@@ -377,12 +408,12 @@ class GzipSource(Source):
                 raise CompressedDataError(
                     self.name, "gzip", f"stream ends at byte {offset + got}, before its indexed end"
                 )
-            position = offset + size
+            ok = True
             return bytes(buf)
         except (ValueError, RuntimeError) as e:
             raise _gzip_error(self.name, e, offset) from e
         finally:
-            self._pool.release(reader, position)
+            self._pool.release(reader, ok)
 
     def close(self) -> None:
         self._pool.close()
