@@ -756,6 +756,7 @@ class Archive(Sources):
                 limits=limits,
                 progress=progress,
                 rebuild=rescan,
+                digest=False,  # no one asks for an outer archive's uncompressed digest
             )
             super().__init__([stream])
             try:

@@ -405,3 +405,23 @@ def test_a_memory_source_can_be_decompressed() -> None:
         _check_all(source, data)
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("maker", ["gzip", "zstd-seekable", "zstd"])
+def test_an_index_built_without_the_digest_is_rebuilt_for_one_who_wants_it(
+    maker: str, plain: Path, tmp_path: Path
+) -> None:
+    """digest=False (an outer archive) skips hashing; a later open wanting the digest does not get None."""
+    path = MAKERS[maker](plain, tmp_path)
+    store = IndexCache(str(tmp_path / "cache"))
+    file, first = _open(path, key="k", cache=store, digest=False)
+    first.close()
+    assert first.uncompressed_digest is None
+    consumed: list[int] = []
+    second = open_decompressed(FileRange(file), key="k", cache=store, name="x", progress=consumed.append)
+    try:
+        assert sum(consumed) == path.stat().st_size  # a new pass: the stored entry had no digest
+        _check_all(second, plain.read_bytes())
+    finally:
+        second.close()
+        file.close()
