@@ -183,7 +183,7 @@ def test_a_compressed_blob_inside_a_larger_file(maker: str, plain: Path, tmp_pat
         file.close()
 
 
-@pytest.mark.parametrize("maker", ["gzip", "pigz", "zstd-seekable", "zstd"])
+@pytest.mark.parametrize("maker", ["gzip", "pigz", "gzip-multi-member", "zstd-seekable", "zstd"])
 def test_the_index_is_saved_and_reused(maker: str, plain: Path, tmp_path: Path) -> None:
     path = MAKERS[maker](plain, tmp_path)
     store = IndexCache(str(tmp_path / "cache"))

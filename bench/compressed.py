@@ -1,0 +1,349 @@
+"""Bench: a gzip-compressed oci-archive (``.tar.gz``) mounted in place, against decompressing it.
+
+What it does:
+
+1. Builds, in a scratch directory, an OCI layout of ``--mib`` MiB (default 1024) of
+   semi-compressible blobs (random words, a random run now and then: ``gzip`` gets ~2:1): one blob of
+   ``--blob-mib`` MiB (default 500) and the rest in 64 MiB blobs, under one image manifest; then
+   ``tar -cf`` of it, compressed by ``pigz`` (one gzip member, as ``gzip`` would write it).
+2. Times, ``--runs`` rounds interleaved (medians reported), the compressed file in the page cache:
+   - ``gzip -dc ARCHIVE > /dev/null`` (the floor of any tool that decompresses it once);
+   - the first ``ocifuse mount`` until live, the index cache empty (``-o cache=`` a fresh
+     directory): one pass decompresses, indexes, hashes and scans the archive;
+   - ``skopeo inspect oci-archive:ARCHIVE`` (skopeo decompresses and extracts it first);
+   - the second mount until live (index and table cached), for this archive and for one 1/8 its
+     size (the time must not grow with the size);
+   - ``cat`` of the big blob through a fresh second mount: throughput against ``gzip -dc``'s;
+   - ``--reads`` random 64 KiB preads inside the big blob (page cache of the mount dropped
+     before each): p50 and p99;
+   - the index cache's size on disk against the uncompressed size; the daemon's VmHWM at the end.
+3. Also times rapidgzip's index build alone with parallelization=1 and 2 (the choice in
+   ocifuse/compressed.py) on the same file.
+4. Writes the results between the ``compressed`` markers of ``bench/results.md`` (others kept).
+
+Run as root: ``.venv/bin/python -m bench.compressed [--mib M] [--blob-mib B] [--runs R] [--no-write]``.
+No timing here is ever a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.rootfs import _daemon
+
+REPO = Path(__file__).resolve().parent.parent
+OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
+PYTHON = Path(os.environ.get("OCIFUSE_PYTHON", REPO / ".venv" / "bin" / "python"))
+RESULTS = Path(__file__).with_name("results.md")
+START = "<!-- compressed:start -->"
+END = "<!-- compressed:end -->"
+MIB = 1 << 20
+TAG = "bench"
+
+
+def log(msg: str) -> None:
+    """Progress to stderr."""
+    print(f"[compressed bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(*cmd: str | Path, stdout: int | None = subprocess.DEVNULL) -> None:
+    """Run a tool; a failure raises with its stderr."""
+    done = subprocess.run([str(c) for c in cmd], stdout=stdout, stderr=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.decode()}")
+
+
+def timed(*cmd: str | Path) -> float:
+    """Seconds ``cmd`` takes (stdout to /dev/null)."""
+    start = time.perf_counter()
+    run(*cmd)
+    return time.perf_counter() - start
+
+
+# -- the archive ----------------------------------------------------------------------------------
+
+
+def _semi(rng: random.Random, size: int) -> bytes:
+    """Text of random words with a random run now and then: gzip gets ~2:1, decodes at ~130 MB/s.
+
+    (Long incompressible runs would make gzip's stored blocks, which decode at memcpy speed, and
+    long repeats would make its matches trivial: neither is what a layer of files looks like.)
+    """
+    letters = b"abcdefghijklmnopqrstuvwxyz0123456789_/."
+    words = [bytes(rng.choices(letters, k=rng.randint(3, 12))) for _ in range(5000)]
+    out = bytearray()
+    while len(out) < size:
+        if rng.random() < 0.1:
+            out += rng.randbytes(4096)
+        else:
+            out += b" ".join(rng.choices(words, k=2000)) + b"\n"
+    return bytes(out[:size])
+
+
+def build(scratch: Path, mib: int, blob_mib: int, name: str) -> tuple[Path, str]:
+    """An oci-archive .tar.gz of ``mib`` MiB: the path and the big blob's layout path."""
+    rng = random.Random(mib)
+    layout = scratch / f"{name}-layout"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes, media_type: str) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    layer = "application/vnd.oci.image.layer.v1.tar"
+    sizes = [min(blob_mib, mib) * MIB]
+    rest = mib * MIB - sizes[0]
+    while rest > 0:
+        sizes.append(min(64 * MIB, rest))
+        rest -= sizes[-1]
+    layers = [blob(_semi(rng, size), layer) for size in sizes]
+    config = blob(
+        json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+        ).encode(),
+        "application/vnd.oci.image.config.v1+json",
+    )
+    manifest = blob(
+        json.dumps(
+            {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "config": config, "layers": layers}
+        ).encode(),
+        "application/vnd.oci.image.manifest.v1+json",
+    )  # fmt: skip
+    manifest["annotations"] = {"org.opencontainers.image.ref.name": TAG}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    tar = scratch / f"{name}.tar"
+    run("tar", "-cf", tar, "-C", layout, ".")
+    shutil.rmtree(layout)
+    archive = scratch / f"{name}.tar.gz"
+    with open(archive, "wb") as out:
+        subprocess.run(["pigz", "-c", "-p", "2", str(tar)], stdout=out, check=True)
+    tar.unlink()
+    big = str(layers[0]["digest"]).replace(":", "/")
+    return archive, f"blobs/{big}"
+
+
+# -- mounts ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted(archive: Path, mnt: Path, cache: Path) -> Iterator[tuple[float, int]]:
+    """``ocifuse mount -o cache=CACHE`` (returns once live): the seconds it took, the daemon's pid."""
+    mnt.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    run(OCIFUSE, "mount", "-o", f"cache={cache}", archive, mnt)
+    took = time.perf_counter() - start
+    try:
+        yield took, _daemon(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def hwm_mib(pid: int) -> float:
+    """A process's peak RSS (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cat(path: Path) -> float:
+    """Seconds for ``cat PATH > /dev/null``."""
+    return timed("cat", path)
+
+
+def random_reads(path: Path, count: int, rng: random.Random) -> list[float]:
+    """Latencies of ``count`` 64 KiB preads at random offsets of ``path`` (its page cache dropped)."""
+    size = path.stat().st_size
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(count):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            offset = rng.randrange(0, size - 65536)
+            start = time.perf_counter()
+            os.pread(fd, 65536, offset)
+            out.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+_PARALLEL = """
+import sys, time, rapidgzip
+from ocifuse.compressed import GZIP_CHUNK
+for p in (1, 2):
+    start = time.perf_counter()
+    with open(sys.argv[1], "rb") as f:
+        g = rapidgzip.RapidgzipFile(f, parallelization=p, chunk_size=GZIP_CHUNK)
+        while g.read(1 << 20):
+            pass
+        g.close()
+    print(p, time.perf_counter() - start)
+"""
+
+
+def index_build(archive: Path) -> dict[int, float]:
+    """Seconds rapidgzip takes to read (and index) ``archive`` with parallelization 1 and 2."""
+    done = subprocess.run(
+        [str(PYTHON), "-c", _PARALLEL, str(archive)], capture_output=True, text=True, check=True
+    )
+    return {int(p): float(t) for p, t in (line.split() for line in done.stdout.splitlines())}
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def measure(
+    archive: Path, small: Path, big_blob: str, scratch: Path, runs: int, reads: int, mib: int
+) -> dict[str, list[float]]:
+    """Every sample, by measurement."""
+    s: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        s.setdefault(key, []).append(value)
+
+    mnt = scratch / "mnt"
+    run("cat", archive)  # the compressed file in the page cache: the work is measured, not the disk
+    for r in range(runs):
+        log(f"round {r + 1}/{runs}")
+        add("gzip_dc", timed("gzip", "-dc", archive))
+        cache = scratch / f"cache-{r}"
+        with mounted(archive, mnt, cache) as (took, _):
+            add("first_mount", took)
+        add("cache_bytes", dir_bytes(cache))
+        add("skopeo_inspect", timed("skopeo", "inspect", f"oci-archive:{archive}:{TAG}"))
+        with mounted(archive, mnt, cache) as (took, pid):
+            add("second_mount", took)
+            add("cat_blob", cat(mnt / big_blob))
+            add("blob_bytes", (mnt / big_blob).stat().st_size)
+            lat = random_reads(mnt / big_blob, reads, random.Random(r))
+            add("read64k_p50_ms", statistics.median(lat) * 1000)
+            add("read64k_p99_ms", statistics.quantiles(lat, n=100)[98] * 1000)
+            add("hwm_mib", hwm_mib(pid))
+        small_cache = scratch / f"cache-small-{r}"
+        with mounted(small, mnt, small_cache):
+            pass
+        with mounted(small, mnt, small_cache) as (took, _):
+            add("second_mount_small", took)
+        shutil.rmtree(cache)
+        shutil.rmtree(small_cache)
+        for p, t in index_build(archive).items():
+            add(f"rapidgzip_p{p}", t)
+    return s
+
+
+def report(s: dict[str, list[float]], mib: int, blob_mib: int, small_mib: int, runs: int, gz: int) -> str:
+    """The markdown section."""
+    med = {k: statistics.median(v) for k, v in s.items()}
+
+    def ok(good: bool) -> str:
+        return "met" if good else "**missed**"
+
+    uncompressed = mib * MIB
+    gzip_rate = uncompressed / med["gzip_dc"] / MIB
+    cat_rate = med["blob_bytes"] / med["cat_blob"] / MIB
+    first = med["first_mount"] / med["gzip_dc"]
+    skopeo = med["skopeo_inspect"] / med["first_mount"]
+    cache_pct = med["cache_bytes"] / uncompressed * 100
+    p50, p99 = med["read64k_p50_ms"], med["read64k_p99_ms"]
+    p1, p2 = med["rapidgzip_p1"], med["rapidgzip_p2"]
+    rows = [
+        ("first mount until live", f"{med['first_mount']:.2f} s", f"`gzip -dc` {med['gzip_dc']:.2f} s",
+         f"{first:.2f}x", "<= 0.7x", ok(first <= 0.7)),
+        ("first mount until live", f"{med['first_mount']:.2f} s",
+         f"`skopeo inspect oci-archive:` {med['skopeo_inspect']:.2f} s", f"{skopeo:.1f}x sooner", ">= 2x",
+         ok(skopeo >= 2)),
+        ("second mount (index cached)", f"{med['second_mount']:.2f} s",
+         f"{small_mib} MiB archive: {med['second_mount_small']:.2f} s", "", "<= 0.5 s, size-independent",
+         ok(med["second_mount"] <= 0.5)),
+        (f"`cat` of the {blob_mib} MB blob", f"{cat_rate:.0f} MiB/s", f"`gzip -dc` {gzip_rate:.0f} MiB/s",
+         f"{cat_rate / gzip_rate:.2f}x", ">= 1.5x", ok(cat_rate / gzip_rate >= 1.5)),
+        ("random 64 KiB reads in the blob", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "", "", "p99 <= 15 ms",
+         ok(p99 <= 15)),
+        ("index cache (gzip index + table)", f"{med['cache_bytes'] / MIB:.1f} MiB",
+         f"{mib} MiB uncompressed", f"{cache_pct:.2f}%", "<= 3%", ok(cache_pct <= 3)),
+        ("daemon peak RSS (VmHWM)", f"{med['hwm_mib']:.0f} MB", "", "", "<= 150 MB",
+         ok(med["hwm_mib"] <= 150)),
+        ("rapidgzip index build, parallelization=1", f"{p1:.2f} s", f"parallelization=2: {p2:.2f} s",
+         f"{p2 / p1:.2f}x", "(the choice)", ""),
+    ]  # fmt: skip
+    lines = [
+        f"Archive: an oci-archive of {mib} MiB of semi-compressible blobs (one of {blob_mib} MiB), "
+        f"`pigz` to {gz // MIB} MiB; {runs} rounds, medians; compressed file in the page cache; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
+        "",
+        "| measurement | ocifuse | against | ratio | target | |",
+        "|---|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the compressed section of bench/results.md."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    block = f"{START}\n## compressed archives (bench/compressed.py)\n\n{text}\n{END}"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS.write_text(new)
+
+
+def main() -> int:
+    """Build, measure, report."""
+    p = argparse.ArgumentParser(description="a .tar.gz oci-archive mounted in place (see bench/README.md)")
+    p.add_argument("--mib", type=int, default=1024, help="uncompressed MiB in the archive")
+    p.add_argument("--blob-mib", type=int, default=500, help="MiB of the big blob (read whole and at random)")
+    p.add_argument("--runs", type=int, default=3, help="rounds (medians reported)")
+    p.add_argument("--reads", type=int, default=300, help="random 64 KiB reads")
+    p.add_argument("--no-write", action="store_true", help="print only; leave bench/results.md alone")
+    p.add_argument("--scratch", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/compressed.py: run as root (FUSE mounts, page-cache control)", file=sys.stderr)
+        return 2
+    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-compressed-bench-", dir=args.scratch))
+    try:
+        small_mib = max(args.mib // 8, 8)
+        log(f"building the archives: {args.mib} MiB and {small_mib} MiB")
+        archive, big = build(scratch, args.mib, args.blob_mib, "big")
+        small, _ = build(scratch, small_mib, min(args.blob_mib, small_mib), "small")
+        gz = archive.stat().st_size
+        log(f"archive: {gz // MIB} MiB compressed")
+        samples = measure(archive, small, big, scratch, args.runs, args.reads, args.mib)
+        text = report(samples, args.mib, args.blob_mib, small_mib, args.runs, gz)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
