@@ -17,7 +17,7 @@ from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member,
 
 from ocifuse import rootfs as rootfs_module
 from ocifuse.archive import Entry, Kind, Sources
-from ocifuse.errors import NotAnArchive, TruncatedArchive
+from ocifuse.errors import NotAnArchive, OcifuseError, TruncatedArchive
 from ocifuse.fs import Operations
 from ocifuse.layer import LayerTable, Type
 from ocifuse.rootfs import Merged, merge
@@ -505,3 +505,46 @@ async def test_rootfs_operations_own_all_maps_every_owner() -> None:
     """own_all (-o rootless): every uid/gid is the mounting user's; modes stay the image's."""
     x = await _lookup(_rootfs_ops(own_all=True), "bin/x")
     assert (x.st_uid, x.st_gid, stat.S_IMODE(x.st_mode)) == (os.getuid(), os.getgid(), 0o4755)
+
+
+def _fuzz_layer() -> bytes:
+    exe = file_member("bin/x", b"x" * 700)
+    exe.info.pax_headers = {"SCHILY.xattr.user.a": "1"}
+    return tar_bytes(
+        [dir_member("./"), exe, link_member("bin/y", "bin/x"), link_member("s", "../x", tarfile.SYMTYPE),
+         special("c", tarfile.CHRTYPE, 1, 3), whiteout("bin/.wh.z"), file_member("e", b"")],
+        end=False,
+    )  # fmt: skip
+
+
+_LAYER = _fuzz_layer()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, len(_LAYER) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.integers(0, len(_LAYER)),
+)
+def test_damaged_layers_are_refused_or_served_inside_themselves(
+    flips: list[tuple[int, int]], cut: int
+) -> None:
+    """Bytes overwritten anywhere (checksums fixed up, so the headers are parsed), the tar cut anywhere:
+    an OcifuseError, or a table whose every file lies inside the layer; the merge never fails."""
+    data = bytearray(_LAYER)
+    for at, value in flips:
+        data[at] = value
+    for header in range(0, len(data) - BLOCK + 1, BLOCK):  # keep checksums right where a header may be
+        block = data[header : header + BLOCK]
+        if block[257:263] == b"ustar\0":
+            block[148:156] = b" " * 8
+            data[header + 148 : header + 156] = b"%06o\0 " % sum(block)
+    data = data[:cut]
+    try:
+        table = scan(bytes(data))
+    except OcifuseError:
+        return
+    for m in table.members:
+        assert m.offset >= 0 and m.offset + m.size <= len(data)
+    merged = merge([table])
+    for e in merged.entries.values():
+        assert e.kind is not Kind.FILE or e.offset + e.size <= len(data)
