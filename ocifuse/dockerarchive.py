@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,14 @@ Pread = Callable[[Entry, int, int], bytes]
 MANIFEST_JSON = "manifest.json"
 # Symlinks followed to resolve one path: Linux's limit for one path resolution (path_resolution(7)).
 MAX_SYMLINKS = 40
+# Bounds on what a docker-archive can make ocifuse hold and do at open (a 4-byte layer path in
+# manifest.json becomes a ~150-byte descriptor: unbounded, a small manifest.json makes gigabytes).
+# Real archives are far below them: `docker save` of 100 images of 50 layers is a 400 KB manifest.json.
+MAX_MANIFEST_JSON = 4 << 20  # manifest.json is parsed whole: a few MB of short strings is ~10x in memory
+MAX_LAYERS = 4096  # layers (and diff_ids) of one image; Docker and overlayfs stop near 128
+MAX_LAYER_REFS = 1 << 16  # layer paths and diff_ids looked at, over all images
+MAX_DOCUMENTS = MAX_JSON  # bytes of all the manifests made; index.json is at most MAX_JSON too
+MAX_REFS = 1024  # index.json entries (one per RepoTag; inspect resolves each: keep it quick)
 CHUNK = 1 << 20
 # image-layout.md, "oci-layout file".
 LAYOUT_HEADER = b'{"imageLayoutVersion":"1.0.0"}'
@@ -209,8 +217,14 @@ class _Builder:
         self.blobs: dict[Digest, Entry] = {}
         self.documents: list[bytes] = []
         self.problems: list[Problem] = []
-        self.trusted: list[TrustedLayer] = []
-        self.hashed: dict[tuple[int, int], Digest] = {}  # (offset, size) -> sha256, each member once
+        self.trusted: dict[tuple[Digest, int, int], TrustedLayer] = {}
+        # Per member (offset, size), each worked out once however many images name it:
+        self.hashed: dict[tuple[int, int], Digest] = {}  # its sha256
+        self.configs: dict[tuple[int, int], tuple[Digest, list[Digest]] | Problem] = {}
+        self.kinds: dict[tuple[int, int], str | None] = {}  # its compression (sniff)
+        self.document_bytes = 0
+        self.layer_refs = 0
+        self.image_index = 0  # the image being served, for _Exhausted
         self.mtime = 0
 
     def read(self, entry: Entry, what: str, path: str) -> bytes:
@@ -255,6 +269,9 @@ class _Builder:
         """manifest.json parsed: a list of objects; _Unusable when it is not."""
         path, entry = resolve_member(self.table, MANIFEST_JSON)
         self.mtime = entry.mtime
+        if entry.size > MAX_MANIFEST_JSON:
+            why = f"{entry.size} bytes, more than the {MAX_MANIFEST_JSON}-byte limit for manifest.json"
+            raise _bad_manifest(why)
         data = self.read(entry, MANIFEST_JSON, path)
         try:
             value = json.loads(data)
@@ -282,6 +299,9 @@ class _Builder:
             tags = []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise _bad_manifest(f"{where}: RepoTags is not a list of strings")
+        if len(layer_names) > MAX_LAYERS:
+            raise _bad_manifest(f"{where}: {len(layer_names)} layers, more than {MAX_LAYERS}")
+        self.count_refs(i, len(layer_names))
         config_path, config_entry = resolve_member(self.table, config_name)
         config_digest, diff_ids = self.config(config_name, config_path, config_entry)
         if len(diff_ids) != len(layer_names):
@@ -292,7 +312,7 @@ class _Builder:
         for _, digest, entry, trusted in layers:
             self.add_blob(digest, entry)
             if trusted is not None:
-                self.trusted.append(trusted)
+                self.trusted.setdefault((trusted.diff_id, entry.offset, entry.size), trusted)
         # manifest.md; the same key order as skopeo writes when it converts a docker-archive.
         manifest = {
             "schemaVersion": 2,
@@ -302,11 +322,34 @@ class _Builder:
                 _descriptor(media_type, digest, entry.size) for media_type, digest, entry, _ in layers
             ],
         }
-        digest = self.add_document(_json_dumps(manifest))
+        data = _json_dumps(manifest)
+        if self.document_bytes + len(data) > MAX_DOCUMENTS:
+            raise _Exhausted(i, f"manifests over {MAX_DOCUMENTS} bytes")
+        self.document_bytes += len(data)
+        digest = self.add_document(data)
         return Image(refs=tuple(tags), manifest=digest, config=config_name)
 
     def config(self, name: str, path: str, entry: Entry) -> tuple[Digest, list[Digest]]:
         """The config's sha256 and its ``rootfs.diff_ids`` (config.md); _Unusable when unusable."""
+        key = (entry.offset, entry.size)
+        found = self.configs.get(key)
+        if found is None:
+            try:
+                found = self.configs[key] = self._config(name, path, entry)
+            except _Unusable as e:
+                self.configs[key] = e.problem
+                raise
+        if isinstance(found, Problem):
+            raise _Unusable(found)
+        return found
+
+    def count_refs(self, image: int, n: int) -> None:
+        """Count ``n`` more layer paths or diff_ids; past MAX_LAYER_REFS, ``image`` and the rest stop."""
+        self.layer_refs += n
+        if self.layer_refs > MAX_LAYER_REFS:
+            raise _Exhausted(image, f"more than {MAX_LAYER_REFS} layers in all")
+
+    def _config(self, name: str, path: str, entry: Entry) -> tuple[Digest, list[Digest]]:
         data = self.read(entry, f"config {name}", path)
         digest = Digest.of(data)
 
@@ -323,6 +366,9 @@ class _Builder:
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         if not isinstance(diff_ids, list):
             raise bad("no rootfs.diff_ids list")
+        if len(diff_ids) > MAX_LAYERS:
+            raise bad(f"{len(diff_ids)} diff_ids, more than {MAX_LAYERS}")
+        self.count_refs(self.image_index, len(diff_ids))
         try:
             parsed = [Digest.parse(d) for d in diff_ids]
         except InvalidDigest as e:
@@ -342,7 +388,10 @@ class _Builder:
     def layer(self, name: str, diff_id: Digest) -> tuple[str, Digest, Entry, TrustedLayer | None]:
         """The media type and digest a layer is served under, its member, its digest if on trust."""
         path, entry = resolve_member(self.table, name)
-        kind = sniff(self.pread(entry, 0, 6))
+        key = (entry.offset, entry.size)
+        if key not in self.kinds:
+            self.kinds[key] = sniff(self.pread(entry, 0, 6))
+        kind = self.kinds[key]
         media_type = LAYER_TYPES.get(kind)
         if media_type is None:
             why = f"{kind}-compressed layer, which no OCI layer media type names"
@@ -353,6 +402,15 @@ class _Builder:
         # Nothing in the archive records the stored bytes' digest: hash them (once per member).
         log.debug("hashing the %s-compressed layer %s (%d bytes) for its digest", kind, path, entry.size)
         return media_type, self.sha256(entry), entry, None
+
+
+class _Exhausted(Exception):
+    """A bound on the whole archive is reached: image ``index`` and the ones after it are not served."""
+
+    def __init__(self, index: int, why: str) -> None:
+        super().__init__(why)
+        self.index = index
+        self.why = why
 
 
 def _bad_manifest(why: str) -> _Unusable:
@@ -386,15 +444,20 @@ def synthesize(table: ArchiveTable, pread: Pread, first_source: int) -> DockerAr
         b.problems.append(e.problem)
         listed = []
     for i, obj in enumerate(listed):
+        b.image_index = i
         try:
             images.append(b.image(i, obj))
         except _Unusable as e:
             b.problems.append(e.problem)
+        except _Exhausted as e:
+            why = f"images {e.index} to {len(listed) - 1} not served: {e.why}"
+            b.problems.append(_bad_manifest(why).problem)
+            break
     entries: dict[str, Entry] = {
         OCI_LAYOUT: Entry(Kind.FILE, 0, len(LAYOUT_HEADER), b.mtime, first_source + len(b.documents)),
     }
     b.documents.append(LAYOUT_HEADER)
-    index = {"schemaVersion": 2, "mediaType": model.MEDIA_INDEX, "manifests": list(_index_entries(b, images))}
+    index = {"schemaVersion": 2, "mediaType": model.MEDIA_INDEX, "manifests": _index_entries(b, images)}
     data = _json_dumps(index)
     entries["index.json"] = Entry(Kind.FILE, 0, len(data), b.mtime, first_source + len(b.documents))
     b.documents.append(data)
@@ -409,17 +472,28 @@ def synthesize(table: ArchiveTable, pread: Pread, first_source: int) -> DockerAr
         documents=tuple(b.documents),
         images=tuple(images),
         problems=tuple(b.problems),
-        trusted=tuple(b.trusted),
+        trusted=tuple(b.trusted.values()),
         skipped=skipped,
     )
 
 
-def _index_entries(b: _Builder, images: list[Image]) -> Iterator[dict[str, Any]]:
-    """index.json's manifests: one per RepoTag (image-layout.md, annotations.md ref.name)."""
+def _index_entries(b: _Builder, images: list[Image]) -> list[dict[str, Any]]:
+    """index.json's manifests: one per RepoTag (image-layout.md, annotations.md ref.name).
+
+    At most MAX_REFS of them in at most MAX_JSON bytes: the tags past that are not served (one
+    problem says so).
+    """
+    out: list[dict[str, Any]] = []
+    size = 0
     for image in images:
         entry = b.blobs[image.manifest]
         desc = _descriptor(model.MEDIA_MANIFEST, image.manifest, entry.size)
-        if not image.refs:
-            yield desc
-        for ref in image.refs:
-            yield {**desc, "annotations": {model.REF_NAME: ref}}
+        named = ({**desc, "annotations": {model.REF_NAME: ref}} for ref in image.refs)
+        for item in named if image.refs else [desc]:
+            size += len(_json_dumps(item)) + 1
+            if size > MAX_JSON or len(out) == MAX_REFS:
+                why = f"RepoTags past the first {len(out)} not served (at most {MAX_REFS}, {MAX_JSON} bytes)"
+                b.problems.append(_bad_manifest(why).problem)
+                return out
+            out.append(item)
+    return out

@@ -8,6 +8,7 @@ it is listed with the reason instead of failing the command (nothing specific wa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import sys
@@ -304,17 +305,25 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
             else:
                 images.append(img)
     else:
-        names = [d.ref_name for d in index.manifests]
+        names = collections.Counter(d.ref_name for d in index.manifests)  # not list.count: n**2
+        # Entries of one digest (an image's tags) resolve to one image: resolved once, not per tag.
+        done: dict[str, Image | OcifuseError] = {}
         for desc, entry in zip(index.manifests, refs, strict=True):
             name = desc.ref_name
             # A unique ref name says which entry; otherwise the digest does.
-            target = name if name is not None and names.count(name) == 1 else str(desc.digest)
-            try:
-                img = _image(layout, resolve.resolve(layout, target, want), name)
-            except OcifuseError as e:
-                why = _why_not(entry, want, e, layout.path)
+            target = name if name is not None and names[name] == 1 else str(desc.digest)
+            found = done.get(str(desc.digest))
+            if found is None:
+                try:
+                    found = _image(layout, resolve.resolve(layout, target, want), name)
+                except OcifuseError as e:
+                    found = e
+                done[str(desc.digest)] = found
+            if isinstance(found, OcifuseError):
+                why = _why_not(entry, want, found, layout.path)
                 unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=why))
                 continue
+            img = dataclasses.replace(found, ref=name)
             if platform is not None and not _runs_on(img, platform):
                 why = f"an image for {img.platform}"
                 unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=why))

@@ -189,6 +189,16 @@ class ArchiveLayout(Layout):
         self.path = self.archive.path
         self.skipped = self.archive.table.skipped
         self.compression = self.archive.compression
+        self._index: model.Index | None = None
+
+    def index(self) -> model.Index:
+        """Parse ``index.json`` once: an open archive's bytes never change (reads raise ArchiveChanged).
+
+        resolve() and referrers() ask for it per ref; a 1,000-entry index parsed per entry is 10**6.
+        """
+        if self._index is None:
+            self._index = super().index()
+        return self._index
 
     def size_of(self, name: str) -> int:
         entry = self.archive.table.get(name)

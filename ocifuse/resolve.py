@@ -162,13 +162,12 @@ def referrers(layout: Layout, subject: Digest, artifact_type: str | None = None)
     The artifact type is the manifest's ``artifactType``, else its config's media type
     (image-spec manifest.md, "artifactType"); ``artifact_type`` filters on it.
     """
-    seen: set[Digest] = set()
+    visited: set[Digest] = set()  # one walk over all of index.json: each document parsed once
     found: list[Descriptor] = []
     for top in layout.index().manifests:
-        for desc, doc in walk(layout, top):
-            if desc.digest in seen or doc.subject is None or doc.subject.digest != subject:
+        for desc, doc in walk(layout, top, _seen=visited):
+            if doc.subject is None or doc.subject.digest != subject:
                 continue
-            seen.add(desc.digest)
             kind = doc.artifact_type
             if kind is None and isinstance(doc, Manifest):
                 kind = doc.config.media_type

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dockerbuild import DockerArchive, layer_tar, sha256, two_images
+from dockerbuild import DockerArchive, config_json, layer_tar, sha256, two_images
 from tarbuild import file_member, write_archive
+from test_hostile import ocifuse as measured
 
 from ocifuse import cli, dockerarchive, fsck, model
 from ocifuse.archive import Archive
@@ -160,7 +161,8 @@ def _manifest_no_config(d: DockerArchive, tmp: Path) -> Path:
 
 def _manifest_huge(d: DockerArchive, tmp: Path) -> Path:
     text = json.dumps(d.manifest).encode()
-    return d.write(tmp / "d.tar", manifest_bytes=text + b" " * (MAX_JSON + 1 - len(text)))
+    pad = b" " * (dockerarchive.MAX_MANIFEST_JSON + 1 - len(text))
+    return d.write(tmp / "d.tar", manifest_bytes=text + pad)
 
 
 def _missing_layer(d: DockerArchive, tmp: Path) -> Path:
@@ -319,3 +321,45 @@ def test_symlink_escape_never_reads_outside(tmp_path: Path) -> None:
             assert b"secret" not in layout.read_small(name, 1 << 30)
         assert layout.docker is not None
         assert [p.code for p in layout.docker.problems] == ["docker-symlink-escape"]
+
+
+# -- bounds: what a small manifest.json can make ocifuse hold and do --------------------------------
+
+
+def _amplifying(tmp_path: Path, images: int, layers: int, tags: int) -> Path:
+    """``images`` images of ``layers`` layers and ``tags`` tags each, all one short path or tag."""
+    layer = layer_tar({"f": b"x"})
+    config = config_json([f"sha256:{sha256(layer)}"] * layers)
+    config_name = f"{sha256(config)}.json"
+    listed = [{"Config": config_name, "RepoTags": ["a"] * tags, "Layers": ["a.tar"] * layers}] * images
+    members = [
+        file_member("a.tar", layer),
+        file_member(config_name, config),
+        file_member("manifest.json", json.dumps(listed, separators=(",", ":")).encode()),
+    ]
+    return write_archive(tmp_path / "amplify.tar", members)
+
+
+@pytest.mark.parametrize(
+    ("images", "layers", "tags"),
+    [(120, dockerarchive.MAX_LAYERS, 1), (1, 1, 800_000)],
+    ids=["layers", "tags"],
+)
+def test_amplification_is_bounded(tmp_path: Path, images: int, layers: int, tags: int) -> None:
+    """A 4 MB manifest.json that would make gigabytes of manifests (or index.json) is cut short."""
+    path = _amplifying(tmp_path, images, layers, tags)
+    assert path.stat().st_size < dockerarchive.MAX_MANIFEST_JSON + (1 << 20)
+    with ArchiveLayout(str(path)) as layout:
+        assert layout.docker is not None
+        (problem,) = layout.docker.problems
+        assert problem.code == "docker-manifest-invalid" and "not served" in problem.message
+        made = sum(len(d) for d in layout.docker.documents)
+        assert made <= dockerarchive.MAX_DOCUMENTS + 2 * MAX_JSON  # the manifests, index.json, oci-layout
+        assert 0 < len(layout.index().manifests) <= dockerarchive.MAX_REFS
+    work = tmp_path / "cwd"
+    work.mkdir()
+    # The installed command, its peak RSS measured against the hostile corpus's bound.
+    done = measured(work, "fsck", path)
+    assert done.returncode == 1 and "docker-manifest-invalid" in done.stdout
+    done = measured(work, "inspect", path)
+    assert done.returncode == 0 and "not served from the docker-archive" in done.stdout
