@@ -7,6 +7,7 @@ store under the session's tmp directory (``--root``/``--runroot``), never the ma
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -257,3 +258,19 @@ def test_rootfs_of_a_docker_archive_image(saved: Saved, tmp_path: Path) -> None:
     with mounted(saved.multi, tmp_path / "mnt", args=["--rootfs", "--ref", APP]) as m:
         assert (m.mountpoint / "two").read_bytes() == APP_FILE
         assert (m.mountpoint / "bin" / "busybox").read_bytes() == _busybox().read_bytes()
+
+
+def test_gzipped_docker_archive(saved: Saved, tmp_path: Path) -> None:
+    """``docker save | gzip``: the compressed archive is served as the same OCI layout."""
+    gz = tmp_path / "multi.tar.gz"
+    with open(saved.multi, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with mounted(saved.multi, tmp_path / "plain") as plain, mounted(gz, tmp_path / "gz") as m:
+        for name in ("index.json", "oci-layout"):
+            assert (m.mountpoint / name).read_bytes() == (plain.mountpoint / name).read_bytes()
+        info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{APP}"))
+        assert (
+            info["Layers"] == json.loads(_out("skopeo", "inspect", f"oci:{plain.mountpoint}:{APP}"))["Layers"]
+        )
+    done = run_ocifuse("fsck", "--json", gz)
+    assert done.returncode == 0 and json.loads(done.stdout)["findings"] == []
