@@ -363,3 +363,16 @@ def test_amplification_is_bounded(tmp_path: Path, images: int, layers: int, tags
     assert done.returncode == 1 and "docker-manifest-invalid" in done.stdout
     done = measured(work, "inspect", path)
     assert done.returncode == 0 and "not served from the docker-archive" in done.stdout
+
+
+def test_compressed_layer_diff_id_is_checked_by_fsck_layers(tmp_path: Path) -> None:
+    """A gzip layer is served under its own digest; its diff_id needs decompressing: fsck --layers."""
+    d = DockerArchive()
+    d.add_image([layer_tar({"f": b"data\n"})], ["c:1"], compress=True)
+    name = d.manifest[0]["Layers"][0]
+    d.files[name] = gzip.compress(layer_tar({"f": b"DATA\n"}), mtime=0)  # not what diff_ids says
+    with ArchiveLayout(str(d.write(tmp_path / "d.tar"))) as layout:
+        assert fsck.check(layout).findings == ()
+        report = fsck.check(layout, layers=True)
+    assert [f.code for f in report.findings] == ["diffid-mismatch"]
+    assert report.findings[0].digest == "sha256:" + sha256(d.files[name])
