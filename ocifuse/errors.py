@@ -155,3 +155,21 @@ class NotFound(OcifuseError):
 
 class MountError(OcifuseError):
     """A mount cannot be made or removed (mountpoint, FUSE, permissions); the message says why."""
+
+
+class LayerError(OcifuseError):
+    """A layer the rootfs view cannot serve (absent, of an unknown type, not a tar); names the layer."""
+
+
+class DiffIdMismatch(LayerError):
+    """A layer's uncompressed digest is not the config's ``rootfs.diff_ids`` entry for it."""
+
+    def __init__(self, index: int, digest: str, expected: str, found: str) -> None:
+        super().__init__(
+            f"layer {index} ({digest}): its uncompressed content is {found}, the config's diff_id says "
+            f"{expected} (mount with -o ignore_diff_ids to serve it anyway)"
+        )
+        self.index = index
+        self.digest = digest
+        self.expected = expected
+        self.found = found

@@ -19,7 +19,15 @@ from .archive import Sources
 from .cache import blob_key
 from .compressed import IndexStore, Limits, open_decompressed
 from .digest import Digest
-from .errors import BlobNotFound, InvalidDigest, InvalidDocument, OcifuseError, SizeMismatch
+from .errors import (
+    BlobNotFound,
+    DiffIdMismatch,
+    InvalidDigest,
+    InvalidDocument,
+    LayerError,
+    OcifuseError,
+    SizeMismatch,
+)
 from .layer import LayerTable
 from .layout import Layout, open_layout
 from .model import Descriptor, Manifest, Platform
@@ -56,24 +64,6 @@ ZSTD_LAYERS = frozenset(
 MAX_PARALLEL_LAYERS = 4
 # Largest config read to find rootfs.diff_ids (the same bound as every JSON document).
 MAX_CONFIG = 16 << 20
-
-
-class LayerError(OcifuseError):
-    """A layer the rootfs view cannot serve (absent, of an unknown type, not a tar); names the layer."""
-
-
-class DiffIdMismatch(LayerError):
-    """A layer's uncompressed digest is not the config's ``rootfs.diff_ids`` entry for it."""
-
-    def __init__(self, index: int, digest: str, expected: str, found: str) -> None:
-        super().__init__(
-            f"layer {index} ({digest}): its uncompressed content is {found}, the config's diff_id says "
-            f"{expected} (mount with -o ignore_diff_ids to serve it anyway)"
-        )
-        self.index = index
-        self.digest = digest
-        self.expected = expected
-        self.found = found
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,9 +19,9 @@ from test_rootfs import tar_bytes, whiteout
 
 from ocifuse import model, open_layout
 from ocifuse import options as mount_options
-from ocifuse.errors import CompressedDataError, InvalidDocument, NotAnArchive
+from ocifuse.errors import CompressedDataError, DiffIdMismatch, InvalidDocument, LayerError, NotAnArchive
 from ocifuse.fsck import check
-from ocifuse.image import DiffIdMismatch, LayerError, open_rootfs
+from ocifuse.image import open_rootfs
 from ocifuse.options import OptionError
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
