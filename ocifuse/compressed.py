@@ -203,7 +203,10 @@ def _close_readers() -> None:
 
 def _gzip_reader(raw: Source) -> rapidgzip.RapidgzipFile:
     # SourceFile: rapidgzip reads from byte 0 of an object's fileno() when it has one; a blob
-    # inside an archive starts elsewhere. parallelization=1: faster than 2 on 2 CPUs (bench/README).
+    # inside an archive starts elsewhere. parallelization=1: faster than 2 on 2 CPUs (bench/README),
+    # and a reader with no thread of its own: one made before the mount daemon forks still reads in
+    # the child (with 2, rapidgzip's thread pool stays in the parent and the child's first read
+    # hangs; tests/test_compressed_archive.py mounts in the background to keep it so).
     reader = rapidgzip.RapidgzipFile(SourceFile(raw), parallelization=1, chunk_size=GZIP_CHUNK)
     _open_readers.add(reader)
     return reader

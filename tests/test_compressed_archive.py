@@ -273,3 +273,14 @@ def test_a_live_mount_answers_eio_when_the_archive_changes(archives: dict[str, P
             blobs[-1].read_bytes()
         assert info.value.errno == errno.EIO
         assert m.alive() and sorted(os.listdir(m.mountpoint)) == ["blobs", "index.json", "oci-layout"]
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("name", ["gzip", "zstd"])
+def test_a_background_mount_serves_after_the_fork(
+    name: str, archives: dict[str, Path], reference: dict[str, Path], tmp_path: Path
+) -> None:
+    """The index is built (and its first reader made) before the daemon forks; the child reads with it."""
+    with background_mount(archives[name], tmp_path / "mnt", options=[f"cache={tmp_path / 'c'}"]) as result:
+        assert result.returncode == 0, result.stderr
+        assert _files(tmp_path / "mnt") == _files(reference[name])
