@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dockerbuild import DockerArchive, config_json, layer_tar, sha256, two_images
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tarbuild import file_member, write_archive
 from test_hostile import ocifuse as measured
 
@@ -376,3 +379,53 @@ def test_compressed_layer_diff_id_is_checked_by_fsck_layers(tmp_path: Path) -> N
         report = fsck.check(layout, layers=True)
     assert [f.code for f in report.findings] == ["diffid-mismatch"]
     assert report.findings[0].digest == "sha256:" + sha256(d.files[name])
+
+
+# -- properties: any manifest.json, any symlink graph ----------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_NAMES = st.sampled_from(["a.tar", "d/layer.tar", "d/e/l", "cfg.json", "..", "/x", "d", "missing", ""])
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    images=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "Config": _NAMES | _JSON,
+                "Layers": st.lists(_NAMES, max_size=3) | _JSON,
+                "RepoTags": st.lists(st.text(max_size=6), max_size=2) | _JSON,
+            },
+        ),
+        max_size=3,
+    )
+    | _JSON,
+    links=st.dictionaries(
+        _NAMES, st.sampled_from(["a.tar", "../a.tar", "e/l", "../../x", "/a.tar", "layer.tar"])
+    ),
+)
+def test_any_manifest_json_and_symlinks(images: object, links: dict[str, str]) -> None:
+    """Never an exception: every problem has a docker-* code, every blob is an archive member's bytes."""
+    layer = layer_tar({"f": b"x"})
+    config = config_json([f"sha256:{sha256(layer)}"])
+    d = DockerArchive(
+        files={"a.tar": layer, "cfg.json": config}, symlinks={k: v for k, v in links.items() if k}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = d.write(Path(tmp) / "d.tar", manifest_bytes=json.dumps(images).encode())
+        with ArchiveLayout(str(path)) as layout:
+            assert layout.docker is not None
+            for p in layout.docker.problems:
+                assert p.code in fsck.CODES and p.code.startswith("docker-")
+                assert "\n" not in str(p)
+            served = {layout.read_small(n, 1 << 20) for n in layout.file_names() if n.startswith("blobs/")}
+            members = {layer, config}
+            documents = set(layout.docker.documents)
+            assert served <= members | documents
+            report = fsck.check(layout)
+            assert all(f.code in fsck.CODES for f in report.findings)
