@@ -20,6 +20,7 @@ What cannot be applied is skipped with a Note saying why; the merge never fails.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from .layer import LayerTable, Member, Type
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
 CACHE_KIND = "rootfs-tree"
 TREE_FORMAT = 1
+# Symlinks followed in one path before giving up (securejoin's limit, as umoci unpack uses it).
+MAX_SYMLINKS = 255
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 # Implicit directories (a member whose parents have no entries of their own) are made as
@@ -186,26 +189,64 @@ class _Merger:
         self.notes.append(Note(self.layer, name, reason))
 
     def find(self, path: str) -> _Dir | _Leaf | None:
-        """The node at ``path`` now, without following symlinks; None if there is none."""
-        node: _Dir | _Leaf = self.root
-        for part in path.split("/") if path else ():
-            if not isinstance(node, _Dir):
-                return None
-            child = node.children.get(part)
-            if child is None:
-                return None
-            node = child
-        return node
+        """The node at ``path`` now (symlinks followed in its parents, not in its last name), or None."""
+        parent, base = _split(path)
+        holder = self.resolve(parent) if parent else self.root
+        if holder is None:
+            return None
+        return holder.children.get(base) if base else holder
 
-    def parent_dir(self, path: str, name: str) -> _Dir:
-        """The directory ``path``, made (as implicit directories) where missing or not a directory."""
+    def resolve(self, path: str) -> _Dir | None:
+        """The directory at ``path``, following symlinks as umoci's securejoin does: a target is
+        resolved inside the image (absolute targets from its root, ``..`` never above it), at most
+        MAX_SYMLINKS of them; None when a name is missing, not a directory, or the links loop."""
+        todo = collections.deque(path.split("/"))
+        stack = [self.root]
+        hops = 0
+        while todo:
+            part = todo.popleft()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            child = stack[-1].children.get(part)
+            if isinstance(child, _Dir):
+                stack.append(child)
+            elif isinstance(child, _Leaf) and child.member.type is Type.SYMLINK and hops < MAX_SYMLINKS:
+                hops += 1
+                target = child.member.linkname
+                if target.startswith("/"):
+                    del stack[1:]
+                todo.extendleft(reversed(target.split("/")))
+            else:
+                return None
+        return stack[-1]
+
+    def parent_dir(self, path: str, name: str) -> _Dir | None:
+        """The directory ``path``, made (as implicit directories) where missing or not a directory.
+
+        A symlink on the way is followed (``resolve``), as umoci and moby extract through one
+        (``lib -> usr/lib``, then ``lib/x`` lands in ``usr/lib``); None, with a note, when it
+        leads nowhere inside the image (dangling, a file, a loop): the member is not applied.
+        """
         last = self._last
         if last is not None and last[0] == path:
             return last[1]
         node = self.root
+        done: list[str] = []
         for part in path.split("/") if path else ():
+            done.append(part)
             child = node.children.get(part)
-            if not isinstance(child, _Dir):
+            if isinstance(child, _Leaf) and child.member.type is Type.SYMLINK:
+                child = self.resolve("/".join(done))
+                if child is None:
+                    self.note(
+                        name, f"{'/'.join(done)!r} is a symlink to no directory in the image: not applied"
+                    )
+                    return None
+            elif not isinstance(child, _Dir):
                 if child is not None:
                     self.note(name, f"{path!r} is not a directory below it: replaced by a directory")
                 child = node.children[part] = _Dir(None, self.layer)
@@ -258,13 +299,15 @@ class _Merger:
             ancestor = _split(ancestor)[0]
         if opaque:
             # The marker's directory exists in this layer, even if no entry of its own says so.
-            self.parent_dir(path, m.name).children.clear()
+            marked = self.parent_dir(path, m.name)
+            if marked is not None:
+                marked.children.clear()
             return
         parent, base = _split(path)
-        holder = self.find(parent)
+        holder = self.resolve(parent)
         if holder is None:
             self.parent_dir(parent, m.name)  # as moby's UnpackLayer: the parent exists in this layer
-        elif isinstance(holder, _Dir):
+        else:
             holder.children.pop(base, None)  # nothing to hide is fine: the name may be long gone
 
     def add(self, m: Member) -> None:
@@ -283,21 +326,27 @@ class _Merger:
                 self.note(m.name, f"hardlink to {m.linkname!r}, which is {what} at this point")
                 return
             parent = self.parent_dir(parent_path, m.name)
-            if isinstance(parent.children.get(base), _Dir):
-                self._last = None
+            if parent is None:
+                return
+            if parent.children.get(base) is not None:
+                self._last = None  # what it replaces may be (or lead to) the directory remembered
             parent.children[base] = target
             self.linked = True
             return
         parent = self.parent_dir(parent_path, m.name)
+        if parent is None:
+            return
         existing = parent.children.get(base)
         if m.type is Type.DIR:
             if isinstance(existing, _Dir):
                 existing.member, existing.layer = m, self.layer  # the lower children stay
             else:
+                if existing is not None:
+                    self._last = None
                 parent.children[base] = _Dir(m, self.layer)
             return
-        if isinstance(existing, _Dir):
-            self._last = None  # a file replaces a directory, and everything below it
+        if existing is not None:
+            self._last = None  # a directory, or a symlink followed to one, may be the one remembered
         parent.children[base] = _Leaf(m, self.layer)
 
 

@@ -3,7 +3,8 @@
 ``build_umoci_image`` writes a umoci layout whose tag ``v4`` has four gzip layers made the ways
 real images are made: ``umoci repack`` of a root filesystem populated and then changed (whiteouts
 for deleted files and directories, a directory replaced by a file and the reverse), ``umoci insert
---opaque`` (the opaque marker written before its directory) and ``umoci insert --whiteout``. The
+--opaque`` (the opaque marker written before its directory), ``umoci insert`` and ``--whiteout``
+through a symlinked directory (``lib -> usr/lib``), and ``umoci insert --whiteout``. The
 content has every entry type: files, directories, symlinks (absolute, dangling, a loop),
 hardlinks, character and block devices, a fifo, setuid and sticky modes, owners other than root,
 ``security.capability`` and ``user.*`` xattrs, and long names. Building needs root (mknod, chown).
@@ -76,6 +77,8 @@ def _populate(r: Path) -> None:
     _write(r, "f2d", b"a file, then a directory")
     _write(r, "opq/old1", b"old 1")
     _write(r, "opq/sub/old2", b"old 2")
+    _write(r, "usr/lib/libx.so", b"a library\n")
+    (r / "lib").symlink_to("usr/lib")  # merged-/usr: later layers write through it
     (r / "loop1").symlink_to("loop2")
     (r / "loop2").symlink_to("loop1")
     (r / "abs").symlink_to("/etc/passwd")
@@ -109,7 +112,12 @@ def build_umoci_image(root: Path) -> Path:
     opaque = root / "opaque-src"
     _write(opaque, "new1", b"only this layer's entries stay\n")
     _run("umoci", "insert", "--image", f"{layout}:v2", "--tag", "v3", "--opaque", opaque, "/opq")
-    _run("umoci", "insert", "--image", f"{layout}:v3", "--tag", "v4", "--whiteout", "/etc/group")
+    # Through the symlink lib -> usr/lib: umoci writes "lib/inserted" and "lib/.wh.libx.so", and
+    # umoci unpack (securejoin) applies them inside usr/lib.
+    _write(opaque, "inserted", b"written through a symlinked directory\n")
+    _run("umoci", "insert", "--image", f"{layout}:v3", "--tag", "v3a", opaque / "inserted", "/lib/inserted")
+    _run("umoci", "insert", "--image", f"{layout}:v3a", "--tag", "v3b", "--whiteout", "/lib/libx.so")
+    _run("umoci", "insert", "--image", f"{layout}:v3b", "--tag", "v4", "--whiteout", "/etc/group")
     _run("umoci", "config", "--image", f"{layout}:v4", "--config.cmd", "/bin/sh")
     return layout
 

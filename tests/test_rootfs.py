@@ -371,7 +371,7 @@ def _op(kind: str, name: str, n: int) -> Member:
     if kind == "dir":
         return dir_member(name + "/")
     if kind == "symlink":
-        return link_member(name, "a", tarfile.SYMTYPE)
+        return link_member(name, ["a", "/a/b", "..", "b/a", "c/../a", "a/b/c"][n % 6], tarfile.SYMTYPE)
     if kind == "hardlink":
         return link_member(name, _NAMES[n % len(_NAMES)])
     if kind == "whiteout":
@@ -400,7 +400,7 @@ def test_merge_memo_never_changes_the_result(layer_ops: list[list[tuple[str, str
     fast = merge(tables)
     plain = rootfs_module._Merger.parent_dir
 
-    def forgetful(self: rootfs_module._Merger, path: str, name: str) -> rootfs_module._Dir:
+    def forgetful(self: rootfs_module._Merger, path: str, name: str) -> rootfs_module._Dir | None:
         self._last = None
         return plain(self, path, name)
 
@@ -548,3 +548,28 @@ def test_damaged_layers_are_refused_or_served_inside_themselves(
     merged = merge([table])
     for e in merged.entries.values():
         assert e.kind is not Kind.FILE or e.offset + e.size <= len(data)
+
+
+def test_merge_follows_symlinked_parents_inside_the_image() -> None:
+    """``lib -> usr/lib`` then ``lib/foo``: the file lands in usr/lib, as umoci (securejoin) and moby put it;
+    whiteouts and hardlinks go through the link too; a link never leads outside the image."""
+    sym = tarfile.SYMTYPE
+    lower = [
+        dir_member("usr/lib/"),
+        file_member("usr/lib/x", b"x"),
+        link_member("lib", "usr/lib", sym),
+        link_member("esc", "../../..", sym),
+        link_member("abs", "/usr", sym),
+        link_member("dangling", "nowhere", sym),
+        link_member("l1", "l2", sym),
+        link_member("l2", "l1", sym),
+    ]
+    upper = [file_member("lib/foo", b"foo"), whiteout("lib/.wh.x"), link_member("h", "lib/foo"),
+             file_member("esc/etc/f", b"f"), file_member("abs/lib/bar", b"bar"),
+             file_member("dangling/f", b""), file_member("l1/f", b"")]  # fmt: skip
+    merged = layers(lower, upper)
+    paths = sorted(merged.entries)
+    assert "usr/lib/foo" in paths and "usr/lib/bar" in paths and "etc/f" in paths and "usr/lib/x" not in paths
+    assert merged.entries["lib"].kind is Kind.SYMLINK and merged.entries["h"] is merged.entries["usr/lib/foo"]
+    assert not any(p.startswith(("lib/", "esc/", "abs/", "dangling/", "l1/")) for p in paths)
+    assert sorted(n.name for n in merged.notes) == ["dangling/f", "l1/f"]

@@ -103,6 +103,7 @@ def test_rootfs_equals_umoci_unpack(images: Images, form: str, cached: bool, tmp
     assert served[LONG][10] == b"a file with a long name\n"
     assert "opq/old1" not in served and "opq/new1" in served and "etc/group" not in served
     assert served["d2f"][10] == b"a directory, then a file" and served["f2d/child"][10] == b"child"
+    assert served["lib"][7] == "usr/lib" and "usr/lib/inserted" in served and "usr/lib/libx.so" not in served
     # umoci's "d2f/.wh.inner" under the file that replaced the directory: ignored, and logged
     assert "d2f/.wh.inner" in log
 
