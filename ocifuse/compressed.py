@@ -29,11 +29,12 @@ import io
 import logging
 import os
 import struct
+import sys
 import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -212,6 +213,39 @@ def _gzip_reader(raw: Source) -> rapidgzip.RapidgzipFile:
     return reader
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = -1
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """fd 2 to /dev/null while rapidgzip reads in a first pass.
+
+    rapidgzip writes some errors to std::cerr itself (a stream cut in its footer: "Unexpected end
+    of file when getting block ...") before it raises; the exception becomes our one line, and its
+    own would be a second one. Counted, so that passes running at once in several threads (the
+    rootfs view opens layers in parallel) restore fd 2 once, when the last one ends.
+    """
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            sys.stderr.flush()
+            _quiet_saved = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 2)
+            os.close(null)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+
+
 def _gzip_error(name: str, error: Exception, at: int) -> CompressedDataError:
     """rapidgzip's exception as one line a user can act on."""
     text = str(error)
@@ -378,7 +412,8 @@ class GzipSource(Source):
             view = memoryview(buf)
             while True:
                 try:
-                    n = reader.readinto(buf)
+                    with _quiet_stderr():
+                        n = reader.readinto(buf)
                 except (ValueError, RuntimeError) as e:
                     raise _gzip_error(name, e, reader.tell_compressed() // 8) from e
                 if not n:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RealImage, require_tools, run
-from mounting import MountSpec, background_mount, mounted, mounted_many
+from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse
 from oci import extract
 
 from ocifuse import cli, compressed, fsck
@@ -284,3 +284,17 @@ def test_a_background_mount_serves_after_the_fork(
     with background_mount(archives[name], tmp_path / "mnt", options=[f"cache={tmp_path / 'c'}"]) as result:
         assert result.returncode == 0, result.stderr
         assert _files(tmp_path / "mnt") == _files(reference[name])
+
+
+@pytest.mark.parametrize("cut", [4, 9, 1000])
+def test_a_cut_footer_is_one_line_from_the_command(
+    archives: dict[str, Path], tmp_path: Path, cut: int
+) -> None:
+    """rapidgzip prints its own line for some truncations; the command still says one line (fd 2)."""
+    data = archives["gzip"].read_bytes()
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(data[:-cut])
+    done = run_ocifuse("fsck", "--no-cache", path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"ocifuse: {path}: gzip: ")
