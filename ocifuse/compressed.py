@@ -12,7 +12,7 @@ before that pass has checked the whole stream: damaged bytes are never served as
   compressed bytes, each with its 32 KiB window. Readers are not thread-safe (they release the
   GIL): a small pool, one reader per worker thread at a time.
 - zstd (RFC 8878): a stream of frames each at most ZSTD_FRAME_INPLACE bytes decompressed (the
-  seekable format's frames, zstd:chunked's per-file frames, ``pzstd`` output) is read in place
+  seekable format's frames, zstd:chunked's per-chunk frames, ``pzstd`` output) is read in place
   through a frame table: a read decompresses only its frames. A larger frame (what ``zstd`` writes:
   one frame for the whole input) cannot be entered in the middle: its bytes are decompressed once
   into a spill file in the cache directory, bounded by ``Limits.spill_max`` and the free space.
@@ -113,7 +113,7 @@ def open_decompressed(
     no cache the index is built and not kept; ``rebuild`` (fsck) builds it even when stored, which
     checks the whole stream again. ``name`` (a path or a digest) names ``raw`` in errors.
     The result's ``uncompressed_digest`` is the sha256 of the decompressed stream (a layer's DiffID);
-    ``digest=False`` (an outer archive, which needs none) skips hashing: ~0.4 s less per GB.
+    ``digest=False`` (an outer archive, which needs none) skips hashing: 0.5-1 s less per GiB here.
 
     Raises CompressedDataError (damaged, truncated, trailing data, xz/bzip2) or DecompressionLimit.
     """
