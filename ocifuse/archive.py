@@ -176,6 +176,17 @@ COLUMN_FIELDS = ("kind", "offset", "size", "mtime", "source", "meta")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
+def header_mtime(info: tarfile.TarInfo) -> int:
+    """A member's mtime as an int64: a PAX mtime may be any decimal; "nan" or "1e400" read as 0.
+
+    Clamped to what a stored table (array "q") and stat hold, for the layout view and layers alike.
+    """
+    try:
+        return max(_INT64[0], min(int(info.mtime), _INT64[1]))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 class Names(Sequence[str]):
     """Sorted paths held as one UTF-8 (surrogateescape) blob and the end offset of each.
 
@@ -609,11 +620,7 @@ class _TableBuilder:
             if not is_root(info.name):
                 self.skip(info.name, refusal(info.name))
             return  # "." or "./": the root itself
-        try:
-            # A PAX mtime may be any decimal: clamp it to what a stored table (i64) and stat hold.
-            mtime = max(_INT64[0], min(int(info.mtime), _INT64[1]))
-        except (TypeError, ValueError, OverflowError):  # a PAX mtime of "nan" or "1e400"
-            mtime = 0
+        mtime = header_mtime(info)
         if self.symlinks and not info.issym():
             self.symlinks.pop(name, None)  # duplicate names: the last member wins
         if info.isdir():

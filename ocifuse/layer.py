@@ -17,7 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .archive import BLOCK, Skipped, is_root, normalize, refusal, walk
+from .archive import BLOCK, Skipped, header_mtime, is_root, normalize, refusal, walk
 from .errors import NotAnArchive
 from .source import Source, SourceFile, sniff
 
@@ -220,10 +220,7 @@ class _LayerBuilder:
         if not (0 <= info.uid <= MAX_ID and 0 <= info.gid <= MAX_ID):
             self.skip(info, f"owner {info.uid}:{info.gid} out of range")
             return
-        try:
-            mtime = int(info.mtime)
-        except (TypeError, ValueError, OverflowError):  # a PAX mtime of "nan" or "1e400"
-            mtime = 0
+        mtime = header_mtime(info)
         linkname = info.linkname
         if kind is Type.HARDLINK:
             target = normalize(linkname)

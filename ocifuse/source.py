@@ -85,9 +85,13 @@ class OpenFile:
         self.path = path
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: opening a fifo given as the archive must not wait for a writer (it is
+                # refused as not a regular file); cleared again below for a regular file.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError as e:
                 raise LayoutOpenError(path, e.strerror or str(e)) from e
+            else:
+                os.set_blocking(fd, True)
         try:
             st = os.fstat(fd)
         except OSError as e:

@@ -64,3 +64,17 @@ def test_mount_refused_without_access_to_dev_fuse(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(os, "access", lambda p, mode: p != "/dev/fuse" and real_access(p, mode))
     with pytest.raises(daemon.MountError, match="/dev/fuse: permission denied"):
         daemon.check_mountpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["fsck"], ["mount", "-f"]])
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path, command: list[str]) -> None:
+    """A fifo given as the archive is refused in one line; opening it never waits for a writer."""
+    fifo = tmp_path / "image.tar"
+    os.mkfifo(fifo)
+    (tmp_path / "mnt").mkdir()
+    extra = [str(tmp_path / "mnt")] if command[0] == "mount" else []
+    done = subprocess.run(
+        [OCIFUSE, *command, "--no-cache", fifo, *extra], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"ocifuse: {fifo}: not a regular file"]

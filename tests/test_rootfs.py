@@ -573,3 +573,18 @@ def test_merge_follows_symlinked_parents_inside_the_image() -> None:
     assert merged.entries["lib"].kind is Kind.SYMLINK and merged.entries["h"] is merged.entries["usr/lib/foo"]
     assert not any(p.startswith(("lib/", "esc/", "abs/", "dangling/", "l1/")) for p in paths)
     assert sorted(n.name for n in merged.notes) == ["dangling/f", "l1/f"]
+
+
+@pytest.mark.parametrize(("pax_mtime", "expected"), [("1e30", 2**63 - 1), ("-1e30", -(2**63)), ("nan", 0)])
+def test_absurd_pax_mtime_is_clamped(pax_mtime: str, expected: int) -> None:
+    """A PAX mtime past int64 is clamped (as the layout view's table does), and the table still stores."""
+    m = file_member("etc/motd", b"hi\n")
+    m.info.pax_headers = {"mtime": pax_mtime}
+    table = scan(tar_bytes([m]))
+    (member,) = [x for x in table.members if x.name == "etc/motd"]
+    assert member.mtime == expected
+    data = tar_bytes([m])
+    again = LayerTable.from_bytes(table.to_bytes(len(data)), len(data))
+    assert [x.mtime for x in again.members if x.name == "etc/motd"] == [expected]
+    merged = merge([table])
+    assert merged.entries["etc/motd"].mtime == expected
