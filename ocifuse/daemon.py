@@ -188,7 +188,10 @@ def mount_main(args: argparse.Namespace) -> int:
     try:
         if opts.ignored:
             log.debug("ignored mount options: %s", ",".join(opts.ignored))
-        ops = Operations(view.reader, tree, verify=opts.verify, xattrs=opts.rootfs, own_all=opts.rootless)
+        # -o verify: the layout view hashes each blob on first read; the rootfs view hashed its layers
+        # at open (image.open_rootfs), and its files are no blobs (a path like blobs/sha256/... is not one).
+        verify = opts.verify and not opts.rootfs
+        ops = Operations(view.reader, tree, verify=verify, xattrs=opts.rootfs, own_all=opts.rootless)
         # From the mount on, a stop signal waits for the loop's handler (_watch_signals): its default
         # action would kill the process and leave a dead mount ("Transport endpoint is not connected").
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -309,6 +312,7 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
         ignore_diff_ids=opts.ignore_diff_ids,
         cache=open_cache(opts.cache, disabled=opts.nocache),
         limits=opts.limits,
+        verify=opts.verify,
     )
     for note in image.notes:
         log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)

@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .digest import Digest
 from .errors import (
     BlobNotFound,
     DiffIdMismatch,
+    DigestMismatch,
     InvalidDigest,
     InvalidDocument,
     LayerError,
@@ -62,6 +64,8 @@ ZSTD_LAYERS = frozenset(
 )
 # Layers opened at once: each first pass over a compressed one holds a decompressor's buffers.
 MAX_PARALLEL_LAYERS = 4
+# Bytes hashed per read when a layer's blob is checked against its digest.
+HASH_CHUNK = 1 << 20
 # Largest config read to find rootfs.diff_ids (the same bound as every JSON document).
 MAX_CONFIG = 16 << 20
 
@@ -100,22 +104,11 @@ def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
         raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
 
 
-def layer_source(
-    layout: Layout,
-    index: int,
-    desc: Descriptor,
-    *,
-    cache: IndexStore | None = None,
-    limits: Limits | None = None,
-) -> tuple[Source, str]:
-    """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
+def layer_blob(layout: Layout, index: int, desc: Descriptor) -> Source:
+    """The layer's blob as it is stored (compressed or not), checked for media type and size.
 
-    An uncompressed layer is its blob (a byte range of the archive); a gzip or zstd one is a
-    random-access decompressing source whose first open hashes the stream (its index and that
-    hash kept in ``cache`` under the layer's digest). Which, is decided by the blob's magic bytes.
     Raises LayerError for a layer that is absent (naming a non-distributable one as such), of a
-    media type that is not a layer, or whose blob has another size than its descriptor says;
-    CompressedDataError for damaged compressed data.
+    media type that is not a layer, or whose blob has another size than its descriptor says.
     """
     what = f"layer {index} ({desc.digest})"
     if desc.media_type not in TAR_LAYERS | GZIP_LAYERS | ZSTD_LAYERS:
@@ -131,10 +124,89 @@ def layer_source(
         raise LayerError(f"{what} is not in the layout") from e
     if raw.size != desc.size:
         raise LayerError(str(SizeMismatch(str(desc.digest), desc.size, raw.size)))
+    return raw
+
+
+def layer_source(
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    *,
+    cache: IndexStore | None = None,
+    limits: Limits | None = None,
+    raw: Source | None = None,
+) -> tuple[Source, str]:
+    """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
+
+    An uncompressed layer is its blob (a byte range of the archive); a gzip or zstd one is a
+    random-access decompressing source whose first open hashes the stream (its index and that
+    hash kept in ``cache`` under the layer's digest). Which, is decided by the blob's magic bytes.
+    The blob itself is not hashed here: pass a VerifiedStore as ``cache`` for that (the mount
+    does; fsck hashes every blob in its own walk). ``raw``: the blob, if layer_blob already gave it.
+    Raises LayerError (layer_blob) or CompressedDataError for damaged compressed data.
+    """
+    raw = layer_blob(layout, index, desc) if raw is None else raw
+    what = f"layer {index} ({desc.digest})"
     source = open_decompressed(raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits)
     found = source.uncompressed_digest
     # config.md: the diff_id is the digest of the uncompressed tar, which an uncompressed blob is.
     return source, str(desc.digest if found is None else found)
+
+
+class VerifiedStore:
+    """The cache as one layer sees it: nothing is stored under the layer's digest until its blob
+    has been hashed and found to be that digest.
+
+    Keys are digests the archive *claims*; a hostile archive that claims a genuine layer's digest
+    for other bytes must not leave its index, table or spill under that digest for a later mount
+    of the genuine image to use (cache poisoning). Loading is free: what is stored was verified.
+    The blob is hashed at most once, and only when something is built (a cache hit costs nothing);
+    ``finish`` raises LayerError when it did not match. ``cache=None`` (nocache) keeps nothing and
+    verifies whatever is built all the same, so every first pass checks the blob's digest.
+    """
+
+    def __init__(self, raw: Source, digest: Digest, what: str, cache: IndexStore | None) -> None:
+        self._raw = raw
+        self._digest = digest
+        self._what = what
+        self._cache = cache
+        self._lock = threading.Lock()
+        self._found: Digest | None = None  # what the blob hashes to, once hashed
+        self.built = cache is None  # with no cache, every open builds
+
+    def verified(self) -> bool:
+        """Hash the blob (once) and say whether it is the digest it is stored under."""
+        if not self._digest.verifiable:
+            return False  # an algorithm ocifuse cannot hash: served, never cached under its name
+        with self._lock:
+            if self._found is None:
+                verifier = self._digest.verifier()
+                for offset in range(0, self._raw.size, HASH_CHUNK):
+                    verifier.update(self._raw.pread(offset, HASH_CHUNK))
+                self._found = verifier.found()
+        return self._found == self._digest
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        """What the cache holds for (kind, key); None with no cache."""
+        return None if self._cache is None else self._cache.load(kind, key)
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        """Store only a payload built from a blob that hashes to its digest."""
+        self.built = True
+        if self._cache is not None and self.verified():
+            self._cache.store(kind, key, payload)
+
+    def spill_path(self, key: str) -> str | None:
+        """A spill file lives in the cache only for a verified blob (else in a private temp file)."""
+        self.built = True
+        if self._cache is None or not self.verified():
+            return None
+        return self._cache.spill_path(key)
+
+    def finish(self) -> None:
+        """Raise LayerError if something was built from a blob that is not its digest."""
+        if self.built and self._digest.verifiable and not self.verified():
+            raise LayerError(f"{self._what}: {DigestMismatch(str(self._digest), str(self._found))}")
 
 
 def open_rootfs(
@@ -145,12 +217,15 @@ def open_rootfs(
     ignore_diff_ids: bool = False,
     cache: IndexStore | None = None,
     limits: Limits | None = None,
+    verify: bool = False,
 ) -> RootImage:
     """Resolve the image at ``path`` as inspect does, check its layers, and merge them (layer.md).
 
     ``cache`` keeps each layer's index and table under its digest, so a second mount (or another
     image sharing the layer) decompresses nothing and reads no layer header. ``limits`` bounds
-    the first pass over a compressed layer (decompression bombs). Raises an OcifuseError with one
+    the first pass over a compressed layer (decompression bombs). Anything built from a layer is
+    kept only once the layer's blob hashes to its digest; ``verify`` hashes every layer's blob
+    even when all is in the cache (``-o verify``). Raises an OcifuseError with one
     line saying what is wrong: the layout, the ref, a layer.
     """
     layout = open_layout(path)
@@ -171,7 +246,7 @@ def open_rootfs(
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
             jobs = [
-                pool.submit(_open_layer, layout, i, d, cache, limits, payload is None)
+                pool.submit(_open_layer, layout, i, d, cache, limits, payload is None, verify)
                 for i, d in enumerate(layers)
             ]
             concurrent.futures.wait(jobs)
@@ -179,10 +254,12 @@ def open_rootfs(
             if job.exception() is None:
                 sources.append(job.result()[0])
         tables: list[LayerTable | None] = []
+        gates: list[VerifiedStore] = []
         for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
-            source, found, table = job.result()  # the first failing layer's error, in layer order
+            source, found, table, gate = job.result()  # the first failing layer's error, in layer order
             _check_diff_id(index, desc, expected, found, ignore_diff_ids)
             tables.append(table)
+            gates.append(gate)
         sizes = [source.size for source in sources]
         merged = None
         if payload is not None:
@@ -192,8 +269,11 @@ def open_rootfs(
                 log.warning("cached tree of %s unusable (%s): merging the layers again", key, e)
         if merged is None:
             scanned = [
-                t if t is not None else _table(layers[i], i, sources[i], cache) for i, t in enumerate(tables)
+                t if t is not None else _table(layers[i], i, sources[i], gate)
+                for i, (t, gate) in enumerate(zip(tables, gates, strict=True))
             ]
+            for gate in gates:
+                gate.finish()
             merged = merge(scanned)
             merged = Merged(entries=merged.entries, root=merged.root, notes=_notes(scanned, merged))
             if cache is not None:
@@ -208,12 +288,28 @@ def open_rootfs(
 
 
 def _open_layer(
-    layout: Layout, index: int, desc: Descriptor, cache: IndexStore | None, limits: Limits | None, scan: bool
-) -> tuple[Source, str, LayerTable | None]:
-    """One layer's source, diff_id and (if ``scan``) table; closes the source on error."""
-    source, found = layer_source(layout, index, desc, cache=cache, limits=limits)
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    cache: IndexStore | None,
+    limits: Limits | None,
+    scan: bool,
+    verify: bool,
+) -> tuple[Source, str, LayerTable | None, VerifiedStore]:
+    """One layer's source, diff_id, (if ``scan``) table, and its view of the cache.
+
+    Whatever is built from the blob (index, spill, table) is stored only once the blob hashes to
+    its digest, and a blob that does not raises LayerError. Closes the source on error.
+    """
+    what = f"layer {index} ({desc.digest})"
+    raw = layer_blob(layout, index, desc)
+    gate = VerifiedStore(raw, desc.digest, what, cache)
+    gate.built = gate.built or verify  # -o verify: hashed even when nothing is built
+    source, found = layer_source(layout, index, desc, cache=gate, limits=limits, raw=raw)
     try:
-        return source, found, _table(desc, index, source, cache) if scan else None
+        table = _table(desc, index, source, gate) if scan else None
+        gate.finish()
+        return source, found, table, gate
     except BaseException:
         source.close()
         raise

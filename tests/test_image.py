@@ -19,6 +19,7 @@ from test_rootfs import tar_bytes, whiteout
 
 from ocifuse import model, open_layout
 from ocifuse import options as mount_options
+from ocifuse.cache import IndexCache
 from ocifuse.errors import CompressedDataError, DiffIdMismatch, InvalidDocument, LayerError, NotAnArchive
 from ocifuse.fsck import check
 from ocifuse.image import open_rootfs
@@ -40,8 +41,12 @@ def image(
     drop: set[int] = frozenset(),  # type: ignore[assignment]
     extra: list[dict[str, Any]] | None = None,
     form: str = "archive",
+    forged: dict[int, bytes] | None = None,
 ) -> Path:
-    """A one-image layout with these layer blobs (``drop``: left out of the layout), as a tar or directory."""
+    """A one-image layout with these layer blobs (``drop``: left out of the layout), as a tar or directory.
+
+    ``forged``: layers whose blob file holds these other bytes under the digest of the real ones.
+    """
     tmp_path.mkdir(parents=True, exist_ok=True)
     b = LayoutBuilder()
     descs = []
@@ -49,6 +54,8 @@ def image(
         desc = b.blob(data, (media_types or [TAR] * len(layers))[i], **(extra[i] if extra else {}))
         if i in drop:
             del b.files[f"blobs/sha256/{desc['digest'][7:]}"]
+        if forged and i in forged:
+            b.files[f"blobs/sha256/{desc['digest'][7:]}"] = forged[i]
         descs.append(desc)
     config = {
         "architecture": "amd64",
@@ -267,3 +274,71 @@ def test_rootfs_options_belong_together() -> None:
     assert (opts.rootfs, opts.ref, opts.platform, opts.rootless, opts.ignore_diff_ids) == (
         True, "a,b", "linux/arm64/v8", True, True
     )  # fmt: skip
+
+
+def _forgery(plain: bytes, blob: bytes, compression: str) -> bytes:
+    """A hostile archive's layer claiming the genuine one's digest: other bytes, of ``blob``'s size.
+
+    Same size, or the descriptor's size check alone would refuse it; some spelling of "genuine"
+    at some level compresses to exactly that size.
+    """
+    for spelling in (b"Genuine", b"genuinE", b"GENUINE", b"hostile", b"gEnuine"):
+        other = plain.replace(b"genuine", spelling)
+        for level in range(1, 20):
+            if compression == "none":
+                out = other
+            elif compression == "gzip":
+                out = gzip.compress(other, compresslevel=min(level, 9), mtime=0)
+            else:
+                out = pyzstd.compress(other, level)
+            if len(out) == len(blob):
+                return out
+    pytest.fail(f"no forgery of {len(blob)} {compression} bytes")
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_a_forged_layer_leaves_nothing_in_the_cache(tmp_path: Path, compression: str) -> None:
+    """A layer blob that is not its digest is refused, and stores no index, table or tree under it.
+
+    Cache entries are keyed by the digests an archive claims: were they stored before the blob was
+    hashed, a hostile archive would decide what a later mount of the genuine image serves.
+    """
+    plain = tar_bytes([file_member("etc/motd", b"genuine motd\n"), file_member("etc/shadow", b"genuine")])
+    blob = {"none": plain, "gzip": gzip.compress(plain, mtime=0), "zstd": pyzstd.compress(plain)}[compression]
+    media = {"none": TAR, "gzip": TAR + "+gzip", "zstd": TAR + "+zstd"}[compression]
+    evil = _forgery(plain, blob, compression)
+    cache = IndexCache(str(tmp_path / "cache"))
+    hostile = image(
+        tmp_path / "hostile", [blob], media_types=[media], diff_ids=[_sha(plain)], forged={0: evil}
+    )
+    with pytest.raises(LayerError, match="hashes to"):
+        open_rootfs(str(hostile), ref="v1", cache=cache)
+    assert cache.entries() == []
+    genuine = image(tmp_path / "genuine", [blob], media_types=[media], diff_ids=[_sha(plain)])
+    for _ in range(2):  # the first open builds and stores, the second reads the cache
+        img = open_rootfs(str(genuine), ref="v1", cache=cache)
+        try:
+            entry = img.merged.entries["etc/motd"]
+            assert img.sources.pread(entry, 0, entry.size) == b"genuine motd\n"
+        finally:
+            img.close()
+    assert cache.entries() != []
+
+
+def test_a_forged_layer_is_refused_without_a_cache(tmp_path: Path) -> None:
+    """With no cache (nocache) the first pass still hashes the blob: a forged layer is refused."""
+    plain = tar_bytes([file_member("etc/motd", b"genuine motd\n")])
+    hostile = image(tmp_path, [plain], forged={0: _forgery(plain, plain, "none")})
+    with pytest.raises(LayerError, match="hashes to"):
+        open_rootfs(str(hostile), ref="v1")
+
+
+def test_verify_hashes_layers_even_when_cached(tmp_path: Path) -> None:
+    """-o verify: a layer is hashed at open even when its table and tree come from the cache."""
+    plain = tar_bytes([file_member("etc/motd", b"genuine motd\n")])
+    cache = IndexCache(str(tmp_path / "cache"))
+    open_rootfs(str(image(tmp_path / "genuine", [plain])), ref="v1", cache=cache).close()
+    hostile = image(tmp_path / "hostile", [plain], forged={0: _forgery(plain, plain, "none")})
+    open_rootfs(str(hostile), ref="v1", cache=cache).close()  # trusted: what the cache holds was hashed
+    with pytest.raises(LayerError, match="hashes to"):
+        open_rootfs(str(hostile), ref="v1", cache=cache, verify=True)
