@@ -171,7 +171,7 @@ def test_mount_refusal_is_one_line(tmp_path: Path) -> None:
     one = tar_bytes([file_member("a", b"1")])
     path = image(tmp_path, [one], diff_ids=[_sha(b"other")])
     (tmp_path / "mnt").mkdir()
-    done = run_ocifuse("mount", "--rootfs", path, tmp_path / "mnt")
+    done = run_ocifuse("mount", "--rootfs", "--no-cache", path, tmp_path / "mnt")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "layer 0" in done.stderr, done.stderr
 
 

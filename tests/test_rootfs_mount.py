@@ -110,7 +110,9 @@ def test_rootfs_equals_umoci_unpack(images: Images, form: str, cached: bool, tmp
 
 def test_rootfs_rootless_shows_every_owner_as_the_mounting_user(images: Images, tmp_path: Path) -> None:
     """-o rootless: every uid/gid is the mounting user's, as ``umoci unpack --rootless`` writes them."""
-    with mounted(images.plain_archive, tmp_path / "mnt", options=["rootfs,rootless"]) as m:
+    with mounted(
+        images.plain_archive, tmp_path / "mnt", options=[f"rootfs,rootless,cache={tmp_path / 'cache'}"]
+    ) as m:
         st = os.lstat(m.path("home", "app", ".profile"))
         root = os.lstat(m.path("etc"))
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
@@ -122,7 +124,9 @@ def test_programs_run_from_the_mount(images: Images, tmp_path: Path) -> None:
     require_tools("chroot", "bwrap", "podman", "runc")
     script = "cat /data/small.txt && ls /opq && /usr/bin/ping"
     want = "small file, second version\nnew1\nping\n"
-    with mounted(images.plain_archive, tmp_path / "mnt", args=["--rootfs"]) as m:
+    with mounted(
+        images.plain_archive, tmp_path / "mnt", args=["--rootfs", "--cache", str(tmp_path / "cache")]
+    ) as m:
         mnt = os.fspath(m.mountpoint)
         chroot = subprocess.run(["chroot", mnt, "/bin/sh", "-c", script], capture_output=True, text=True)
         bwrap = subprocess.run(
