@@ -18,6 +18,7 @@ from typing import Any
 
 from . import model, resolve
 from .cache import IndexCache
+from .digest import Digest
 from .errors import LayoutOpenError, NotFound, OcifuseError
 from .layout import Layout, open_layout
 from .model import Descriptor, Platform
@@ -180,7 +181,27 @@ def _artifact_type(layout: Layout, desc: Descriptor) -> str | None:
     return None if doc is None else doc.artifact_type
 
 
-def _image(layout: Layout, found: resolve.Resolved, ref: str | None) -> Image:
+class _Referrers:
+    """The layout's referrer index, made on first use and shared by every image of one summary."""
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        self._index: dict[Digest, list[tuple[Descriptor, str | None]]] | None = None
+        self._error: OcifuseError | None = None
+
+    def of(self, subject: Digest) -> list[Descriptor]:
+        """The referrers of ``subject``; the index's error (an unreadable document) if it has one."""
+        if self._index is None and self._error is None:
+            try:
+                self._index = resolve.referrer_index(self._layout)
+            except OcifuseError as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
+        return resolve.referrers(self._layout, subject, index=self._index)
+
+
+def _image(layout: Layout, found: resolve.Resolved, ref: str | None, referrers_of: _Referrers) -> Image:
     m = found.manifest
     image_config = None
     config_error = None
@@ -201,7 +222,7 @@ def _image(layout: Layout, found: resolve.Resolved, ref: str | None) -> Image:
     subjects = [d.digest for d in found.trail] + [found.descriptor.digest]
     try:
         for subject in dict.fromkeys(subjects):
-            for r in resolve.referrers(layout, subject):
+            for r in referrers_of.of(subject):
                 referrers.append(
                     Referrer(
                         subject=str(subject),
@@ -284,6 +305,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
     index = layout.index()
     want = platform or resolve.host_platform()
     refs = tuple(_ref_entry(layout, d) for d in index.manifests)
+    referrers_of = _Referrers(layout)
     images: list[Image] = []
     unresolved: list[Unresolved] = []
     error = None
@@ -292,7 +314,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         name = ref if ref is not None else index.manifests[0].ref_name
         label = name or (entry.digest if entry is not None else "the only image")
         try:
-            img = _image(layout, resolve.resolve(layout, ref, want), name)
+            img = _image(layout, resolve.resolve(layout, ref, want), name, referrers_of)
         except OcifuseError as e:
             why = _why_not(entry, want, e, layout.path)
             unresolved.append(Unresolved(ref=name, digest=None if entry is None else entry.digest, error=why))
@@ -315,7 +337,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
             found = done.get(str(desc.digest))
             if found is None:
                 try:
-                    found = _image(layout, resolve.resolve(layout, target, want), name)
+                    found = _image(layout, resolve.resolve(layout, target, want), name, referrers_of)
                 except OcifuseError as e:
                     found = e
                 done[str(desc.digest)] = found

@@ -156,21 +156,36 @@ def _find_ref(layout: Layout, index: Index, ref: str) -> Descriptor:
     raise NotFound(f"no manifest or index {digest} is reachable from index.json")
 
 
-def referrers(layout: Layout, subject: Digest, artifact_type: str | None = None) -> list[Descriptor]:
-    """Descriptors of manifests reachable from index.json whose ``subject`` is ``subject``.
+def referrer_index(layout: Layout) -> dict[Digest, list[tuple[Descriptor, str | None]]]:
+    """Every manifest reachable from index.json that has a ``subject``, by that subject's digest.
 
-    The artifact type is the manifest's ``artifactType``, else its config's media type
-    (image-spec manifest.md, "artifactType"); ``artifact_type`` filters on it.
+    Each entry is (descriptor, artifact type): the manifest's ``artifactType``, else its config's
+    media type (image-spec manifest.md, "artifactType"). One walk over all of index.json, each
+    document parsed once: asking per image instead would parse every document once per image.
     """
-    visited: set[Digest] = set()  # one walk over all of index.json: each document parsed once
-    found: list[Descriptor] = []
+    visited: set[Digest] = set()
+    found: dict[Digest, list[tuple[Descriptor, str | None]]] = {}
     for top in layout.index().manifests:
         for desc, doc in walk(layout, top, _seen=visited):
-            if doc.subject is None or doc.subject.digest != subject:
+            if doc.subject is None:
                 continue
             kind = doc.artifact_type
             if kind is None and isinstance(doc, Manifest):
                 kind = doc.config.media_type
-            if artifact_type is None or kind == artifact_type:
-                found.append(desc)
+            found.setdefault(doc.subject.digest, []).append((desc, kind))
     return found
+
+
+def referrers(
+    layout: Layout,
+    subject: Digest,
+    artifact_type: str | None = None,
+    index: dict[Digest, list[tuple[Descriptor, str | None]]] | None = None,
+) -> list[Descriptor]:
+    """Descriptors of manifests reachable from index.json whose ``subject`` is ``subject``.
+
+    ``artifact_type`` filters on the referrer's artifact type (see referrer_index); ``index``:
+    a referrer_index already made, for callers that ask about many subjects.
+    """
+    index = referrer_index(layout) if index is None else index
+    return [d for d, kind in index.get(subject, ()) if artifact_type is None or kind == artifact_type]

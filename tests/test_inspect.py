@@ -360,3 +360,26 @@ def test_cli_damaged_manifest_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFi
     assert cli.main(["inspect", str(path), "--ref", "single"]) == 1
     err = capsys.readouterr().err
     assert "ocifuse fsck" in err and err.count("\n") == 1
+
+
+def test_many_images_read_each_document_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """N images: each document is read a few times, not once per image (referrers were N**2)."""
+    builder = LayoutBuilder()
+    n = 60
+    for i in range(n):
+        builder.tag(builder.image([i.to_bytes(2, "big")]), f"t{i}")
+    archive = builder.write_tar(tmp_path / "many.tar")
+    reads: list[str] = []
+    original = Layout.read_blob
+
+    def counting(self: Layout, desc: model.Descriptor, limit: int = 16 << 20) -> bytes:
+        reads.append(str(desc.digest))
+        return original(self, desc, limit)
+
+    monkeypatch.setattr(Layout, "read_blob", counting)
+    with open_layout(archive) as layout:
+        summary = inspect.summarize(layout, platform=Platform(os="linux", architecture="amd64"))
+    assert len(summary.images) == n
+    assert len(reads) <= 5 * 2 * n  # a manifest and a config per image, each read a few times
