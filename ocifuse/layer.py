@@ -31,6 +31,9 @@ TABLE_FORMAT = 1
 COMPRESSED_READ_AHEAD = 256 << 10
 # PAX extended attributes as GNU tar, bsdtar, Go's archive/tar and umoci write them.
 XATTR_PREFIX = "SCHILY.xattr."
+# xattr(7) limits: the longest name and the largest value the kernel holds.
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 1 << 16
 # Owners a Linux stat can carry (uid_t is 32 bits; (uid_t)-1 means "no change", never an owner).
 MAX_ID = 2**32 - 2
 # Device numbers the kernel's stat can carry through FUSE (new_encode_dev: 12-bit major, 20-bit minor).
@@ -187,6 +190,25 @@ class LayerTable:
         return cls(members, skipped, doc["end"])
 
 
+def _xattrs(info: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
+    """A member's PAX ``SCHILY.xattr.*`` attributes that Linux can hold; the others dropped, logged.
+
+    xattr(7): a name is at most XATTR_NAME_MAX (255) bytes and cannot hold a NUL (listxattr
+    separates names with NUL: one would read as two), a value at most XATTR_SIZE_MAX (64 KiB).
+    """
+    out = []
+    for key, value in info.pax_headers.items():
+        if not key.startswith(XATTR_PREFIX) or len(key) == len(XATTR_PREFIX):
+            continue
+        name = key[len(XATTR_PREFIX) :].encode("utf-8", "surrogateescape")
+        data = value.encode("utf-8", "surrogateescape")
+        if b"\0" in name or len(name) > XATTR_NAME_MAX or len(data) > XATTR_SIZE_MAX:
+            log.warning("%s: xattr %r not served (a name or size Linux cannot hold)", info.name, name)
+            continue
+        out.append((name, data))
+    return tuple(out)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -237,14 +259,7 @@ class _LayerBuilder:
         ):
             self.skip(info, f"device {info.devmajor}:{info.devminor} out of range")
             return
-        xattrs = tuple(
-            (
-                key[len(XATTR_PREFIX) :].encode("utf-8", "surrogateescape"),
-                value.encode("utf-8", "surrogateescape"),
-            )
-            for key, value in info.pax_headers.items()
-            if key.startswith(XATTR_PREFIX) and len(key) > len(XATTR_PREFIX)
-        )
+        xattrs = _xattrs(info)
         self.members.append(
             Member(
                 name,

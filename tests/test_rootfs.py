@@ -588,3 +588,17 @@ def test_absurd_pax_mtime_is_clamped(pax_mtime: str, expected: int) -> None:
     assert [x.mtime for x in again.members if x.name == "etc/motd"] == [expected]
     merged = merge([table])
     assert merged.entries["etc/motd"].mtime == expected
+
+
+def test_xattrs_linux_cannot_hold_are_dropped() -> None:
+    """A PAX xattr whose name holds a NUL (it would read as two names) or is too long, or whose value
+    is over 64 KiB, is not served; the member and its other xattrs are."""
+    m = file_member("bin/x", b"x")
+    m.info.pax_headers = {
+        "SCHILY.xattr.security.capability": CAP.decode("utf-8", "surrogateescape"),
+        "SCHILY.xattr.user.a\0user.b": "split",
+        "SCHILY.xattr.user." + "n" * 300: "long name",
+        "SCHILY.xattr.user.big": "v" * (65536 + 1),
+    }
+    (member,) = [x for x in scan(tar_bytes([m])).members if x.name == "bin/x"]
+    assert member.xattrs == ((b"security.capability", CAP),)
