@@ -24,6 +24,7 @@ import atexit
 import bisect
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -36,10 +37,10 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import pyzstd
-import rapidgzip
+if TYPE_CHECKING:  # imported where used: every archive open and mount would pay for them otherwise
+    import rapidgzip
 
 from .digest import Digest
 from .errors import CompressedDataError, DecompressionLimit, OcifuseError
@@ -208,6 +209,8 @@ def _gzip_reader(raw: Source) -> rapidgzip.RapidgzipFile:
     # and a reader with no thread of its own: one made before the mount daemon forks still reads in
     # the child (with 2, rapidgzip's thread pool stays in the parent and the child's first read
     # hangs; tests/test_compressed_archive.py mounts in the background to keep it so).
+    import rapidgzip
+
     reader = rapidgzip.RapidgzipFile(SourceFile(raw), parallelization=1, chunk_size=GZIP_CHUNK)
     _open_readers.add(reader)
     return reader
@@ -443,6 +446,8 @@ class GzipSource(Source):
             out = io.BytesIO()
             # gztool's format keeps each 32 KiB window zlib-compressed: ~10x smaller than
             # indexed_gzip's raw windows (0.6% of the uncompressed size instead of 6% at 1.5:1).
+            import rapidgzip
+
             reader.export_index(out, rapidgzip.IndexFormat.GZTOOL)
         except BaseException:
             reader.close()
@@ -485,7 +490,11 @@ class GzipSource(Source):
 
 # -- zstd -----------------------------------------------------------------------------------------
 
-_ZSTD_OPTION = {int(pyzstd.DParameter.windowLogMax): ZSTD_WINDOW_LOG_MAX}
+@functools.cache
+def _zstd_option() -> dict[int, int]:
+    import pyzstd
+
+    return {int(pyzstd.DParameter.windowLogMax): ZSTD_WINDOW_LOG_MAX}
 
 
 def _zstd_error(name: str, error: Exception, at: int) -> CompressedDataError:
@@ -547,7 +556,9 @@ def _zstd_pass(
     fed = start = frame_size = 0
     pending = b""
     started = False
-    d = pyzstd.ZstdDecompressor(option=_ZSTD_OPTION)
+    import pyzstd
+
+    d = pyzstd.ZstdDecompressor(option=_zstd_option())
     while True:
         try:
             if d.needs_input:
@@ -587,7 +598,7 @@ def _zstd_pass(
             if frame_size:
                 out.frames.append((start, end - start, frame_size))
             start, frame_size, started = end, 0, False
-            d = pyzstd.ZstdDecompressor(option=_ZSTD_OPTION)
+            d = pyzstd.ZstdDecompressor(option=_zstd_option())
     if started:
         raise CompressedDataError(name, "zstd", f"truncated: the frame at byte {start} is cut short")
     return out
@@ -620,8 +631,10 @@ class ZstdFrames(Source):
                 return data
         coff, csize, usize = self.frames[i]
         comp = self.raw.pread(coff, csize)
+        import pyzstd
+
         try:
-            data = pyzstd.decompress(comp, option=_ZSTD_OPTION) if len(comp) == csize else b""
+            data = pyzstd.decompress(comp, option=_zstd_option()) if len(comp) == csize else b""
         except pyzstd.ZstdError as e:
             raise _zstd_error(self.name, e, coff) from e
         if len(data) != usize:
