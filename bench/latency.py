@@ -130,6 +130,9 @@ def report(samples: dict[str, list[float]], info: dict[str, Any]) -> str:
     def sec(name: str) -> str:
         return f"{med(name):.3f} s"
 
+    def low(name: str) -> str:
+        return f"{min(samples[name]):.3f} s"
+
     def verdict(ok: bool) -> str:
         return "**pass**" if ok else "**miss**"
 
@@ -174,5 +177,10 @@ def report(samples: dict[str, list[float]], info: dict[str, Any]) -> str:
         f"bare start-up {sec('python_start')}; `import ocifuse.daemon` (pyfuse3, trio, the read "
         f"core) {sec('python_import_daemon')}. After `ocifuse umount` returns, the daemon is gone "
         f"{sec('daemon_exit_after_umount')} later (nobody waits for it).",
+        "",
+        "Fastest round of each (the least disturbed by other load on a shared machine): "
+        f"`ocifuse umount` {low('umount')}, `ocifuse mount` {low('mount_big')}, round trip "
+        f"{low('roundtrip')} against `skopeo inspect oci-archive:` {low('skopeo_archive')}; "
+        f"interpreter start-up {low('python_start')}, `import ocifuse.daemon` {low('python_import_daemon')}.",
     ]
     return "\n".join(lines)
