@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,23 @@ def test_mount_of_a_layout_directory(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == f"ocifuse: {tmp_path} is a directory, not an oci-archive tar\n"
     assert not os.path.ismount(mnt)
+
+
+def _imported_by(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(done.stdout.split())
+
+
+def test_one_shot_commands_import_only_what_they_need() -> None:
+    """What keeps ``ocifuse umount`` and a mount's start-up cheap (bench/README, one-shot latency)."""
+    umount = _imported_by("from ocifuse import cli, umount")
+    assert not {"trio", "pyfuse3", "tarfile", "ocifuse.layout", "ocifuse.daemon", "logging"} & umount
+    mount = _imported_by("from ocifuse import cli, daemon")
+    assert {"trio", "pyfuse3"} <= mount  # the daemon's own
+    assert not {"pyzstd", "rapidgzip", "ocifuse.image", "ocifuse.rootfs", "logging.handlers"} & mount
