@@ -181,10 +181,6 @@ def parse(
         stray = [o for o in ROOTFS_ONLY if o in flags_set or o in values]
         if stray:
             raise OptionError(f"option {stray[0]!r} applies to the rootfs view only (add rootfs)")
-    elif verify or "verify" in flags_set:
-        # verify checks a blob against the digest its path names; the rootfs view has no blob paths
-        # (its layers' diff_ids are checked at mount, their bytes by fsck --layers).
-        raise OptionError("option 'verify' applies to the layout view only (fsck --layers checks layers)")
     flags = [*FORCED, *(k if v is None else f"{k}={v}" for k, v in fuse.items())]
     return MountOptions(
         verify=verify or "verify" in flags_set,

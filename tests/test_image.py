@@ -259,20 +259,19 @@ def test_open_rootfs_refuses_damaged_compressed_layers(tmp_path: Path) -> None:
 
 
 def test_rootfs_options_belong_together() -> None:
-    """rootfs-only options without rootfs, and verify with it: one OptionError each, before mounting."""
+    """rootfs-only options without rootfs: one OptionError each, before mounting; verify goes with both."""
     for given_options, message in (
         (["rootless"], "rootfs view only"),
         (["ref=v1"], "rootfs view only"),
-        (["rootfs,verify"], "layout view only"),
         (["rootfs,platform=linux"], "OS/ARCH"),
     ):
         with pytest.raises(OptionError, match=message):
             mount_options.parse(given_options, fsname="x")
     opts = mount_options.parse(
-        ["rootfs,ref=a\\,b,platform=linux/arm64/v8,rootless,ignore_diff_ids"], fsname="x"
+        ["rootfs,ref=a\\,b,platform=linux/arm64/v8,rootless,ignore_diff_ids,verify"], fsname="x"
     )
-    assert (opts.rootfs, opts.ref, opts.platform, opts.rootless, opts.ignore_diff_ids) == (
-        True, "a,b", "linux/arm64/v8", True, True
+    assert (opts.rootfs, opts.ref, opts.platform, opts.rootless, opts.ignore_diff_ids, opts.verify) == (
+        True, "a,b", "linux/arm64/v8", True, True, True
     )  # fmt: skip
 
 
