@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # imported where used: every archive open and mount would pay
 
 from .digest import Digest
 from .errors import CompressedDataError, DecompressionLimit, OcifuseError
-from .source import FileRange, OpenFile, Source, SourceFile, sniff
+from .source import FileRange, OpenFile, Source, SourceFile, sniff, sub_range
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def open_decompressed(
 # stream. The cache checks version and checksum; these fields check the entry belongs to ``raw``.
 _HEAD = struct.Struct("<4sQQ32s")
 _NO_DIGEST = bytes(32)
-_GZIP_MAGIC = b"OGZ2"  # 2: rapidgzip's index in gztool's format
+_GZIP_MAGIC = b"OGZ3"  # 2: rapidgzip's index in gztool's format; 3: the stream's end (u64) first
 _ZSTD_FRAMES_MAGIC = b"OZF1"
 _ZSTD_SPILL_MAGIC = b"OZS1"
 _U64 = struct.Struct("<Q")
@@ -263,6 +264,123 @@ def _gzip_error(name: str, error: Exception, at: int) -> CompressedDataError:
     return CompressedDataError(name, "gzip", reason)
 
 
+def _zero_tail(raw: Source) -> int:
+    """How many zero bytes ``raw`` ends with."""
+    count = 0
+    while count < raw.size:
+        size = min(_READ, raw.size - count)
+        chunk = raw.pread(raw.size - count - size, size)
+        stripped = chunk.rstrip(b"\0")
+        count += len(chunk) - len(stripped)
+        if stripped or len(chunk) != size:
+            break
+    return count
+
+
+def _last_checkpoint(offsets: dict[int, int], size: int) -> int:
+    """The compressed bit offset of the last seek point with data after it (a deflate block's start)."""
+    before = [bit for bit, out in offsets.items() if out < size]
+    return max(before) if before else min(offsets, default=0)
+
+
+# Deflate blocks that decode to (almost) nothing, to align a bit offset on a byte boundary
+# (RFC 1951 3.2.6, fixed Huffman codes; bits in stream order): an empty block (header, end-of-block
+# code 256), 10 bits; a block of one literal 144 (9-bit code 110010000), 19 bits.
+_EMPTY_BLOCK = "010" + "0000000"
+_LITERAL_BLOCK = "010" + "110010000" + "0000000"
+
+
+def _aligned(chunk: bytes, bit: int) -> tuple[bytes, int]:
+    """``chunk`` (raw bytes from byte ``bit // 8``) as a deflate stream starting at ``bit``.
+
+    Returns the stream and how many bytes precede ``chunk``'s second byte in it: blocks that
+    decode to one byte at most are put in front, so that its bytes keep the original's byte
+    boundaries (zlib tells where a stream ends only to the byte, and offers no bit offset).
+    """
+    shift = bit % 8
+    if shift == 0:
+        return chunk, 0
+    odd = shift % 2
+    # 19 bits = 3 (mod 8), 10 bits = 2 (mod 8): 3 * odd + 2 * n = shift (mod 8)
+    n = ((shift - 3 * odd) % 8) // 2
+    bits = _LITERAL_BLOCK * odd + _EMPTY_BLOCK * n
+    prefix = int(bits[::-1], 2) if bits else 0
+    value = prefix | ((int.from_bytes(chunk, "little") >> shift) << len(bits))
+    lead = (len(bits) - shift) // 8
+    return value.to_bytes(lead + len(chunk), "little"), lead
+
+
+_GZIP_HEADER = b"\x1f\x8b"
+
+
+def _gzip_end(raw: Source, name: str, bit: int | None, limits: Limits, padding: int) -> int:
+    """Where the gzip stream in ``raw`` ends, decoded from seek point ``bit`` (a deflate block's start).
+
+    ``bit`` None: from the first member's start (zlib then reads every byte of the stream).
+
+    zlib reads the deflate data from there (a window of zeros stands in for the real one: only
+    where the blocks end matters here, not what they hold), skips the 8-byte trailer (RFC 1952
+    2.3.1; rapidgzip has checked it), then reads each member that follows (ID1 ID2 = 1f 8b), whole.
+    Raises CompressedDataError for a member cut short or damaged, and for anything but the
+    ``padding`` zeros after the end (named by its offset, as ``gzip -t`` judges it).
+    """
+    inside = bit is not None  # zlib starts inside a member and will not read its trailer
+    if bit is None:
+        at, pos, data, d = 0, 0, b"", zlib.decompressobj(31)
+    else:
+        at = bit // 8
+        data, lead = _aligned(raw.pread(at, _READ), bit)
+        pos = at - lead  # raw's offset of data[0]
+        d = zlib.decompressobj(-15, zdict=bytes(32768))
+    budget = limits.max_size
+    while True:
+        try:
+            while not d.eof:
+                if not data:
+                    data = raw.pread(pos, _READ)
+                    if not data:
+                        raise CompressedDataError(name, "gzip", f"truncated: the stream stops at byte {pos}")
+                budget -= len(d.decompress(data, _READ))
+                if budget < 0:
+                    raise CompressedDataError(name, "gzip", f"a member after byte {at} does not end")
+                if d.eof:
+                    pos += len(data) - len(d.unused_data)
+                else:
+                    pos += len(data) - len(d.unconsumed_tail)
+                    data = d.unconsumed_tail
+        except zlib.error as e:
+            raise CompressedDataError(name, "gzip", f"damaged member after byte {at} ({e})") from e
+        if inside:
+            pos += 8
+            inside = False
+        if pos > raw.size:
+            raise CompressedDataError(name, "gzip", f"truncated: the stream stops at byte {raw.size}")
+        if raw.pread(pos, 2) != _GZIP_HEADER:
+            break
+        at, data, d = pos, b"", zlib.decompressobj(31)  # a member of its own: zlib checks its CRC
+    if pos < raw.size - padding:
+        raise CompressedDataError(name, "gzip", f"trailing data after the gzip stream's end at byte {pos}")
+    return pos
+
+
+def _gzip_pass_error(
+    name: str, error: Exception, raw: Source, reader: rapidgzip.RapidgzipFile, limits: Limits, padding: int
+) -> CompressedDataError:
+    """rapidgzip's error in a first pass as one line; for bytes after the stream, where it ends.
+
+    rapidgzip reads bytes after the last member as a member or as deflate data, and its error
+    says neither that nor where: zlib reads on from its last seek point to tell.
+    """
+    if "CRC32" not in str(error):
+        offsets = reader.available_block_offsets()
+        try:
+            end = _gzip_end(raw, name, max(offsets, default=None), limits, padding)
+        except CompressedDataError as found:
+            return found
+        log.debug("%s: rapidgzip: %s, though the stream ends well at byte %d", name, error, end)
+    return _gzip_error(name, error, reader.tell_compressed() // 8)
+
+
 @dataclass(slots=True, eq=False)
 class _Reader:
     """A pooled reader: where its stream stands after its last (or current) read, and whether in use."""
@@ -354,8 +472,11 @@ class GzipSource(Source):
 
     compression = "gzip"
 
-    def __init__(self, raw: Source, name: str, index: bytes, head: _Head) -> None:
+    def __init__(self, raw: Source, name: str, index: bytes, head: _Head, end: int) -> None:
         self.raw = raw
+        # Readers see the stream only, not the zero padding after it (rapidgzip refuses that).
+        self._stream = raw if end == raw.size else sub_range(raw, 0, end)
+        self.end = end
         self.name = name
         self.size = head.size
         self.uncompressed_digest = head.digest
@@ -364,7 +485,7 @@ class GzipSource(Source):
         self._pool = _ReaderPool(self._new_reader, MAX_READERS)
 
     def _new_reader(self) -> rapidgzip.RapidgzipFile:
-        reader = _gzip_reader(self.raw)
+        reader = _gzip_reader(self._stream)
         try:
             reader.import_index(io.BytesIO(self._index))
         except BaseException:
@@ -388,8 +509,9 @@ class GzipSource(Source):
         """From the cached index when there is a good one (and no ``rebuild``), else by one pass."""
         if cache is not None and key is not None and not rebuild:
             found = _unpack_head(cache.load("gzip-index", key), raw, digest, _GZIP_MAGIC)
-            if found is not None:
-                source = cls(raw, name, found[1], found[0])
+            if found is not None and len(found[1]) >= _U64.size and _U64.unpack_from(found[1])[0] <= raw.size:
+                (end,) = _U64.unpack_from(found[1])
+                source = cls(raw, name, found[1][_U64.size :], found[0], end)
                 try:
                     source._pool.add(source._new_reader())  # the index must import: else rebuild
                 except (ValueError, RuntimeError, OSError) as e:
@@ -400,14 +522,45 @@ class GzipSource(Source):
                     return source
         source = cls._build(raw, name, limits, progress, digest)
         if cache is not None and key is not None:
-            cache.store("gzip-index", key, source.head.pack() + source._index)
+            cache.store("gzip-index", key, source.head.pack() + _U64.pack(source.end) + source._index)
         return source
 
     @classmethod
     def _build(
         cls, raw: Source, name: str, limits: Limits, progress: Progress | None, digest: bool
     ) -> GzipSource:
-        reader = _gzip_reader(raw)
+        # RFC 1952 2.2: nothing follows the last member; gzip(1) ignores zero bytes there (block
+        # padding) and warns of anything else. rapidgzip refuses most runs of zeros and lets up to
+        # 9 other bytes pass unseen: it is given the stream with 4 of the zeros at most (a last
+        # ISIZE < 2^24 ends in zeros itself; 9 when the first try fails: an empty last member),
+        # and _gzip_end finds where the stream really ends.
+        padding = _zero_tail(raw)
+        tries = [raw.size - padding + min(padding, 4)]
+        if padding > 4:
+            tries.append(raw.size - padding + min(padding, 9))
+        for i, length in enumerate(tries):
+            try:
+                stream = raw if length == raw.size else sub_range(raw, 0, length)
+                return cls._pass(raw, stream, name, limits, progress if i == 0 else None, digest, padding)
+            except CompressedDataError:
+                if i + 1 == len(tries):
+                    raise
+                log.debug("%s: trying again with %d more zero bytes", name, tries[i + 1] - length)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _pass(
+        cls,
+        raw: Source,
+        stream: Source,
+        name: str,
+        limits: Limits,
+        progress: Progress | None,
+        digest: bool,
+        padding: int,
+    ) -> GzipSource:
+        """One pass of rapidgzip over ``stream`` (``raw`` without all of its zero padding)."""
+        reader = _gzip_reader(stream)
         try:
             sha = hashlib.sha256() if digest else None
             size = consumed = 0
@@ -418,7 +571,7 @@ class GzipSource(Source):
                     with _quiet_stderr():
                         n = reader.readinto(buf)
                 except (ValueError, RuntimeError) as e:
-                    raise _gzip_error(name, e, reader.tell_compressed() // 8) from e
+                    raise _gzip_pass_error(name, e, raw, reader, limits, padding) from e
                 if not n:
                     break
                 size += n
@@ -435,11 +588,11 @@ class GzipSource(Source):
                     done = reader.tell_compressed() // 8
                     progress(done - consumed)
                     consumed = done
-            # rapidgzip ends quietly at some truncations: the stream must end exactly at raw's end.
-            end = -(-reader.tell_compressed() // 8)
-            if end != raw.size:
+            # rapidgzip ends quietly at some truncations and trailing bytes: find the end ourselves.
+            end = _gzip_end(raw, name, _last_checkpoint(reader.block_offsets(), size), limits, padding)
+            if end > stream.size:
                 raise CompressedDataError(
-                    name, "gzip", f"truncated: the stream stops at byte {end} of {raw.size}"
+                    name, "gzip", f"truncated: the stream stops at byte {stream.size} of {end}"
                 )
             if progress is not None:
                 progress(raw.size - consumed)
@@ -453,7 +606,7 @@ class GzipSource(Source):
             reader.close()
             raise
         head = _Head(_GZIP_MAGIC, size, raw.size, _NO_DIGEST if sha is None else sha.digest())
-        source = cls(raw, name, out.getvalue(), head)
+        source = cls(raw, name, out.getvalue(), head, end)
         source._pool.add(reader)
         return source
 

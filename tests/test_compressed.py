@@ -321,6 +321,78 @@ def test_damage_is_one_clear_error(maker: str, how: str, plain: Path, tmp_path: 
     assert served == tool.stdout
 
 
+def _tiny(plain: Path, tmp: Path) -> Path:
+    """39 bytes: its trailer's ISIZE ends in three zero bytes, and no seek point follows the first."""
+    require_tools("gzip")
+    out = tmp / "tiny.gz"
+    made = subprocess.run(["gzip", "-c"], input=b"hello, world\n" * 3, stdout=subprocess.PIPE, check=True)
+    out.write_bytes(made.stdout)
+    return out
+
+
+def _empty_last(plain: Path, tmp: Path) -> Path:
+    """A member, then an empty one (``cat a.gz empty.gz``): the stream ends in 9 zero bytes of its own."""
+    require_tools("gzip")
+    out = tmp / "empty-last.gz"
+    with open(out, "wb") as o:
+        for part in (plain.read_bytes()[: 1 << 20], b""):
+            o.write(subprocess.run(["gzip", "-c"], input=part, stdout=subprocess.PIPE, check=True).stdout)
+    return out
+
+
+TAILS = {
+    "zero1": b"\0",
+    "zero4": bytes(4),
+    "zero5": bytes(5),
+    "zero512": bytes(512),
+    "junk1": b"j",
+    "junk5": b"junk\n",
+    "junk17": b"j" * 17,
+    "junk100": b"j" * 100,
+    "ff9": b"\xff" * 9,
+    "zeros-then-junk": bytes(511) + b"j",
+    "magic-only": b"\x1f\x8b",
+    "cut-member": subprocess.run(["gzip", "-c"], input=b"x" * 1000, stdout=subprocess.PIPE).stdout[:9],
+    "member-then-junk": subprocess.run(["gzip", "-c"], input=b"x", stdout=subprocess.PIPE).stdout + b"jj",
+}
+
+
+@pytest.mark.parametrize("maker", ["gzip", "pigz", "gzip-multi-member", "tiny", "empty-last"])
+@pytest.mark.parametrize("tail", sorted(TAILS))
+def test_bytes_after_a_gzip_stream_are_judged_as_gzip_judges_them(
+    maker: str, tail: str, plain: Path, tmp_path: Path
+) -> None:
+    """Zero bytes after the last member are padding (``gzip -t`` says 0); anything else is refused.
+
+    gzip only warns of other bytes (exit 2, "trailing garbage ignored"): served, they would be
+    data no one checked. The refusal names where the stream ends.
+    """
+    makers = {**MAKERS, "tiny": _tiny, "empty-last": _empty_last}
+    stream = makers[maker](plain, tmp_path).read_bytes()
+    path = tmp_path / f"with-{tail}.gz"
+    path.write_bytes(stream + TAILS[tail])
+    tested = subprocess.run(["gzip", "-t", str(path)], capture_output=True)
+    store = IndexCache(str(tmp_path / "cache"))
+    if tested.returncode != 0:
+        with pytest.raises(CompressedDataError) as info:
+            _open(path, key="k", cache=store)
+        message = str(info.value)
+        assert "\n" not in message
+        if not TAILS[tail].startswith(b"\x1f"):
+            assert message.endswith(f"trailing data after the gzip stream's end at byte {len(stream)}")
+        assert store.entries() == []
+        return
+    expected = subprocess.run(["gzip", "-dc", str(path)], stdout=subprocess.PIPE, check=True).stdout
+    for _ in range(2):  # the first pass, then the index from the cache
+        file, source = _open(path, key="k", cache=store)
+        try:
+            _check_all(source, expected)
+        finally:
+            source.close()
+            file.close()
+    assert [e.kind for e in store.entries()] == ["gzip-index"]
+
+
 def test_xz_and_bzip2_are_named_in_the_refusal(plain: Path, tmp_path: Path) -> None:
     require_tools("xz", "bzip2")
     for tool in ("xz", "bzip2"):
