@@ -48,6 +48,11 @@ _KIND = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _ENTRY_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\.[0-9a-f]{32}")
 _TMP_PREFIX = ".tmp."
 _SPILL_PREFIX = "spill."
+# The writer's pid in a temp file's name: ".tmp.<kind>.<hash>.<pid>.<hex>" (store), ".tmp.spill-<pid>-..."
+_TMP_PID = re.compile(r"\.tmp\.(?:spill-(\d+)-.*|.*\.(\d+)\.[0-9a-f]{8})")
+# A temp file is left over when its writer is dead, or unchanged this long (a writer writes on;
+# a pid may be reused, and one of another pid namespace looks alive or dead by chance).
+STALE_TEMP_AGE = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +102,7 @@ class IndexCache:
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
         self._warned = False
+        self._swept = False
 
     @classmethod
     def default(cls) -> IndexCache:
@@ -156,9 +162,12 @@ class IndexCache:
 
     @contextlib.contextmanager
     def _open_dir(self, create: bool) -> Iterator[int | None]:
-        """``_dir_fd`` as a context: the fd is closed at the end."""
+        """``_dir_fd`` as a context: the fd is closed at the end; the first write sweeps left-over temps."""
         fd = self._dir_fd(create)
         try:
+            if fd is not None and create and not self._swept:
+                self._swept = True
+                _sweep(fd)
             yield fd
         finally:
             if fd is not None:
@@ -279,6 +288,38 @@ class IndexCache:
                     continue
                 freed += st.st_size if stat.S_ISREG(st.st_mode) else 0
         return freed
+
+
+def _sweep(dfd: int) -> None:
+    """Remove temp files left by writers that died (a mount stopped while it indexed, a crash)."""
+    now = time.time()
+    for name in os.listdir(dfd):
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            continue
+        found = _TMP_PID.fullmatch(name)
+        pid = int(found.group(1) or found.group(2)) if found else None
+        if not stat.S_ISREG(st.st_mode) or (now - st.st_mtime < STALE_TEMP_AGE and _alive(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dfd)
+            log.info("index cache: removed %s, left by a writer that stopped (%d bytes)", name, st.st_size)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists (None, an unknown writer: assumed alive)."""
+    if pid is None or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: another user's process
+    return True
 
 
 def _check_kind(kind: str) -> str:

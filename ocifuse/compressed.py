@@ -70,6 +70,8 @@ DEFAULT_SPILL_MAX = 16 << 30
 # A spill never leaves less than this much free on its filesystem (or 10% of it, if smaller).
 SPILL_RESERVE = 1 << 30
 _READ = 1 << 20
+# A spill file's temporary name (where it is not nameless), with its writer's pid: see cache.py.
+SPILL_TEMP_PREFIX = ".tmp.spill-"
 _CHECK_FREE_EVERY = 64 << 20
 
 
@@ -845,21 +847,28 @@ class ZstdSpill(FileRange):
 
 
 class _Spill:
-    """A spill file being written: in the cache directory (renamed into place when whole) or anonymous."""
+    """A spill file being written: nameless until whole (O_TMPFILE), then linked into the cache directory.
+
+    A process killed while it writes leaves nothing behind: the kernel frees a nameless file with
+    its last fd. Where the filesystem has no O_TMPFILE, a temp file named with the writer's pid
+    stands in (cache.IndexCache sweeps those of dead writers). Without a cache (``-o nocache``) the
+    spill stays nameless, in $TMPDIR if set, else /var/tmp (disk; /tmp is often a tmpfs in RAM).
+    """
 
     def __init__(self, path: str | None, name: str, limits: Limits) -> None:
         self.path = path
         self.name = name
         self.limits = limits
-        directory = os.path.dirname(path) if path else tempfile.gettempdir()
+        directory = os.path.dirname(path) if path else _spill_directory()
         self.directory = directory
         self.temp: str | None = None
-        if path is not None:
-            self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=".tmp.spill-")
-        else:
-            try:
-                self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            except OSError:  # a filesystem without O_TMPFILE
+        try:
+            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:  # a filesystem without O_TMPFILE
+            if path is not None:
+                prefix = f"{SPILL_TEMP_PREFIX}{os.getpid()}-"
+                self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=prefix)
+            else:
                 with tempfile.TemporaryFile(dir=directory) as f:
                     self.fd = os.dup(f.fileno())
         self._next_check = 0
@@ -896,10 +905,32 @@ class _Spill:
             view = view[n:]
 
     def finish(self) -> OpenFile:
-        """The spill, whole, as an OpenFile (renamed into its cache path first)."""
-        if self.temp is not None and self.path is not None:
-            os.rename(self.temp, self.path)
-            self.temp = None
+        """The spill, whole, as an OpenFile: on disk (fsync) and linked at its cache path first.
+
+        ``path`` becomes None when it cannot be linked there (no /proc): then it is served nameless.
+        """
+        if self.path is not None:
+            # The cache entry naming this spill is fsynced when stored: after a power loss it
+            # must not describe a file whose blocks were never written.
+            os.fsync(self.fd)
+            try:
+                if self.temp is None:  # a nameless file gets a name through /proc (open(2), O_TMPFILE)
+                    temp = f"{SPILL_TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+                    dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:  # a dir_fd makes it linkat(AT_SYMLINK_FOLLOW); link(2) would link the symlink
+                        os.link(f"/proc/self/fd/{self.fd}", temp, dst_dir_fd=dfd, follow_symlinks=True)
+                    finally:
+                        os.close(dfd)
+                    self.temp = os.path.join(self.directory, temp)
+                os.rename(self.temp, self.path)  # atomic: a reader sees the old spill or this one
+                self.temp = None
+            except OSError as e:
+                log.warning("%s: spill file not kept in %s: %s", self.name, self.directory, e.strerror or e)
+                self.path = None
+                if self.temp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.temp)
+                    self.temp = None
         return OpenFile(self.path or f"{self.name} (spill)", fd=self.fd)
 
     def discard(self) -> None:
@@ -907,6 +938,15 @@ class _Spill:
         if self.temp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp)
+
+
+def _spill_directory() -> str:
+    """Where a spill without a cache goes: $TMPDIR if set, else /var/tmp (on disk), else /tmp."""
+    if os.environ.get("TMPDIR"):
+        return tempfile.gettempdir()
+    if os.access("/var/tmp", os.W_OK | os.X_OK):
+        return "/var/tmp"
+    return tempfile.gettempdir()
 
 
 def _open_zstd(
@@ -957,7 +997,7 @@ def _spill_zstd(
         spill.discard()
         raise
     head = _Head(_ZSTD_SPILL_MAGIC, found.size, raw.size, found.sha256())
-    if cache is not None and key is not None and path is not None:
+    if cache is not None and key is not None and spill.path is not None:
         st = file.stat
         cache.store("zstd-index", key, head.pack() + _SPILL.pack(st.st_ino, st.st_mtime_ns))
     return ZstdSpill(file, head)

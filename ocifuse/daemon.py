@@ -183,7 +183,7 @@ def mount_main(args: argparse.Namespace) -> int:
     check_source(archive_path, rootfs=opts.rootfs)
     check_allow_other(opts.fuse, euid=os.geteuid())
     check_mountpoint(mountpoint)
-    view = _open_view(archive_path, mountpoint, opts)
+    view = _open_interruptible(archive_path, mountpoint, opts)
     tree = view.tree
     try:
         if opts.ignored:
@@ -192,9 +192,6 @@ def mount_main(args: argparse.Namespace) -> int:
         # at open (image.open_rootfs), and its files are no blobs (a path like blobs/sha256/... is not one).
         verify = opts.verify and not opts.rootfs
         ops = Operations(view.reader, tree, verify=verify, xattrs=opts.rootfs, own_all=opts.rootless)
-        # From the mount on, a stop signal waits for the loop's handler (_watch_signals): its default
-        # action would kill the process and leave a dead mount ("Transport endpoint is not connected").
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pyfuse3.init(ops, mountpoint, set(opts.fuse))
         except RuntimeError as e:
@@ -225,6 +222,48 @@ def mount_main(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+class _Stopped(BaseException):
+    """A stop signal while the view opens: unwinds the opening (what it wrote is removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
+    """``_open_view``, which a stop signal interrupts: the process then dies of it, its files removed.
+
+    Indexing a large compressed archive takes minutes; killed by the signal's default action
+    (systemd's stop, a start timeout) it would leave a partial spill or cache temp file behind.
+    Returns with the stop signals blocked: from the mount on, one waits for the serving loop's
+    handler (_watch_signals), since dying of it would leave a dead mount ("Transport endpoint
+    is not connected").
+    """
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    view: _View | None = None
+    try:
+        view = _open_view(archive_path, mountpoint, opts)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        return view
+    except _Stopped as stopped:
+        if view is not None:  # the signal came after the open, before the mask
+            view.close()
+        signum = signal.Signals(stopped.signum)
+        name = signum.name
+        log.info("%s: stopped while opening %s", name, archive_path)
+        signal.signal(signum, previous[signum])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        os.kill(os.getpid(), signum)  # its own action now: the exit status says the signal
+        raise MountError(f"stopped by {name} while opening {archive_path}") from None  # if ignored
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _still_ours(mountpoint: str, ours: tuple[str, str] | None) -> bool:

@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import resource
 import stat
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +378,35 @@ def test_file_key_follows_identity_and_both_ends(tmp_path: Path) -> None:
 def test_blob_key_is_the_digest() -> None:
     d = Digest.parse(KEY)
     assert blob_key(d) == KEY
+
+
+def test_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    """A writer killed mid-write (a mount stopped while indexing) leaves a temp file: the next removes it.
+
+    Kept: the temp files of live writers, and those of unknown writers changed in the last day.
+    """
+    directory = tmp_path / "c"
+    directory.mkdir(mode=0o700)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = gone.pid, os.getppid()
+    names = {
+        f".tmp.spill-{dead}-x1y2z3": False,
+        f".tmp.table.{'0' * 32}.{dead}.0badf00d": False,
+        f".tmp.spill-{alive}-x1y2z3": True,
+        f".tmp.table.{'0' * 32}.{os.getpid()}.0badf00d": True,
+        ".tmp.spill-legacy1": True,  # a writer without a pid in the name, recent
+        ".tmp.spill-legacy2": False,  # ... unchanged for two days
+        f".tmp.spill-{alive}-old": False,
+    }
+    for name in names:
+        (directory / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    for name in (".tmp.spill-legacy2", f".tmp.spill-{alive}-old"):
+        os.utime(directory / name, (two_days_ago, two_days_ago))
+    cache = IndexCache(str(directory))
+    assert cache.load("table", KEY) is None  # reading sweeps nothing
+    assert len(os.listdir(directory)) == len(names)
+    cache.store("table", KEY, PAYLOAD)
+    left = set(os.listdir(directory))
+    assert left == {n for n, keep in names.items() if keep} | {cache_mod._name("table", KEY)}

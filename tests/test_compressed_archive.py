@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import RealImage, require_tools, run
-from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse
+from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
 from oci import extract
 
 from ocifuse import cli, compressed, fsck
@@ -214,6 +217,51 @@ def test_a_spill_is_bounded(
         assert isinstance(archive.sources[0], compressed.ZstdSpill)
     finally:
         archive.close()
+
+
+def _spilling(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` has a spill file open in ``directory`` that is not whole yet."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            # O_TMPFILE: "DIR/#1234 (deleted)"; a named temp file: "DIR/.tmp.spill-..."
+            if target.startswith(f"{directory}/") and not os.path.basename(target).startswith("spill."):
+                return True
+    return False
+
+
+@pytest.mark.fuse
+def test_a_mount_stopped_while_it_spills_leaves_nothing_behind(tmp_path: Path) -> None:
+    """SIGTERM during the first pass (a systemd stop, a start timeout): no partial file stays in the cache.
+
+    The daemon dies of the signal, as it would have, once what it wrote is gone.
+    """
+    require_tools("zstd")
+    archive = tmp_path / "zeros.tar.zst"  # one frame (zstd's own): the outer archive is spilled
+    with open(archive, "wb") as out:
+        make = subprocess.Popen(["zstd", "-q", "-1", "-c"], stdin=subprocess.PIPE, stdout=out)
+        assert make.stdin is not None
+        for _ in range(1536):  # 1.5 GiB: seconds of spilling on a loaded machine
+            make.stdin.write(bytes(1 << 20))
+        make.stdin.close()
+        assert make.wait() == 0
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    m = start(MountSpec(archive, tmp_path / "mnt", options=[f"cache={cache}"]))
+    try:
+        deadline = time.monotonic() + 60
+        while not _spilling(m.process.pid, cache):
+            assert m.process.poll() is None, m.stderr()
+            assert time.monotonic() < deadline, "no spill started"
+            time.sleep(0.005)
+        m.process.send_signal(signal.SIGTERM)
+        status = m.process.wait(30)
+        assert os.listdir(cache) == []
+        assert status == -signal.SIGTERM, m.stderr()
+        assert "SIGTERM: stopped while opening" in m.stderr()
+    finally:
+        problems = teardown(m, clean_exit=False)
+    assert not problems
 
 
 # -- real mounts ----------------------------------------------------------------------------------
