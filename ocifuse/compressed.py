@@ -27,6 +27,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import os
 import struct
@@ -55,12 +56,18 @@ log = logging.getLogger(__name__)
 GZIP_CHUNK = 1 << 20
 # Decompressing readers per gzip source: concurrent reads beyond this wait for one (2 CPUs here).
 MAX_READERS = 2
+# Idle gzip readers kept open in the whole process, across sources (~1 MiB each: a decoded chunk
+# and its buffers): past this, the least recently used idle one is closed. A reader in use is never
+# closed, and one continuing a sequential read is the most recently used: a ``cat`` of one blob
+# keeps its reader whatever the number of layers.
+IDLE_READERS = 8
 # A read this far past where a reader stopped continues its stream (kernel read-ahead: 1 MiB requests).
 SEQUENTIAL_AHEAD = 4 << 20
 # The largest zstd frame (decompressed) served in place; a stream with a larger one is spilled.
 ZSTD_FRAME_INPLACE = 8 << 20
-# Decoded zstd frames kept in memory per source (at most ZSTD_FRAME_INPLACE each).
-ZSTD_FRAMES_KEPT = 4
+# Bytes of decoded zstd frames kept in memory, in the whole process (4 of the largest frames
+# served in place), least recently used first out: a sequential read needs the frame it is in.
+ZSTD_KEPT_BYTES = 4 * ZSTD_FRAME_INPLACE
 # zstd's own default window limit (RFC 8878 3.1.1.1.2 lets a frame ask for up to 3.75 TiB):
 # ``zstd --long`` (2^27) is read, a frame asking for more is refused, as ``zstd -d`` refuses it.
 ZSTD_WINDOW_LOG_MAX = 27
@@ -383,6 +390,40 @@ def _gzip_pass_error(
     return _gzip_error(name, error, reader.tell_compressed() // 8)
 
 
+class _IdleReaders:
+    """The process's idle gzip readers, least recently used first: at most IDLE_READERS stay open.
+
+    Lock order: a pool's condition, then this lock; eviction takes this lock alone, then the pool's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[_Reader, _ReaderPool] = OrderedDict()
+
+    def idle(self, reader: _Reader, pool: _ReaderPool) -> None:
+        """``reader`` of ``pool`` is idle now (the most recently used)."""
+        with self._lock:
+            self._idle[reader] = pool
+            self._idle.move_to_end(reader)
+
+    def busy(self, reader: _Reader) -> None:
+        """``reader`` is in use, or gone: not a candidate for closing."""
+        with self._lock:
+            self._idle.pop(reader, None)
+
+    def trim(self) -> None:
+        """Close the least recently used idle readers beyond IDLE_READERS."""
+        while True:
+            with self._lock:
+                if len(self._idle) <= IDLE_READERS:
+                    return
+                reader, pool = self._idle.popitem(last=False)
+            pool.evict(reader)
+
+
+_idle_readers = _IdleReaders()
+
+
 @dataclass(slots=True, eq=False)
 class _Reader:
     """A pooled reader: where its stream stands after its last (or current) read, and whether in use."""
@@ -411,8 +452,20 @@ class _ReaderPool:
 
     def add(self, file: rapidgzip.RapidgzipFile) -> None:
         """Adopt a reader made elsewhere (the one that built the index)."""
+        reader = _Reader(file)
         with self._cond:
-            self._readers.append(_Reader(file))
+            self._readers.append(reader)
+            _idle_readers.idle(reader, self)
+        _idle_readers.trim()
+
+    def evict(self, reader: _Reader) -> None:
+        """Close ``reader`` if it is still idle here (the process has too many idle readers)."""
+        with self._cond:
+            if reader.busy or reader not in self._readers:
+                return
+            self._readers.remove(reader)
+            _idle_readers.busy(reader)  # idle again since it was picked: registered again
+        reader.file.close()
 
     def acquire(self, offset: int, size: int) -> _Reader:
         """The reader for a read of ``size`` bytes at ``offset`` (marked busy until ``release``)."""
@@ -437,6 +490,7 @@ class _ReaderPool:
                     self._cond.wait()
                     continue
                 reader.busy, reader.position = True, offset + size
+                _idle_readers.busy(reader)
                 return reader
         try:
             reader = _Reader(self._make(), offset + size, busy=True)
@@ -455,15 +509,21 @@ class _ReaderPool:
             if not ok or self._closed:
                 with contextlib.suppress(ValueError):
                     self._readers.remove(reader)
+            else:
+                _idle_readers.idle(reader, self)
             self._cond.notify_all()
         if not ok or self._closed:
             reader.file.close()
+        else:
+            _idle_readers.trim()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             idle = [r for r in self._readers if not r.busy]
             self._readers = [r for r in self._readers if r.busy]
+            for reader in idle:
+                _idle_readers.busy(reader)
             self._cond.notify_all()
         for reader in idle:
             reader.file.close()
@@ -759,6 +819,40 @@ def _zstd_pass(
     return out
 
 
+class _KeptFrames:
+    """Decoded zstd frames of every ZstdFrames source, least recently used first out (ZSTD_KEPT_BYTES)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, source: int, frame: int) -> bytes | None:
+        with self._lock:
+            data = self._kept.get((source, frame))
+            if data is not None:
+                self._kept.move_to_end((source, frame))
+            return data
+
+    def put(self, source: int, frame: int, data: bytes) -> None:
+        with self._lock:
+            old = self._kept.pop((source, frame), None)
+            self._bytes += len(data) - (0 if old is None else len(old))
+            self._kept[source, frame] = data
+            while self._bytes > ZSTD_KEPT_BYTES and len(self._kept) > 1:
+                self._bytes -= len(self._kept.popitem(last=False)[1])
+
+    def drop(self, source: int) -> None:
+        """Forget a closed source's frames."""
+        with self._lock:
+            for key in [k for k in self._kept if k[0] == source]:
+                self._bytes -= len(self._kept.pop(key))
+
+
+_kept_frames = _KeptFrames()
+_source_ids = itertools.count()
+
+
 class ZstdFrames(Source):
     """The decompressed bytes of a zstd stream of small frames: a read decompresses its frames only."""
 
@@ -775,15 +869,12 @@ class ZstdFrames(Source):
         for _, _, usize in frames:
             self._starts.append(at)
             at += usize
-        self._kept: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._id = next(_source_ids)  # its frames' key in _kept_frames (an id() could be reused)
 
     def _frame(self, i: int) -> bytes:
-        with self._lock:
-            data = self._kept.get(i)
-            if data is not None:
-                self._kept.move_to_end(i)
-                return data
+        data = _kept_frames.get(self._id, i)
+        if data is not None:
+            return data
         coff, csize, usize = self.frames[i]
         comp = self.raw.pread(coff, csize)
         import pyzstd
@@ -796,10 +887,7 @@ class ZstdFrames(Source):
             raise CompressedDataError(
                 self.name, "zstd", f"the frame at byte {coff} no longer decompresses to {usize} bytes"
             )
-        with self._lock:
-            self._kept[i] = data
-            while len(self._kept) > ZSTD_FRAMES_KEPT:
-                self._kept.popitem(last=False)
+        _kept_frames.put(self._id, i, data)
         return data
 
     def _read(self, offset: int, size: int, frame: Callable[[int], bytes | None]) -> bytes | None:
@@ -829,11 +917,13 @@ class ZstdFrames(Source):
         size = self.clip(offset, size)
 
         def kept(i: int) -> bytes | None:
-            with self._lock:
-                return self._kept.get(i)
+            return _kept_frames.get(self._id, i)
 
         data = self._read(offset, size, kept) if size else b""
         return None if data is None else bytearray(data)
+
+    def close(self) -> None:
+        _kept_frames.drop(self._id)
 
 
 class ZstdSpill(FileRange):

@@ -497,3 +497,84 @@ def test_an_index_built_without_the_digest_is_rebuilt_for_one_who_wants_it(
     finally:
         second.close()
         file.close()
+
+
+def _live_readers() -> int:
+    return sum(1 for reader in list(compressed._open_readers) if not reader.closed)
+
+
+def test_idle_gzip_readers_are_bounded_across_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One image listing a layer 300 times opens 300 sources: the idle readers they keep are bounded.
+
+    Each source keeps its own index; the readers (a decoded chunk each) are one budget for the
+    process, the least recently used closed first, and a closed one is reopened when needed.
+    """
+    monkeypatch.setattr(compressed, "IDLE_READERS", 3)
+    data = _semi_compressible(3 << 20, 4)
+    blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+    before = _live_readers()
+    sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"s{i}") for i in range(12)]
+    try:
+        for i, source in enumerate(sources):
+            assert source.pread(i * 1000, 70000) == data[i * 1000 : i * 1000 + 70000]
+            assert _live_readers() - before <= 3
+        # A reader closed for the budget is made again: every source still reads right.
+        for i, source in enumerate(sources):
+            assert source.pread((3 << 20) - i * 5000, 4000) == data[(3 << 20) - i * 5000 :][:4000]
+        assert _live_readers() - before <= 3
+    finally:
+        for source in sources:
+            source.close()
+    assert _live_readers() == before
+
+
+def test_a_sequential_read_keeps_its_reader_among_many_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``cat`` of one blob, with other sources read in between, goes on with its reader: no new one."""
+    monkeypatch.setattr(compressed, "IDLE_READERS", 2)
+    data = _semi_compressible(4 << 20, 5)
+    blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+    made: list[Source] = []
+    real = compressed._gzip_reader
+
+    def counted(raw: Source) -> object:
+        made.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(compressed, "_gzip_reader", counted)
+    sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"s{i}") for i in range(6)]
+    try:
+        big, others = sources[0], sources[1:]
+        assert isinstance(big, GzipSource)
+        assert big.pread(0, 100) == data[:100]  # its reader (the one of its pass was closed: budget)
+        made.clear()
+        for offset in range(0, len(data), 128 << 10):
+            assert big.pread(offset, 128 << 10) == data[offset : offset + (128 << 10)]
+            other = others[(offset >> 17) % len(others)]  # one other read between two of the cat's
+            assert other.pread(offset, 100) == data[offset : offset + 100]
+        # The cat's reader is among the last used at each step: never closed, never made again,
+        # while the other five sources' readers take turns in the budget.
+        assert not [raw for raw in made if raw is big.raw]
+        assert len(made) >= len(others)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def test_kept_zstd_frames_are_one_budget_for_all_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded frames are kept for the process (ZSTD_KEPT_BYTES), not per source: many layers stay small."""
+    frame = 256 << 10
+    monkeypatch.setattr(compressed, "ZSTD_KEPT_BYTES", 3 * frame)
+    data = _semi_compressible(2 << 20, 6)
+    blob = b"".join(pyzstd.compress(data[i : i + frame]) for i in range(0, len(data), frame))
+    sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"z{i}") for i in range(10)]
+    try:
+        assert all(isinstance(s, ZstdFrames) for s in sources)
+        for s in sources:
+            assert s.pread(5, 1000) == data[5:1005]
+        kept = [s.pread_cached(5, 1000) is not None for s in sources]
+        assert kept == [False] * 7 + [True] * 3  # the three read last
+        assert sources[0].pread(5, 1000) == data[5:1005]  # decoded again when needed
+    finally:
+        for s in sources:
+            s.close()
+    assert [s.pread_cached(5, 1000) for s in sources] == [None] * 10  # closed: nothing kept
