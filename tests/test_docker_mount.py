@@ -23,6 +23,9 @@ from conftest import require_tools, run
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
 
+from ocifuse.compressed import ZstdFrames, open_decompressed
+from ocifuse.source import FileRange, OpenFile
+
 pytestmark = pytest.mark.fuse
 
 BASE = "localhost/bb:latest"
@@ -93,6 +96,7 @@ class Saved:
     single: Path
     multi: Path
     work: Path
+    chunked: Path  # APP pushed as an OCI layout with zstd:chunked layers
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +116,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
         single, multi = work / "single.tar", work / "multi.tar"
         store.podman("save", "-q", "--format", "docker-archive", "-o", single, BASE)
         store.podman("save", "-q", "-m", "--format", "docker-archive", "-o", multi, BASE, APP)
-        yield Saved(single, multi, work)
+        chunked = work / "chunked"
+        store.podman("push", "-q", "--compression-format", "zstd:chunked", APP, f"oci:{chunked}:v1")
+        yield Saved(single, multi, work, chunked)
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -276,3 +282,25 @@ def test_gzipped_docker_archive(saved: Saved, tmp_path: Path) -> None:
         )
     done = run_ocifuse("fsck", "--json", gz)
     assert done.returncode == 0 and json.loads(done.stdout)["findings"] == []
+
+
+def test_zstd_chunked_layers_are_read_in_place(saved: Saved, tmp_path: Path) -> None:
+    """podman's zstd:chunked layers (containers/storage pkg/chunked): frames read in place, no spill;
+    their diff_id is the config's; the root filesystem through the mount holds the files put in it."""
+    manifest_digest = json.loads((saved.chunked / "index.json").read_bytes())["manifests"][0]["digest"]
+    manifest = json.loads((saved.chunked / "blobs/sha256" / manifest_digest[7:]).read_bytes())
+    layers = manifest["layers"]
+    assert layers and all("io.containers.zstd-chunked.manifest-position" in d["annotations"] for d in layers)
+    config = json.loads((saved.chunked / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
+    for desc, diff_id in zip(layers, config["rootfs"]["diff_ids"], strict=True):
+        file = OpenFile(str(saved.chunked / "blobs/sha256" / desc["digest"][7:]))
+        try:
+            source = open_decompressed(FileRange(file), key=None, cache=None, name=desc["digest"])
+            assert isinstance(source, ZstdFrames)  # the frame table: no spill file
+            assert str(source.uncompressed_digest) == diff_id
+            source.close()
+        finally:
+            file.close()
+    with mounted(saved.chunked, tmp_path / "mnt", args=["--rootfs"]) as m:
+        assert (m.mountpoint / "bin/busybox").read_bytes() == _busybox().read_bytes()
+        assert (m.mountpoint / "two").read_bytes() == APP_FILE
