@@ -52,7 +52,7 @@ MAX_SYMLINKS = 40
 # manifest.json becomes a ~150-byte descriptor: unbounded, a small manifest.json makes gigabytes).
 # Real archives are far below them: `docker save` of 100 images of 50 layers is a 400 KB manifest.json.
 MAX_MANIFEST_JSON = 4 << 20  # manifest.json is parsed whole: a few MB of short strings is ~10x in memory
-MAX_LAYERS = 4096  # layers (and diff_ids) of one image; Docker and overlayfs stop near 128
+MAX_LAYERS = model.MAX_LAYERS  # layers (and diff_ids) of one image
 MAX_LAYER_REFS = 1 << 16  # layer paths and diff_ids looked at, over all images
 MAX_DOCUMENTS = MAX_JSON  # bytes of all the manifests made; index.json is at most MAX_JSON too
 MAX_REFS = 1024  # index.json entries (one per RepoTag; inspect resolves each: keep it quick)

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .layer import LayerTable
 from .layout import Layout, open_layout
-from .model import Descriptor, Manifest, Platform
+from .model import MAX_LAYERS, Descriptor, Manifest, Platform
 from .resolve import Resolved, resolve, walk
 from .rootfs import CACHE_KIND as TREE_KIND
 from .rootfs import Merged, Note, merge
@@ -233,6 +233,8 @@ def open_rootfs(
     try:
         resolved = resolve(layout, ref, platform)
         layers = resolved.manifest.layers
+        if len(layers) > MAX_LAYERS:
+            raise LayerError(f"the manifest lists {len(layers)} layers; at most {MAX_LAYERS} are served")
         expected = diff_ids(layout, resolved)
         if len(expected) != len(layers) and not ignore_diff_ids:
             raise LayerError(

@@ -26,6 +26,10 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_TYPES = frozenset({MEDIA_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({MEDIA_MANIFEST, DOCKER_MANIFEST})
 CONFIG_TYPES = frozenset({MEDIA_CONFIG, DOCKER_CONFIG})
+# The most layers of one image that ocifuse merges into a root filesystem or lists in a manifest it
+# makes (image-spec sets no bound; Docker and overlayfs stop near 128): each layer costs an open
+# source and a table, so an archive listing one blob 100,000 times must not cost 100,000 of them.
+MAX_LAYERS = 4096
 # annotations.md: the name of a reference within an image layout.
 REF_NAME = "org.opencontainers.image.ref.name"
 

@@ -341,3 +341,12 @@ def test_verify_hashes_layers_even_when_cached(tmp_path: Path) -> None:
     open_rootfs(str(hostile), ref="v1", cache=cache).close()  # trusted: what the cache holds was hashed
     with pytest.raises(LayerError, match="hashes to"):
         open_rootfs(str(hostile), ref="v1", cache=cache, verify=True)
+
+
+def test_more_layers_than_served_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest listing more layers than MAX_LAYERS (one blob many times) is refused in one line."""
+    monkeypatch.setattr("ocifuse.image.MAX_LAYERS", 3)
+    layer = tar_bytes([file_member("etc/a", b"a")])
+    with pytest.raises(LayerError, match="lists 4 layers; at most 3"):
+        open_rootfs(str(image(tmp_path, [layer] * 4)), ref="v1")
+    open_rootfs(str(image(tmp_path / "ok", [layer] * 3)), ref="v1").close()
