@@ -43,13 +43,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.rootfs import _daemon
+from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
 PYTHON = Path(os.environ.get("OCIFUSE_PYTHON", REPO / ".venv" / "bin" / "python"))
-RESULTS = Path(__file__).with_name("results.md")
-START = "<!-- compressed:start -->"
-END = "<!-- compressed:end -->"
 MIB = 1 << 20
 TAG = "bench"
 
@@ -303,17 +301,6 @@ def report(s: dict[str, list[float]], mib: int, blob_mib: int, small_mib: int, r
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the compressed section of bench/results.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    block = f"{START}\n## compressed archives (bench/compressed.py)\n\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> int:
     """Build, measure, report."""
     p = argparse.ArgumentParser(description="a .tar.gz oci-archive mounted in place (see bench/README.md)")
@@ -341,7 +328,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("compressed", f"## compressed archives (bench/compressed.py)\n\n{text}")
     return 0
 
 

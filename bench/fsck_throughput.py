@@ -34,12 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.sections import write_section
 from ocifuse import fsck, model
 from ocifuse.layout import open_layout
-
-RESULTS = Path(__file__).with_name("results.md")
-START = "<!-- fsck-hashing:start -->"
-END = "<!-- fsck-hashing:end -->"
 
 
 def write_blob(root: Path, data: bytes) -> dict[str, object]:
@@ -103,18 +100,6 @@ def run_sha256sum(blobs: list[str]) -> None:
     subprocess.run(["sha256sum", *blobs], check=True, stdout=subprocess.DEVNULL)
 
 
-def write_results(text: str) -> None:
-    """Replace (or add) the fsck-hashing section of bench/results.md."""
-    section = f"{START}\n{text.rstrip()}\n{END}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Bench results\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(new)
-
-
 def main() -> int:
     """Build, time, print, and record the results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -155,7 +140,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section("fsck-hashing", text)
     return 0 if ratio >= 0.8 else 1
 
 

@@ -41,11 +41,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.sections import write_section
+
 REPO = Path(__file__).resolve().parent.parent
 OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
-RESULTS = Path(__file__).with_name("results.md")
-START = "<!-- rootfs:start -->"
-END = "<!-- rootfs:end -->"
 MIB = 1 << 20
 
 
@@ -301,17 +300,6 @@ def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the rootfs section of bench/results.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    block = f"{START}\n## rootfs view (bench/rootfs.py)\n\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> int:
     """Build, measure, report."""
     p = argparse.ArgumentParser(description="ocifuse --rootfs against umoci unpack (see bench/README.md)")
@@ -337,7 +325,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("rootfs", f"## rootfs view (bench/rootfs.py)\n\n{text}")
     return 0
 
 

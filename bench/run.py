@@ -33,6 +33,7 @@ from typing import Any
 
 from bench import latency
 from bench.archives import MIB, BuiltArchive, build_many, build_umoci
+from bench.sections import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -686,21 +687,6 @@ def report(s: Samples, info: dict[str, Any], archives: dict[str, BuiltArchive]) 
     return "\n".join(lines)
 
 
-def write_section(text: str, name: str = "read-path") -> None:
-    """Replace (or add) the ``name`` section of bench/results.md; other sections are kept."""
-    path = BENCH / "results.md"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    section = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text() if path.exists() else "# Bench results\n"
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        title, sep, body = old.partition("\n")
-        new = title + sep + "\n" + section + "\n" + body.lstrip("\n")
-    path.write_text(new)
-
-
 def plot(s: Samples, archives: dict[str, BuiltArchive], out: Path) -> None:
     """Throughput bars (MiB/s) for the read measurements."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
@@ -839,8 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lat_text = latency_report(lat, archives["big"], mid, info["load_start"], args.runs)
     print(lat_text)
     if not args.no_write:
-        write_section(text)
-        write_section(lat_text, "latency")
+        write_section("read-path", text)
+        write_section("latency", lat_text)
         (BENCH / "results.json").write_text(json.dumps({"info": info, "samples": s.values}, indent=1) + "\n")
         (BENCH / "latency.json").write_text(json.dumps(lat, indent=1) + "\n")
         plot(s, archives, BENCH / "results.png")
@@ -881,7 +867,7 @@ def main_100k(args: argparse.Namespace) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     print(text)
     if not args.no_write:
-        write_section(text, "mount-100k")
+        write_section("mount-100k", text)
         log("wrote bench/results.md (mount-100k section)")
     return 0
 
@@ -936,7 +922,7 @@ def latency_main(args: argparse.Namespace) -> int:
     text = latency_report(samples, big, mid, load_start, args.runs)
     print(text)
     if not args.no_write:
-        write_section(text, "latency")
+        write_section("latency", text)
         (BENCH / "latency.json").write_text(json.dumps(samples, indent=1) + "\n")
         log("wrote bench/results.md (latency section), latency.json")
     return 0
