@@ -32,7 +32,7 @@ from .layer import LayerTable, Member, Type
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
 CACHE_KIND = "rootfs-tree"
-TREE_FORMAT = 1
+TREE_FORMAT = 2  # 2: a hardlink to a file its own layer whites out is kept
 # Symlinks followed in one path before giving up (securejoin's limit, as umoci unpack uses it).
 MAX_SYMLINKS = 255
 WHITEOUT = ".wh."
@@ -184,6 +184,8 @@ class _Merger:
         # The directory the last entry went into, by path: consecutive members share parents.
         # Reset whenever a directory is replaced (only add and parent_dir replace anything).
         self._last: tuple[str, _Dir] | None = None
+        # This layer's hardlinks to lower files that its own whiteouts hide, by the link's name.
+        self._hidden_targets: dict[str, _Leaf] = {}
 
     def note(self, name: str, reason: str) -> None:
         self.notes.append(Note(self.layer, name, reason))
@@ -275,7 +277,16 @@ class _Merger:
                 hides.append(
                     (m, f"{parent}/{base[len(WHITEOUT) :]}" if parent else base[len(WHITEOUT) :], False)
                 )
+        self._hidden_targets = {}
         if hides:
+            # A hardlink of this layer to a lower file that a whiteout of this layer hides still
+            # links to it: whiteouts "MUST only apply to resources in lower/parent layers" and the
+            # link is of this layer (containerd and umoci, applying members in order, keep it too).
+            for m in adds:
+                if m.type is Type.HARDLINK:
+                    target = self.find(m.linkname)
+                    if isinstance(target, _Leaf):
+                        self._hidden_targets[m.name] = target
             made = {m.name: m.type for m in adds}
             for m, path, opaque in hides:
                 self.hide(m, path, opaque, made)
@@ -321,6 +332,8 @@ class _Merger:
                 self.note(m.name, "hardlink to itself")
                 return
             target = self.find(m.linkname)
+            if target is None:
+                target = self._hidden_targets.get(m.name)
             if not isinstance(target, _Leaf):
                 what = "a directory" if isinstance(target, _Dir) else "nothing in this or a lower layer"
                 self.note(m.name, f"hardlink to {m.linkname!r}, which is {what} at this point")

@@ -438,7 +438,7 @@ def test_merged_tree_round_trips_through_the_cache() -> None:
         lambda d: d.replace(b'["d/a","file",', b'["../a","file",'),  # a refused name
         lambda d: d.replace(b'["d","dir",', b'["e","dir",'),  # a parent that is not there
         lambda d: d.replace(b'"file",1024,6,', b'"file",1024,99999,'),  # a file outside its layer
-        lambda d: d.replace(b'"format":1', b'"format":0'),
+        lambda d: d.replace(b'"format":2', b'"format":0'),
         lambda d: d[:-3],
     ],
 )
@@ -602,3 +602,21 @@ def test_xattrs_linux_cannot_hold_are_dropped() -> None:
     }
     (member,) = [x for x in scan(tar_bytes([m])).members if x.name == "bin/x"]
     assert member.xattrs == ((b"security.capability", CAP),)
+
+
+@pytest.mark.parametrize("whiteout_first", [False, True])
+def test_a_hardlink_to_a_file_its_layer_whites_out_keeps_it(whiteout_first: bool) -> None:
+    """Layer 2 links ``h`` to lower ``f`` and whites ``f`` out: ``f`` is gone, ``h`` keeps its bytes.
+
+    The whiteout applies to the lower layer only (layer.md); the link is of this layer, in either
+    member order (containerd and umoci, applying members in order, keep a link made before it).
+    """
+    lower = [file_member("d/f", b"lower f")]
+    upper = [link_member("d/h", "d/f"), whiteout("d/.wh.f")]
+    if whiteout_first:
+        upper.reverse()
+    tars = [tar_bytes(lower), tar_bytes(upper)]
+    merged = merge([scan(t) for t in tars])
+    assert "d/f" not in merged.entries
+    assert content(merged, tars, "d/h") == b"lower f"
+    assert merged.notes == []
