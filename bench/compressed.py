@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.rootfs import _daemon
-from bench.sections import write_section
+from bench.sections import table, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
@@ -294,9 +294,7 @@ def report(s: dict[str, list[float]], mib: int, blob_mib: int, small_mib: int, r
         f"`pigz` to {gz // MIB} MiB; {runs} rounds, medians; compressed file in the page cache; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
         "",
-        "| measurement | ocifuse | against | ratio | target | |",
-        "|---|---|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in rows),
+        *table(rows),
     ]
     return "\n".join(lines)
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.sections import write_section
+from bench.sections import table, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
@@ -293,9 +293,7 @@ def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
         f"({int(med['read_all_bytes']) // MIB} MiB as tar); {runs} rounds, medians; page cache warm; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
         "",
-        "| measurement | ocifuse | against | ratio | target | |",
-        "|---|---|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in rows),
+        *table(rows),
     ]
     return "\n".join(lines)
 

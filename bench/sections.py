@@ -22,3 +22,12 @@ def write_section(name: str, text: str, path: Path = RESULTS) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + section
     path.write_text(new)
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a results table: measurement, ocifuse, against, ratio, target, verdict."""
+    return [
+        "| measurement | ocifuse | against | ratio | target | |",
+        "|---|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
