@@ -121,3 +121,11 @@ def test_one_shot_commands_import_only_what_they_need() -> None:
     mount = _imported_by("from ocifuse import cli, daemon")
     assert {"trio", "pyfuse3"} <= mount  # the daemon's own
     assert not {"pyzstd", "rapidgzip", "ocifuse.image", "ocifuse.rootfs", "logging.handlers"} & mount
+
+
+def test_the_readiness_probe_stats_from_another_process(tmp_path: Path) -> None:
+    """The readiness probe (a child's stat of the mount's root: daemon._probe says why) gives the
+    root's st_dev, and a root that does not answer is one MountError line."""
+    assert daemon._probe(str(tmp_path)) == os.stat(tmp_path).st_dev
+    with pytest.raises(daemon.MountError, match="does not answer"):
+        daemon._probe(str(tmp_path / "missing"))
