@@ -20,6 +20,12 @@ BACKENDS = ("archive", "directory")
 LayoutFactory = Callable[[LayoutBuilder], Layout]
 
 
+# What ``podman run`` needs on these VMs: crun cannot set rlimits here, so runc and explicit ones.
+PODMAN_RUN = [
+    "--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network=none"
+]  # fmt: skip
+
+
 def require_tools(*tools: str) -> None:
     """Skip when a peer tool is missing, except in CI (``CI=true``), where that is a failure."""
     missing = [t for t in tools if shutil.which(t) is None]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require_tools, run
+from conftest import PODMAN_RUN, require_tools, run
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
 
@@ -171,13 +171,7 @@ def test_podman_pulls_and_runs_from_the_mount(saved: Saved, tmp_path: Path) -> N
         out = store.podman(
             "run",
             "--rm",
-            "--runtime",
-            "runc",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--network=none",
+            *PODMAN_RUN,
             image_id,
             "/bin/busybox",
             "cat",

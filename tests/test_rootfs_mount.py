@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require_tools
+from conftest import PODMAN_RUN, require_tools
 from mounting import mounted, run_ocifuse, skip_or_fail
 from rootfs_images import (
     CAP_NET_RAW,
@@ -30,15 +30,6 @@ from ocifuse.fsck import check
 
 pytestmark = pytest.mark.fuse
 
-PODMAN = [
-    "--runtime",
-    "runc",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=1024:1024",
-    "--network=none",
-]
 
 
 @dataclass(frozen=True)
@@ -136,7 +127,7 @@ def test_programs_run_from_the_mount(images: Images, tmp_path: Path) -> None:
         )
         # ":O": podman lays a writable overlay over the read-only rootfs (it writes /etc/mtab, /etc/hosts)
         podman = subprocess.run(
-            ["podman", "run", "--rm", *PODMAN, "--rootfs", f"{mnt}:O", "/bin/sh", "-c", script],
+            ["podman", "run", "--rm", *PODMAN_RUN, "--rootfs", f"{mnt}:O", "/bin/sh", "-c", script],
             capture_output=True,
             text=True,
             timeout=120,
