@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, overload
 
 from .compressed import Limits, Progress, open_decompressed
 from .errors import CorruptTable, LayoutOpenError, NotAnArchive, TruncatedArchive
-from .source import FileRange, OpenFile, Source, SourceFile, sniff
+from .source import FileRange, OpenFile, Source, SourceFile, clip, sniff
 
 if TYPE_CHECKING:
     from .cache import IndexCache
@@ -688,7 +688,7 @@ class Sources:
     @staticmethod
     def clip(entry: Entry, offset: int, size: int) -> int:
         """How many of ``size`` bytes from ``offset`` lie inside ``entry`` (0 for a bad offset)."""
-        return 0 if offset < 0 else max(0, min(size, entry.size - offset))
+        return clip(entry.size, offset, size)
 
     def _source(self, entry: Entry) -> Source:
         """The source of ``entry``, which must hold the whole entry: else CorruptTable (EIO).
@@ -819,10 +819,6 @@ class Archive(Sources):
     def fd(self) -> int:
         """The archive's open fd (-1 once closed)."""
         return self.file.fd
-
-    def check_unchanged(self) -> None:
-        """Raise ArchiveChanged when the file was truncated or rewritten in place since opening."""
-        self.file.check_unchanged()
 
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""

@@ -25,8 +25,7 @@ from .errors import MountError as MountError
 from .errors import OcifuseError
 from .fs import Operations
 from .journal import stderr_is_journal
-from .layout import file_size
-from .progress import reporting
+from .layout import open_archive
 from .tree import Tree
 from .umount import visible_mount
 
@@ -313,13 +312,8 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
     if not opts.rootfs:
         # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
         # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
-        with reporting(f"indexing {archive_path}", file_size(archive_path)) as progress:
-            archive = Archive(
-                archive_path,
-                open_cache(opts.cache, disabled=opts.nocache),
-                limits=opts.limits,
-                progress=progress,
-            )
+        cache = open_cache(opts.cache, disabled=opts.nocache)
+        archive = open_archive(archive_path, cache, limits=opts.limits)
         if archive.compression != "plain":
             log.info(
                 "%s: %s-compressed, %d bytes decompressed",
@@ -331,7 +325,7 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
             docker = adopt(archive, require_image=True)  # a docker-archive is served as an OCI layout
             for problem in docker.problems if docker is not None else ():
                 log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
-            tree = Tree(archive.table, root_mtime=int(os.fstat(archive.fd).st_mtime))
+            tree = Tree(archive.table, root_mtime=int(archive.file.stat.st_mtime))
             for skipped in archive.table.skipped:
                 log.warning("not served: %s: %s", skipped.name, skipped.reason)
             status = _status(archive, mountpoint, tree.files)

@@ -176,8 +176,7 @@ class ArchiveLayout(Layout):
         from .dockerarchive import DOCKER_ARCHIVE, OCI_ARCHIVE, adopt
 
         if isinstance(path, str):
-            with reporting(f"indexing {path}", file_size(path)) as progress:
-                self.archive = Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
+            self.archive = open_archive(path, cache, rescan=rescan, limits=limits)
             try:
                 self.docker = adopt(self.archive)
             except BaseException:
@@ -216,13 +215,21 @@ class ArchiveLayout(Layout):
         return (name for name, _ in self.archive.files())
 
     def blob_source(self, digest: Digest) -> Source:
-        entry = self.archive.table.entries.get(digest.path)
+        entry = self.archive.table.get(digest.path)
         if entry is None or entry.kind is not Kind.FILE:
             raise BlobNotFound(str(digest))
         return sub_range(self.archive.sources[entry.source], entry.offset, entry.size)
 
     def close(self) -> None:
         self.archive.close()
+
+
+def open_archive(
+    path: str, cache: IndexCache | None, *, rescan: bool = False, limits: Limits | None = None
+) -> Archive:
+    """Open the archive at ``path``, showing progress while a compressed one is indexed (TTY or log)."""
+    with reporting(f"indexing {path}", file_size(path)) as progress:
+        return Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
 
 
 def file_size(path: str) -> int:

@@ -41,6 +41,11 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def clip(limit: int, offset: int, size: int) -> int:
+    """How many of ``size`` bytes from ``offset`` lie inside ``limit`` bytes (0 for a bad offset)."""
+    return 0 if offset < 0 else max(0, min(size, limit - offset))
+
+
 class Source(ABC):
     """Random-access bytes: ``size`` of them, read with ``pread``; never a byte past ``size``."""
 
@@ -67,7 +72,7 @@ class Source(ABC):
 
     def clip(self, offset: int, size: int) -> int:
         """How many of ``size`` bytes from ``offset`` lie inside the source (0 for a bad offset)."""
-        return 0 if offset < 0 else max(0, min(size, self.size - offset))
+        return clip(self.size, offset, size)
 
     def close(self) -> None:  # noqa: B027  (most sources hold nothing of their own)
         """Release what the source holds (an fd, a decompressor); reads fail afterwards."""

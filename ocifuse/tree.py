@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from itertools import compress
 from typing import NamedTuple
 
-from .archive import ArchiveTable, Entry, Kind
+from .archive import ArchiveTable, Columns, Entry, Kind
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)
@@ -46,8 +46,8 @@ class Tree:
     def __init__(
         self, entries: Mapping[str, Entry] | ArchiveTable, root_mtime: int = 0, root: Entry | None = None
     ) -> None:
-        table = entries if isinstance(entries, ArchiveTable) else ArchiveTable(dict(entries), [], 0)
-        self._columns = columns = table.columns
+        columns = entries.columns if isinstance(entries, ArchiveTable) else Columns.of(entries)
+        self._columns = columns
         self._root_entry = Entry(Kind.DIR, 0, 0, root_mtime) if root is None else root
         self._lookup: dict[int, dict[bytes, int]] = {}
         # Without hardlink groups (the layout view, always) inode = row + 2 and these stay None.
