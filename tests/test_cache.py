@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mounting import skip_or_fail
 
 from ocifuse import cache as cache_mod
 from ocifuse.cache import CACHE_VERSION, IndexCache, blob_key, file_key
@@ -142,7 +143,7 @@ def test_entry_readable_by_others_is_ignored(tmp_path: Path) -> None:
 
 def root_only() -> None:
     if os.geteuid() != 0:
-        pytest.skip("chown to another user needs root")
+        skip_or_fail("chown to another user needs root")
 
 
 def test_entry_written_by_another_user_is_ignored(tmp_path: Path) -> None:

@@ -311,6 +311,7 @@ def test_damage_is_one_clear_error(maker: str, how: str, plain: Path, tmp_path: 
         message = str(e)
         assert message.startswith(f"{bad}: {kind}: ")
         assert "\n" not in message
+        assert tool.returncode != 0, f"{kind} -d accepts what ocifuse refused: {message}"
         return
     try:
         served = SourceFile(source).read()

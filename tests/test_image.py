@@ -207,6 +207,7 @@ def test_fsck_layers_passes_a_good_image(tmp_path: Path) -> None:
     """A clean image: no findings with or without --layers."""
     one = tar_bytes([file_member("a", b"1"), link_member("b", "a")])
     assert _codes(image(tmp_path, [one])) == []
+    assert _codes(image(tmp_path / "again", [one]), layers=False) == []
 
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -128,6 +128,7 @@ def test_no_ref_resolves_every_entry(tmp_path: Path, backend: str) -> None:
 def test_host_platform_default_never_fails(tmp_path: Path, backend: str) -> None:
     summary = summarize(tmp_path, backend, platform=None)
     assert len(summary.images) + len(summary.unresolved) == 3
+    assert summary.error is None
 
 
 def test_not_found_is_listed_not_raised(tmp_path: Path, backend: str) -> None:

@@ -31,7 +31,6 @@ from ocifuse.fsck import check
 pytestmark = pytest.mark.fuse
 
 
-
 @dataclass(frozen=True)
 class Images:
     """One image in several forms, and umoci's unpacking of it."""

@@ -139,6 +139,7 @@ def one_round(
             detached = Detached(busy, max(pids)) if pids else None  # the newest: this round's
             if detached is None:
                 busy.close()
+                problems.append("detach round: no daemon pid found for the mount")
     finally:
         umount = run_ocifuse("umount", *(["--lazy"] if detached is not None else []), mnt)
         if umount.returncode != 0:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mounting import OCIFUSE, run_ocifuse
+from mounting import OCIFUSE, run_ocifuse, skip_or_fail
 from oci import LayoutBuilder
 
 from ocifuse import daemon
@@ -68,12 +68,12 @@ def _as_nobody(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str
 def test_allow_other_as_a_user(tmp_path: Path) -> None:
     """The real command, run as ``nobody``: one line naming user_allow_other, exit 2, nothing mounted."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the command as another user")
+        skip_or_fail("needs root and setpriv to run the command as another user")
     with open(daemon.FUSE_CONF, encoding="utf-8", errors="replace") as f:
         if daemon.allows_others(f.read()):
-            pytest.skip(f"{daemon.FUSE_CONF} allows allow_other here")
+            skip_or_fail(f"{daemon.FUSE_CONF} allows allow_other here")
     if _as_nobody(OCIFUSE, "--version").returncode != 0:
-        pytest.skip(f"{OCIFUSE} cannot be run by uid {NOBODY} (a venv under a private directory)")
+        skip_or_fail(f"{OCIFUSE} cannot be run by uid {NOBODY} (a venv under a private directory)")
     archive = _image(tmp_path).write_tar(tmp_path / "a.tar")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
