@@ -347,7 +347,7 @@ def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOpti
         limits=opts.limits,
         verify=opts.verify,
     )
-    for note in image.notes:
+    for note in image.merged.notes:
         log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
     tree = Tree(image.merged.entries, root=image.merged.root)
     digest = image.resolved.descriptor.digest

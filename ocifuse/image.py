@@ -9,7 +9,6 @@ the archive (one pread per read), a compressed one a decompressing source.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import threading
@@ -32,7 +31,7 @@ from .errors import (
 )
 from .layer import LayerTable
 from .layout import Layout, open_layout
-from .model import MAX_LAYERS, Descriptor, Manifest, Platform
+from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads
 from .resolve import Resolved, resolve, walk
 from .rootfs import CACHE_KIND as TREE_KIND
 from .rootfs import Merged, Note, merge
@@ -66,8 +65,6 @@ ZSTD_LAYERS = frozenset(
 MAX_PARALLEL_LAYERS = 4
 # Bytes hashed per read when a layer's blob is checked against its digest.
 HASH_CHUNK = 1 << 20
-# Largest config read to find rootfs.diff_ids (the same bound as every JSON document).
-MAX_CONFIG = 16 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +75,6 @@ class RootImage:
     resolved: Resolved
     sources: Sources  # entry.source = the layer's index in the manifest
     merged: Merged
-    notes: list[Note]  # members skipped by the scans and the merge, with their layer (merged.notes)
 
     def close(self) -> None:
         """Close the layer sources and the layout."""
@@ -90,11 +86,8 @@ def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
     """The config's ``rootfs.diff_ids`` (config.md), each a valid digest; InvalidDocument otherwise."""
     config = resolved.manifest.config
     name = f"config {config.digest}"
-    try:
-        obj = json.loads(layout.read_blob(config, MAX_CONFIG))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidDocument(name, f"not JSON ({e})") from e
-    rootfs = obj.get("rootfs") if isinstance(obj, dict) else None
+    obj = loads(name, layout.read_blob(config))
+    rootfs = obj.get("rootfs")
     ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise InvalidDocument(name, "rootfs.diff_ids is missing or not a list of strings")
@@ -281,7 +274,7 @@ def open_rootfs(
             if cache is not None:
                 cache.store(TREE_KIND, key, merged.to_bytes(sizes))
         return RootImage(
-            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged, notes=merged.notes
+            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged
         )
     except BaseException:
         Sources(sources).close()
@@ -356,9 +349,10 @@ def check_layers(layout: Layout) -> list[LayerProblem]:
     problems: list[LayerProblem] = []
     seen: set[tuple[str, str]] = set()
     tables: dict[str, LayerTable | None] = {}
+    visited: set[Digest] = set()  # a manifest shared by several tags is checked once
     for top in layout.index().manifests:
         try:
-            docs = [(d, doc) for d, doc in walk(layout, top) if isinstance(doc, Manifest)]
+            docs = [(d, doc) for d, doc in walk(layout, top, _seen=visited) if isinstance(doc, Manifest)]
         except OcifuseError:
             continue  # fsck's main walk reports unreadable documents
         for desc, manifest in docs:

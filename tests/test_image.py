@@ -88,7 +88,7 @@ def test_open_rootfs_merges_layers_and_reads_bytes(tmp_path: Path, form: str) ->
         assert sorted(entries) == ["etc", "etc/a", "etc/c"]
         a = entries["etc/a"]
         assert img.sources.pread(a, 0, 100) == b"upper a" and entries["etc/c"] is a
-        assert img.notes == []
+        assert img.merged.notes == []
     finally:
         img.close()
 
@@ -160,7 +160,7 @@ def test_open_rootfs_skips_hostile_members_with_notes(tmp_path: Path) -> None:
     img = open_rootfs(str(image(tmp_path, [hostile])))
     try:
         assert sorted(img.merged.entries) == ["ok", "s"]  # a symlink is served as it is, never followed
-        assert sorted(n.name for n in img.notes) == ["../../etc/shadow", "/abs", "d/.wh..", "h"]
+        assert sorted(n.name for n in img.merged.notes) == ["../../etc/shadow", "/abs", "d/.wh..", "h"]
     finally:
         img.close()
 
