@@ -18,14 +18,14 @@ import pyfuse3
 import trio
 
 from . import options as mount_options
-from .archive import Archive, Sources
+from .archive import Archive, open_archive
 from .cache import open_cache
 from .dockerarchive import adopt
+from .entries import Sources
 from .errors import MountError as MountError
 from .errors import OcifuseError
 from .fs import Operations
 from .journal import stderr_is_journal
-from .layout import open_archive
 from .tree import Tree
 from .umount import visible_mount
 

@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import model
-from .archive import Archive, ArchiveTable, Entry, Kind, Skipped, normalize
+from .archive import Archive
 from .digest import Digest
+from .entries import ArchiveTable, Entry, Kind, Skipped
 from .errors import InvalidDigest, LayoutOpenError
 from .layout import MAX_JSON, OCI_LAYOUT
 from .source import MemorySource, sniff
+from .tarscan import normalize
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from .archive import Kind, Meta, Sources
 from .digest import Digest
+from .entries import Kind, Meta, Sources
 from .errors import OcifuseError
 from .tree import Node, Tree
 

@@ -84,9 +84,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import model
-from .archive import Skipped
 from .cache import IndexCache
 from .digest import Digest
+from .entries import Skipped
 from .errors import (
     ArchiveChanged,
     BlobNotFound,

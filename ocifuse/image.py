@@ -15,10 +15,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .archive import Sources
 from .cache import blob_key
 from .compressed import IndexStore, Limits, open_decompressed
 from .digest import Digest
+from .entries import Sources
 from .errors import (
     BlobNotFound,
     DiffIdMismatch,

@@ -17,9 +17,10 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .archive import BLOCK, Skipped, header_mtime, is_root, normalize, refusal, walk
+from .entries import Skipped
 from .errors import NotAnArchive
 from .source import Source, SourceFile, sniff
+from .tarscan import BLOCK, header_mtime, is_root, normalize, refusal, walk
 
 log = logging.getLogger(__name__)
 

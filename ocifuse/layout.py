@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import model
-from .archive import Archive, Kind, Skipped
+from .archive import Archive, open_archive
 from .cache import IndexCache
 from .compressed import Limits
 from .digest import Digest
+from .entries import Kind, Skipped
 from .errors import (
     BlobNotFound,
     FileMissing,
@@ -24,7 +25,6 @@ from .errors import (
     SizeMismatch,
     TooLarge,
 )
-from .progress import reporting
 from .source import FileRange, OpenFile, Source, sub_range
 
 if TYPE_CHECKING:
@@ -222,22 +222,6 @@ class ArchiveLayout(Layout):
 
     def close(self) -> None:
         self.archive.close()
-
-
-def open_archive(
-    path: str, cache: IndexCache | None, *, rescan: bool = False, limits: Limits | None = None
-) -> Archive:
-    """Open the archive at ``path``, showing progress while a compressed one is indexed (TTY or log)."""
-    with reporting(f"indexing {path}", file_size(path)) as progress:
-        return Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
-
-
-def file_size(path: str) -> int:
-    """The size of the file at ``path`` (a progress total), 0 when it cannot be had (opening says why)."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 class DirectoryLayout(Layout):

@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .archive import Entry, Kind, Meta, normalize
+from .entries import Entry, Kind, Meta
 from .layer import LayerTable, Member, Type
+from .tarscan import normalize
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
 CACHE_KIND = "rootfs-tree"

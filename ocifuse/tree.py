@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from itertools import compress
 from typing import NamedTuple
 
-from .archive import ArchiveTable, Columns, Entry, Kind
+from .entries import ArchiveTable, Columns, Entry, Kind
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)

@@ -31,10 +31,12 @@ from tarbuild import (
     write_archive,
 )
 
-from ocifuse import archive as archive_module
 from ocifuse import open_layout
-from ocifuse.archive import Archive, ArchiveTable, Entry, Kind, normalize
+from ocifuse import tarscan as archive_module
+from ocifuse.archive import Archive
+from ocifuse.entries import Entry, Kind
 from ocifuse.errors import ArchiveChanged, LayoutOpenError, NotAnArchive, OcifuseError
+from ocifuse.tarscan import normalize, scan_table
 
 
 def _served(archive: Archive) -> tuple[dict[str, bytes], set[str]]:
@@ -269,7 +271,7 @@ def test_scan_never_reads_member_data(tmp_path: Path) -> None:
     path = write_archive(tmp_path / "big.tar", members)
     with open(path, "rb", buffering=0) as f:
         reader = _CountingReader(f)
-        table = ArchiveTable.scan(reader, str(path), os.path.getsize(path))  # type: ignore[arg-type]
+        table = scan_table(reader, str(path), os.path.getsize(path))  # type: ignore[arg-type]
     assert len(table.entries) == 8
     assert reader.bytes_read < 64 * 1024
 
@@ -393,7 +395,7 @@ def _scan_outcome(path: Path) -> object:
     """The table of ``path`` (entries, skipped, end), or the error class and message it raises."""
     try:
         with open(path, "rb") as f:
-            table = ArchiveTable.scan(f, str(path), os.path.getsize(path))
+            table = scan_table(f, str(path), os.path.getsize(path))
     except OcifuseError as e:
         return type(e), str(e)
     return table.entries, table.skipped, table.end

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
 
 from ocifuse import rootfs as rootfs_module
-from ocifuse.archive import Entry, Kind, Sources
+from ocifuse.entries import Entry, Kind, Sources
 from ocifuse.errors import NotAnArchive, OcifuseError, TruncatedArchive
 from ocifuse.fs import Operations
 from ocifuse.layer import LayerTable, Type
@@ -117,7 +117,7 @@ def test_scan_keeps_every_type_and_its_metadata() -> None:
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain headers of every type read by the struct fast path give the members tarfile's parse gives."""
-    from ocifuse import archive
+    from ocifuse import tarscan as archive
 
     members = [
         dir_member("a/"),

@@ -1,0 +1,97 @@
+"""The entry table as the index cache stores it: counts, then the columns back to back (little endian)."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+
+from .entries import _KINDS, ArchiveTable, Columns, Names, Skipped
+
+# The stored table (the index cache's "table" payload): counts, then the columns back to back.
+#   u64 entries | u64 skipped | u64 symlinks | u64 len(names) | u64 end
+#   names: the sorted paths, UTF-8 (surrogateescape), back to back
+#   name_ends u64[n] | kinds u8[n] | offsets u64[n] | sizes u64[n] | mtimes i64[n] | sources u32[n]
+#   skipped: u32[2k] byte lengths of each (name, reason), then those bytes back to back
+#   symlinks: u32[2m] byte lengths of each (name, target), then those bytes back to back
+_TABLE_HEAD = struct.Struct("<QQQQQ")
+_COLUMN_TYPES = ("Q", "Q", "q", "I")
+assert [array(t).itemsize for t in _COLUMN_TYPES] == [8, 8, 8, 4]
+
+
+def _pack_strings(texts: list[str]) -> list[bytes]:
+    """u32 byte lengths of ``texts``, then the texts themselves (UTF-8, surrogateescape)."""
+    raw = [t.encode("utf-8", "surrogateescape") for t in texts]
+    return [_le(array("I", map(len, raw))), *raw]
+
+
+def _le(a: array[int]) -> bytes:
+    """An array's bytes, little endian (the cache's byte order on every machine)."""
+    if sys.byteorder == "big":
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _from_le(typecode: str, data: memoryview) -> array[int]:
+    a = array(typecode)
+    a.frombytes(data)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a
+
+
+
+def encode_table(table: ArchiveTable) -> bytes:
+    """The table as the index cache stores it (see _TABLE_HEAD); ValueError if it cannot be."""
+    c = table.columns
+    if c.metas is not None:
+        raise ValueError("a table with rootfs metadata is not stored")
+    names, ends = c.names.blob()
+    skipped = [text for s in table.skipped for text in (s.name, s.reason)]
+    symlinks = [text for pair in table.symlinks.items() for text in pair]
+    return b"".join(
+        [
+            _TABLE_HEAD.pack(len(c.names), len(table.skipped), len(table.symlinks), len(names), table.end),
+            names,
+            _le(ends),
+            c.kinds,
+            *(_le(a) for a in (c.offsets, c.sizes, c.mtimes, c.sources)),
+            *_pack_strings(skipped),
+            *_pack_strings(symlinks),
+        ]
+    )
+
+def decode_table(payload: bytes) -> ArchiveTable:
+    """A table from ``encode``'s bytes; ValueError when they do not hold one whole table."""
+    view = memoryview(payload)
+    if len(view) < _TABLE_HEAD.size:
+        raise ValueError("table payload cut short")
+    n, k, m, names_len, end = _TABLE_HEAD.unpack_from(view)
+    pos = _TABLE_HEAD.size
+
+    def take(size: int) -> memoryview:
+        nonlocal pos
+        if size < 0 or pos + size > len(view):
+            raise ValueError("table payload cut short")
+        pos += size
+        return view[pos - size : pos]
+
+    blob = take(names_len)
+    ends = _from_le("Q", take(8 * n))
+    if (ends[-1] if n else 0) != names_len:
+        raise ValueError("table names do not add up")
+    kinds = bytes(take(n))
+    if kinds.translate(None, bytes(range(len(_KINDS)))):
+        raise ValueError("unknown entry kind in table")
+    offsets, sizes, mtimes, sources = (_from_le(t, take(n * array(t).itemsize)) for t in _COLUMN_TYPES)
+    texts = []
+    for count in (k, m):
+        lengths = _from_le("I", take(8 * count))
+        texts.append([str(take(length), "utf-8", "surrogateescape") for length in lengths])
+    if pos != len(view):
+        raise ValueError("trailing bytes after the table")
+    skipped = [Skipped(name, reason) for name, reason in zip(texts[0][::2], texts[0][1::2], strict=True)]
+    symlinks = dict(zip(texts[1][::2], texts[1][1::2], strict=True))
+    columns = Columns(Names(blob, ends), kinds, offsets, sizes, mtimes, sources)
+    return ArchiveTable.from_columns(columns, skipped, end, symlinks)

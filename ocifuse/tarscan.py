@@ -1,0 +1,345 @@
+"""The one tar header walk of ocifuse, and the name policy: which member is served at which path.
+
+The scan never reads member data: ``tarfile`` seeks over it. What the table holds is decided
+here, in one place (the name policy); everything skipped is kept as a ``Skipped`` note so that
+fsck, inspect and mount can all say what was left out and why. Two builders use the walk: the
+oci-archive table (``scan_table``) and a layer's full-member table (layer.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Callable
+from typing import IO
+
+from .entries import ArchiveTable, Entry, Kind, Skipped
+from .errors import LayoutOpenError, NotAnArchive, TruncatedArchive
+from .source import sniff
+
+BLOCK = 512
+# Longest header extension (PAX record block, GNU long name) the scan reads into memory.
+MAX_HEADER_DATA = 1 << 20
+# Most header bytes (PAX records, long names, sparse maps, header blocks) read for one member.
+MAX_MEMBER_HEADERS = 4 * MAX_HEADER_DATA
+# POSIX NAME_MAX: the longest name component a Linux filesystem can hold.
+NAME_MAX = 255
+
+
+class _CappedReader:
+    """A read-only file wrapper that refuses header reads larger than MAX_HEADER_DATA.
+
+    ``tarfile`` reads only headers through it (member data is skipped by seeking), so a PAX or
+    GNU long-name header claiming gigabytes fails here instead of allocating gigabytes.
+    """
+
+    def __init__(self, raw: IO[bytes], path: str) -> None:
+        self._raw = raw
+        self._path = path
+        self.budget = MAX_MEMBER_HEADERS
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > MAX_HEADER_DATA:
+            raise NotAnArchive(self._path, f"a tar header claims {size} bytes of header data")
+        # Many small reads add up too (a GNU sparse map read block by block): one budget per member.
+        self.budget -= size
+        if self.budget < 0:
+            raise NotAnArchive(self._path, f"a member's headers take more than {MAX_MEMBER_HEADERS} bytes")
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+# Relative names whose components are non-empty, start with no "." and hold no NUL.
+_PLAIN_NAME = re.compile(r"[^/\0.][^/\0]*(?:/[^/\0.][^/\0]*)*")
+
+
+def normalize(name: str) -> str | None:
+    """The path a member is served at, or None when the name policy refuses it.
+
+    ``./`` prefixes and ``.`` components (``tar -C dir .``) and trailing slashes are dropped.
+    Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
+    names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
+    """
+    if _PLAIN_NAME.fullmatch(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+        return name  # already normal: no "", "." or ".." component, no NUL, short (the common case)
+    if name.startswith("/") or "\0" in name:
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    if any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def is_root(name: str) -> bool:
+    """True for names of the archive root itself (``.``, ``./``), not for empty or ``..`` names."""
+    return bool(name) and not name.startswith("/") and all(p in ("", ".") for p in name.split("/"))
+
+
+def refusal(name: str) -> str:
+    """Why the name policy (``normalize``) refuses ``name``."""
+    if name.startswith("/"):
+        return "absolute name"
+    if "\0" in name:
+        return "name contains a NUL byte"
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "name contains '..'"
+    if not parts:
+        return "empty name"
+    return f"a name component is longer than {NAME_MAX} bytes"
+
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def header_mtime(info: tarfile.TarInfo) -> int:
+    """A member's mtime as an int64: a PAX mtime may be any decimal; "nan" or "1e400" read as 0.
+
+    Clamped to what a stored table (array "q") and stat hold, for the layout view and layers alike.
+    """
+    try:
+        return max(_INT64[0], min(int(info.mtime), _INT64[1]))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+
+def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
+    """Read every header of the tar in ``fileobj`` (``size`` bytes long) into a table.
+
+    Raises NotAnArchive or TruncatedArchive, naming ``path``.
+    """
+    kind = sniff(fileobj.read(6))
+    fileobj.seek(0)
+    if kind is not None:
+        raise NotAnArchive(path, f"{kind}-compressed; an oci-archive is a plain tar (decompress it)")
+    if size == 0:
+        raise NotAnArchive(path, "empty file, not a tar archive")
+    builder = _TableBuilder()
+    end = walk(fileobj, path, size, builder.add)
+    return ArchiveTable(builder.finish(), builder.skipped, end, builder.symlinks)
+
+
+def walk(
+    fileobj: IO[bytes], path: str, size: int, add: Callable[[tarfile.TarInfo], None], *, layer: bool = False
+) -> int:
+    """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
+
+    The one header walk of ocifuse: the oci-archive table and the layer scan are two builders
+    over it. Member data is never read, only seeked over; a member whose data runs past ``size``
+    raises TruncatedArchive before ``add`` sees it. ``layer``: accept what Go's archive/tar accepts
+    and real layer tars hold (``umoci insert`` writes them): no end-of-archive blocks, the last
+    member's padding cut short, an empty file or an all-zero first block (an empty layer).
+    Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
+    """
+    if layer:
+        fileobj.seek(0)
+        if size == 0 or not fileobj.read(BLOCK).strip(b"\0"):
+            return 0  # Go's reader: io.EOF at the first header, or two zero blocks: no members
+        fileobj.seek(0)
+    reader = _CappedReader(fileobj, path)
+    try:
+        # tarfile.open reads the first member: its errors are the loop's errors.
+        tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+    except tarfile.ReadError as e:
+        raise NotAnArchive(path, f"not a tar archive ({e})") from e
+    except OSError as e:
+        raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+        raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+    try:
+        while True:
+            reader.budget = MAX_MEMBER_HEADERS
+            if layer and tf.offset >= size and getattr(tf, "firstmember", None) is None:
+                return size  # the last member ended at (or its padding past) the end: no end blocks
+            info = _next_member(tf, reader, size)
+            if info is None:
+                break
+            if info.size < 0:
+                # tarfile would step backwards by it, and could read the same headers forever.
+                raise ValueError(f"member {info.name!r} has a negative size")
+            if info.offset_data + info.size > size and _data_skipped(info):
+                # never seek to a size the file does not have (lseek fails past 2**63)
+                raise TruncatedArchive(path, f"truncated tar archive: {info.name} runs past the end")
+            add(info)
+            tf.members.clear()  # keep memory flat: the table is all we keep
+    except LayoutOpenError:
+        raise
+    except OSError as e:
+        raise LayoutOpenError(path, f"cannot read the archive ({e})") from e
+    except tarfile.ReadError as e:
+        raise TruncatedArchive(path, f"truncated tar archive ({e})") from e
+    except (tarfile.TarError, ValueError, OverflowError, UnicodeError, EOFError) as e:
+        raise NotAnArchive(path, f"corrupt tar header ({e})") from e
+    end: int = tf.offset
+    fileobj.seek(end)
+    trailer = fileobj.read(BLOCK)
+    if trailer and trailer.strip(b"\0"):
+        if len(trailer) < BLOCK:  # tarfile ends quietly at a header cut short
+            raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
+        raise NotAnArchive(path, f"invalid tar header at byte {end}")
+    return end
+
+
+# A ustar header: name mode uid gid size mtime chksum type linkname magic version uname gname
+# devmajor devminor prefix (POSIX.1-2001 pax, "ustar Interchange Format").
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+
+
+# Header-only types (no data follows, for tarfile and Go's archive/tar alike) and regular files.
+_PLAIN_TYPES = (
+    tarfile.REGTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+)
+
+
+def _nti(field: bytes) -> int:
+    """A header number as tarfile's ``nti`` reads a non-base-256 one; ValueError where it fails."""
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) -> tarfile.TarInfo | None:
+    """``tf.next()``, with a fast path for the common header: a plain ustar file, directory or link.
+
+    tarfile spends ~40 us of Python per header; this reads the same fields with one struct unpack
+    (100,000 entries: the scan takes ~0.55x the time). It takes only headers that tarfile reads
+    the same way and whose data lies inside the file; everything else (the first member, PAX and GNU
+    headers, base-256 numbers, a bad or signed checksum, zero blocks, the end) is tarfile's.
+    """
+    pos = tf.offset
+    if getattr(tf, "firstmember", None) is not None or tf.pax_headers or pos + BLOCK > archive_size:
+        return tf.next()
+    reader.seek(pos)
+    buf = reader.read(BLOCK)
+    info = _plain_header(buf, pos, archive_size, tf.encoding or "utf-8", tf.errors)
+    if info is None:
+        reader.budget += BLOCK  # tarfile reads the same block again, its own way
+        reader.seek(pos)
+        return tf.next()
+    tf.offset = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.type == tarfile.REGTYPE else 0)
+    return info
+
+
+def _plain_header(
+    buf: bytes, pos: int, archive_size: int, encoding: str, errors: str
+) -> tarfile.TarInfo | None:
+    """The member of a plain ustar header (a file, directory, link, device or fifo) at ``pos``, or None."""
+    if len(buf) != BLOCK:
+        return None
+    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, uname, gname, major, minor, prefix) = (
+        _USTAR.unpack(buf)
+    )
+    if magic != b"ustar\0" or kind not in _PLAIN_TYPES:
+        return None
+    try:
+        numbers = [_nti(f) for f in (mode, uid, gid, size, mtime, chksum, major, minor)]
+    except ValueError:
+        return None  # base-256 or invalid: tarfile's
+    if numbers[5] != sum(buf) - sum(buf[148:156]) + 256:  # tarfile's unsigned sum, the field as spaces
+        return None
+    if numbers[3] < 0 or pos + BLOCK + -(-numbers[3] // BLOCK) * BLOCK > archive_size:
+        return None  # tarfile and the builder say what is wrong
+
+    def text(field: bytes) -> str:
+        return field.split(b"\0", 1)[0].decode(encoding, errors)
+
+    info = tarfile.TarInfo(f"{text(prefix)}/{text(name)}" if prefix[:1] != b"\0" else text(name))
+    info.type = kind
+    if kind == tarfile.DIRTYPE:
+        info.name = info.name.rstrip("/")
+    info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor, info.devminor = numbers
+    info.linkname, info.uname, info.gname = text(link), text(uname), text(gname)
+    info.offset, info.offset_data = pos, pos + BLOCK
+    return info
+
+
+class _TableBuilder:
+    """Applies the name policy member by member; duplicate names: the last one wins."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.skipped: list[Skipped] = []
+        self.symlinks: dict[str, str] = {}
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(Skipped(name, reason))
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        """Enter one member into the table, or note why it is skipped."""
+        name = normalize(info.name)
+        if name is None:
+            if not is_root(info.name):
+                self.skip(info.name, refusal(info.name))
+            return  # "." or "./": the root itself
+        mtime = header_mtime(info)
+        if self.symlinks and not info.issym():
+            self.symlinks.pop(name, None)  # duplicate names: the last member wins
+        if info.isdir():
+            self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
+        elif info.isreg():
+            if info.sparse is not None:
+                self.skip(info.name, "GNU sparse member (not supported)")
+                return
+            self.entries[name] = Entry(Kind.FILE, info.offset_data, info.size, mtime)
+        elif info.islnk():
+            target = normalize(info.linkname)
+            found = self.entries.get(target) if target is not None else None
+            if found is None or found.kind is not Kind.FILE:
+                self.skip(info.name, f"hardlink to {info.linkname!r}, not a regular member before it")
+                return
+            self.entries[name] = Entry(Kind.FILE, found.offset, found.size, mtime)
+        elif info.issym():
+            self.symlinks[name] = info.linkname
+            self.skip(info.name, f"symlink to {info.linkname!r} (symlinks are not served)")
+        else:
+            self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
+
+    def finish(self) -> dict[str, Entry]:
+        """Add implied directories; a path that has children is a directory, never a file."""
+        dirs: set[str] = set()
+        for name in self.entries:
+            parent = name.rpartition("/")[0]
+            while parent and parent not in dirs:
+                dirs.add(parent)
+                parent = parent.rpartition("/")[0]
+        for d in sorted(dirs):
+            found = self.entries.get(d)
+            if found is not None and found.kind is Kind.FILE:
+                self.skip(d, "file replaced by a directory of the same name")
+                found = None
+            if found is None:
+                self.entries[d] = Entry(Kind.DIR, 0, 0, 0)
+        return self.entries
+
+
+def _data_skipped(info: tarfile.TarInfo) -> bool:
+    """True when tarfile seeks over ``info.size`` bytes of data after the header (its _proc_builtin).
+
+    Not for sparse members: their ``size`` is the expanded size, larger than the data stored.
+    """
+    return info.sparse is None and (info.isreg() or info.type not in tarfile.SUPPORTED_TYPES)
+
+
+def _type_name(info: tarfile.TarInfo) -> str:
+    if info.ischr():
+        return "character device"
+    if info.isblk():
+        return "block device"
+    if info.isfifo():
+        return "fifo"
+    return f"member of tar type {info.type!r}"
