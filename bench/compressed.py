@@ -192,7 +192,7 @@ def dir_bytes(path: Path) -> int:
 
 _PARALLEL = """
 import sys, time, rapidgzip
-from ocifuse.compressed import GZIP_CHUNK
+from ocifuse.gzipsource import GZIP_CHUNK
 for p in (1, 2):
     start = time.perf_counter()
     with open(sys.argv[1], "rb") as f:

@@ -8,18 +8,16 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from .compressed import Limits, Progress, open_decompressed
+from .compressed import open_decompressed
 from .entries import ArchiveTable, Entry, Sources
 from .errors import NotAnArchive, TruncatedArchive
 from .progress import reporting
 from .source import FileRange, OpenFile, SourceFile
+from .store import TABLE, Store, load_or_build
+from .streams import Limits, Progress
 from .tablecodec import decode_table, encode_table
 from .tarscan import BLOCK, scan_table
-
-if TYPE_CHECKING:
-    from .cache import IndexCache
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,7 @@ class Archive(Sources):
     def __init__(
         self,
         path: str,
-        cache: IndexCache | None = None,
+        cache: Store | None = None,
         *,
         rescan: bool = False,
         limits: Limits | None = None,
@@ -58,7 +56,7 @@ class Archive(Sources):
             if not self.file.is_regular:
                 raise NotAnArchive(path, "not a regular file")
             key = None
-            if cache is not None and cache.directory is not None:
+            if cache is not None and cache.enabled:
                 from .cache import file_key
 
                 key = file_key(self.file)
@@ -98,29 +96,23 @@ class Archive(Sources):
         except (NotAnArchive, TruncatedArchive) as e:
             raise type(e)(self.path, f"{stream.compression}-compressed, but {e.reason}") from e
 
-    def _load_or_scan(self, cache: IndexCache | None, key: str | None, rescan: bool) -> ArchiveTable:
-        """The table stored in ``cache`` under ``key`` (the file identity), else a scan (stored if worth it).
+    def _load_or_scan(self, cache: Store | None, key: str | None, rescan: bool) -> ArchiveTable:
+        """The table stored under ``key`` (the file identity), else a scan (stored if worth it)."""
 
-        A stored table is trusted only as far as its checksum and key go: every read still checks
-        its entry against the source's size (``_source``).
-        """
-        if cache is None or key is None:
-            return self._scan()
-        payload = None if rescan else cache.load("table", key)
-        if payload is not None:
-            try:
-                return decode_table(payload)
-            except ValueError as e:  # a format bug (the checksum held): scan again, say so
-                log.warning("stored table of %s unusable (%s): scanning", self.path, e)
-        table = self._scan()
-        if len(table) >= TABLE_CACHE_MIN_ENTRIES or self.sources[0].compression != "plain":
-            try:
-                data = encode_table(table)
-            except (ValueError, OverflowError) as e:  # a lone surrogate in a name, a value too large
-                log.info("table of %s not stored (%s)", self.path, e)
-            else:
-                cache.store("table", key, data)
-        return table
+        def encode(table: ArchiveTable) -> bytes | None:
+            worth = len(table) >= TABLE_CACHE_MIN_ENTRIES or self.sources[0].compression != "plain"
+            return encode_table(table) if worth else None
+
+        return load_or_build(
+            cache,
+            TABLE,
+            key,
+            name=self.path,
+            decode=decode_table,
+            build=self._scan,
+            encode=encode,
+            rebuild=rescan,
+        )
 
     @property
     def fd(self) -> int:
@@ -138,7 +130,7 @@ class Archive(Sources):
 
 
 def open_archive(
-    path: str, cache: IndexCache | None, *, rescan: bool = False, limits: Limits | None = None
+    path: str, cache: Store | None, *, rescan: bool = False, limits: Limits | None = None
 ) -> Archive:
     """Open the archive at ``path``, showing progress while a compressed one is indexed (TTY or log)."""
     with reporting(f"indexing {path}", file_size(path)) as progress:

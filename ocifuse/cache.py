@@ -31,10 +31,13 @@ from dataclasses import dataclass
 from .digest import Digest
 from .errors import LayoutOpenError
 from .source import OpenFile
+from .store import KINDS, Stale
 
 log = logging.getLogger(__name__)
 
-# Bump when any stored format changes (this file's framing or a payload's, e.g. archive tables).
+# The framing's version, which every entry carried before kinds had versions of their own; an
+# entry's header now carries its kind's version (store.KINDS), and each kind starts at this one.
+# Bump a kind's version in store.py when its payload changes; bump this when the framing does.
 CACHE_VERSION = 2
 
 MAGIC = b"OCIFUSE\x1a"
@@ -75,24 +78,32 @@ def _name(kind: str, key: str) -> str:
     return f"{kind}.{_key_hash(key)}"
 
 
+def version_of(kind: str) -> int:
+    """The format version of entries of ``kind``: its version in store.KINDS, never below the framing's."""
+    return max(CACHE_VERSION, KINDS[kind].version)
+
+
 def encode(kind: str, key: str, payload: bytes) -> bytes:
     """The bytes of one entry file (what ``store`` writes)."""
     kind_b, key_b = kind.encode(), key.encode()
-    head = _HEADER.pack(MAGIC, CACHE_VERSION, len(kind_b), len(key_b), len(payload)) + kind_b + key_b
+    head = _HEADER.pack(MAGIC, version_of(kind), len(kind_b), len(key_b), len(payload)) + kind_b + key_b
     h = hashlib.sha256(head)
     h.update(payload)
     return head + payload + h.digest()
 
 
-def _head(head: bytes) -> tuple[int, int, int]:
-    """(len(kind), len(key), len(payload)) of an entry's first bytes; ValueError when not an entry of ours."""
+def _head(head: bytes, kind: str | None = None) -> tuple[int, int, int]:
+    """(len(kind), len(key), len(payload)) of an entry's first bytes; ValueError when not an entry of ours.
+
+    With ``kind``: Stale when the entry is of another format version than this ocifuse writes for it.
+    """
     if len(head) < _HEADER.size:
         raise ValueError("truncated")
     magic, version, kind_len, key_len, payload_len = _HEADER.unpack_from(head)
     if magic != MAGIC:
         raise ValueError("not a cache entry")
-    if version != CACHE_VERSION:
-        raise ValueError(f"format version {version}, this ocifuse reads {CACHE_VERSION}")
+    if kind is not None and version != version_of(kind):
+        raise Stale(f"format version {version}, this ocifuse reads {version_of(kind)}")
     return kind_len, key_len, payload_len
 
 
@@ -111,6 +122,11 @@ class IndexCache:
 
     def __repr__(self) -> str:
         return f"IndexCache({self.directory!r})"
+
+    @property
+    def enabled(self) -> bool:
+        """False for ``-o nocache``: nothing is loaded or stored (a directory may still prove unusable)."""
+        return self.directory is not None
 
     # -- the directory ---------------------------------------------------------------------------
 
@@ -192,6 +208,11 @@ class IndexCache:
             except OSError as e:
                 problem = "a symlink" if e.errno == errno.ELOOP else (e.strerror or str(e))
                 self._discard(dfd, name, kind, key, problem)
+                return None
+            except Stale as e:
+                log.info("index cache entry %s %s out of date (%s): rebuilding it", kind, key, e)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dfd)
                 return None
             except ValueError as e:
                 self._discard(dfd, name, kind, key, str(e))
@@ -323,7 +344,8 @@ def _alive(pid: int | None) -> bool:
 
 
 def _check_kind(kind: str) -> str:
-    if not _KIND.fullmatch(kind) or kind == "spill":
+    """``kind`` if the registry (store.KINDS) has it; ValueError for any other (a bug, never input)."""
+    if not _KIND.fullmatch(kind) or kind not in KINDS:
         raise ValueError(f"invalid cache entry kind {kind!r}")
     return kind
 
@@ -360,6 +382,7 @@ def _read_entry(name: str, dfd: int, kind: str, key: str) -> bytes:
         h.update(payload)
         if h.digest() != checksum:
             raise ValueError("checksum mismatch")
+        _head(head, kind)  # whole and ours: of this format version, or Stale
         return payload
     finally:
         os.close(fd)

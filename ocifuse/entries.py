@@ -71,7 +71,6 @@ class Skipped:
     reason: str
 
 
-
 # A table's kinds as held in Columns.kinds and stored: one byte per entry (1 is a directory).
 _KINDS = (Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK, Kind.FIFO)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
@@ -185,7 +184,6 @@ class Columns:
     def is_dir(self, i: int) -> bool:
         """True when row ``i`` is a directory."""
         return self.kinds[i] == _DIR_CODE
-
 
 
 class ArchiveTable:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cache import blob_key
-from .compressed import IndexStore, Limits, open_decompressed
+from .compressed import open_decompressed
 from .digest import Digest
 from .entries import Sources
 from .errors import (
@@ -33,9 +33,10 @@ from .layer import LayerTable
 from .layout import Layout, open_layout
 from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads
 from .resolve import Resolved, resolve, walk
-from .rootfs import CACHE_KIND as TREE_KIND
 from .rootfs import Merged, Note, merge
 from .source import Source
+from .store import TREE, Store
+from .streams import Limits
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def layer_source(
     index: int,
     desc: Descriptor,
     *,
-    cache: IndexStore | None = None,
+    cache: Store | None = None,
     limits: Limits | None = None,
     raw: Source | None = None,
 ) -> tuple[Source, str]:
@@ -158,14 +159,19 @@ class VerifiedStore:
     verifies whatever is built all the same, so every first pass checks the blob's digest.
     """
 
-    def __init__(self, raw: Source, digest: Digest, what: str, cache: IndexStore | None) -> None:
+    def __init__(self, raw: Source, digest: Digest, what: str, cache: Store | None) -> None:
         self._raw = raw
         self._digest = digest
         self._what = what
         self._cache = cache
         self._lock = threading.Lock()
         self._found: Digest | None = None  # what the blob hashes to, once hashed
-        self.built = cache is None  # with no cache, every open builds
+        self.built = cache is None or not cache.enabled  # with no cache, every open builds
+
+    @property
+    def enabled(self) -> bool:
+        """Always: whatever is built from the layer passes through ``store``, which marks it built."""
+        return True
 
     def verified(self) -> bool:
         """Hash the blob (once) and say whether it is the digest it is stored under."""
@@ -186,13 +192,13 @@ class VerifiedStore:
     def store(self, kind: str, key: str, payload: bytes) -> None:
         """Store only a payload built from a blob that hashes to its digest."""
         self.built = True
-        if self._cache is not None and self.verified():
+        if self._cache is not None and self._cache.enabled and self.verified():
             self._cache.store(kind, key, payload)
 
     def spill_path(self, key: str) -> str | None:
         """A spill file lives in the cache only for a verified blob (else in a private temp file)."""
         self.built = True
-        if self._cache is None or not self.verified():
+        if self._cache is None or not self._cache.enabled or not self.verified():
             return None
         return self._cache.spill_path(key)
 
@@ -208,7 +214,7 @@ def open_rootfs(
     ref: str | None = None,
     platform: Platform | None = None,
     ignore_diff_ids: bool = False,
-    cache: IndexStore | None = None,
+    cache: Store | None = None,
     limits: Limits | None = None,
     verify: bool = False,
 ) -> RootImage:
@@ -235,7 +241,7 @@ def open_rootfs(
             )
         # The merged tree of this image from the cache, when it is there: no table read, no merge.
         key = str(resolved.descriptor.digest)
-        payload = cache.load(TREE_KIND, key) if cache is not None else None
+        payload = cache.load(TREE.kind, key) if cache is not None else None
         # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash,
         # then the header scan) runs in rapidgzip or pyzstd with the GIL released.
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
@@ -272,7 +278,7 @@ def open_rootfs(
             merged = merge(scanned)
             merged = Merged(entries=merged.entries, root=merged.root, notes=_notes(scanned, merged))
             if cache is not None:
-                cache.store(TREE_KIND, key, merged.to_bytes(sizes))
+                cache.store(TREE.kind, key, merged.to_bytes(sizes))
         return RootImage(
             layout=layout, resolved=resolved, sources=Sources(sources), merged=merged
         )
@@ -286,7 +292,7 @@ def _open_layer(
     layout: Layout,
     index: int,
     desc: Descriptor,
-    cache: IndexStore | None,
+    cache: Store | None,
     limits: Limits | None,
     scan: bool,
     verify: bool,
@@ -310,7 +316,7 @@ def _open_layer(
         raise
 
 
-def _table(desc: Descriptor, index: int, source: Source, cache: IndexStore | None) -> LayerTable:
+def _table(desc: Descriptor, index: int, source: Source, cache: Store | None) -> LayerTable:
     """The layer's table: from the cache, else scanned (and stored)."""
     name = f"layer {index} ({desc.digest})"
     return LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache)

@@ -15,17 +15,18 @@ import json
 import logging
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .entries import Skipped
 from .errors import NotAnArchive
 from .source import Source, SourceFile, sniff
+from .store import LAYER_TABLE, Store, load_or_build
 from .tarscan import BLOCK, header_mtime, is_root, normalize, refusal, walk
 
 log = logging.getLogger(__name__)
 
-# The persistent cache's kind for a layer's table (cache.py); bump TABLE_FORMAT when it changes.
-CACHE_KIND = "layer-table"
+# The payload's own format field (store.LAYER_TABLE's version is the one to bump): kept at 1 so
+# that tables stored before the registry of kinds still load.
 TABLE_FORMAT = 1
 
 # How much of a compressed layer the scan reads at once (30,000 small files: ~0.75 -> ~0.45 s a layer).
@@ -90,16 +91,6 @@ class Member:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
-class TableStore(Protocol):
-    """What the layer scan needs of the persistent cache (cache.IndexCache has it)."""
-
-    def load(self, kind: str, key: str) -> bytes | None:
-        """The payload stored under (kind, key), or None."""
-
-    def store(self, kind: str, key: str, payload: bytes) -> None:
-        """Store a payload (atomically; errors are logged, never raised)."""
-
-
 class LayerTable:
     """Every member of one layer tar in archive order, plus what was skipped and why."""
 
@@ -127,25 +118,21 @@ class LayerTable:
         return cls(builder.members, builder.skipped, end)
 
     @classmethod
-    def load_or_scan(
-        cls, source: Source, name: str, *, key: str | None, cache: TableStore | None
-    ) -> LayerTable:
-        """The table from the persistent cache (``key``: the layer's digest), else scanned and stored.
+    def load_or_scan(cls, source: Source, name: str, *, key: str | None, cache: Store | None) -> LayerTable:
+        """The table from the store (``key``: the layer's digest), else scanned and stored.
 
-        A cached table is used only if it parses, names a stream of exactly ``source.size`` bytes
+        A stored table is used only if it parses, names a stream of exactly ``source.size`` bytes
         and keeps every member inside it; anything else is logged and the layer scanned again.
         """
-        if cache is not None and key is not None:
-            payload = cache.load(CACHE_KIND, key)
-            if payload is not None:
-                try:
-                    return cls.from_bytes(payload, source.size)
-                except (ValueError, TypeError, KeyError, IndexError, UnicodeError) as e:
-                    log.warning("%s: cached layer table unusable (%s): scanning the layer again", name, e)
-        table = cls.scan(source, name)
-        if cache is not None and key is not None:
-            cache.store(CACHE_KIND, key, table.to_bytes(source.size))
-        return table
+        return load_or_build(
+            cache,
+            LAYER_TABLE,
+            key,
+            name=name,
+            decode=lambda payload: cls.from_bytes(payload, source.size),
+            build=lambda: cls.scan(source, name),
+            encode=lambda table: table.to_bytes(source.size),
+        )
 
     def to_bytes(self, size: int) -> bytes:
         """The table as the cache stores it (JSON), for a layer stream of ``size`` bytes."""

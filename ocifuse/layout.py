@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from . import model
 from .archive import Archive, open_archive
 from .cache import IndexCache
-from .compressed import Limits
 from .digest import Digest
 from .entries import Kind, Skipped
 from .errors import (
@@ -26,6 +25,7 @@ from .errors import (
     TooLarge,
 )
 from .source import FileRange, OpenFile, Source, sub_range
+from .streams import Limits
 
 if TYPE_CHECKING:
     from .dockerarchive import DockerArchive

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .compressed import Limits
 from .errors import OcifuseError
 from .model import Platform
+from .streams import Limits
 
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")

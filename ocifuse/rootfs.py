@@ -32,7 +32,6 @@ from .layer import LayerTable, Member, Type
 from .tarscan import normalize
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
-CACHE_KIND = "rootfs-tree"
 TREE_FORMAT = 2  # 2: a hardlink to a file its own layer whites out is kept
 # Symlinks followed in one path before giving up (securejoin's limit, as umoci unpack uses it).
 MAX_SYMLINKS = 255

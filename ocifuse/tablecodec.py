@@ -41,7 +41,6 @@ def _from_le(typecode: str, data: memoryview) -> array[int]:
     return a
 
 
-
 def encode_table(table: ArchiveTable) -> bytes:
     """The table as the index cache stores it (see _TABLE_HEAD); ValueError if it cannot be."""
     c = table.columns
@@ -61,6 +60,7 @@ def encode_table(table: ArchiveTable) -> bytes:
             *_pack_strings(symlinks),
         ]
     )
+
 
 def decode_table(payload: bytes) -> ArchiveTable:
     """A table from ``encode``'s bytes; ValueError when they do not hold one whole table."""

@@ -98,7 +98,6 @@ def refusal(name: str) -> str:
     return f"a name component is longer than {NAME_MAX} bytes"
 
 
-
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
@@ -111,7 +110,6 @@ def header_mtime(info: tarfile.TarInfo) -> int:
         return max(_INT64[0], min(int(info.mtime), _INT64[1]))
     except (TypeError, ValueError, OverflowError):
         return 0
-
 
 
 def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:

@@ -15,11 +15,14 @@ import pytest
 import pyzstd
 from conftest import require_tools
 
-from ocifuse import compressed
+from ocifuse import gzipsource, readers, zstdsource
 from ocifuse.cache import IndexCache
-from ocifuse.compressed import GzipSource, Limits, ZstdFrames, ZstdSpill, open_decompressed
+from ocifuse.compressed import open_decompressed
 from ocifuse.errors import ArchiveChanged, CompressedDataError, DecompressionLimit
+from ocifuse.gzipsource import GzipSource
 from ocifuse.source import FileRange, MemorySource, OpenFile, Source, SourceFile
+from ocifuse.streams import Limits
+from ocifuse.zstdsource import ZstdFrames, ZstdSpill
 
 
 def _semi_compressible(size: int, seed: int) -> bytes:
@@ -39,7 +42,7 @@ def _semi_compressible(size: int, seed: int) -> bytes:
 @pytest.fixture(autouse=True)
 def _small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
     """Frames over 1 MiB spill (8 MiB in use): the 5 MiB fixtures then take both zstd paths."""
-    monkeypatch.setattr(compressed, "ZSTD_FRAME_INPLACE", 1 << 20)
+    monkeypatch.setattr(zstdsource, "ZSTD_FRAME_INPLACE", 1 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -501,7 +504,7 @@ def test_an_index_built_without_the_digest_is_rebuilt_for_one_who_wants_it(
 
 
 def _live_readers() -> int:
-    return sum(1 for reader in list(compressed._open_readers) if not reader.closed)
+    return sum(1 for reader in list(gzipsource._open_readers) if not reader.closed)
 
 
 def test_idle_gzip_readers_are_bounded_across_sources(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -510,7 +513,7 @@ def test_idle_gzip_readers_are_bounded_across_sources(monkeypatch: pytest.Monkey
     Each source keeps its own index; the readers (a decoded chunk each) are one budget for the
     process, the least recently used closed first, and a closed one is reopened when needed.
     """
-    monkeypatch.setattr(compressed, "IDLE_READERS", 3)
+    monkeypatch.setattr(readers, "IDLE_READERS", 3)
     data = _semi_compressible(3 << 20, 4)
     blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
     before = _live_readers()
@@ -531,17 +534,17 @@ def test_idle_gzip_readers_are_bounded_across_sources(monkeypatch: pytest.Monkey
 
 def test_a_sequential_read_keeps_its_reader_among_many_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``cat`` of one blob, with other sources read in between, goes on with its reader: no new one."""
-    monkeypatch.setattr(compressed, "IDLE_READERS", 2)
+    monkeypatch.setattr(readers, "IDLE_READERS", 2)
     data = _semi_compressible(4 << 20, 5)
     blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
     made: list[Source] = []
-    real = compressed._gzip_reader
+    real = gzipsource._gzip_reader
 
     def counted(raw: Source) -> object:
         made.append(raw)
         return real(raw)
 
-    monkeypatch.setattr(compressed, "_gzip_reader", counted)
+    monkeypatch.setattr(gzipsource, "_gzip_reader", counted)
     sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"s{i}") for i in range(6)]
     try:
         big, others = sources[0], sources[1:]
@@ -564,7 +567,7 @@ def test_a_sequential_read_keeps_its_reader_among_many_sources(monkeypatch: pyte
 def test_kept_zstd_frames_are_one_budget_for_all_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded frames are kept for the process (ZSTD_KEPT_BYTES), not per source: many layers stay small."""
     frame = 256 << 10
-    monkeypatch.setattr(compressed, "ZSTD_KEPT_BYTES", 3 * frame)
+    monkeypatch.setattr(readers, "ZSTD_KEPT_BYTES", 3 * frame)
     data = _semi_compressible(2 << 20, 6)
     blob = b"".join(pyzstd.compress(data[i : i + frame]) for i in range(0, len(data), frame))
     sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"z{i}") for i in range(10)]

@@ -17,12 +17,12 @@ from conftest import RealImage, require_tools, run
 from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
 from oci import extract
 
-from ocifuse import cli, compressed, fsck
+from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
 from ocifuse.cache import IndexCache
-from ocifuse.compressed import Limits
 from ocifuse.errors import ArchiveChanged, DecompressionLimit
 from ocifuse.layout import ArchiveLayout, open_layout
+from ocifuse.streams import Limits
 
 TAG = "v1"
 # The tools that make each variant, and the one that takes it back (the reference).
@@ -209,12 +209,12 @@ def test_a_spill_is_bounded(
     archives: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A single-frame .tar.zst bigger than the in-place limit spills, within spill_max."""
-    monkeypatch.setattr(compressed, "ZSTD_FRAME_INPLACE", 1 << 20)
+    monkeypatch.setattr(zstdsource, "ZSTD_FRAME_INPLACE", 1 << 20)
     with pytest.raises(DecompressionLimit, match="spill_max"):
         Archive(str(archives["zstd"]), IndexCache(str(tmp_path / "c")), limits=Limits(spill_max=1 << 20))
     archive = Archive(str(archives["zstd"]), IndexCache(str(tmp_path / "c")))
     try:
-        assert isinstance(archive.sources[0], compressed.ZstdSpill)
+        assert isinstance(archive.sources[0], zstdsource.ZstdSpill)
     finally:
         archive.close()
 

@@ -23,8 +23,9 @@ from conftest import PODMAN_RUN, require_tools, run
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
 
-from ocifuse.compressed import ZstdFrames, open_decompressed
+from ocifuse.compressed import open_decompressed
 from ocifuse.source import FileRange, OpenFile
+from ocifuse.zstdsource import ZstdFrames
 
 pytestmark = pytest.mark.fuse
 

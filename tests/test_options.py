@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ocifuse import options
-from ocifuse.compressed import Limits
 from ocifuse.errors import OcifuseError
 from ocifuse.options import FORCED, MountOptions, OptionError, escape, parse, split
+from ocifuse.streams import Limits
 
 FSNAME = "/srv/images/app.tar"
 

@@ -316,6 +316,13 @@ class DictStore:
     def store(self, kind: str, key: str, payload: bytes) -> None:
         self.entries[(kind, key)] = payload
 
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def spill_path(self, key: str) -> str | None:
+        return None
+
 
 def test_layer_table_round_trips_through_the_cache() -> None:
     """A cached table equals the scan, every field and xattr byte; the second load reads no header."""

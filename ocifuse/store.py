@@ -1,0 +1,120 @@
+"""The cache seam: one interface for every cached artifact, one registry of kinds, one load-or-build rule.
+
+Whatever takes seconds to build and is the same on every open (an archive's entry table, a gzip
+seek-point index, a zstd frame table or spill file, a layer's table, an image's merged tree) is
+asked of a ``Store`` under a content key, and built and stored when it is not there: always
+through ``load_or_build``, so that every artifact follows the same rule for what it finds.
+
+- absent: built, then stored (when the builder's value can be encoded);
+- stale (written by another format version of its kind, or for other bytes than these: the
+  ``Stale`` a decoder raises): built again quietly, the new one replacing it;
+- damaged (the decoder raises ValueError; cache.py has already dropped entries whose checksum,
+  owner or framing is wrong): logged as a warning, built again, replaced.
+
+A stored artifact is never trusted beyond what its decoder checks: every read still checks its
+entry against its source's size (entries.Sources).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """One kind of cached artifact: its name in the store, the version of its payload format, what it is."""
+
+    kind: str  # lowercase words joined by dashes: an entry's file name starts with it
+    version: int  # bump when the payload's format changes: older entries are then stale
+    what: str  # how log lines name it
+
+
+# The registry: every kind the store holds, and the version of its format. Version 2 is the one
+# format every entry had before kinds had versions of their own (cache.CACHE_VERSION 2): such
+# entries still load.
+TABLE = Artifact("table", 2, "entry table")
+GZIP_INDEX = Artifact("gzip-index", 2, "gzip index")
+ZSTD_INDEX = Artifact("zstd-index", 2, "zstd frame table")
+LAYER_TABLE = Artifact("layer-table", 2, "layer table")
+TREE = Artifact("rootfs-tree", 2, "merged tree")
+# Spill files are the store's too (``Store.spill_path``); the zstd-index entry that names one says
+# which file it was and what it holds, so a spill is found, checked and replaced through it.
+KINDS = {a.kind: a for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE)}
+
+
+# What a decoder raises for a payload it cannot use: it parses stored bytes as untrusted input, and
+# a JSON document of the wrong shape fails with any of these.
+DAMAGED = (ValueError, TypeError, KeyError, IndexError)
+
+
+class Stale(ValueError):
+    """A stored payload that is whole but not for these bytes or this use: rebuilt without a warning."""
+
+
+class Store(Protocol):
+    """Where artifacts are kept (cache.IndexCache; image.VerifiedStore wraps one for a layer)."""
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing is ever loaded or stored (``-o nocache``, an unusable directory)."""
+
+    def load(self, kind: str, key: str) -> bytes | None:
+        """The payload stored under (kind, key), or None."""
+
+    def store(self, kind: str, key: str, payload: bytes) -> None:
+        """Store a payload (atomically; errors are logged, never raised)."""
+
+    def spill_path(self, key: str) -> str | None:
+        """Where a large derived file for ``key`` may live; None when there is no such place."""
+
+
+def load_or_build(
+    store: Store | None,
+    artifact: Artifact,
+    key: str | None,
+    *,
+    name: str,
+    decode: Callable[[bytes], T],
+    build: Callable[[], T],
+    encode: Callable[[T], bytes | None],
+    rebuild: bool = False,
+) -> T:
+    """The artifact stored under ``key`` when it decodes, else ``build()`` (stored as ``encode`` gives it).
+
+    ``decode`` raises one of DAMAGED (``Stale`` for an entry that is only out of date) for a
+    payload it cannot use; ``encode`` returns None (or raises ValueError/OverflowError) for a value not to be
+    stored. ``rebuild`` (fsck) builds even when an entry is there, and stores the fresh one.
+    ``name`` names what the artifact is of, in log lines. With no store or no key, only builds.
+    """
+    keep = store is not None and key is not None and store.enabled
+    if keep and not rebuild:
+        assert store is not None and key is not None
+        payload = store.load(artifact.kind, key)
+        if payload is not None:
+            try:
+                value = decode(payload)
+            except Stale as e:
+                log.debug("%s: stored %s out of date (%s): building it again", name, artifact.what, e)
+            except DAMAGED as e:
+                log.warning("%s: stored %s unusable (%s): building it again", name, artifact.what, e)
+            else:
+                log.debug("%s: %s from the cache", name, artifact.what)
+                return value
+    value = build()
+    if keep:
+        assert store is not None and key is not None
+        try:
+            data = encode(value)
+        except (ValueError, OverflowError) as e:  # a lone surrogate in a name, a value too large
+            log.info("%s: %s not stored (%s)", name, artifact.what, e)
+            data = None
+        if data is not None:
+            store.store(artifact.kind, key, data)
+    return value
