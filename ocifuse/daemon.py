@@ -18,16 +18,12 @@ import pyfuse3
 import trio
 
 from . import options as mount_options
-from .archive import Archive, open_archive
 from .cache import open_cache
-from .dockerarchive import adopt
-from .entries import Sources
 from .errors import MountError as MountError
-from .errors import OcifuseError
 from .fs import Operations
 from .journal import stderr_is_journal
-from .tree import Tree
 from .umount import visible_mount
+from .views import MountView, ViewOptions, open_mount
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +231,8 @@ def _raise_stopped(signum: int, frame: object) -> None:
     raise _Stopped(signum)
 
 
-def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
-    """``_open_view``, which a stop signal interrupts: the process then dies of it, its files removed.
+def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> MountView:
+    """``views.open_mount``, which a stop signal interrupts: the process then dies of it, its files removed.
 
     Indexing a large compressed archive takes minutes; killed by the signal's default action
     (systemd's stop, a start timeout) it would leave a partial spill or cache temp file behind.
@@ -245,9 +241,11 @@ def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.
     is not connected").
     """
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
-    view: _View | None = None
+    view: MountView | None = None
     try:
-        view = _open_view(archive_path, mountpoint, opts)
+        # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
+        # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
+        view = open_mount(archive_path, mountpoint, view_options(opts))
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         return view
     except _Stopped as stopped:
@@ -297,79 +295,19 @@ def _rootfs_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class _View:
-    """What a mount serves: the tree, the reads of its entries, systemd's STATUS= line, its closer."""
-
-    reader: Sources
-    tree: Tree
-    status: str
-    close: Callable[[], None]
-
-
-def _open_view(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> _View:
-    """The layout view of an oci-archive, or (``rootfs``) the merged root filesystem of one image."""
-    if not opts.rootfs:
-        # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
-        # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
-        cache = open_cache(opts.cache, disabled=opts.nocache)
-        archive = open_archive(archive_path, cache, limits=opts.limits)
-        if archive.compression != "plain":
-            log.info(
-                "%s: %s-compressed, %d bytes decompressed",
-                archive_path,
-                archive.compression,
-                archive.sources[0].size,
-            )
-        try:
-            docker = adopt(archive, require_image=True)  # a docker-archive is served as an OCI layout
-            for problem in docker.problems if docker is not None else ():
-                log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
-            tree = Tree(archive.table, root_mtime=int(archive.file.stat.st_mtime))
-            for skipped in archive.table.skipped:
-                log.warning("not served: %s: %s", skipped.name, skipped.reason)
-            status = _status(archive, mountpoint, tree.files)
-        except BaseException:
-            archive.close()
-            raise
-        return _View(archive, tree, status, archive.close)
-    # The rootfs view's modules are imported only for it: every mount pays for its imports.
-    from .image import open_rootfs
+def view_options(opts: mount_options.MountOptions) -> ViewOptions:
+    """What a mount's ``-o`` options ask of the front door (views.py): the same view inspect would open."""
     from .model import Platform
 
-    platform = Platform.parse(opts.platform) if opts.platform else None
-    image = open_rootfs(
-        archive_path,
-        ref=opts.ref,
-        platform=platform,
-        ignore_diff_ids=opts.ignore_diff_ids,
+    return ViewOptions(
         cache=open_cache(opts.cache, disabled=opts.nocache),
         limits=opts.limits,
+        rootfs=opts.rootfs,
+        ref=opts.ref,
+        platform=Platform.parse(opts.platform) if opts.platform else None,
         verify=opts.verify,
+        ignore_diff_ids=opts.ignore_diff_ids,
     )
-    for note in image.merged.notes:
-        log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
-    tree = Tree(image.merged.entries, root=image.merged.root)
-    digest = image.resolved.descriptor.digest
-    text = f"serving the root filesystem of {digest} from {archive_path} on {mountpoint}, {tree.files} files"
-    return _View(image.sources, tree, "".join(c if c.isprintable() else "?" for c in text), image.close)
-
-
-def _status(archive: Archive, mountpoint: str, files: int) -> str:
-    """systemd's STATUS= line (sd_notify(3)): the archive, its refs (index.json), the mountpoint."""
-    try:
-        from .layout import ArchiveLayout
-        from .resolve import refs
-
-        names = list(refs(ArchiveLayout(archive)))  # in index.json's order
-    except OcifuseError as e:
-        log.debug("no refs for the status line: %s", e)
-        names = []
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    text = (
-        f"serving {archive.path} ({f'refs {shown}' if names else 'no refs'}) on {mountpoint}, {files} files"
-    )
-    return "".join(c if c.isprintable() else "?" for c in text)  # one line, whatever the names hold
 
 
 def _innermost(exc: BaseException) -> BaseException:

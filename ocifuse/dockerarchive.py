@@ -36,9 +36,9 @@ from typing import Any
 from . import model
 from .archive import Archive
 from .digest import Digest
-from .entries import ArchiveTable, Entry, Kind, Skipped
-from .errors import InvalidDigest, LayoutOpenError
-from .layout import MAX_JSON, OCI_LAYOUT
+from .entries import ArchiveTable, Entry, Kind, Skipped, Sources
+from .errors import InvalidDigest
+from .layout import MAX_JSON, OCI_LAYOUT, Layout, TableLayout
 from .source import MemorySource, sniff
 from .tarscan import normalize
 
@@ -128,25 +128,25 @@ def archive_format(table: ArchiveTable) -> str | None:
     return None
 
 
-def adopt(archive: Archive, *, require_image: bool = False) -> DockerArchive | None:
-    """Serve ``archive`` as an OCI layout when it is a docker-archive; None for other archives.
+class DockerLayout(TableLayout):
+    """A docker-archive served as an OCI image layout: a view of its own over the archive, never changing it.
 
-    The archive's table is replaced by the view's and its documents are appended to its sources.
-    With ``require_image`` (the mount), an archive that is neither kind, or a docker-archive of
-    which no image can be served, raises LayoutOpenError with a one-line reason.
+    ``docker`` says what the view serves on trust and what it could not serve (fsck reports it).
     """
-    kind = archive_format(archive.table)
-    if kind is None and require_image:
-        raise LayoutOpenError(archive.path, "no oci-layout or manifest.json: not an image archive")
-    if kind != DOCKER_ARCHIVE:
-        return None
-    view = synthesize(archive.table, archive.pread, len(archive.sources))
-    if require_image and not view.images:
-        why = str(view.problems[0]) if view.problems else "manifest.json lists no image"
-        raise LayoutOpenError(archive.path, f"docker-archive with no image to serve: {why}")
-    archive.sources.extend(MemorySource(d) for d in view.documents)
-    archive.table = ArchiveTable(view.entries, view.skipped, archive.table.end)
-    return view
+
+    format = DOCKER_ARCHIVE
+
+    def __init__(self, archive: Archive) -> None:
+        """The view of the open ``archive`` (closed with this layout); never raises for bad content."""
+        self.docker = synthesize(archive.table, archive.pread, len(archive.sources))
+        reader = Sources([*archive.sources, *(MemorySource(d) for d in self.docker.documents)])
+        table = ArchiveTable(self.docker.entries, self.docker.skipped, archive.table.end)
+        super().__init__(archive, table, reader)
+
+
+def docker_view(layout: Layout) -> DockerArchive | None:
+    """What ``layout`` serves of a docker-archive (trusted layers, problems); None for other layouts."""
+    return layout.docker if isinstance(layout, DockerLayout) else None
 
 
 class _Unusable(Exception):

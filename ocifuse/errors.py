@@ -31,6 +31,10 @@ class NotAnArchive(LayoutOpenError):
     """The file is not a tar archive (or is compressed, which an oci-archive never is)."""
 
 
+class NotAnImage(LayoutOpenError):
+    """A tar that holds no image: neither an OCI layout (oci-layout, index.json) nor a docker-archive."""
+
+
 class TruncatedArchive(LayoutOpenError):
     """The archive ends in the middle of a member or a header."""
 

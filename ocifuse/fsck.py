@@ -86,6 +86,7 @@ from typing import Any
 from . import model
 from .cache import IndexCache
 from .digest import Digest
+from .dockerarchive import docker_view
 from .entries import Skipped
 from .errors import (
     ArchiveChanged,
@@ -101,8 +102,9 @@ from .errors import (
     TruncatedArchive,
 )
 from .image import check_layers
-from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout, open_layout
+from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout
 from .progress import ProgressBar, human, on_tty
+from .views import ViewOptions, open_layout
 
 # Hashing chunk: large reads amortize the per-call cost; hashlib releases the GIL above 2 KiB.
 CHUNK = 4 << 20
@@ -304,7 +306,8 @@ class _Checker:
         # cannot be told apart from "referenced by the unparsable document" and is not reported.
         self.incomplete = False
         # A docker-archive's layers served under their diff_ids, unhashed until now.
-        trusted = () if layout.docker is None else layout.docker.trusted
+        docker = docker_view(layout)
+        trusted = () if docker is None else docker.trusted
         self.trusted = {t.diff_id: t.member for t in reversed(trusted)}  # the first member served
 
     def add(self, code: str, message: str, *, digest: object = None, path: str | None = None) -> None:
@@ -315,7 +318,8 @@ class _Checker:
     def run(self) -> Report:
         for s in self.layout.skipped:
             self.member_skipped(s)
-        for p in () if self.layout.docker is None else self.layout.docker.problems:
+        docker = docker_view(self.layout)
+        for p in () if docker is None else docker.problems:
             self.add(p.code, p.message, path=p.path)
         try:
             self.header()
@@ -713,7 +717,7 @@ def main(path: str, *, as_json: bool, layers: bool = False, cache: IndexCache | 
     """
     start = time.monotonic()
     try:
-        layout = open_layout(path, cache, rescan=True)
+        layout = open_layout(path, ViewOptions(cache=cache, rescan=True))
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         if as_json:

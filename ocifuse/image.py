@@ -30,7 +30,7 @@ from .errors import (
     SizeMismatch,
 )
 from .layer import LayerTable
-from .layout import Layout, open_layout
+from .layout import Layout
 from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
@@ -208,8 +208,8 @@ class VerifiedStore:
             raise LayerError(f"{self._what}: {DigestMismatch(str(self._digest), str(self._found))}")
 
 
-def open_rootfs(
-    path: str,
+def open_image(
+    layout: Layout,
     *,
     ref: str | None = None,
     platform: Platform | None = None,
@@ -218,7 +218,9 @@ def open_rootfs(
     limits: Limits | None = None,
     verify: bool = False,
 ) -> RootImage:
-    """Resolve the image at ``path`` as inspect does, check its layers, and merge them (layer.md).
+    """Resolve the image in ``layout`` as inspect does, check its layers, and merge them (layer.md).
+
+    The RootImage returned owns ``layout`` (closes it); on error the caller still does.
 
     ``cache`` keeps each layer's index and table under its digest, so a second mount (or another
     image sharing the layer) decompresses nothing and reads no layer header. ``limits`` bounds
@@ -227,7 +229,6 @@ def open_rootfs(
     even when all is in the cache (``-o verify``). Raises an OcifuseError with one
     line saying what is wrong: the layout, the ref, a layer.
     """
-    layout = open_layout(path)
     sources: list[Source] = []
     try:
         resolved = resolve(layout, ref, platform)
@@ -284,7 +285,6 @@ def open_rootfs(
         )
     except BaseException:
         Sources(sources).close()
-        layout.close()
         raise
 
 

@@ -19,9 +19,11 @@ from typing import Any
 from . import model, resolve
 from .cache import IndexCache
 from .digest import Digest
+from .dockerarchive import docker_view
 from .errors import LayoutOpenError, NotFound, OcifuseError
-from .layout import Layout, open_layout
+from .layout import Layout
 from .model import Descriptor, Platform
+from .views import ViewOptions, open_layout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -356,6 +358,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
             more = f"; and {len(unresolved) - 4} more" if len(unresolved) > 4 else ""
             listing = f" ({'; '.join(shown)}{more})" if shown else " (index.json lists nothing)"
             error = f"no image for {want} in {layout.path}{listing}"
+    docker = docker_view(layout)
     return Summary(
         path=layout.path,
         compression=layout.compression,
@@ -366,7 +369,7 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         unresolved=tuple(unresolved),
         error=error,
         format=layout.format,
-        problems=tuple(f"{p.code}: {p}" for p in (layout.docker.problems if layout.docker else ())),
+        problems=tuple(f"{p.code}: {p}" for p in (docker.problems if docker is not None else ())),
     )
 
 
@@ -495,7 +498,7 @@ def main(
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2
     try:
-        layout = open_layout(path, cache)
+        layout = open_layout(path, ViewOptions(cache=cache))
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2

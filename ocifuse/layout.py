@@ -8,13 +8,11 @@ import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import model
-from .archive import Archive, open_archive
-from .cache import IndexCache
+from .archive import Archive
 from .digest import Digest
-from .entries import Kind, Skipped
+from .entries import ArchiveTable, Kind, Skipped, Sources
 from .errors import (
     BlobNotFound,
     FileMissing,
@@ -25,10 +23,6 @@ from .errors import (
     TooLarge,
 )
 from .source import FileRange, OpenFile, Source, sub_range
-from .streams import Limits
-
-if TYPE_CHECKING:
-    from .dockerarchive import DockerArchive
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
@@ -53,8 +47,6 @@ class Layout(ABC):
     compression: str = "plain"
     # What PATH is: "oci-layout" (a directory), "oci-archive" or "docker-archive" (dockerarchive.py).
     format: str = "oci-layout"
-    # A docker-archive's view: what it serves on trust and what it could not serve (fsck reports it).
-    docker: DockerArchive | None = None
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -104,6 +96,14 @@ class Layout(ABC):
     def index(self) -> model.Index:
         """Parse ``index.json`` (image-layout.md: "index.json file" is an image index)."""
         return model.Index.from_json(INDEX_JSON, model.loads(INDEX_JSON, self.read_small(INDEX_JSON)))
+
+    def has_file(self, name: str) -> bool:
+        """True when the regular file ``name`` exists."""
+        try:
+            self.size_of(name)
+        except FileMissing:
+            return False
+        return True
 
     def blob_size(self, digest: Digest) -> int:
         """Size of a blob; raises BlobNotFound."""
@@ -156,38 +156,21 @@ class Layout(ABC):
                 yield name, Digest.from_path(name)
 
 
-class ArchiveLayout(Layout):
-    """A layout inside an oci-archive: lookups in the entry table, bytes by pread."""
+class TableLayout(Layout):
+    """A layout served from an entry table: lookups in the table, bytes through its reader.
 
-    def __init__(
-        self,
-        path: str | Archive,
-        cache: IndexCache | None = None,
-        *,
-        rescan: bool = False,
-        limits: Limits | None = None,
-    ) -> None:
-        """Open the archive at ``path``, or take one already open (the mount's: same fd, same table).
+    The table and reader are the archive's own (an oci-archive) or a view's made over the archive
+    (a docker-archive, dockerarchive.DockerLayout); the archive is never changed by a view.
+    """
 
-        An archive opened here that is a docker-archive is served as an OCI layout (dockerarchive.py).
-        ``cache``, ``rescan`` and ``limits`` are Archive's: where a stored table and index may come
-        from and go to, and the bounds of decompressing a compressed archive (its progress is shown).
-        """
-        from .dockerarchive import DOCKER_ARCHIVE, OCI_ARCHIVE, adopt
-
-        if isinstance(path, str):
-            self.archive = open_archive(path, cache, rescan=rescan, limits=limits)
-            try:
-                self.docker = adopt(self.archive)
-            except BaseException:
-                self.archive.close()
-                raise
-        else:
-            self.archive = path
-        self.format = OCI_ARCHIVE if self.docker is None else DOCKER_ARCHIVE
-        self.path = self.archive.path
-        self.skipped = self.archive.table.skipped
-        self.compression = self.archive.compression
+    def __init__(self, archive: Archive, table: ArchiveTable, reader: Sources) -> None:
+        """Serve ``table`` through ``reader`` over the open ``archive`` (closed with this layout)."""
+        self.archive = archive
+        self.table = table
+        self.reader = reader
+        self.path = archive.path
+        self.skipped = table.skipped
+        self.compression = archive.compression
         self._index: model.Index | None = None
 
     def index(self) -> model.Index:
@@ -200,28 +183,38 @@ class ArchiveLayout(Layout):
         return self._index
 
     def size_of(self, name: str) -> int:
-        entry = self.archive.table.get(name)
+        entry = self.table.get(name)
         if entry is None or entry.kind is not Kind.FILE:
             raise FileMissing(name)
         return entry.size
 
     def read_at(self, name: str, offset: int, size: int) -> bytes:
-        entry = self.archive.table.get(name)
+        entry = self.table.get(name)
         if entry is None or entry.kind is not Kind.FILE:
             raise FileMissing(name)
-        return self.archive.pread(entry, offset, size)
+        return self.reader.pread(entry, offset, size)
 
     def file_names(self) -> Iterator[str]:
-        return (name for name, _ in self.archive.files())
+        return (name for name, _ in self.table.files())
 
     def blob_source(self, digest: Digest) -> Source:
-        entry = self.archive.table.get(digest.path)
+        entry = self.table.get(digest.path)
         if entry is None or entry.kind is not Kind.FILE:
             raise BlobNotFound(str(digest))
-        return sub_range(self.archive.sources[entry.source], entry.offset, entry.size)
+        return sub_range(self.reader.sources[entry.source], entry.offset, entry.size)
 
     def close(self) -> None:
         self.archive.close()
+
+
+class ArchiveLayout(TableLayout):
+    """A layout inside an oci-archive: the archive's own table, bytes by pread."""
+
+    format = "oci-archive"
+
+    def __init__(self, archive: Archive) -> None:
+        """Serve the open ``archive`` (closed with this layout)."""
+        super().__init__(archive, archive.table, archive)
 
 
 class DirectoryLayout(Layout):
@@ -321,26 +314,3 @@ class DirectoryLayout(Layout):
         if self._root >= 0:
             os.close(self._root)
             self._root = -1
-
-
-def open_layout(
-    path: str | os.PathLike[str],
-    cache: IndexCache | None = None,
-    *,
-    rescan: bool = False,
-    limits: Limits | None = None,
-) -> Layout:
-    """Open ``path`` as a layout: a directory as a DirectoryLayout, any other file as an archive.
-
-    An archive's table (and a compressed one's index) may come from ``cache`` (and a built one
-    go to it); ``limits`` bound decompressing; see Archive.
-    Raises LayoutOpenError (with a one-line reason naming the path) when it cannot be opened.
-    """
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise LayoutOpenError(path, e.strerror or str(e)) from e
-    if stat.S_ISDIR(st.st_mode):
-        return DirectoryLayout(path)
-    return ArchiveLayout(path, cache, rescan=rescan, limits=limits)

@@ -14,7 +14,8 @@ from mounting import no_new_mounts, skip_or_fail
 from oci import LayoutBuilder
 from tarbuild import tar_extract
 
-from ocifuse.layout import ArchiveLayout, DirectoryLayout, Layout
+from ocifuse.layout import DirectoryLayout, Layout
+from ocifuse.views import open_layout
 
 BACKENDS = ("archive", "directory")
 LayoutFactory = Callable[[LayoutBuilder], Layout]
@@ -122,7 +123,7 @@ def real_umoci_dir(real_image: RealImage) -> Path:
 
 def open_backend(kind: str, path: Path) -> Layout:
     """Open ``path`` as the backend named ``kind`` (one of BACKENDS)."""
-    return ArchiveLayout(str(path)) if kind == "archive" else DirectoryLayout(str(path))
+    return open_layout(str(path)) if kind == "archive" else DirectoryLayout(str(path))
 
 
 @pytest.fixture(params=BACKENDS)

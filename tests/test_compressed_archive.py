@@ -21,8 +21,8 @@ from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
 from ocifuse.cache import IndexCache
 from ocifuse.errors import ArchiveChanged, DecompressionLimit
-from ocifuse.layout import ArchiveLayout, open_layout
 from ocifuse.streams import Limits
+from ocifuse.views import open_layout
 
 TAG = "v1"
 # The tools that make each variant, and the one that takes it back (the reference).
@@ -117,7 +117,7 @@ def test_the_second_open_reads_the_index_from_the_cache(archives: dict[str, Path
 def test_an_archive_changed_underneath_fails_reads(archives: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "image.tar.gz"
     shutil.copy(archives["gzip"], copy)
-    layout = ArchiveLayout(str(copy))
+    layout = open_layout(str(copy))
     try:
         big = max(layout.file_names(), key=layout.size_of)
         with open(copy, "r+b") as f:

@@ -19,9 +19,11 @@ from test_hostile import ocifuse as measured
 from ocifuse import cli, dockerarchive, fsck, model
 from ocifuse.archive import Archive
 from ocifuse.digest import Digest
-from ocifuse.errors import LayoutOpenError
-from ocifuse.layout import MAX_JSON, ArchiveLayout, Layout, open_layout
+from ocifuse.dockerarchive import docker_view
+from ocifuse.errors import NotAnImage
+from ocifuse.layout import MAX_JSON, Layout
 from ocifuse.resolve import refs, resolve
+from ocifuse.views import open_layout
 
 
 def blob(layout: Layout, digest: str) -> bytes:
@@ -31,7 +33,7 @@ def blob(layout: Layout, digest: str) -> bytes:
 def test_two_images_served_as_a_layout(tmp_path: Path) -> None:
     d = two_images()
     path = d.write(tmp_path / "d.tar")
-    with ArchiveLayout(str(path)) as layout:
+    with open_layout(str(path)) as layout:
         assert layout.format == "docker-archive"
         assert layout.header().image_layout_version == "1.0.0"
         # One index.json entry per RepoTag, named as written (podman save --format oci-archive does).
@@ -64,12 +66,12 @@ def test_two_images_served_as_a_layout(tmp_path: Path) -> None:
 def test_manifests_are_deterministic(tmp_path: Path) -> None:
     a = two_images().write(tmp_path / "a.tar")
     b = two_images().write(tmp_path / "b.tar")
-    with ArchiveLayout(str(a)) as la, ArchiveLayout(str(b)) as lb:
+    with open_layout(str(a)) as la, open_layout(str(b)) as lb:
         assert la.read_small("index.json") == lb.read_small("index.json")
         assert sorted(la.file_names()) == sorted(lb.file_names())
         first = {n: la.read_small(n) for n in la.file_names() if n.startswith("blobs/")}
         assert first == {n: lb.read_small(n) for n in lb.file_names() if n.startswith("blobs/")}
-    with ArchiveLayout(str(a)) as again:
+    with open_layout(str(a)) as again:
         assert {n: again.read_small(n) for n in again.file_names() if n.startswith("blobs/")} == first
 
 
@@ -77,7 +79,7 @@ def test_untagged_image_has_an_unnamed_entry(tmp_path: Path) -> None:
     d = DockerArchive()
     d.add_image([layer_tar({"a": b"a"})], [])
     d.manifest[0]["RepoTags"] = None
-    with ArchiveLayout(str(d.write(tmp_path / "d.tar"))) as layout:
+    with open_layout(str(d.write(tmp_path / "d.tar"))) as layout:
         (desc,) = layout.index().manifests
         assert desc.ref_name is None
         assert fsck.check(layout).findings == ()
@@ -92,7 +94,7 @@ def test_compressed_layers_keep_their_type_and_digest(tmp_path: Path, kind: str)
     if kind == "zstd":  # the magic bytes decide (RFC 8878 3.1.1), whatever follows them
         d.files[name] = b"\x28\xb5\x2f\xfd" + d.files[name]
     stored = d.files[name]
-    with ArchiveLayout(str(d.write(tmp_path / "d.tar"))) as layout:
+    with open_layout(str(d.write(tmp_path / "d.tar"))) as layout:
         (desc,) = resolve(layout, "c:1").manifest.layers
         assert desc.media_type == f"application/vnd.oci.image.layer.v1.tar+{kind}"
         assert str(desc.digest) == "sha256:" + sha256(stored)
@@ -109,9 +111,9 @@ def test_docker25_archive_is_served_as_it_is(tmp_path: Path) -> None:
     path = write_archive(
         tmp_path / "d25.tar", layout_members(b, extra={"manifest.json": b'[{"Config": "x", "Layers": []}]'})
     )
-    with ArchiveLayout(str(path)) as layout:
+    with open_layout(str(path)) as layout:
         assert layout.format == "oci-archive"
-        assert layout.docker is None
+        assert docker_view(layout) is None
         assert "manifest.json" in set(layout.file_names())
         assert layout.read_small("index.json") == b.layout_files()["index.json"]
 
@@ -133,11 +135,11 @@ def test_neither_layout_nor_docker_archive(tmp_path: Path) -> None:
     path = write_archive(tmp_path / "rootfs.tar", [file_member("etc/hostname", b"box\n")])
     archive = Archive(str(path))
     try:
-        assert dockerarchive.adopt(archive) is None
-        with pytest.raises(LayoutOpenError, match="no oci-layout or manifest.json: not an image archive"):
-            dockerarchive.adopt(archive, require_image=True)
+        assert dockerarchive.archive_format(archive.table) is None
     finally:
         archive.close()
+    with pytest.raises(NotAnImage, match=r"not an image archive \(no oci-layout, index.json or manifest"):
+        open_layout(str(path))
 
 
 # -- damage: one case per docker-* finding code ----------------------------------------------------
@@ -276,10 +278,11 @@ def test_every_docker_code_has_a_case() -> None:
 @pytest.mark.parametrize(("code", "damage", "served"), PARAMS)
 def test_damage_is_named_by_fsck(tmp_path: Path, code: str, damage: Damage, served: int) -> None:
     path = damage(two_images(), tmp_path)
-    with ArchiveLayout(str(path)) as layout:
+    with open_layout(str(path)) as layout:
         assert layout.format == "docker-archive"
-        assert layout.docker is not None
-        assert len(layout.docker.images) == served
+        docker = docker_view(layout)
+        assert docker is not None
+        assert len(docker.images) == served
         report = fsck.check(layout)
         # Nothing of the damaged archive is served from outside it: every blob is a member's bytes.
         for name in layout.file_names():
@@ -322,8 +325,9 @@ def test_symlink_escape_never_reads_outside(tmp_path: Path) -> None:
     with open_layout(d.write(tmp_path / "in" / "d.tar")) as layout:
         for name in layout.file_names():
             assert b"secret" not in layout.read_small(name, 1 << 30)
-        assert layout.docker is not None
-        assert [p.code for p in layout.docker.problems] == ["docker-symlink-escape"]
+        docker = docker_view(layout)
+        assert docker is not None
+        assert [p.code for p in docker.problems] == ["docker-symlink-escape"]
 
 
 # -- bounds: what a small manifest.json can make ocifuse hold and do --------------------------------
@@ -352,11 +356,12 @@ def test_amplification_is_bounded(tmp_path: Path, images: int, layers: int, tags
     """A 4 MB manifest.json that would make gigabytes of manifests (or index.json) is cut short."""
     path = _amplifying(tmp_path, images, layers, tags)
     assert path.stat().st_size < dockerarchive.MAX_MANIFEST_JSON + (1 << 20)
-    with ArchiveLayout(str(path)) as layout:
-        assert layout.docker is not None
-        (problem,) = layout.docker.problems
+    with open_layout(str(path)) as layout:
+        docker = docker_view(layout)
+        assert docker is not None
+        (problem,) = docker.problems
         assert problem.code == "docker-manifest-invalid" and "not served" in problem.message
-        made = sum(len(d) for d in layout.docker.documents)
+        made = sum(len(d) for d in docker.documents)
         assert made <= dockerarchive.MAX_DOCUMENTS + 2 * MAX_JSON  # the manifests, index.json, oci-layout
         assert 0 < len(layout.index().manifests) <= dockerarchive.MAX_REFS
     work = tmp_path / "cwd"
@@ -374,7 +379,7 @@ def test_compressed_layer_diff_id_is_checked_by_fsck_layers(tmp_path: Path) -> N
     d.add_image([layer_tar({"f": b"data\n"})], ["c:1"], compress=True)
     name = d.manifest[0]["Layers"][0]
     d.files[name] = gzip.compress(layer_tar({"f": b"DATA\n"}), mtime=0)  # not what diff_ids says
-    with ArchiveLayout(str(d.write(tmp_path / "d.tar"))) as layout:
+    with open_layout(str(d.write(tmp_path / "d.tar"))) as layout:
         assert fsck.check(layout).findings == ()
         report = fsck.check(layout, layers=True)
     assert [f.code for f in report.findings] == ["diffid-mismatch"]
@@ -418,14 +423,15 @@ def test_any_manifest_json_and_symlinks(images: object, links: dict[str, str]) -
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = d.write(Path(tmp) / "d.tar", manifest_bytes=json.dumps(images).encode())
-        with ArchiveLayout(str(path)) as layout:
-            assert layout.docker is not None
-            for p in layout.docker.problems:
+        with open_layout(str(path)) as layout:
+            docker = docker_view(layout)
+            assert docker is not None
+            for p in docker.problems:
                 assert p.code in fsck.CODES and p.code.startswith("docker-")
                 assert "\n" not in str(p)
             served = {layout.read_small(n, 1 << 20) for n in layout.file_names() if n.startswith("blobs/")}
             members = {layer, config}
-            documents = set(layout.docker.documents)
+            documents = set(docker.documents)
             assert served <= members | documents
             report = fsck.check(layout)
             assert all(f.code in fsck.CODES for f in report.findings)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from oci import LayoutBuilder
 
 from ocifuse import cli, fsck, model
-from ocifuse.layout import Layout, open_layout
+from ocifuse.layout import Layout
+from ocifuse.views import open_layout
 
 Json = dict[str, Any]
 Edits = dict[str, bytes | None]

@@ -28,8 +28,9 @@ from tarbuild import file_member, layout_members, sample_builder, write_archive
 from ocifuse import fsck, inspect, model, resolve
 from ocifuse.digest import Digest
 from ocifuse.errors import OcifuseError
-from ocifuse.layout import Layout, open_layout
+from ocifuse.layout import Layout
 from ocifuse.tree import Tree
+from ocifuse.views import open_layout
 
 EXAMPLES = int(os.environ.get("OCIFUSE_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

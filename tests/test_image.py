@@ -17,13 +17,18 @@ from oci import LayoutBuilder
 from tarbuild import file_member, link_member
 from test_rootfs import tar_bytes, whiteout
 
-from ocifuse import model, open_layout
+from ocifuse import model, open_layout, views
 from ocifuse import options as mount_options
 from ocifuse.cache import IndexCache
 from ocifuse.errors import CompressedDataError, DiffIdMismatch, InvalidDocument, LayerError, NotAnArchive
 from ocifuse.fsck import check
-from ocifuse.image import open_rootfs
+from ocifuse.image import RootImage
 from ocifuse.options import OptionError
+
+
+def open_rootfs(path: str, **options: Any) -> RootImage:
+    """The front door's rootfs view of ``path`` (views.open_rootfs), options as keywords."""
+    return views.open_rootfs(path, views.ViewOptions(**options))
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 

@@ -10,8 +10,9 @@ import pytest
 from oci import LayoutBuilder
 
 from ocifuse import cli, inspect, model
-from ocifuse.layout import Layout, open_layout
+from ocifuse.layout import Layout
 from ocifuse.model import Platform
+from ocifuse.views import open_layout
 
 Json = dict[str, Any]
 CONFIG: Json = {

@@ -180,7 +180,7 @@ def test_both_backends_agree(tmp_path: Path) -> None:
     """The archive and the directory of one layout list the same files with the same bytes."""
     b, _ = image_builder()
     with (
-        closing(ArchiveLayout(str(b.write_tar(tmp_path / "l.tar")))) as a,
+        closing(open_layout(str(b.write_tar(tmp_path / "l.tar")))) as a,
         closing(DirectoryLayout(str(b.write_dir(tmp_path / "l")))) as d,
     ):
         assert sorted(a.file_names()) == sorted(d.file_names())

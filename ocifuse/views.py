@@ -1,0 +1,178 @@
+"""The one front door: (path, options) -> a view, the same for mount, --rootfs, fsck, inspect and the API.
+
+Every command opens what it reads here, with one ``ViewOptions``: the same cache, limits, ref and
+platform resolution, and the same one-line refusal for input that holds no image. Which view a
+path is, is decided here and only here:
+
+- a directory: a layout directory (``DirectoryLayout``);
+- a file holding an OCI layout (``oci-layout``, ``index.json``): ``ArchiveLayout``;
+- a file holding a docker-archive (``manifest.json``, no ``oci-layout``): ``DockerLayout``, a
+  view of its own over the archive;
+- anything else: ``NotAnImage``;
+
+and, with ``rootfs``, the merged root filesystem of one image of that layout (image.py).
+``open_mount`` gives the daemon what it serves: a tree and the reader of its entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .archive import Archive, open_archive
+from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_format
+from .entries import Sources
+from .errors import LayoutOpenError, NotAnImage, OcifuseError
+from .image import RootImage, open_image
+from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout
+from .model import Platform
+from .store import Store
+from .streams import Limits
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ViewOptions:
+    """How a path is opened: the same options mean the same view, whichever command asks."""
+
+    cache: Store | None = None  # where tables and indexes are loaded from and stored (None: nowhere)
+    limits: Limits = field(default_factory=Limits)  # bounds of decompressing (max_size, spill_max)
+    rescan: bool = False  # fsck: trust nothing stored; scan and index again, and store the fresh ones
+    rootfs: bool = False  # the merged root filesystem of one image, not the layout
+    ref: str | None = None  # which image (a ref name or a digest), as inspect --ref
+    platform: Platform | None = None  # which platform's image (default: this machine's)
+    verify: bool = False  # rootfs: hash every layer's blob, even when all is cached
+    ignore_diff_ids: bool = False  # rootfs: serve layers whose diff_id does not match the config
+
+
+def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None) -> Layout:
+    """Open ``path`` as a layout: a directory, an oci-archive or a docker-archive (plain or compressed).
+
+    Raises LayoutOpenError (NotAnImage for a tar that holds no image) with a one-line reason.
+    """
+    path = os.fspath(path)
+    options = options or ViewOptions()
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LayoutOpenError(path, e.strerror or str(e)) from e
+    if stat.S_ISDIR(st.st_mode):
+        return DirectoryLayout(path)
+    archive = open_archive(path, options.cache, rescan=options.rescan, limits=options.limits)
+    try:
+        return _archive_view(archive)
+    except BaseException:
+        archive.close()
+        raise
+
+
+def _archive_view(archive: Archive) -> TableLayout:
+    """The layout view of an open archive, by what it holds (never by its name)."""
+    kind = archive_format(archive.table)
+    if kind == DOCKER_ARCHIVE:
+        return DockerLayout(archive)
+    if kind is None and archive.table.get(INDEX_JSON) is None:
+        raise NotAnImage(
+            archive.path, f"not an image archive (no {OCI_LAYOUT}, {INDEX_JSON} or {MANIFEST_JSON})"
+        )
+    return ArchiveLayout(archive)  # an OCI layout; one without oci-layout is fsck's to report
+
+
+def open_rootfs(path: str | os.PathLike[str], options: ViewOptions | None = None) -> RootImage:
+    """The merged root filesystem of the image at ``path`` that ``options.ref``/``platform`` name."""
+    options = options or ViewOptions()
+    layout = open_layout(path, options)
+    try:
+        return open_image(
+            layout,
+            ref=options.ref,
+            platform=options.platform,
+            ignore_diff_ids=options.ignore_diff_ids,
+            cache=options.cache,
+            limits=options.limits,
+            verify=options.verify,
+        )
+    except BaseException:
+        layout.close()
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class MountView:
+    """What a mount serves: the tree, the reads of its entries, systemd's STATUS= line, its closer."""
+
+    reader: Sources
+    tree: Tree
+    status: str
+    close: Callable[[], None]
+
+
+def open_mount(path: str, mountpoint: str, options: ViewOptions) -> MountView:
+    """The view a mount of ``path`` on ``mountpoint`` serves: the layout, or (``rootfs``) one image's files.
+
+    What is not served is logged as a warning, one line each. The layout view of a file must hold
+    a servable image: an ``oci-layout`` file, or a docker-archive with an image (LayoutOpenError).
+    """
+    if options.rootfs:
+        image = open_rootfs(path, options)
+        for note in image.merged.notes:
+            log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
+        tree = Tree(image.merged.entries, root=image.merged.root)
+        digest = image.resolved.descriptor.digest
+        status = f"serving the root filesystem of {digest} from {path} on {mountpoint}, {tree.files} files"
+        return MountView(image.sources, tree, _one_line(status), image.close)
+    layout = open_layout(path, options)
+    try:
+        if not isinstance(layout, TableLayout):
+            raise LayoutOpenError(path, "a layout directory: mount it with --rootfs, or read it as it is")
+        _check_servable(layout)
+        archive = layout.archive
+        if archive.compression != "plain":
+            log.debug(
+                "%s: %s-compressed, %d bytes decompressed", path, archive.compression, archive.sources[0].size
+            )
+        for skipped in layout.skipped:
+            log.warning("not served: %s: %s", skipped.name, skipped.reason)
+        tree = Tree(layout.table, root_mtime=int(archive.file.stat.st_mtime))
+        return MountView(layout.reader, tree, _status(layout, mountpoint, tree.files), layout.close)
+    except BaseException:
+        layout.close()
+        raise
+
+
+def _check_servable(layout: TableLayout) -> None:
+    """Refuse (one line) a layout view with nothing a tool could read: no oci-layout, no docker image."""
+    if isinstance(layout, DockerLayout):
+        for problem in layout.docker.problems:
+            log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
+        if not layout.docker.images:
+            problems = layout.docker.problems
+            why = str(problems[0]) if problems else "manifest.json lists no image"
+            raise LayoutOpenError(layout.path, f"docker-archive with no image to serve: {why}")
+    elif not layout.has_file(OCI_LAYOUT):
+        raise NotAnImage(layout.path, f"not an image archive (no {OCI_LAYOUT} file; ocifuse fsck says more)")
+
+
+def _status(layout: Layout, mountpoint: str, files: int) -> str:
+    """systemd's STATUS= line (sd_notify(3)): the archive, its refs (index.json), the mountpoint."""
+    from .resolve import refs
+
+    try:
+        names = list(refs(layout))  # in index.json's order
+    except OcifuseError as e:
+        log.debug("no refs for the status line: %s", e)
+        names = []
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return _one_line(
+        f"serving {layout.path} ({f'refs {shown}' if names else 'no refs'}) on {mountpoint}, {files} files"
+    )
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every unprintable character (a newline in a ref name) as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
