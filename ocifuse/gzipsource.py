@@ -311,7 +311,9 @@ class GzipSource(Source):
         for i, length in enumerate(tries):
             try:
                 stream = raw if length == raw.size else sub_range(raw, 0, length)
-                return cls._pass(raw, stream, name, limits, progress if i == 0 else None, digest, padding)
+                source = cls._pass(raw, stream, name, limits, progress if i == 0 else None, digest, padding)
+                log.info("%s: gzip-compressed, %d bytes decompressed", name, source.size)
+                return source
             except CompressedDataError:
                 if i + 1 == len(tries):
                     raise

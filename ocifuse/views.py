@@ -132,10 +132,6 @@ def open_mount(path: str, mountpoint: str, options: ViewOptions) -> MountView:
             raise LayoutOpenError(path, "a layout directory: mount it with --rootfs, or read it as it is")
         _check_servable(layout)
         archive = layout.archive
-        if archive.compression != "plain":
-            log.debug(
-                "%s: %s-compressed, %d bytes decompressed", path, archive.compression, archive.sources[0].size
-            )
         for skipped in layout.skipped:
             log.warning("not served: %s: %s", skipped.name, skipped.reason)
         tree = Tree(layout.table, root_mtime=int(archive.file.stat.st_mtime))

@@ -246,7 +246,10 @@ def open_zstd(
                 "%s: a zstd frame over %d bytes: decompressing to a spill file", name, ZSTD_FRAME_INPLACE
             )
             path = cache.spill_path(key) if cache is not None and key is not None else None
-            return _spill(raw, path, name, limits, high, digest)
+            spilled = _spill(raw, path, name, limits, high, digest)
+            log.info("%s: zstd-compressed, %d bytes decompressed", name, spilled.size)
+            return spilled
+        log.info("%s: zstd-compressed, %d bytes decompressed", name, found.size)
         return ZstdFrames(
             raw, name, found.frames, Head(_ZSTD_FRAMES_MAGIC, found.size, raw.size, found.sha256())
         )
