@@ -26,7 +26,6 @@ served is a Problem with a stable code (fsck's codes); the rest of the archive i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 
 from . import model
 from .archive import Archive
-from .digest import Digest
+from .digest import Digest, hash_source
 from .entries import ArchiveTable, Entry, Kind, Skipped, Sources
 from .errors import InvalidDigest
 from .layout import MAX_JSON, OCI_LAYOUT, Layout, TableLayout
@@ -58,7 +57,6 @@ MAX_LAYERS = model.MAX_LAYERS  # layers (and diff_ids) of one image
 MAX_LAYER_REFS = 1 << 16  # layer paths and diff_ids looked at, over all images
 MAX_DOCUMENTS = MAX_JSON  # bytes of all the manifests made; index.json is at most MAX_JSON too
 MAX_REFS = 1024  # index.json entries (one per RepoTag; inspect resolves each: keep it quick)
-CHUNK = 1 << 20
 # image-layout.md, "oci-layout file".
 LAYOUT_HEADER = b'{"imageLayoutVersion":"1.0.0"}'
 # layer.md, "Media types": the stored layer's own type, by its magic bytes.
@@ -242,15 +240,7 @@ class _Builder:
         key = (entry.offset, entry.size)
         found = self.hashed.get(key)
         if found is None:
-            h = hashlib.sha256()
-            done = 0
-            while done < entry.size:
-                chunk = self.pread(entry, done, CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                done += len(chunk)
-            found = self.hashed[key] = Digest("sha256", h.hexdigest())
+            found = self.hashed[key] = hash_source(lambda at, n: self.pread(entry, at, n), entry.size)
         return found
 
     def add_blob(self, digest: Digest, entry: Entry) -> None:

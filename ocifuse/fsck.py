@@ -85,7 +85,7 @@ from typing import Any
 
 from . import model
 from .cache import IndexCache
-from .digest import Digest
+from .digest import Digest, hash_chunks
 from .dockerarchive import docker_view
 from .entries import Skipped
 from .errors import (
@@ -551,7 +551,7 @@ class _Checker:
         keep = _is_json(desc.media_type) and size <= MAX_JSON
         try:
             if digest.verifiable:
-                blob.data = self.hash(digest, keep)
+                blob.data = self.hash(digest, size, keep)
             else:
                 self.add(
                     "unverifiable-digest",
@@ -570,19 +570,13 @@ class _Checker:
         blob.size = size
         return blob
 
-    def hash(self, digest: Digest, keep: bool) -> bytes | None:
+    def hash(self, digest: Digest, size: int, keep: bool) -> bytes | None:
         """Stream a blob through its verifier; the bytes when ``keep``."""
-        verifier = digest.verifier()
-        kept: list[bytes] = []
-        for chunk in self.layout.iter_blob(digest, CHUNK):
-            verifier.update(chunk)
-            if keep:
-                kept.append(chunk)
-            if self.progress is not None:
-                self.progress(len(chunk))
+        chunks = self.layout.iter_blob(digest, CHUNK)
+        kept = list(chunks) if keep else None  # a small JSON blob (MAX_JSON), kept for parsing
+        found = hash_chunks(chunks if kept is None else kept, digest.algorithm, progress=self.progress)
         self.blobs_verified += 1
-        self.bytes_verified += verifier.length
-        found = verifier.found()
+        self.bytes_verified += size  # iter_blob gives exactly the blob's size, or raises
         if found != digest and digest in self.trusted:
             # config.md: a diff_id is the digest of the uncompressed layer, which the member is.
             self.add(
@@ -593,7 +587,7 @@ class _Checker:
             )
         elif found != digest:
             self.add("digest-mismatch", f"content hashes to {found}", digest=digest, path=digest.path)
-        return b"".join(kept) if keep else None
+        return None if kept is None else b"".join(kept)
 
     def missing(self, ref: _Ref) -> None:
         desc = ref.desc

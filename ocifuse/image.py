@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .cache import blob_key
 from .compressed import open_decompressed
-from .digest import Digest
+from .digest import Digest, hash_source
 from .entries import Sources
 from .errors import (
     BlobNotFound,
@@ -64,8 +64,6 @@ ZSTD_LAYERS = frozenset(
 )
 # Layers opened at once: each first pass over a compressed one holds a decompressor's buffers.
 MAX_PARALLEL_LAYERS = 4
-# Bytes hashed per read when a layer's blob is checked against its digest.
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,10 +177,7 @@ class VerifiedStore:
             return False  # an algorithm ocifuse cannot hash: served, never cached under its name
         with self._lock:
             if self._found is None:
-                verifier = self._digest.verifier()
-                for offset in range(0, self._raw.size, HASH_CHUNK):
-                    verifier.update(self._raw.pread(offset, HASH_CHUNK))
-                self._found = verifier.found()
+                self._found = hash_source(self._raw.pread, self._raw.size, self._digest.algorithm)
         return self._found == self._digest
 
     def load(self, kind: str, key: str) -> bytes | None:
