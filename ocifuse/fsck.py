@@ -103,7 +103,8 @@ from .errors import (
 )
 from .image import check_layers
 from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout
-from .progress import ProgressBar, human, on_tty
+from .progress import ProgressBar, on_tty
+from .units import human_size
 from .views import ViewOptions, open_layout
 
 # Hashing chunk: large reads amortize the per-call cost; hashlib releases the GIL above 2 KiB.
@@ -681,11 +682,12 @@ def render_text(report: Report, *, seconds: float | None = None) -> Iterator[str
     took = f" in {seconds:.2f}s" if seconds is not None else ""
     rate = ""
     if seconds and report.bytes_verified:
-        rate = f" ({human(report.bytes_verified / seconds)}/s)"
+        rate = f" ({human_size(report.bytes_verified / seconds)}/s)"
     status = "ok" if report.ok else "FAILED"
     stored = "" if report.compression == "plain" else f"{report.compression}-compressed archive, "
+    hashed = human_size(report.bytes_verified)
     yield (
-        f"{status}: {stored}{report.blobs_verified} blobs verified, {human(report.bytes_verified)} hashed"
+        f"{status}: {stored}{report.blobs_verified} blobs verified, {hashed} hashed"
         f"{took}{rate}; {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
     )
 

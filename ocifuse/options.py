@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .errors import OcifuseError
 from .model import Platform
 from .streams import Limits
+from .units import parse_size
 
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")
@@ -93,19 +94,6 @@ class MountOptions:
     ignored: tuple[str, ...] = field(default=())
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(option: str, value: str) -> int:
-    """A byte count with an optional K, M, G or T suffix (powers of 1024): ``64G``; OptionError if not."""
-    text = value.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = text[-1:] if text[-1:] in _UNITS else ""
-    number = text[: len(text) - len(unit)]
-    if not number.isdigit():
-        raise OptionError(f"option {option!r} wants a size in bytes (e.g. 512M, 64G)")
-    return int(number) * _UNITS[unit]
-
-
 def split(text: str) -> list[str]:
     """Split a comma-separated option list; ``\\,`` is a literal comma (as libfuse reads it)."""
     out: list[str] = []
@@ -166,7 +154,10 @@ def parse(
                     raise OptionError(str(e)) from e
             values[key] = value
         elif key in OWN_SIZES and eq:
-            sizes[key] = parse_size(option, value)
+            try:
+                sizes[key] = parse_size(value)
+            except ValueError as e:
+                raise OptionError(f"option {option!r} wants a size in bytes (e.g. 512M, 64G)") from e
         elif option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             ignored.append(option)
         elif option in FUSE_FLAGS and not eq:
