@@ -84,7 +84,7 @@ class MountOptions:
     readahead_kb: int = 1024
     rootfs: bool = False  # serve the image's merged root filesystem, not the layout
     ref: str | None = None  # which image (a ref name or digest), as inspect --ref
-    platform: str | None = None  # OS/ARCH[/VARIANT], as inspect --platform
+    platform: Platform | None = None  # platform=OS/ARCH[/VARIANT], as inspect --platform
     rootless: bool = False  # every owner shown as the mounting user (umoci unpack --rootless)
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
@@ -134,6 +134,7 @@ def parse(
     ignored: list[str] = []
     flags_set: set[str] = set()
     values: dict[str, str] = {}
+    platform: Platform | None = None
     readahead_kb = 1024
     sizes: dict[str, int] = {}
     for option in (o for text in option_lists for o in split(text)):
@@ -149,7 +150,7 @@ def parse(
                 raise OptionError(f"option {key}= wants a value")
             if key == "platform":
                 try:
-                    Platform.parse(value)
+                    platform = Platform.parse(value)
                 except ValueError as e:
                     raise OptionError(str(e)) from e
             values[key] = value
@@ -179,7 +180,7 @@ def parse(
         readahead_kb=readahead_kb,
         rootfs="rootfs" in flags_set,
         ref=values.get("ref"),
-        platform=values.get("platform"),
+        platform=platform,
         rootless="rootless" in flags_set,
         ignore_diff_ids="ignore_diff_ids" in flags_set,
         cache=values.get("cache", cache),
