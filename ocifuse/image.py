@@ -23,15 +23,13 @@ from .errors import (
     BlobNotFound,
     DiffIdMismatch,
     DigestMismatch,
-    InvalidDigest,
-    InvalidDocument,
     LayerError,
     OcifuseError,
     SizeMismatch,
 )
 from .layer import LayerTable
 from .layout import Layout
-from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads
+from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
@@ -82,18 +80,10 @@ class RootImage:
 
 
 def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
-    """The config's ``rootfs.diff_ids`` (config.md), each a valid digest; InvalidDocument otherwise."""
+    """The config's ``rootfs.diff_ids`` (model.parse_diff_ids); InvalidDocument when unusable."""
     config = resolved.manifest.config
     name = f"config {config.digest}"
-    obj = loads(name, layout.read_blob(config))
-    rootfs = obj.get("rootfs")
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InvalidDocument(name, "rootfs.diff_ids is missing or not a list of strings")
-    try:
-        return [str(Digest.parse(i)) for i in ids]
-    except InvalidDigest as e:
-        raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
+    return [str(d) for d in parse_diff_ids(name, loads(name, layout.read_blob(config)))]
 
 
 def layer_blob(layout: Layout, index: int, desc: Descriptor) -> Source:
