@@ -32,6 +32,7 @@ from .digest import Digest
 from .errors import LayoutOpenError
 from .source import OpenFile
 from .store import KINDS, Stale
+from .units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -472,14 +473,6 @@ def blob_key(digest: Digest) -> str:
     return str(digest)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -493,14 +486,14 @@ def cache_main(action: str, directory: str | None) -> int:
     if action == "clear":
         count = len(cache.entries())
         freed = cache.clear()
-        print(f"removed {count} entries, {_human(freed)} from {cache.directory}")
+        print(f"removed {count} entries, {human_size(freed)} from {cache.directory}")
         return 0
     entries = cache.entries()
     now = time.time()
     if entries:
         print(f"{'KIND':<12} {'SIZE':>10} {'AGE':>5}  KEY")
     for e in entries:
-        print(f"{e.kind:<12} {_human(e.size):>10} {_age(now - e.mtime):>5}  {e.key}")
+        print(f"{e.kind:<12} {human_size(e.size):>10} {_age(now - e.mtime):>5}  {e.key}")
     total = sum(e.size for e in entries)
-    print(f"total: {len(entries)} entries, {_human(total)} in {cache.directory}")
+    print(f"total: {len(entries)} entries, {human_size(total)} in {cache.directory}")
     return 0

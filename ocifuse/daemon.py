@@ -297,14 +297,12 @@ def _rootfs_flags(args: argparse.Namespace) -> list[str]:
 
 def view_options(opts: mount_options.MountOptions) -> ViewOptions:
     """What a mount's ``-o`` options ask of the front door (views.py): the same view inspect would open."""
-    from .model import Platform
-
     return ViewOptions(
         cache=open_cache(opts.cache, disabled=opts.nocache),
         limits=opts.limits,
         rootfs=opts.rootfs,
         ref=opts.ref,
-        platform=Platform.parse(opts.platform) if opts.platform else None,
+        platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
     )

@@ -1,9 +1,10 @@
-"""Digest values and streaming verifiers (image-spec descriptor.md, "Digests")."""
+"""Digest values, streaming verifiers, and the one hash loop (image-spec descriptor.md, "Digests")."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,9 +19,22 @@ _REGISTERED = {
 }
 
 
+# Bytes hashed per read by hash_source: large reads amortize the per-call cost; hashlib releases
+# the GIL above 2 KiB.
+HASH_CHUNK = 1 << 20
+
+Chunk = bytes | bytearray | memoryview
+
+
 class _Hash(Protocol):
     def update(self, data: bytes, /) -> None: ...
     def hexdigest(self) -> str: ...
+
+
+class Pread(Protocol):
+    """Random access to some bytes: up to ``size`` bytes at ``offset``, short or empty only at the end."""
+
+    def __call__(self, offset: int, size: int, /) -> Chunk: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +120,44 @@ class Verifier:
         found = self.found()
         if found != self.expected:
             raise DigestMismatch(str(self.expected), str(found))
+
+
+def hash_chunks(
+    chunks: Iterable[Chunk], algorithm: str = "sha256", *, progress: Callable[[int], None] | None = None
+) -> Digest:
+    """The digest of the concatenated ``chunks`` under ``algorithm`` (any hashlib name).
+
+    ``progress``, if given, is called with the length of each chunk once it is hashed.
+    """
+    h: _Hash = hashlib.new(algorithm)
+    for chunk in chunks:
+        h.update(chunk)  # type: ignore[arg-type]
+        if progress is not None:
+            progress(len(chunk))
+    return Digest(algorithm, h.hexdigest())
+
+
+def read_chunks(pread: Pread, size: int, chunk: int = HASH_CHUNK) -> Iterator[Chunk]:
+    """The first ``size`` bytes of ``pread``, ``chunk`` at a time; stops early at an empty read."""
+    offset = 0
+    while offset < size:
+        data = pread(offset, min(chunk, size - offset))
+        if not data:
+            return
+        offset += len(data)
+        yield data
+
+
+def hash_source(
+    pread: Pread,
+    size: int,
+    algorithm: str = "sha256",
+    *,
+    chunk: int = HASH_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> Digest:
+    """The digest of the first ``size`` bytes ``pread`` gives, read ``chunk`` at a time.
+
+    A read that comes back empty before ``size`` ends the pass: the digest is of what was read.
+    """
+    return hash_chunks(read_chunks(pread, size, chunk), algorithm, progress=progress)

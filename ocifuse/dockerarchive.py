@@ -26,7 +26,6 @@ served is a Problem with a stable code (fsck's codes); the rest of the archive i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -35,9 +34,9 @@ from typing import Any
 
 from . import model
 from .archive import Archive
-from .digest import Digest
+from .digest import Digest, hash_source
 from .entries import ArchiveTable, Entry, Kind, Skipped, Sources
-from .errors import InvalidDigest
+from .errors import InvalidDigest, InvalidDocument
 from .layout import MAX_JSON, OCI_LAYOUT, Layout, TableLayout
 from .source import MemorySource, sniff
 from .tarscan import normalize
@@ -58,7 +57,6 @@ MAX_LAYERS = model.MAX_LAYERS  # layers (and diff_ids) of one image
 MAX_LAYER_REFS = 1 << 16  # layer paths and diff_ids looked at, over all images
 MAX_DOCUMENTS = MAX_JSON  # bytes of all the manifests made; index.json is at most MAX_JSON too
 MAX_REFS = 1024  # index.json entries (one per RepoTag; inspect resolves each: keep it quick)
-CHUNK = 1 << 20
 # image-layout.md, "oci-layout file".
 LAYOUT_HEADER = b'{"imageLayoutVersion":"1.0.0"}'
 # layer.md, "Media types": the stored layer's own type, by its magic bytes.
@@ -242,15 +240,7 @@ class _Builder:
         key = (entry.offset, entry.size)
         found = self.hashed.get(key)
         if found is None:
-            h = hashlib.sha256()
-            done = 0
-            while done < entry.size:
-                chunk = self.pread(entry, done, CHUNK)
-                if not chunk:
-                    break
-                h.update(chunk)
-                done += len(chunk)
-            found = self.hashed[key] = Digest("sha256", h.hexdigest())
+            found = self.hashed[key] = hash_source(lambda at, n: self.pread(entry, at, n), entry.size)
         return found
 
     def add_blob(self, digest: Digest, entry: Entry) -> None:
@@ -276,11 +266,9 @@ class _Builder:
             raise _bad_manifest(why)
         data = self.read(entry, MANIFEST_JSON, path)
         try:
-            value = json.loads(data)
-        except RecursionError as e:
-            raise _bad_manifest("JSON nested too deeply") from e
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad_manifest(f"not valid JSON: {e}") from e
+            value = model.load_value(MANIFEST_JSON, data)
+        except InvalidDocument as e:
+            raise _bad_manifest(e.reason) from e
         if not isinstance(value, list):
             raise _bad_manifest("not a JSON array of images")
         return value
@@ -359,22 +347,10 @@ class _Builder:
             return _Unusable(Problem(code="docker-config-invalid", message=f"config: {why}", path=path))
 
         try:
-            obj = json.loads(data)
-        except RecursionError as e:
-            raise bad("JSON nested too deeply") from e
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(f"not valid JSON: {e}") from e
-        rootfs = obj.get("rootfs") if isinstance(obj, dict) else None
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(diff_ids, list):
-            raise bad("no rootfs.diff_ids list")
-        if len(diff_ids) > MAX_LAYERS:
-            raise bad(f"{len(diff_ids)} diff_ids, more than {MAX_LAYERS}")
-        self.count_refs(self.image_index, len(diff_ids))
-        try:
-            parsed = [Digest.parse(d) for d in diff_ids]
-        except InvalidDigest as e:
-            raise bad(f"rootfs.diff_ids: {e}") from e
+            parsed = model.parse_diff_ids(name, model.load_value(name, data))
+        except InvalidDocument as e:
+            raise bad(e.reason) from e
+        self.count_refs(self.image_index, len(parsed))
         claimed = _named_digest(path)
         if claimed is not None and claimed != digest:
             # The file is named by the image ID, which is the config's sha256 (docker save).

@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from .digest import Digest
+from .digest import Digest, hash_source
 from .entries import Kind, Meta, Sources
 from .errors import OcifuseError
 from .tree import Node, Tree
@@ -211,16 +211,10 @@ class Operations(pyfuse3.Operations):
         digest = Digest.from_path(path)
         if digest is None or not digest.verifiable:
             return True  # not a blob, or an algorithm we cannot hash: served unverified
-        verifier = digest.verifier()
-        chunk = 1 << 20
-        for off in range(0, node.entry.size, chunk):
-            verifier.update(self.archive.pread(node.entry, off, chunk))
-        if verifier.found() != digest:
-            log.error(
-                "blob %s does not match its digest (hashes to %s); reads fail with EIO",
-                digest,
-                verifier.found(),
-            )
+        entry = node.entry
+        found = hash_source(lambda at, n: self.archive.pread(entry, at, n), entry.size, digest.algorithm)
+        if found != digest:
+            log.error("blob %s does not match its digest (hashes to %s); reads fail with EIO", digest, found)
             return False
         log.debug("blob %s verified", digest)
         return True

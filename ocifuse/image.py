@@ -17,21 +17,19 @@ from dataclasses import dataclass
 
 from .cache import blob_key
 from .compressed import open_decompressed
-from .digest import Digest
+from .digest import Digest, hash_source
 from .entries import Sources
 from .errors import (
     BlobNotFound,
     DiffIdMismatch,
     DigestMismatch,
-    InvalidDigest,
-    InvalidDocument,
     LayerError,
     OcifuseError,
     SizeMismatch,
 )
 from .layer import LayerTable
 from .layout import Layout
-from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads
+from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
@@ -64,8 +62,6 @@ ZSTD_LAYERS = frozenset(
 )
 # Layers opened at once: each first pass over a compressed one holds a decompressor's buffers.
 MAX_PARALLEL_LAYERS = 4
-# Bytes hashed per read when a layer's blob is checked against its digest.
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,18 +80,10 @@ class RootImage:
 
 
 def diff_ids(layout: Layout, resolved: Resolved) -> list[str]:
-    """The config's ``rootfs.diff_ids`` (config.md), each a valid digest; InvalidDocument otherwise."""
+    """The config's ``rootfs.diff_ids`` (model.parse_diff_ids); InvalidDocument when unusable."""
     config = resolved.manifest.config
     name = f"config {config.digest}"
-    obj = loads(name, layout.read_blob(config))
-    rootfs = obj.get("rootfs")
-    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InvalidDocument(name, "rootfs.diff_ids is missing or not a list of strings")
-    try:
-        return [str(Digest.parse(i)) for i in ids]
-    except InvalidDigest as e:
-        raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
+    return [str(d) for d in parse_diff_ids(name, loads(name, layout.read_blob(config)))]
 
 
 def layer_blob(layout: Layout, index: int, desc: Descriptor) -> Source:
@@ -179,10 +167,7 @@ class VerifiedStore:
             return False  # an algorithm ocifuse cannot hash: served, never cached under its name
         with self._lock:
             if self._found is None:
-                verifier = self._digest.verifier()
-                for offset in range(0, self._raw.size, HASH_CHUNK):
-                    verifier.update(self._raw.pread(offset, HASH_CHUNK))
-                self._found = verifier.found()
+                self._found = hash_source(self._raw.pread, self._raw.size, self._digest.algorithm)
         return self._found == self._digest
 
     def load(self, kind: str, key: str) -> bytes | None:

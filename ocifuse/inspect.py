@@ -23,6 +23,7 @@ from .dockerarchive import docker_view
 from .errors import LayoutOpenError, NotFound, OcifuseError
 from .layout import Layout
 from .model import Descriptor, Platform
+from .units import human_size
 from .views import ViewOptions, open_layout
 
 
@@ -385,18 +386,6 @@ _KINDS = {
 
 def _kind(media_type: str) -> str:
     return _KINDS.get(media_type, media_type)
-
-
-def human_size(n: int) -> str:
-    """``n`` bytes in the largest binary unit that keeps it >= 1."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> Iterator[str]:

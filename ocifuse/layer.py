@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .entries import Skipped
-from .errors import NotAnArchive
+from .errors import InvalidDocument, NotAnArchive
+from .model import load_value
 from .source import Source, SourceFile, sniff
 from .store import LAYER_TABLE, Store, load_or_build
 from .tarscan import BLOCK, header_mtime, is_root, normalize, refusal, walk
@@ -153,7 +154,10 @@ class LayerTable:
     @classmethod
     def from_bytes(cls, payload: bytes, size: int) -> LayerTable:
         """A table from ``to_bytes``; ValueError (or TypeError, ...) when it is not one for ``size`` bytes."""
-        doc: Any = json.loads(payload)
+        try:
+            doc: Any = load_value("cached layer table", payload)
+        except InvalidDocument as e:
+            raise ValueError(e.reason) from e
         if doc["format"] != TABLE_FORMAT or doc["size"] != size or not 0 <= doc["end"] <= size:
             raise ValueError("for another format or another stream")
         members = []

@@ -36,17 +36,41 @@ REF_NAME = "org.opencontainers.image.ref.name"
 JsonObject = Mapping[str, Any]
 
 
-def loads(name: str, data: bytes) -> JsonObject:
-    """Parse a JSON object; raises InvalidDocument for bad UTF-8, bad JSON, deep nesting or non-objects."""
+def load_value(name: str, data: bytes) -> object:
+    """Parse any JSON value (the one JSON parse of ocifuse); raises InvalidDocument for bad UTF-8,
+    bad JSON or deep nesting."""
     try:
-        value = json.loads(data)
+        value: object = json.loads(data)
     except RecursionError as e:
         raise InvalidDocument(name, "JSON nested too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidDocument(name, f"not valid JSON: {e}") from e
+    return value
+
+
+def loads(name: str, data: bytes) -> JsonObject:
+    """Parse a JSON object; raises InvalidDocument for bad UTF-8, bad JSON, deep nesting or non-objects."""
+    value = load_value(name, data)
     if not isinstance(value, dict):
         raise InvalidDocument(name, "JSON is not an object")
     return value
+
+
+def parse_diff_ids(name: str, config: object) -> list[Digest]:
+    """An image config's ``rootfs.diff_ids`` (config.md), each a valid digest, at most MAX_LAYERS.
+
+    ``config`` is the parsed config (any JSON value); raises InvalidDocument naming ``name`` otherwise.
+    """
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(ids, list):
+        raise InvalidDocument(name, "rootfs.diff_ids is missing or not a list")
+    if len(ids) > MAX_LAYERS:
+        raise InvalidDocument(name, f"{len(ids)} diff_ids, more than {MAX_LAYERS}")
+    try:
+        return [Digest.parse(i) for i in ids]
+    except InvalidDigest as e:
+        raise InvalidDocument(name, f"rootfs.diff_ids: {e}") from e
 
 
 class _Fields:

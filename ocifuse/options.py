@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .errors import OcifuseError
 from .model import Platform
 from .streams import Limits
+from .units import parse_size
 
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")
@@ -83,7 +84,7 @@ class MountOptions:
     readahead_kb: int = 1024
     rootfs: bool = False  # serve the image's merged root filesystem, not the layout
     ref: str | None = None  # which image (a ref name or digest), as inspect --ref
-    platform: str | None = None  # OS/ARCH[/VARIANT], as inspect --platform
+    platform: Platform | None = None  # platform=OS/ARCH[/VARIANT], as inspect --platform
     rootless: bool = False  # every owner shown as the mounting user (umoci unpack --rootless)
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
@@ -91,19 +92,6 @@ class MountOptions:
     limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(option: str, value: str) -> int:
-    """A byte count with an optional K, M, G or T suffix (powers of 1024): ``64G``; OptionError if not."""
-    text = value.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = text[-1:] if text[-1:] in _UNITS else ""
-    number = text[: len(text) - len(unit)]
-    if not number.isdigit():
-        raise OptionError(f"option {option!r} wants a size in bytes (e.g. 512M, 64G)")
-    return int(number) * _UNITS[unit]
 
 
 def split(text: str) -> list[str]:
@@ -146,6 +134,7 @@ def parse(
     ignored: list[str] = []
     flags_set: set[str] = set()
     values: dict[str, str] = {}
+    platform: Platform | None = None
     readahead_kb = 1024
     sizes: dict[str, int] = {}
     for option in (o for text in option_lists for o in split(text)):
@@ -161,12 +150,15 @@ def parse(
                 raise OptionError(f"option {key}= wants a value")
             if key == "platform":
                 try:
-                    Platform.parse(value)
+                    platform = Platform.parse(value)
                 except ValueError as e:
                     raise OptionError(str(e)) from e
             values[key] = value
         elif key in OWN_SIZES and eq:
-            sizes[key] = parse_size(option, value)
+            try:
+                sizes[key] = parse_size(value)
+            except ValueError as e:
+                raise OptionError(f"option {option!r} wants a size in bytes (e.g. 512M, 64G)") from e
         elif option in IGNORED_FLAGS or option.startswith(IGNORED_PREFIXES):
             ignored.append(option)
         elif option in FUSE_FLAGS and not eq:
@@ -188,7 +180,7 @@ def parse(
         readahead_kb=readahead_kb,
         rootfs="rootfs" in flags_set,
         ref=values.get("ref"),
-        platform=values.get("platform"),
+        platform=platform,
         rootless="rootless" in flags_set,
         ignore_diff_ids="ignore_diff_ids" in flags_set,
         cache=values.get("cache", cache),

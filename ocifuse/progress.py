@@ -10,19 +10,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from .units import human_size
+
 log = logging.getLogger(__name__)
 
 # Seconds between two progress log lines (under systemd, in the background, stderr not a TTY).
 LOG_EVERY = 5.0
-
-
-def human(n: float) -> str:
-    """A byte count as people read it: 512 B, 1.5 KiB, 3.2 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def on_tty() -> bool:
@@ -56,7 +49,7 @@ class ProgressBar:
         rate = self.done / max(now - self._start, 1e-6)
         self.stream.write(
             f"\r{self.label}[{'#' * filled}{'.' * (self.width - filled)}] {frac * 100:3.0f}% "
-            f"{human(self.done)} / {human(self.total)}  {human(rate)}/s "
+            f"{human_size(self.done)} / {human_size(self.total)}  {human_size(rate)}/s "
         )
         self.stream.flush()
 
@@ -85,8 +78,8 @@ class ProgressLog:
                 "%s: %.0f%% (%s of %s) after %.0fs",
                 self.what,
                 min(self.done / self.total, 1.0) * 100,
-                human(self.done),
-                human(self.total),
+                human_size(self.done),
+                human_size(self.total),
                 now - self._start,
             )
 

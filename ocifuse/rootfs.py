@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .entries import Entry, Kind, Meta
+from .errors import InvalidDocument
 from .layer import LayerTable, Member, Type
+from .model import load_value
 from .tarscan import normalize
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
@@ -102,7 +104,10 @@ class Merged:
         """A tree from ``to_bytes``; ValueError (or TypeError, ...) unless it is a whole, consistent one
         for layer streams of exactly these ``sizes``: every file inside its layer, every name one the
         scan accepts, every parent a directory."""
-        doc: Any = json.loads(payload)
+        try:
+            doc: Any = load_value("cached tree", payload)
+        except InvalidDocument as e:
+            raise ValueError(e.reason) from e
         if doc["format"] != TREE_FORMAT or doc["sizes"] != list(sizes):
             raise ValueError("for another format or other layers")
         metas = []

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from ocifuse.digest import Digest
+from ocifuse.digest import Digest, hash_chunks, hash_source
 from ocifuse.errors import DigestMismatch, InvalidDigest, OcifuseError
 
 SHA256 = "sha256:" + hashlib.sha256(b"x").hexdigest()
@@ -126,3 +126,26 @@ def test_verifier_of_nothing_is_the_empty_digest() -> None:
     """The empty blob's digest verifies after no update at all."""
     empty = Digest.parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
     empty.verifier().check()
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+def test_hash_chunks_is_the_digest_of_the_whole(algorithm: str) -> None:
+    """The chunks' digest is the digest of their concatenation; progress sees every chunk's length."""
+    seen: list[int] = []
+    found = hash_chunks([b"ab", bytearray(b"c"), memoryview(b"def")], algorithm, progress=seen.append)
+    assert found == Digest.of(b"abcdef", algorithm) and seen == [2, 1, 3]
+
+
+def test_hash_source_reads_in_chunks_up_to_size() -> None:
+    """``size`` bytes, ``chunk`` at a time, never past ``size``; an empty read ends the pass."""
+    data = bytes(range(256)) * 40
+    asked: list[tuple[int, int]] = []
+
+    def pread(offset: int, size: int) -> bytes:
+        asked.append((offset, size))
+        return data[offset : offset + size]
+
+    assert hash_source(pread, 10000, chunk=4096) == Digest.of(data[:10000])
+    assert asked == [(0, 4096), (4096, 4096), (8192, 1808)]
+    assert hash_source(pread, len(data) + 100) == Digest.of(data)  # cut short: what was read
+    assert hash_source(pread, 0) == Digest.of(b"")

@@ -277,7 +277,7 @@ def test_rootfs_options_belong_together() -> None:
         ["rootfs,ref=a\\,b,platform=linux/arm64/v8,rootless,ignore_diff_ids,verify"], fsname="x"
     )
     assert (opts.rootfs, opts.ref, opts.platform, opts.rootless, opts.ignore_diff_ids, opts.verify) == (
-        True, "a,b", "linux/arm64/v8", True, True, True
+        True, "a,b", model.Platform.parse("linux/arm64/v8"), True, True, True
     )  # fmt: skip
 
 

@@ -365,3 +365,29 @@ def test_image_config_wrong_types(obj: object) -> None:
     """Wrong types in the fields inspect reads raise InvalidDocument."""
     with pytest.raises(InvalidDocument):
         ImageConfig.from_json("c", obj)
+
+
+def test_parse_diff_ids() -> None:
+    """config.md rootfs.diff_ids: a list of valid digests, at most MAX_LAYERS of them."""
+    d = "sha256:" + "a" * 64
+    config = {"rootfs": {"type": "layers", "diff_ids": [d, d]}}
+    assert model.parse_diff_ids("c", config) == [Digest.parse(d)] * 2
+    for bad, why in [
+        ([], "missing or not a list"),
+        ({"rootfs": {}}, "missing or not a list"),
+        ({"rootfs": {"diff_ids": "x"}}, "missing or not a list"),
+        ({"rootfs": {"diff_ids": [d, 1]}}, "rootfs.diff_ids: "),
+        ({"rootfs": {"diff_ids": ["sha256:short"]}}, "rootfs.diff_ids: "),
+        ({"rootfs": {"diff_ids": [d] * (model.MAX_LAYERS + 1)}}, "more than"),
+    ]:
+        with pytest.raises(InvalidDocument, match=why):
+            model.parse_diff_ids("c", bad)
+
+
+def test_load_value_takes_any_json() -> None:
+    """load_value parses any JSON value; loads only an object."""
+    assert model.load_value("x", b"[1]") == [1]
+    with pytest.raises(InvalidDocument, match="not an object"):
+        model.loads("x", b"[1]")
+    with pytest.raises(InvalidDocument, match="not valid JSON"):
+        model.load_value("x", b"\xff")
