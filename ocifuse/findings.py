@@ -9,6 +9,9 @@ code                        severity  meaning
 ``archive-corrupt``         error     PATH is not a tar archive (nor a gzip/zstd-compressed one), or a
                                       header is corrupt
 ``archive-truncated``       error     the tar ends in the middle of a header or a member
+``not-an-image``            error     PATH is a tar (plain or compressed) that holds no image: no
+                                      ``oci-layout``, ``index.json`` or docker-archive
+                                      ``manifest.json`` (a root filesystem tar, say)
 ``compressed-corrupt``      error     the gzip/zstd stream of a compressed archive is damaged,
                                       truncated or followed by other data, or it is xz/bzip2
 ``compressed-too-large``    error     decompressing passes a bound (``max_size``, ``spill_max``, disk)
@@ -79,6 +82,7 @@ CODES: Mapping[str, Severity] = {
     "layout-unreadable": _E,
     "archive-corrupt": _E,
     "archive-truncated": _E,
+    "not-an-image": _E,
     "compressed-corrupt": _E,
     "compressed-too-large": _E,
     "archive-changed": _E,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +43,7 @@ from .errors import (
     FileMissing,
     LayoutOpenError,
     NotAnArchive,
+    NotAnImage,
     OcifuseError,
     TooLarge,
     TruncatedArchive,
@@ -49,6 +52,7 @@ from .findings import CODES, Finding, Severity, finding
 from .image import check_layers
 from .layout import INDEX_JSON, MAX_JSON, OCI_LAYOUT, Layout
 from .progress import ProgressBar, on_tty
+from .source import sniff
 from .units import human_size
 from .validate import Child, is_document, is_json
 from .views import ViewOptions, open_layout
@@ -97,8 +101,10 @@ class Report:
 
 
 def open_failure(error: LayoutOpenError) -> Report:
-    """The report for a PATH that cannot be opened as a layout."""
-    if isinstance(error, CompressedDataError):
+    """The report for a PATH that cannot be opened as a layout (its compression read from its magic)."""
+    if isinstance(error, NotAnImage):
+        code = "not-an-image"
+    elif isinstance(error, CompressedDataError):
         code = "compressed-corrupt"
     elif isinstance(error, DecompressionLimit):
         code = "compressed-too-large"
@@ -108,7 +114,23 @@ def open_failure(error: LayoutOpenError) -> Report:
         code = "archive-corrupt"
     else:
         code = "layout-unreadable"
-    return Report(findings=(finding(code, error.message, path=error.path),))
+    compression = error.compression if isinstance(error, CompressedDataError) else _compression_of(error.path)
+    return Report(findings=(finding(code, error.message, path=error.path),), compression=compression)
+
+
+def _compression_of(path: str) -> str:
+    """How the file at ``path`` is stored, by its magic bytes: "plain" for anything not compressed."""
+    try:
+        # O_NONBLOCK: a fifo given as PATH must not wait for a writer (it is not read: not regular).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # missing, unreadable: the finding says which
+        return "plain"
+    try:
+        return (sniff(os.pread(fd, 8, 0)) or "plain") if stat.S_ISREG(os.fstat(fd).st_mode) else "plain"
+    except OSError:
+        return "plain"
+    finally:
+        os.close(fd)
 
 
 # -- the walk --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads, parse_diff
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
-from .store import TREE, Store
+from .store import TREE, Store, load_or_build
 from .streams import Limits
 
 log = logging.getLogger(__name__)
@@ -225,49 +225,45 @@ def open_image(
             raise LayerError(
                 f"the manifest lists {len(layers)} layers, the config's rootfs.diff_ids {len(expected)}"
             )
-        # The merged tree of this image from the cache, when it is there: no table read, no merge.
-        key = str(resolved.descriptor.digest)
-        payload = cache.load(TREE.kind, key) if cache is not None else None
-        # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash,
-        # then the header scan) runs in rapidgzip or pyzstd with the GIL released.
+        # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash)
+        # runs in rapidgzip or pyzstd with the GIL released.
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
             jobs = [
-                pool.submit(_open_layer, layout, i, d, cache, limits, payload is None, verify)
-                for i, d in enumerate(layers)
+                pool.submit(_open_layer, layout, i, d, cache, limits, verify) for i, d in enumerate(layers)
             ]
             concurrent.futures.wait(jobs)
-        for job in jobs:  # every source opened is closed on failure, whichever layer failed
-            if job.exception() is None:
-                sources.append(job.result()[0])
-        tables: list[LayerTable | None] = []
-        gates: list[VerifiedStore] = []
-        for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
-            source, found, table, gate = job.result()  # the first failing layer's error, in layer order
-            _check_diff_id(index, desc, expected, found, ignore_diff_ids)
-            tables.append(table)
-            gates.append(gate)
-        sizes = [source.size for source in sources]
-        merged = None
-        if payload is not None:
-            try:
-                merged = Merged.from_bytes(payload, sizes)
-            except (ValueError, TypeError, KeyError, IndexError, UnicodeError) as e:
-                log.warning("cached tree of %s unusable (%s): merging the layers again", key, e)
-        if merged is None:
-            scanned = [
-                t if t is not None else _table(layers[i], i, sources[i], gate)
-                for i, (t, gate) in enumerate(zip(tables, gates, strict=True))
-            ]
-            for gate in gates:
-                gate.finish()
-            merged = merge(scanned)
-            merged = Merged(entries=merged.entries, root=merged.root, notes=_notes(scanned, merged))
-            if cache is not None:
-                cache.store(TREE.kind, key, merged.to_bytes(sizes))
-        return RootImage(
-            layout=layout, resolved=resolved, sources=Sources(sources), merged=merged
-        )
+            for job in jobs:  # every source opened is closed on failure, whichever layer failed
+                if job.exception() is None:
+                    sources.append(job.result()[0])
+            gates: list[VerifiedStore] = []
+            for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
+                _, found, gate = job.result()  # the first failing layer's error, in layer order
+                _check_diff_id(index, desc, expected, found, ignore_diff_ids)
+                gates.append(gate)
+            sizes = [source.size for source in sources]
+
+            def build() -> Merged:
+                """Scan every layer (its table from the cache when there), then merge them (layer.md)."""
+                scans = [pool.submit(_table, d, i, sources[i], gates[i]) for i, d in enumerate(layers)]
+                tables = [scan.result() for scan in scans]
+                for gate in gates:
+                    gate.finish()  # nothing built from a layer is kept unless the layer is its digest
+                merged = merge(tables)
+                return Merged(entries=merged.entries, root=merged.root, notes=_notes(tables, merged))
+
+            # The merged tree of this image from the cache, when it is there: no layer header read.
+            key = str(resolved.descriptor.digest)
+            merged = load_or_build(
+                cache,
+                TREE,
+                key,
+                name=f"image {key}",
+                decode=lambda payload: Merged.from_bytes(payload, sizes),
+                build=build,
+                encode=lambda tree: tree.to_bytes(sizes),
+            )
+        return RootImage(layout=layout, resolved=resolved, sources=Sources(sources), merged=merged)
     except BaseException:
         Sources(sources).close()
         raise
@@ -279,10 +275,9 @@ def _open_layer(
     desc: Descriptor,
     cache: Store | None,
     limits: Limits | None,
-    scan: bool,
     verify: bool,
-) -> tuple[Source, str, LayerTable | None, VerifiedStore]:
-    """One layer's source, diff_id, (if ``scan``) table, and its view of the cache.
+) -> tuple[Source, str, VerifiedStore]:
+    """One layer's source, its diff_id, and its view of the cache.
 
     Whatever is built from the blob (index, spill, table) is stored only once the blob hashes to
     its digest, and a blob that does not raises LayerError. Closes the source on error.
@@ -293,9 +288,8 @@ def _open_layer(
     gate.built = gate.built or verify  # -o verify: hashed even when nothing is built
     source, found = layer_source(layout, index, desc, cache=gate, limits=limits, raw=raw)
     try:
-        table = _table(desc, index, source, gate) if scan else None
         gate.finish()
-        return source, found, table, gate
+        return source, found, gate
     except BaseException:
         source.close()
         raise

@@ -185,7 +185,10 @@ def test_bad_input_is_one_line_and_a_stable_code(
     path, code = _bad(archives, tmp_path, how)
     assert cli.main(["fsck", "--json", str(path)]) == 2
     captured = capsys.readouterr()
-    assert [f["code"] for f in json.loads(captured.out)["findings"]] == [code]
+    report = json.loads(captured.out)
+    assert [f["code"] for f in report["findings"]] == [code]
+    # Said even when it cannot be opened: what the file is stored as, by its magic bytes.
+    assert report["compression"] == {"zstd-truncated": "zstd", "xz": "xz"}.get(how, "gzip")
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"ocifuse: {path}: ")
     assert cli.main(["inspect", str(path)]) == 2
     captured = capsys.readouterr()

@@ -219,18 +219,26 @@ def test_fsck_names_a_damaged_layer_of_a_podman_archive(saved: Saved, tmp_path: 
         assert err.value.errno == 5
 
 
-def test_mount_refuses_a_tar_that_is_no_image(tmp_path: Path) -> None:
-    """A root filesystem tar has neither oci-layout nor manifest.json: one line, exit 2."""
+def test_a_tar_that_is_no_image_gets_one_refusal_from_every_command(tmp_path: Path) -> None:
+    """A root filesystem tar (neither oci-layout, index.json nor manifest.json): the same line, exit 2."""
     rootfs = tmp_path / "rootfs.tar"
     with tarfile.open(rootfs, "w") as tf:
         tf.add(_busybox(), "bin/busybox")
     (tmp_path / "mnt").mkdir()
-    done = run_ocifuse("mount", "-f", rootfs, tmp_path / "mnt")
+    line = f"ocifuse: {rootfs}: not an image archive (no oci-layout, index.json or manifest.json)"
+    for argv in (
+        ["mount", "-f", rootfs, tmp_path / "mnt"],
+        ["mount", "-f", "--rootfs", rootfs, tmp_path / "mnt"],
+        ["inspect", rootfs],
+        ["fsck", rootfs],
+    ):
+        done = run_ocifuse(*argv)
+        assert (done.returncode, done.stdout, done.stderr.strip().splitlines()) == (2, "", [line]), argv
+    done = run_ocifuse("fsck", "--json", rootfs)
     assert done.returncode == 2
-    assert done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
-        f"ocifuse: {rootfs}: no oci-layout or manifest.json: not an image archive"
-    ]
+    report = json.loads(done.stdout)
+    assert [f["code"] for f in report["findings"]] == ["not-an-image"]
+    assert report["compression"] == "plain"
 
 
 def test_mount_serves_the_images_it_can_and_warns(tmp_path: Path) -> None:
