@@ -157,6 +157,17 @@ class NotFound(OcifuseError):
     errno = _errno.ENOENT
 
 
+class PlatformNotFound(NotFound):
+    """No image for the platform asked for under a ref; ``have`` lists the platforms there are."""
+
+    def __init__(self, under: str, want: str, have: tuple[str, ...]) -> None:
+        self.why = f"no manifest for {want} (it has {', '.join(have) if have else 'no platforms listed'})"
+        super().__init__(f"{under}: {self.why}")
+        self.under = under
+        self.want = want
+        self.have = have
+
+
 class MountError(OcifuseError):
     """A mount cannot be made or removed (mountpoint, FUSE, permissions); the message says why."""
 

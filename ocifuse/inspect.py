@@ -20,7 +20,7 @@ from . import model, resolve
 from .cache import IndexCache
 from .digest import Digest
 from .dockerarchive import docker_view
-from .errors import LayoutOpenError, NotFound, OcifuseError
+from .errors import LayoutOpenError, NotFound, OcifuseError, PlatformNotFound
 from .layout import Layout
 from .model import Descriptor, Platform
 from .units import human_size
@@ -252,34 +252,12 @@ def _image(layout: Layout, found: resolve.Resolved, ref: str | None, referrers_o
     )
 
 
-def _runs_on(img: Image, want: Platform) -> bool:
-    """False when the image is known to be for another platform than ``want``.
-
-    resolve() takes a manifest that index.json names directly whatever its platform; when a
-    platform was asked for explicitly, such an image must still be for it.
-    """
-    if img.platform is None:
-        return True
-    try:
-        have = Platform.parse(img.platform)
-    except ValueError:
-        return True
-    return resolve.platform_matches(want, have)
-
-
-def _platforms_of(entry: RefEntry) -> list[str]:
-    """The platforms an index entry's manifests are for (through nested indexes), each once."""
-    found = (p.platform for p in entry.platforms if p.media_type not in model.INDEX_TYPES)
-    return list(dict.fromkeys(p for p in found if p is not None))
-
-
-def _why_not(entry: RefEntry | None, want: Platform, error: OcifuseError, path: str) -> str:
-    """Why ``entry`` has no image for ``want``: for an index, the platforms it does have."""
+def _why_not(error: OcifuseError, path: str) -> str:
+    """Why an entry has no image: for a platform, the platforms it does have (resolve says them)."""
+    if isinstance(error, PlatformNotFound):
+        return error.why
     if not isinstance(error, NotFound):
         return f"{error} (ocifuse fsck {path} checks the whole layout)"
-    if entry is not None and entry.media_type in model.INDEX_TYPES and entry.error is None:
-        have = _platforms_of(entry)
-        return f"no manifest for {want} (it has {', '.join(have) if have else 'no platforms listed'})"
     return str(error)
 
 
@@ -317,43 +295,33 @@ def summarize(layout: Layout, *, ref: str | None = None, platform: Platform | No
         name = ref if ref is not None else index.manifests[0].ref_name
         label = name or (entry.digest if entry is not None else "the only image")
         try:
-            img = _image(layout, resolve.resolve(layout, ref, want), name, referrers_of)
+            img = _image(layout, resolve.resolve(layout, ref, platform), name, referrers_of)
         except OcifuseError as e:
-            why = _why_not(entry, want, e, layout.path)
+            why = _why_not(e, layout.path)
             unresolved.append(Unresolved(ref=name, digest=None if entry is None else entry.digest, error=why))
             error = why if entry is None else f"{label}: {why}"
         else:
-            if platform is not None and not _runs_on(img, platform):
-                why = f"an image for {img.platform}"
-                unresolved.append(Unresolved(ref=name, digest=img.manifest.digest, error=why))
-                error = f"{label} is {why}, not {platform}"
-            else:
-                images.append(img)
+            images.append(img)
     else:
         names = collections.Counter(d.ref_name for d in index.manifests)  # not list.count: n**2
         # Entries of one digest (an image's tags) resolve to one image: resolved once, not per tag.
         done: dict[str, Image | OcifuseError] = {}
-        for desc, entry in zip(index.manifests, refs, strict=True):
+        for desc in index.manifests:
             name = desc.ref_name
             # A unique ref name says which entry; otherwise the digest does.
             target = name if name is not None and names[name] == 1 else str(desc.digest)
             found = done.get(str(desc.digest))
             if found is None:
                 try:
-                    found = _image(layout, resolve.resolve(layout, target, want), name, referrers_of)
+                    found = _image(layout, resolve.resolve(layout, target, platform), name, referrers_of)
                 except OcifuseError as e:
                     found = e
                 done[str(desc.digest)] = found
             if isinstance(found, OcifuseError):
-                why = _why_not(entry, want, found, layout.path)
+                why = _why_not(found, layout.path)
                 unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=why))
                 continue
-            img = dataclasses.replace(found, ref=name)
-            if platform is not None and not _runs_on(img, platform):
-                why = f"an image for {img.platform}"
-                unresolved.append(Unresolved(ref=name, digest=str(desc.digest), error=why))
-            else:
-                images.append(img)
+            images.append(dataclasses.replace(found, ref=name))
         if platform is not None and not images:
             shown = [f"{u.ref or u.digest}: {u.error}" for u in unresolved[:4]]
             more = f"; and {len(unresolved) - 4} more" if len(unresolved) > 4 else ""

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .digest import Digest
-from .errors import InvalidDigest, NotFound
+from .errors import InvalidDigest, NotFound, OcifuseError, PlatformNotFound
 from .layout import Layout
-from .model import INDEX_TYPES, Descriptor, Index, Manifest, Platform
+from .model import CONFIG_TYPES, INDEX_TYPES, Descriptor, ImageConfig, Index, Manifest, Platform, loads
 
 # Go's GOARCH names, which image-index.md uses for "architecture".
 _GOARCH = {
@@ -121,9 +121,10 @@ def _select(
 def resolve(layout: Layout, ref: str | None = None, platform: Platform | None = None) -> Resolved:
     """The image manifest for ``ref`` (a ref name or a digest; None: the only image) and ``platform``.
 
-    A manifest descriptor in index.json resolves directly; an index is searched for a manifest
-    whose platform matches (default: this machine), through nested indexes.
-    Raises NotFound with a message that lists what there is.
+    An index is searched for a manifest whose platform matches (default: this machine), through
+    nested indexes. A manifest named directly resolves to itself; when ``platform`` is given it
+    must be for that platform too (image_platform), as docker and podman refuse another one.
+    Raises NotFound with a message that lists what there is (PlatformNotFound: the platforms).
     """
     index = layout.index()
     want = platform or host_platform()
@@ -135,9 +136,43 @@ def resolve(layout: Layout, ref: str | None = None, platform: Platform | None = 
     else:
         start = _find_ref(layout, index, ref)
     found = _select(layout, start, want, ())
+    if found is not None and platform is not None and not found.trail:
+        have = image_platform(layout, found.manifest, found.descriptor)
+        if have is not None and not platform_matches(platform, have):
+            found = None
     if found is None:
-        raise NotFound(f"no manifest for platform {want} under {ref or start.digest}")
+        label = ref or start.ref_name or str(start.digest)
+        raise PlatformNotFound(label, str(want), tuple(platforms_of(layout, start)))
     return found
+
+
+def image_platform(layout: Layout, manifest: Manifest, desc: Descriptor) -> Platform | None:
+    """The platform an image is for: its config's os/architecture (config.md), else its descriptor's."""
+    config = manifest.config
+    if config.media_type in CONFIG_TYPES:
+        name = f"config {config.digest}"
+        try:
+            found = ImageConfig.from_json(name, loads(name, layout.read_blob(config)))
+        except OcifuseError:
+            found = None  # fsck reports an unreadable config; the descriptor may still say
+        if found is not None and found.os and found.architecture:
+            return Platform(os=found.os, architecture=found.architecture, variant=found.variant)
+    return desc.platform
+
+
+def platforms_of(layout: Layout, desc: Descriptor) -> list[str]:
+    """The platforms of the images under ``desc`` (an index, nested or not, or one manifest), each once."""
+    found: list[str] = []
+    try:
+        for child, doc in walk(layout, desc):
+            if isinstance(doc, Manifest):
+                direct = child is desc or child.platform is None
+                plat = image_platform(layout, doc, child) if direct else child.platform
+                if plat is not None:
+                    found.append(str(plat))
+    except OcifuseError:
+        pass  # what could be read is listed; fsck says what could not
+    return list(dict.fromkeys(found))
 
 
 def _find_ref(layout: Layout, index: Index, ref: str) -> Descriptor:

@@ -226,12 +226,13 @@ def test_a_tar_that_is_no_image_gets_one_refusal_from_every_command(tmp_path: Pa
         tf.add(_busybox(), "bin/busybox")
     (tmp_path / "mnt").mkdir()
     line = f"ocifuse: {rootfs}: not an image archive (no oci-layout, index.json or manifest.json)"
-    for argv in (
+    argvs: list[list[str | Path]] = [
         ["mount", "-f", rootfs, tmp_path / "mnt"],
         ["mount", "-f", "--rootfs", rootfs, tmp_path / "mnt"],
         ["inspect", rootfs],
         ["fsck", rootfs],
-    ):
+    ]
+    for argv in argvs:
         done = run_ocifuse(*argv)
         assert (done.returncode, done.stdout, done.stderr.strip().splitlines()) == (2, "", [line]), argv
     done = run_ocifuse("fsck", "--json", rootfs)

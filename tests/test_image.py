@@ -17,18 +17,27 @@ from oci import LayoutBuilder
 from tarbuild import file_member, link_member
 from test_rootfs import tar_bytes, whiteout
 
-from ocifuse import model, open_layout, views
+from ocifuse import inspect, model, open_layout, views
 from ocifuse import options as mount_options
 from ocifuse.cache import IndexCache
-from ocifuse.errors import CompressedDataError, DiffIdMismatch, InvalidDocument, LayerError, NotAnArchive
+from ocifuse.errors import (
+    CompressedDataError,
+    DiffIdMismatch,
+    InvalidDocument,
+    LayerError,
+    NotAnArchive,
+    NotFound,
+)
 from ocifuse.fsck import check
 from ocifuse.image import RootImage
+from ocifuse.model import Platform
 from ocifuse.options import OptionError
 
 
 def open_rootfs(path: str, **options: Any) -> RootImage:
     """The front door's rootfs view of ``path`` (views.open_rootfs), options as keywords."""
     return views.open_rootfs(path, views.ViewOptions(**options))
+
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 
@@ -356,3 +365,49 @@ def test_more_layers_than_served_is_refused(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(LayerError, match="lists 4 layers; at most 3"):
         open_rootfs(str(image(tmp_path, [layer] * 4)), ref="v1")
     open_rootfs(str(image(tmp_path / "ok", [layer] * 3)), ref="v1").close()
+
+
+@pytest.mark.parametrize("asked", ["linux/arm64", "windows/amd64"])
+def test_a_platform_the_only_image_is_not_for_is_refused_with_what_there_is(
+    tmp_path: Path, asked: str
+) -> None:
+    """index.json names one linux/amd64 manifest: --platform of another is refused, as inspect does."""
+    path = str(image(tmp_path, [tar_bytes([file_member("f", b"x")])]))
+    with pytest.raises(NotFound, match=rf"^v1: no manifest for {asked} \(it has linux/amd64\)$"):
+        open_rootfs(path, platform=Platform.parse(asked))
+    open_rootfs(path, platform=Platform.parse("linux/amd64")).close()
+    with open_layout(path) as layout:
+        summary = inspect.summarize(layout, platform=Platform.parse(asked))
+    assert summary.error == f"v1: no manifest for {asked} (it has linux/amd64)"
+
+
+def test_a_platform_an_index_lacks_is_refused_with_the_platforms_it_has(tmp_path: Path) -> None:
+    b = LayoutBuilder()
+    amd = b.image([b"a"], config={"architecture": "amd64", "os": "linux"})
+    arm = b.image([b"b"], config={"architecture": "arm64", "os": "linux"})
+    b.tag(
+        b.index(
+            [
+                {**amd, "platform": {"os": "linux", "architecture": "amd64"}},
+                {**arm, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            ]
+        ),
+        "multi",
+    )
+    path = str(b.write_tar(tmp_path / "multi.tar"))
+    with pytest.raises(
+        NotFound, match=r"^multi: no manifest for linux/s390x \(it has linux/amd64, linux/arm64/v8\)$"
+    ):
+        open_rootfs(path, platform=Platform.parse("linux/s390x"))
+
+
+def test_mount_refuses_a_platform_the_image_is_not_for_in_one_line(tmp_path: Path) -> None:
+    """mount --rootfs resolves as inspect does: the same refusal, with the platforms there are."""
+    require_fuse()
+    path = image(tmp_path, [tar_bytes([file_member("f", b"x")])])
+    (tmp_path / "mnt").mkdir()
+    done = run_ocifuse("mount", "-f", "--rootfs", "--platform", "linux/arm64", path, tmp_path / "mnt")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ocifuse: v1: no manifest for linux/arm64 (it has linux/amd64)"
+    ]

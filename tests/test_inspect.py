@@ -123,7 +123,8 @@ def test_no_ref_resolves_every_entry(tmp_path: Path, backend: str) -> None:
     s = Sample()
     summary = summarize(tmp_path, backend, s, platform=AMD64)
     assert [i.manifest.digest for i in summary.images] == [s.amd["digest"], s.sig["digest"]]
-    assert [(u.ref, u.error) for u in summary.unresolved] == [("single", "an image for linux/s390x")]
+    why = "no manifest for linux/amd64 (it has linux/s390x)"
+    assert [(u.ref, u.error) for u in summary.unresolved] == [("single", why)]
 
 
 def test_host_platform_default_never_fails(tmp_path: Path, backend: str) -> None:
@@ -147,12 +148,12 @@ def test_not_found_is_listed_not_raised(tmp_path: Path, backend: str) -> None:
     assert len(summary.refs) == 3
 
     summary = summarize(tmp_path / "3", backend, s, ref="single", platform=AMD64)
-    assert summary.error == "single is an image for linux/s390x, not linux/amd64"
+    assert summary.error == "single: no manifest for linux/amd64 (it has linux/s390x)"
 
     summary = summarize(tmp_path / "4", backend, s, platform=windows)
     assert summary.error is not None and summary.error.startswith("no image for windows/amd64 in ")
     assert "multi: no manifest for windows/amd64 (it has linux/amd64, linux/arm64/v8)" in summary.error
-    assert "single: an image for linux/s390x" in summary.error
+    assert "single: no manifest for windows/amd64 (it has linux/s390x)" in summary.error
     assert len(summary.unresolved) == 3
 
 
@@ -294,7 +295,7 @@ def test_cli_every_ref(tmp_path: Path, backend: str, capsys: pytest.CaptureFixtu
     assert cli.main(["inspect", str(path), "--platform", "linux/arm64"]) == 0
     out = capsys.readouterr().out
     assert "image multi (linux/arm64/v8)" in out
-    assert "not resolved for linux/arm64: single: an image for linux/s390x" in out
+    assert "not resolved for linux/arm64: single: no manifest for linux/arm64 (it has linux/s390x)" in out
 
 
 @pytest.mark.parametrize(
