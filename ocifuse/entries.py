@@ -290,6 +290,10 @@ class Sources:
             return bytearray()
         return self._source(entry).pread_cached(entry.offset + offset, size)
 
+    def sizes(self) -> tuple[int, ...]:
+        """The size of each source, in order."""
+        return tuple(source.size for source in self.sources)
+
     def close(self) -> None:
         """Close every source."""
         for source in self.sources:

@@ -207,98 +207,162 @@ def open_image(
 
     The RootImage returned owns ``layout`` (closes it); on error the caller still does.
 
-    ``cache`` keeps each layer's index and table under its digest, so a second mount (or another
-    image sharing the layer) decompresses nothing and reads no layer header. ``limits`` bounds
-    the first pass over a compressed layer (decompression bombs). Anything built from a layer is
-    kept only once the layer's blob hashes to its digest; ``verify`` hashes every layer's blob
-    even when all is in the cache (``-o verify``). Raises an OcifuseError with one
-    line saying what is wrong: the layout, the ref, a layer.
+    ``cache`` keeps each layer's index and table under its digest, and the merged tree under the
+    manifest's: a second mount reads no layer at all until a file is read (each layer is opened,
+    its index loaded and its diff_id compared, on its first read). ``limits`` bounds the first
+    pass over a compressed layer (decompression bombs). Anything built from a layer is kept only
+    once the layer's blob hashes to its digest; ``verify`` opens and hashes every layer's blob at
+    open even when all is in the cache (``-o verify``). Raises an OcifuseError with one line saying
+    what is wrong: the layout, the ref, a layer.
     """
-    sources: list[Source] = []
+    resolved = resolve(layout, ref, platform)
+    descs = resolved.manifest.layers
+    if len(descs) > MAX_LAYERS:
+        raise LayerError(f"the manifest lists {len(descs)} layers; at most {MAX_LAYERS} are served")
+    expected = diff_ids(layout, resolved)
+    if len(expected) != len(descs) and not ignore_diff_ids:
+        raise LayerError(
+            f"the manifest lists {len(descs)} layers, the config's rootfs.diff_ids {len(expected)}"
+        )
+    layers = [
+        LazyLayer(
+            layout, i, d, expected, cache=cache, limits=limits, verify=verify, ignore_diff_ids=ignore_diff_ids
+        )
+        for i, d in enumerate(descs)
+    ]
+    sources = Sources(list(layers))
     try:
-        resolved = resolve(layout, ref, platform)
-        layers = resolved.manifest.layers
-        if len(layers) > MAX_LAYERS:
-            raise LayerError(f"the manifest lists {len(layers)} layers; at most {MAX_LAYERS} are served")
-        expected = diff_ids(layout, resolved)
-        if len(expected) != len(layers) and not ignore_diff_ids:
-            raise LayerError(
-                f"the manifest lists {len(layers)} layers, the config's rootfs.diff_ids {len(expected)}"
-            )
-        # Layers are opened in parallel: a compressed layer's first pass (decompress, index, hash)
-        # runs in rapidgzip or pyzstd with the GIL released.
+        # Layers are opened and scanned in parallel: a compressed layer's first pass (decompress,
+        # index, hash) runs in rapidgzip or pyzstd with the GIL released.
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
-            jobs = [
-                pool.submit(_open_layer, layout, i, d, cache, limits, verify) for i, d in enumerate(layers)
-            ]
-            concurrent.futures.wait(jobs)
-            for job in jobs:  # every source opened is closed on failure, whichever layer failed
-                if job.exception() is None:
-                    sources.append(job.result()[0])
-            gates: list[VerifiedStore] = []
-            for index, (desc, job) in enumerate(zip(layers, jobs, strict=True)):
-                _, found, gate = job.result()  # the first failing layer's error, in layer order
-                _check_diff_id(index, desc, expected, found, ignore_diff_ids)
-                gates.append(gate)
-            sizes = [source.size for source in sources]
+
+            def open_all() -> None:
+                """Open every layer; the first failing layer's error, in layer order."""
+                for job in [pool.submit(layer.open) for layer in layers]:
+                    job.result()
 
             def build() -> Merged:
-                """Scan every layer (its table from the cache when there), then merge them (layer.md)."""
-                scans = [pool.submit(_table, d, i, sources[i], gates[i]) for i, d in enumerate(layers)]
+                """Open every layer, scan it (its table from the cache when there), merge them."""
+                open_all()
+                scans = [pool.submit(layer.table) for layer in layers]
                 tables = [scan.result() for scan in scans]
-                for gate in gates:
-                    gate.finish()  # nothing built from a layer is kept unless the layer is its digest
+                for layer in layers:
+                    layer.finish()  # nothing built from a layer is kept unless the layer is its digest
                 merged = merge(tables)
-                return Merged(entries=merged.entries, root=merged.root, notes=_notes(tables, merged))
+                notes = _notes(tables, merged)
+                return Merged(entries=merged.entries, root=merged.root, notes=notes, sizes=sources.sizes())
 
-            # The merged tree of this image from the cache, when it is there: no layer header read.
-            key = str(resolved.descriptor.digest)
+            def decode(payload: bytes) -> Merged:
+                merged = Merged.from_bytes(payload)
+                if len(merged.sizes) != len(layers):
+                    raise ValueError(f"a tree of {len(merged.sizes)} layers, not {len(layers)}")
+                for layer, size in zip(layers, merged.sizes, strict=True):
+                    layer.size = size  # what the tree was made for; checked when the layer opens
+                return merged
+
+            # The merged tree of this image from the cache, when it is there: no layer read at all.
+            # A tree served with ignore_diff_ids is kept apart: a mount that checks them must open.
+            key = str(resolved.descriptor.digest) + ("+ignore-diff-ids" if ignore_diff_ids else "")
             merged = load_or_build(
                 cache,
                 TREE,
                 key,
-                name=f"image {key}",
-                decode=lambda payload: Merged.from_bytes(payload, sizes),
+                name=f"image {resolved.descriptor.digest}",
+                decode=decode,
                 build=build,
-                encode=lambda tree: tree.to_bytes(sizes),
+                encode=lambda tree: tree.to_bytes(tree.sizes),
             )
-        return RootImage(layout=layout, resolved=resolved, sources=Sources(sources), merged=merged)
+            if verify:
+                open_all()  # -o verify: every layer's blob hashed now, cached or not
+        return RootImage(layout=layout, resolved=resolved, sources=sources, merged=merged)
     except BaseException:
-        Sources(sources).close()
+        sources.close()
         raise
 
 
-def _open_layer(
-    layout: Layout,
-    index: int,
-    desc: Descriptor,
-    cache: Store | None,
-    limits: Limits | None,
-    verify: bool,
-) -> tuple[Source, str, VerifiedStore]:
-    """One layer's source, its diff_id, and its view of the cache.
+class LazyLayer(Source):
+    """One layer's uncompressed stream: opened on first use (its blob checked, index loaded or built,
+    diff_id compared), so that a mount whose tree is cached reads no layer it is not asked for.
 
-    Whatever is built from the blob (index, spill, table) is stored only once the blob hashes to
-    its digest, and a blob that does not raises LayerError. Closes the source on error.
+    ``size`` is the stream's size once open; before, the size the cached tree was made for (the
+    layer must open to exactly that, else its reads fail), or -1 when not known yet.
     """
-    what = f"layer {index} ({desc.digest})"
-    raw = layer_blob(layout, index, desc)
-    gate = VerifiedStore(raw, desc.digest, what, cache)
-    gate.built = gate.built or verify  # -o verify: hashed even when nothing is built
-    source, found = layer_source(layout, index, desc, cache=gate, limits=limits, raw=raw)
-    try:
-        gate.finish()
-        return source, found, gate
-    except BaseException:
-        source.close()
-        raise
 
+    def __init__(
+        self,
+        layout: Layout,
+        index: int,
+        desc: Descriptor,
+        expected: Sequence[str],
+        *,
+        cache: Store | None,
+        limits: Limits | None,
+        verify: bool,
+        ignore_diff_ids: bool,
+    ) -> None:
+        self.layout = layout
+        self.index = index
+        self.desc = desc
+        self.expected = expected
+        self.cache = cache
+        self.limits = limits
+        self.verify = verify
+        self.ignore_diff_ids = ignore_diff_ids
+        self.what = f"layer {index} ({desc.digest})"
+        self.size = -1
+        self._lock = threading.Lock()
+        self._source: Source | None = None
+        self._gate: VerifiedStore | None = None
 
-def _table(desc: Descriptor, index: int, source: Source, cache: Store | None) -> LayerTable:
-    """The layer's table: from the cache, else scanned (and stored)."""
-    name = f"layer {index} ({desc.digest})"
-    return LayerTable.load_or_scan(source, name, key=blob_key(desc.digest), cache=cache)
+    def open(self) -> Source:
+        """The layer's stream, opened once; LayerError (and the like) when it cannot be served."""
+        with self._lock:
+            if self._source is None:
+                raw = layer_blob(self.layout, self.index, self.desc)
+                gate = VerifiedStore(raw, self.desc.digest, self.what, self.cache)
+                gate.built = gate.built or self.verify  # -o verify: hashed even when nothing is built
+                source, found = layer_source(
+                    self.layout, self.index, self.desc, cache=gate, limits=self.limits, raw=raw
+                )
+                try:
+                    gate.finish()
+                    _check_diff_id(self.index, self.desc, self.expected, found, self.ignore_diff_ids)
+                    if self.size >= 0 and source.size != self.size:
+                        raise LayerError(
+                            f"{self.what}: {source.size} bytes uncompressed, the stored tree says {self.size}"
+                        )
+                except BaseException:
+                    source.close()
+                    raise
+                self.size = source.size
+                self.compression = source.compression
+                self.uncompressed_digest = source.uncompressed_digest
+                self._source, self._gate = source, gate
+            return self._source
+
+    def table(self) -> LayerTable:
+        """The layer's table: from the cache, else scanned (and stored once the blob is its digest)."""
+        return LayerTable.load_or_scan(
+            self.open(), self.what, key=blob_key(self.desc.digest), cache=self._gate
+        )
+
+    def finish(self) -> None:
+        """Raise LayerError if something was built from a blob that is not its digest."""
+        if self._gate is not None:
+            self._gate.finish()
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return self.open().pread(offset, size)
+
+    def pread_cached(self, offset: int, size: int) -> bytearray | None:
+        source = self._source
+        return None if source is None else source.pread_cached(offset, size)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._source is not None:
+                self._source.close()
 
 
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:

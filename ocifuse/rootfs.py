@@ -69,6 +69,7 @@ class Merged:
     entries: dict[str, Entry]
     root: Entry
     notes: list[Note]
+    sizes: tuple[int, ...] = ()  # the layer streams' sizes it was made for (once merged from them)
 
     def to_bytes(self, sizes: Sequence[int]) -> bytes:
         """The tree as the index cache stores it (JSON), for layer streams of these ``sizes``."""
@@ -100,14 +101,18 @@ class Merged:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, payload: bytes, sizes: Sequence[int]) -> Merged:
+    def from_bytes(cls, payload: bytes, sizes: Sequence[int] | None = None) -> Merged:
         """A tree from ``to_bytes``; ValueError (or TypeError, ...) unless it is a whole, consistent one
-        for layer streams of exactly these ``sizes``: every file inside its layer, every name one the
-        scan accepts, every parent a directory."""
+        for layer streams of exactly these ``sizes`` (None: the sizes it says, each an int >= 0):
+        every file inside its layer, every name one the scan accepts, every parent a directory."""
         try:
             doc: Any = load_value("cached tree", payload)
         except InvalidDocument as e:
             raise ValueError(e.reason) from e
+        if sizes is None:
+            sizes = doc["sizes"]
+            if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
+                raise ValueError("layer sizes that are not sizes")
         if doc["format"] != TREE_FORMAT or doc["sizes"] != list(sizes):
             raise ValueError("for another format or other layers")
         metas = []
@@ -151,7 +156,7 @@ class Merged:
             if parent and (parent not in entries or entries[parent].kind is not Kind.DIR):
                 raise ValueError(f"entry {path!r} has no directory above it")
         notes = [Note(int(layer), str(name), str(reason)) for layer, name, reason in doc["notes"]]
-        return cls(entries=entries, root=root, notes=notes)
+        return cls(entries=entries, root=root, notes=notes, sizes=tuple(sizes))
 
 
 class _Leaf:

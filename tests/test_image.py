@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import random
 import subprocess
 import tarfile
 from pathlib import Path
@@ -411,3 +413,87 @@ def test_mount_refuses_a_platform_the_image_is_not_for_in_one_line(tmp_path: Pat
     assert done.stderr.strip().splitlines() == [
         "ocifuse: v1: no manifest for linux/arm64 (it has linux/amd64)"
     ]
+
+
+def _compressed_outer(tmp_path: Path, kind: str) -> tuple[Path, list[bytes]]:
+    """A one-image oci-archive of two gzip layers of random bytes, then gzip- or zstd-compressed whole."""
+    rng = random.Random(7)
+    files = [tar_bytes([file_member(f"f{i}", rng.randbytes(10 << 20))]) for i in range(2)]
+    plain = image(
+        tmp_path,
+        [gzip.compress(f, 1) for f in files],
+        diff_ids=[_sha(f) for f in files],
+        media_types=[GZIP] * 2,
+    )
+    data = plain.read_bytes()
+    out = tmp_path / f"image.tar.{kind}"
+    out.write_bytes(
+        gzip.compress(data, 1) if kind == "gz" else pyzstd.compress(data)
+    )  # zstd: one frame, spilled
+    return out, files
+
+
+class _ArchiveReads:
+    """Bytes read from one file by pread (the archive): everything the read core reads of it."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ino = path.stat().st_ino
+        self.total = 0
+        real = os.pread
+
+        def pread(fd: int, size: int, offset: int) -> bytes:
+            data = real(fd, size, offset)
+            if os.fstat(fd).st_ino == self.ino:
+                self.total += len(data)
+            return data
+
+        monkeypatch.setattr(os, "pread", pread)
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_second_rootfs_open_of_a_compressed_archive_decompresses_nothing(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--rootfs of a .tar.gz/.tar.zst: its index, table, layers' indexes and tree come from the cache."""
+    from ocifuse import gzipsource, zstdsource
+    from ocifuse.cache import KEY_SPAN
+
+    path, files = _compressed_outer(tmp_path, kind)
+    cache = IndexCache(str(tmp_path / "cache"))
+    reads = _ArchiveReads(path, monkeypatch)
+    open_rootfs(str(path), cache=cache).close()
+    assert reads.total >= path.stat().st_size  # the first open decompressed it all
+    stored = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    assert any(name.startswith("spill.") for name in stored) == (kind == "zst")
+
+    def no_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decompressed again")
+
+    monkeypatch.setattr(gzipsource.GzipSource, "_build", no_pass)
+    monkeypatch.setattr(zstdsource, "_zstd_pass", no_pass)
+    reads.total = 0
+    img = open_rootfs(str(path), cache=cache)
+    try:
+        # The archive's identity (its first and last MiB), and where each layer's index starts.
+        # No layer is read until a file is: the archive's identity (its first and last MiB), and
+        # the chunks that hold index.json, the manifest and the config (resolving reads them).
+        assert reads.total <= 2 * KEY_SPAN + 3 * gzipsource.GZIP_CHUNK < path.stat().st_size // 3
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stored  # no spill
+        entry = img.merged.entries["f1"]
+        with tarfile.open(fileobj=io.BytesIO(files[1])) as tf:
+            member = tf.extractfile("f1")
+            assert member is not None
+            assert img.sources.pread(entry, 0, entry.size) == member.read()
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize(("kind", "option"), [("gz", "max_size"), ("zst", "max_size"), ("zst", "spill_max")])
+def test_rootfs_of_a_compressed_archive_keeps_the_limits(tmp_path: Path, kind: str, option: str) -> None:
+    """-o max_size / spill_max bound the outer archive's pass for --rootfs as for the layout view."""
+    from ocifuse.errors import DecompressionLimit
+    from ocifuse.streams import Limits
+
+    path, _ = _compressed_outer(tmp_path, kind)
+    with pytest.raises(DecompressionLimit, match=f"the {option} bound"):
+        open_rootfs(str(path), limits=Limits(**{option: 1 << 20}))
