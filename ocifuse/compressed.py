@@ -16,7 +16,7 @@ from __future__ import annotations
 from .errors import CompressedDataError
 from .source import Source, sniff
 from .store import Store
-from .streams import Limits, Progress
+from .streams import Limits, Opening, Progress
 
 
 def open_decompressed(
@@ -43,31 +43,22 @@ def open_decompressed(
     kind = sniff(raw.pread(0, 8))
     if kind is None:
         return raw
-    limits = limits or Limits()
+    o = Opening(
+        raw=raw,
+        key=key,
+        cache=cache,
+        name=name,
+        limits=limits or Limits(),
+        progress=progress,
+        rebuild=rebuild,
+        digest=digest,
+    )
     if kind == "gzip":
         from .gzipsource import GzipSource
 
-        return GzipSource.open(
-            raw,
-            key=key,
-            cache=cache,
-            name=name,
-            limits=limits,
-            progress=progress,
-            rebuild=rebuild,
-            digest=digest,
-        )
+        return GzipSource.open(o)
     if kind == "zstd":
         from .zstdsource import open_zstd
 
-        return open_zstd(
-            raw,
-            key=key,
-            cache=cache,
-            name=name,
-            limits=limits,
-            progress=progress,
-            rebuild=rebuild,
-            digest=digest,
-        )
+        return open_zstd(o)
     raise CompressedDataError(name, kind, "not supported (ocifuse reads gzip and zstd)")

@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # imported where used: every archive open and mount would pay
 from .errors import CompressedDataError
 from .readers import ReaderPool
 from .source import Source, SourceFile, sub_range
-from .store import GZIP_INDEX, Stale, Store, load_or_build
-from .streams import NO_DIGEST, READ, U64, Head, Limits, Progress, too_large, unpack_head
+from .store import GZIP_INDEX, Stale, load_or_build
+from .streams import NO_DIGEST, READ, U64, Head, Limits, Opening, Progress, too_large, unpack_head
 
 log = logging.getLogger(__name__)
 
@@ -255,19 +255,9 @@ class GzipSource(Source):
         return reader
 
     @classmethod
-    def open(
-        cls,
-        raw: Source,
-        *,
-        key: str | None,
-        cache: Store | None,
-        name: str,
-        limits: Limits,
-        progress: Progress | None,
-        rebuild: bool = False,
-        digest: bool = True,
-    ) -> GzipSource:
+    def open(cls, o: Opening) -> GzipSource:
         """From the stored index when there is a good one (and no ``rebuild``), else by one pass."""
+        raw, name, digest = o.raw, o.name, o.digest
 
         def decode(payload: bytes) -> GzipSource:
             head, rest = unpack_head(payload, raw, digest, _GZIP_MAGIC)
@@ -285,14 +275,14 @@ class GzipSource(Source):
             return source
 
         return load_or_build(
-            cache,
+            o.cache,
             GZIP_INDEX,
-            key,
+            o.key,
             name=name,
             decode=decode,
-            build=lambda: cls._build(raw, name, limits, progress, digest),
+            build=lambda: cls._build(raw, name, o.limits, o.progress, digest),
             encode=lambda source: source.head.pack() + U64.pack(source.end) + source._index,
-            rebuild=rebuild,
+            rebuild=o.rebuild,
         )
 
     @classmethod

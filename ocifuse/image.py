@@ -28,8 +28,8 @@ from .errors import (
     SizeMismatch,
 )
 from .layer import LayerTable
-from .layout import Layout
-from .model import MAX_LAYERS, Descriptor, Manifest, Platform, loads, parse_diff_ids
+from .layout import Layout, ViewOptions
+from .model import MAX_LAYERS, Descriptor, Manifest, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
@@ -193,29 +193,21 @@ class VerifiedStore:
             raise LayerError(f"{self._what}: {DigestMismatch(str(self._digest), str(self._found))}")
 
 
-def open_image(
-    layout: Layout,
-    *,
-    ref: str | None = None,
-    platform: Platform | None = None,
-    ignore_diff_ids: bool = False,
-    cache: Store | None = None,
-    limits: Limits | None = None,
-    verify: bool = False,
-) -> RootImage:
+def open_image(layout: Layout, options: ViewOptions) -> RootImage:
     """Resolve the image in ``layout`` as inspect does, check its layers, and merge them (layer.md).
 
     The RootImage returned owns ``layout`` (closes it); on error the caller still does.
 
-    ``cache`` keeps each layer's index and table under its digest, and the merged tree under the
+    ``options.cache`` keeps each layer's index and table under its digest, and the merged tree under the
     manifest's: a second mount reads no layer at all until a file is read (each layer is opened,
-    its index loaded and its diff_id compared, on its first read). ``limits`` bounds the first
+    its index loaded and its diff_id compared, on its first read). ``options.limits`` bounds the first
     pass over a compressed layer (decompression bombs). Anything built from a layer is kept only
-    once the layer's blob hashes to its digest; ``verify`` opens and hashes every layer's blob at
+    once the layer's blob hashes to its digest; ``options.verify`` opens and hashes every layer's blob at
     open even when all is in the cache (``-o verify``). Raises an OcifuseError with one line saying
     what is wrong: the layout, the ref, a layer.
     """
-    resolved = resolve(layout, ref, platform)
+    resolved = resolve(layout, options.ref, options.platform)
+    ignore_diff_ids, verify = options.ignore_diff_ids, options.verify
     descs = resolved.manifest.layers
     if len(descs) > MAX_LAYERS:
         raise LayerError(f"the manifest lists {len(descs)} layers; at most {MAX_LAYERS} are served")
@@ -224,12 +216,7 @@ def open_image(
         raise LayerError(
             f"the manifest lists {len(descs)} layers, the config's rootfs.diff_ids {len(expected)}"
         )
-    layers = [
-        LazyLayer(
-            layout, i, d, expected, cache=cache, limits=limits, verify=verify, ignore_diff_ids=ignore_diff_ids
-        )
-        for i, d in enumerate(descs)
-    ]
+    layers = [LazyLayer(layout, i, d, expected, options) for i, d in enumerate(descs)]
     sources = Sources(list(layers))
     try:
         # Layers are opened and scanned in parallel: a compressed layer's first pass (decompress,
@@ -265,7 +252,7 @@ def open_image(
             # A tree served with ignore_diff_ids is kept apart: a mount that checks them must open.
             key = str(resolved.descriptor.digest) + ("+ignore-diff-ids" if ignore_diff_ids else "")
             merged = load_or_build(
-                cache,
+                options.cache,
                 TREE,
                 key,
                 name=f"image {resolved.descriptor.digest}",
@@ -295,20 +282,16 @@ class LazyLayer(Source):
         index: int,
         desc: Descriptor,
         expected: Sequence[str],
-        *,
-        cache: Store | None,
-        limits: Limits | None,
-        verify: bool,
-        ignore_diff_ids: bool,
+        options: ViewOptions,
     ) -> None:
         self.layout = layout
         self.index = index
         self.desc = desc
         self.expected = expected
-        self.cache = cache
-        self.limits = limits
-        self.verify = verify
-        self.ignore_diff_ids = ignore_diff_ids
+        self.cache = options.cache
+        self.limits = options.limits
+        self.verify = options.verify
+        self.ignore_diff_ids = options.ignore_diff_ids
         self.what = f"layer {index} ({desc.digest})"
         self.size = -1
         self._lock = threading.Lock()

@@ -7,7 +7,7 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import model
 from .archive import Archive
@@ -22,7 +22,10 @@ from .errors import (
     SizeMismatch,
     TooLarge,
 )
+from .model import Platform
 from .source import FileRange, OpenFile, Source, sub_range
+from .store import Store
+from .streams import Limits
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
@@ -36,6 +39,20 @@ class LayoutHeader:
     """The ``oci-layout`` file (image-layout.md, "oci-layout file")."""
 
     image_layout_version: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ViewOptions:
+    """How a path is opened: the same options mean the same view, whichever command asks."""
+
+    cache: Store | None = None  # where tables and indexes are loaded from and stored (None: nowhere)
+    limits: Limits = field(default_factory=Limits)  # bounds of decompressing (max_size, spill_max)
+    rescan: bool = False  # fsck: trust nothing stored; scan and index again, and store the fresh ones
+    rootfs: bool = False  # the merged root filesystem of one image, not the layout
+    ref: str | None = None  # which image (a ref name or a digest), as inspect --ref
+    platform: Platform | None = None  # which platform's image (default: this machine's)
+    verify: bool = False  # rootfs: hash every layer's blob, even when all is cached
+    ignore_diff_ids: bool = False  # rootfs: serve layers whose diff_id does not match the config
 
 
 class Layout(ABC):

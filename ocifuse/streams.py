@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .digest import Digest
 from .errors import DecompressionLimit
 from .source import Source
-from .store import Stale
+from .store import Stale, Store
 
 # Default bounds of one first pass (docs/compressed.md).
 DEFAULT_MAX_SIZE = 64 << 30
@@ -33,6 +33,25 @@ class Limits:
 
 Progress = Callable[[int], None]
 """Called with each count of compressed bytes the first pass has consumed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Opening:
+    """What opening a compressed stream is given (compressed.open_decompressed says each one)."""
+
+    raw: Source  # the compressed bytes
+    key: str | None  # their content key in ``cache`` (None: nothing kept)
+    cache: Store | None
+    name: str  # a path or a digest, naming ``raw`` in errors and log lines
+    limits: Limits
+    progress: Progress | None = None
+    rebuild: bool = False
+    digest: bool = True
+
+    @property
+    def spill_path(self) -> str | None:
+        """Where a spill of these bytes is kept, if anywhere (Store.spill_path)."""
+        return self.cache.spill_path(self.key) if self.cache is not None and self.key is not None else None
 
 
 def too_large(name: str, kind: str, limits: Limits) -> DecompressionLimit:

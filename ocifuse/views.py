@@ -20,34 +20,20 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .archive import Archive, open_archive
 from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_format
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
 from .image import RootImage, open_image
-from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout
-from .model import Platform
-from .store import Store
-from .streams import Limits
+from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
 from .tree import Tree
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ViewOptions:
-    """How a path is opened: the same options mean the same view, whichever command asks."""
-
-    cache: Store | None = None  # where tables and indexes are loaded from and stored (None: nowhere)
-    limits: Limits = field(default_factory=Limits)  # bounds of decompressing (max_size, spill_max)
-    rescan: bool = False  # fsck: trust nothing stored; scan and index again, and store the fresh ones
-    rootfs: bool = False  # the merged root filesystem of one image, not the layout
-    ref: str | None = None  # which image (a ref name or a digest), as inspect --ref
-    platform: Platform | None = None  # which platform's image (default: this machine's)
-    verify: bool = False  # rootfs: hash every layer's blob, even when all is cached
-    ignore_diff_ids: bool = False  # rootfs: serve layers whose diff_id does not match the config
+# The front door: ViewOptions lives in layout.py (image.py takes it too) and is offered here.
+__all__ = ["MountView", "ViewOptions", "open_layout", "open_mount", "open_rootfs"]
 
 
 def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None) -> Layout:
@@ -88,15 +74,7 @@ def open_rootfs(path: str | os.PathLike[str], options: ViewOptions | None = None
     options = options or ViewOptions()
     layout = open_layout(path, options)
     try:
-        return open_image(
-            layout,
-            ref=options.ref,
-            platform=options.platform,
-            ignore_diff_ids=options.ignore_diff_ids,
-            cache=options.cache,
-            limits=options.limits,
-            verify=options.verify,
-        )
+        return open_image(layout, options)
     except BaseException:
         layout.close()
         raise

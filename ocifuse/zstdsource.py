@@ -23,8 +23,8 @@ from .errors import CompressedDataError
 from .readers import kept_frames
 from .source import FileRange, OpenFile, Source
 from .spill import Spill
-from .store import ZSTD_INDEX, Stale, Store, load_or_build
-from .streams import NO_DIGEST, READ, U64, Head, HighWater, Limits, Progress, too_large, unpack_head
+from .store import ZSTD_INDEX, Stale, load_or_build
+from .streams import NO_DIGEST, READ, U64, Head, HighWater, Limits, Opening, too_large, unpack_head
 
 log = logging.getLogger(__name__)
 
@@ -224,19 +224,10 @@ class ZstdSpill(FileRange):
         self.uncompressed_digest = head.digest
 
 
-def open_zstd(
-    raw: Source,
-    *,
-    key: str | None,
-    cache: Store | None,
-    name: str,
-    limits: Limits,
-    progress: Progress | None,
-    rebuild: bool = False,
-    digest: bool = True,
-) -> Source:
+def open_zstd(o: Opening) -> Source:
     """From the stored frame table or spill file when good, else by one pass (two for a large frame)."""
-    high = None if progress is None else HighWater(progress)
+    raw, name, limits, digest = o.raw, o.name, o.limits, o.digest
+    high = None if o.progress is None else HighWater(o.progress)
 
     def build() -> Source:
         try:
@@ -245,8 +236,7 @@ def open_zstd(
             log.info(
                 "%s: a zstd frame over %d bytes: decompressing to a spill file", name, ZSTD_FRAME_INPLACE
             )
-            path = cache.spill_path(key) if cache is not None and key is not None else None
-            spilled = _spill(raw, path, name, limits, high, digest)
+            spilled = _spill(raw, o.spill_path, name, limits, high, digest)
             log.info("%s: zstd-compressed, %d bytes decompressed", name, spilled.size)
             return spilled
         log.info("%s: zstd-compressed, %d bytes decompressed", name, found.size)
@@ -264,14 +254,14 @@ def open_zstd(
         return None  # a nameless spill: nothing to find again
 
     return load_or_build(
-        cache,
+        o.cache,
         ZSTD_INDEX,
-        key,
+        o.key,
         name=name,
-        decode=lambda payload: _decode(payload, raw, key, cache, name, digest),
+        decode=lambda p: _decode(p, o),
         build=build,
         encode=encode,
-        rebuild=rebuild,
+        rebuild=o.rebuild,
     )
 
 
@@ -290,11 +280,10 @@ def _spill(
     return ZstdSpill(file, head, kept=spill.path is not None)
 
 
-def _decode(
-    payload: bytes, raw: Source, key: str | None, cache: Store | None, name: str, digest: bool
-) -> Source:
+def _decode(payload: bytes, o: Opening) -> Source:
     """The source a stored zstd entry describes: a frame table, or the spill file it names."""
-    head, rest = unpack_head(payload, raw, digest, _ZSTD_FRAMES_MAGIC, _ZSTD_SPILL_MAGIC)
+    raw, name = o.raw, o.name
+    head, rest = unpack_head(payload, raw, o.digest, _ZSTD_FRAMES_MAGIC, _ZSTD_SPILL_MAGIC)
     if head.magic == _ZSTD_FRAMES_MAGIC:
         if len(rest) < U64.size:
             raise ValueError("frame table cut short")
@@ -305,7 +294,7 @@ def _decode(
         if sum(f[2] for f in frames) != head.size or any(c + s > raw.size for c, s, _ in frames):
             raise ValueError("frames that do not add up to the stream")
         return ZstdFrames(raw, name, frames, head)
-    path = cache.spill_path(key) if cache is not None and key is not None else None
+    path = o.spill_path
     if path is None or len(rest) != _SPILL.size:
         raise ValueError("no spill file to name")
     ino, mtime_ns = _SPILL.unpack(rest)
