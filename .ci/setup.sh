@@ -22,6 +22,8 @@ PKGS="$PKGS busybox-static bubblewrap podman runc"
 PKGS="$PKGS buildah"
 # Compressed archives and layers: the tools that make them in the tests.
 PKGS="$PKGS gzip pigz zstd xz-utils bzip2"
+# man ocifuse (man-db brings groff, which the tests lint the page with).
+PKGS="$PKGS man-db"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -42,3 +44,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
+
+# The man page: for everyone as root; otherwise next to the venv's command, where man finds the
+# page while .venv/bin is on PATH.
+share=$PWD/.venv/share
+[ "$(id -u)" -ne 0 ] || share=/usr/local/share
+install -D -m 0644 man/ocifuse.1 "$share/man/man1/ocifuse.1"
+if [ "$share" = /usr/local/share ] && command -v mandb >/dev/null; then
+  mandb -q /usr/local/share/man 2>/dev/null || true # whatis and apropos; man ocifuse works without
+fi
