@@ -54,12 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="list or clear the index cache (stored entry tables and indexes)")
     cache.add_argument("action", choices=("list", "clear"), help="list the entries, or remove them all")
-    cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's, see README)")
+    cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's)")
     return p
 
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's, see README)")
+    p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's; man ocifuse)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the index cache")
 
 
@@ -82,7 +82,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPTS",
-        help="comma-separated mount options (verify, allow_other, debug, rootfs, ref=NAME, ...)",
+        help="comma-separated mount options (verify, nonempty, rootfs, ref=NAME, ...; see man ocifuse)",
     )
     p.add_argument("--verify", action="store_true", help="check each blob against its digest when read")
     p.add_argument(
