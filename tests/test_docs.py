@@ -1,8 +1,8 @@
 """The documents against the code: the fsck code table, the README's set-up and links.
 
-docs/fsck.md's table of finding codes is made from fsck.py's own (the module docstring's table,
-whose severities must be ``fsck.CODES``'s): ``python tests/test_docs.py`` rewrites it, and a test
-fails while the two differ.
+docs/fsck.md's table of finding codes is made from the code's own (the docstring table of the
+module defining fsck's ``Severity``, whose severities must be ``fsck.CODES``'s): ``python
+tests/test_docs.py`` rewrites it, and a test fails while the two differ.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ _ROW = re.compile(r"``([a-z0-9-]+)``\s+(error|warning)\s+(.*)")
 
 
 def code_rows() -> list[tuple[str, str, str]]:
-    """(code, severity, meaning) of each row of fsck.py's docstring table, in its order."""
-    doc = fsck.__doc__ or ""
+    """(code, severity, meaning) of each row of the code table, in its order.
+
+    The table is the docstring of the module that defines the findings' ``Severity`` (fsck.py).
+    """
+    doc = sys.modules[fsck.Severity.__module__].__doc__ or ""
     lines = doc.splitlines()
     rules = [i for i, line in enumerate(lines) if line.startswith("=====")]
-    assert len(rules) == 3, "fsck.py's docstring lost its code table"
+    assert len(rules) == 3, f"{fsck.Severity.__module__}'s docstring lost its code table"
     rows: list[list[str]] = []
     for line in lines[rules[1] + 1 : rules[2]]:
         m = _ROW.fullmatch(line)
@@ -58,7 +61,7 @@ def test_the_docstring_table_is_the_code_table() -> None:
 def test_docs_fsck_md_holds_the_code_table() -> None:
     expected = code_table()
     assert _documented() == expected, (
-        "docs/fsck.md's code table differs from fsck.py's: run `python tests/test_docs.py` "
+        "docs/fsck.md's code table differs from the code's: run `python tests/test_docs.py` "
         f"to rewrite it; it should read:\n{expected}"
     )
 
