@@ -22,6 +22,10 @@ PKGS="$PKGS busybox-static bubblewrap podman runc"
 PKGS="$PKGS buildah"
 # Compressed archives and layers: the tools that make them in the tests.
 PKGS="$PKGS gzip pigz zstd xz-utils bzip2"
+# man ocifuse (man-db brings groff, which the tests lint the page with) and bash completion.
+PKGS="$PKGS man-db bash-completion"
+# The tests run the zsh completion in a zsh.
+[ -z "$extra" ] || PKGS="$PKGS zsh"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -42,3 +46,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
+
+# The man page and the shell completion: for everyone as root; otherwise next to the venv's
+# command, where man finds the page while .venv/bin is on PATH (docs/install.md says the rest).
+share=$PWD/.venv/share
+[ "$(id -u)" -ne 0 ] || share=/usr/local/share
+install -D -m 0644 man/ocifuse.1 "$share/man/man1/ocifuse.1"
+install -D -m 0644 completion/ocifuse.bash "$share/bash-completion/completions/ocifuse"
+install -D -m 0644 completion/_ocifuse "$share/zsh/site-functions/_ocifuse"
+if [ "$share" = /usr/local/share ] && command -v mandb >/dev/null; then
+  mandb -q /usr/local/share/man 2>/dev/null || true # whatis and apropos; man ocifuse works without
+fi

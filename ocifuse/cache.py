@@ -131,10 +131,20 @@ class IndexCache:
 
     # -- the directory ---------------------------------------------------------------------------
 
-    def _unusable(self, reason: str) -> None:
-        if not self._warned:
-            log.warning("index cache %s not used: %s", self.directory, reason)
-            self._warned = True
+    def _unusable(self, reason: str, *, unsafe: bool = False) -> None:
+        """Say once why the directory is not used: a warning, unless it is the default and out of reach.
+
+        A default the user did not ask for that cannot be made or opened (no home directory, as for
+        ``nobody``; a read-only one) is only a debug line: everything works without the cache. One
+        asked for (``--cache DIR``, ``-o cache=DIR``) is warned about, and so is any directory that
+        is there but ``unsafe`` (a symlink, another user's, writable by others): someone may be
+        tampering with it.
+        """
+        if self._warned:
+            return
+        self._warned = True
+        quiet = not unsafe and self.directory == default_directory()
+        (log.debug if quiet else log.warning)("index cache %s not used: %s", self.directory, reason)
 
     def _dir_fd(self, create: bool) -> int | None:
         """The cache directory's fd, or None when it is disabled, missing (and not created) or unsafe.
@@ -159,7 +169,8 @@ class IndexCache:
         except OSError as e:
             symlink = e.errno in (errno.ELOOP, errno.ENOTDIR)
             self._unusable(
-                "a symlink or not a directory (give the real path)" if symlink else str(e.strerror or e)
+                "a symlink or not a directory (give the real path)" if symlink else str(e.strerror or e),
+                unsafe=symlink,
             )
             return None
         try:
@@ -169,9 +180,10 @@ class IndexCache:
             self._unusable(str(e.strerror or e))
             return None
         if st.st_uid != os.geteuid():
-            self._unusable(f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+            self._unusable(f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})", unsafe=True)
         elif st.st_mode & 0o022:
-            self._unusable(f"writable by others (mode {stat.S_IMODE(st.st_mode):o}; chmod 700 it)")
+            mode = stat.S_IMODE(st.st_mode)
+            self._unusable(f"writable by others (mode {mode:o}; chmod 700 it)", unsafe=True)
         else:
             return fd
         os.close(fd)

@@ -39,7 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="print one JSON object")
     _cache_arguments(insp)
 
-    mnt = sub.add_parser("mount", help="mount an oci-archive or docker-archive read-only as an OCI layout")
+    mnt = sub.add_parser(
+        "mount",
+        help="mount an oci-archive or docker-archive read-only as an OCI layout",
+        description="Mount ARCHIVE read-only on MOUNTPOINT as the OCI image layout it holds, or "
+        "(--rootfs) as the root filesystem of one of its images, without extracting anything. "
+        "Returns once the mount is live; ocifuse umount MOUNTPOINT removes it. See man ocifuse.",
+    )
     _mount_arguments(mnt)
 
     um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")
@@ -48,17 +54,26 @@ def _parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="list or clear the index cache (stored entry tables and indexes)")
     cache.add_argument("action", choices=("list", "clear"), help="list the entries, or remove them all")
-    cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's, see README)")
+    cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's)")
     return p
 
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's, see README)")
+    p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's; man ocifuse)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the index cache")
 
 
+# What ``mount`` takes as ARCHIVE: told in full by ``ocifuse mount --help`` (and the man page).
+ARCHIVE_HELP = (
+    "what to mount: an oci-archive (a tar of an OCI image layout: skopeo copy oci-archive:, podman save "
+    "--format oci-archive) or a docker-archive (docker save, podman save), either one plain or "
+    "compressed as a whole with gzip or zstd (.tar.gz, .tar.zst: found by their magic bytes, not "
+    "their name); with --rootfs, also an OCI image layout directory"
+)
+
+
 def _mount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("archive", metavar="ARCHIVE", help="the oci-archive (a tar of an OCI image layout)")
+    p.add_argument("archive", metavar="ARCHIVE", help=ARCHIVE_HELP)
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory, or /dev/fd/N")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument(
@@ -67,7 +82,7 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="OPTS",
-        help="comma-separated mount options (verify, allow_other, debug, rootfs, ref=NAME, ...)",
+        help="comma-separated mount options (verify, nonempty, rootfs, ref=NAME, ...; see man ocifuse)",
     )
     p.add_argument("--verify", action="store_true", help="check each blob against its digest when read")
     p.add_argument(
@@ -98,11 +113,36 @@ def _helper_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unknown_command(args: Sequence[str]) -> str | None:
+    """The error line for a first word that is no command and no path, or None when there is none.
+
+    mount.fuse3 runs ``ocifuse SOURCE MOUNTPOINT -o OPTS``: a first word that is not a command is
+    the archive of that form. It is taken for a mistyped command instead when no such path exists
+    and it is close to a command's name (``inpsect``), or when it is the only word (``ocifuse
+    mnt``): either way a mount could only fail, and with a line about the mountpoint.
+    """
+    words = [a for a in args if not a.startswith("-")]
+    if not words or words[0] in COMMANDS or os.path.lexists(words[0]):
+        return None
+    import difflib  # only on this path: every command pays for its imports
+
+    close = difflib.get_close_matches(words[0], COMMANDS, n=1)
+    if close:
+        return f"unknown command {words[0]!r} (did you mean {close[0]}?)"
+    if len(words) == 1:
+        return f"unknown command {words[0]!r} (the commands: {', '.join(COMMANDS)}; see ocifuse --help)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in args_list if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and "--version" not in args_list:
+        unknown = unknown_command(args_list)
+        if unknown is not None:
+            print(f"ocifuse: {unknown}", file=sys.stderr)
+            return 2  # as argparse's own usage errors
         args = _helper_parser().parse_args(args_list)
         args.command = "mount"
     else:
@@ -121,7 +161,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _log_to_stderr() -> None:
+    """Warnings of fsck, inspect and cache as one ``ocifuse: ...`` line each on stderr.
+
+    (A mount sets up its own logging: daemon.setup_logging.) Under systemd each line carries its
+    syslog priority, as the error line does. Without this, Python's last-resort handler would print
+    bare messages that do not say which program wrote them.
+    """
+    import logging
+
+    class _Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            level = journal.ERR if record.levelno >= logging.ERROR else journal.WARNING
+            try:
+                print(f"{journal.prefix(level)}ocifuse: {record.getMessage()}", file=sys.stderr)
+            except Exception:
+                self.handleError(record)
+
+    root = logging.getLogger()
+    if not any(h.get_name() == "ocifuse-stderr" for h in root.handlers):  # main() may run again
+        handler = _Lines(logging.WARNING)
+        handler.set_name("ocifuse-stderr")
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("fsck", "inspect", "cache"):
+        _log_to_stderr()
     if args.command == "fsck":
         from .cache import open_cache
         from .fsck import main as fsck_main

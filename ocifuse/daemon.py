@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -42,14 +43,27 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
-def setup_logging(*, foreground: bool, debug: bool) -> None:
-    """Foreground: stderr (with priority prefixes under systemd); background: syslog if there is one."""
+def setup_logging(*, foreground: bool, debug: bool, detached: bool = True) -> None:
+    """Foreground: stderr (with priority prefixes under systemd); background: syslog if there is one.
+
+    A background mount before it detaches (``detached=False``: opening the archive, at the user's
+    terminal or in mount(8)) writes warnings and errors to stderr, not its INFO lines: those are
+    for the log of a daemon, and the command's silence means the mount is live. Under systemd
+    (stderr is the journal) and with ``debug`` every line stays.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     handler: logging.Handler
-    if foreground or not os.path.exists("/dev/log"):
+    if not foreground and not detached:
+        handler = logging.StreamHandler(sys.stderr)
+        if stderr_is_journal():
+            handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("ocifuse: %(message)s"))
+            handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+    elif foreground or not os.path.exists("/dev/log"):
         handler = logging.StreamHandler(sys.stderr)
         if stderr_is_journal():
             handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
@@ -82,18 +96,35 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def check_mountpoint(mountpoint: str) -> None:
-    """Raise MountError unless ``mountpoint`` is a directory that is not already a mount point."""
+def check_mountpoint(mountpoint: str, *, nonempty: bool = False) -> None:
+    """Raise MountError unless ``mountpoint`` is an empty directory that is not already a mount point.
+
+    A directory with files in it is refused unless ``nonempty`` (``-o nonempty``): the mount would
+    hide them without a word, as fusermount refused it before FUSE 3.
+    """
     if _DEV_FD.fullmatch(mountpoint):
         return  # mount.fuse3 already mounted; libfuse takes over the fd (drop_privileges)
     try:
         st = os.stat(mountpoint)
     except OSError as e:
+        if e.errno in _DEAD:
+            raise MountError(
+                f"{mountpoint} is a dead mount (its daemon is gone): run ocifuse umount {mountpoint}"
+            ) from e
         raise MountError(f"mountpoint {mountpoint}: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mountpoint}: not a directory")
     if os.path.ismount(mountpoint):
+        if _dead(mountpoint):
+            raise MountError(
+                f"{mountpoint} is a dead mount (its daemon is gone): run ocifuse umount {mountpoint}"
+            )
         raise MountError(f"mountpoint {mountpoint}: already a mount point")
+    if not nonempty and _has_entries(mountpoint):
+        raise MountError(
+            f"mountpoint {mountpoint} is not empty: the mount would hide its files "
+            "(mount over them anyway with -o nonempty)"
+        )
     if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
         raise MountError(f"mountpoint {mountpoint}: permission denied (you need write access to it)")
     if not os.path.exists("/dev/fuse"):
@@ -101,6 +132,50 @@ def check_mountpoint(mountpoint: str) -> None:
     if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
         # libfuse opens /dev/fuse itself before it hands the mount to fusermount3, and gives up here.
         raise MountError("/dev/fuse: permission denied (this user may not use FUSE)")
+
+
+# A FUSE mount whose daemon died (or whose connection was aborted) answers every request that
+# reaches it with ENOTCONN: the mount is there, nothing serves it.
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+DEAD_PROBE_TIMEOUT = 2.0
+
+
+def _dead(mountpoint: str) -> bool:
+    """True if the FUSE mount on ``mountpoint`` has no daemon any more.
+
+    A stat may still succeed from attributes the kernel cached while the daemon lived (ocifuse's
+    last a day); statfs is never cached, so it asks the daemon. A daemon that is alive but does
+    not answer is not waited for: the probe's thread is left behind (a daemon thread, killed with
+    the process) and the mount counts as alive.
+    """
+    found = visible_mount(mountpoint)
+    if found is None or not found[1].startswith("fuse"):
+        return False
+    import threading
+
+    answer: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            answer.append(0)
+        except OSError as e:
+            answer.append(e.errno or 0)
+
+    thread = threading.Thread(target=probe, name="dead-mount-probe", daemon=True)
+    thread.start()
+    thread.join(DEAD_PROBE_TIMEOUT)
+    return bool(answer) and answer[0] in _DEAD
+
+
+def _has_entries(directory: str) -> bool:
+    """True if ``directory`` lists anything; False also when it cannot be listed (then it is not judged)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError as e:
+        log.debug("cannot list %s (%s): not checked for files", directory, e.strerror or e)
+        return False
 
 
 def check_source(path: str, *, rootfs: bool = False) -> None:
@@ -174,10 +249,10 @@ def mount_main(args: argparse.Namespace) -> int:
         cache=args.cache,
         nocache=args.no_cache,
     )
-    setup_logging(foreground=True, debug=opts.debug)
+    setup_logging(foreground=args.foreground, debug=opts.debug, detached=False)
     check_source(archive_path, rootfs=opts.rootfs)
     check_allow_other(opts.fuse, euid=os.geteuid())
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, nonempty=opts.nonempty)
     view = _open_interruptible(archive_path, mountpoint, opts)
     tree = view.tree
     try:

@@ -314,14 +314,22 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """List children from ``start_id``; an entry's offset is its stable child index + 1."""
+        """List ``.``, ``..``, then the children, from ``start_id``; an entry's offset is its index + 1.
+
+        ``.`` and ``..`` come first, as every Linux filesystem lists them (``ls -a``); ``..`` of the
+        root is the root itself (the kernel answers ``..`` of a mount's root from the mounted-on
+        directory anyway). The offsets are stable: the tree never changes, so a listing resumed at
+        any offset continues exactly where it stopped.
+        """
         log.debug("readdir(%d, %d)", fh, start_id)
-        children = self._node(fh).children or ()
-        for index in range(start_id, len(children)):
-            name, inode = children[index]
-            node = self.tree.node(inode)
-            assert node is not None
-            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), self.attributes(node), index + 1):
+        node = self._node(fh)
+        children = node.children or ()
+        dots = ((b".", node.inode), (b"..", node.parent))
+        for index in range(start_id, len(children) + 2):
+            name, inode = dots[index] if index < 2 else children[index - 2]
+            entry = self.tree.node(inode)
+            assert entry is not None
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), self.attributes(entry), index + 1):
                 break
 
     @handler

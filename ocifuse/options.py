@@ -13,7 +13,8 @@ from .units import parse_size
 # Always on: an archive mount is read-only and serves no devices or setuid programs.
 FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
-OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache"})
+# nonempty: mount over a directory that has files in it (hidden while mounted), as fusermount did.
+OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache", "nonempty"})
 OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache"})
 # Sizes (K/M/G/T suffixes) bounding the decompression of a compressed archive (compressed.Limits).
 OWN_SIZES = frozenset({"max_size", "spill_max"})
@@ -89,6 +90,7 @@ class MountOptions:
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
     nocache: bool = False  # nocache: neither read nor write the index cache
+    nonempty: bool = False  # mount over a directory that is not empty (its files hidden meanwhile)
     limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
@@ -185,6 +187,7 @@ def parse(
         ignore_diff_ids="ignore_diff_ids" in flags_set,
         cache=values.get("cache", cache),
         nocache=nocache or "nocache" in flags_set,
+        nonempty="nonempty" in flags_set,
         limits=Limits(**sizes),
         fuse=tuple(flags),
         ignored=tuple(ignored),

@@ -44,6 +44,10 @@ def umount_main(mountpoint: str, *, lazy: bool = False) -> int:
     mountpoint = os.path.abspath(mountpoint)
     kind = mount_type(mountpoint)
     if kind is None:
+        if not os.path.lexists(mountpoint):
+            raise MountError(f"{mountpoint}: no such directory")
+        if not os.path.isdir(mountpoint):
+            raise MountError(f"{mountpoint} is not a directory, so not a mountpoint")
         raise MountError(f"{mountpoint} is not mounted")
     if kind != FSTYPE:
         raise MountError(f"{mountpoint} is not an ocifuse mount (it is {kind})")

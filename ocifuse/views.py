@@ -21,14 +21,17 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .archive import Archive, open_archive
 from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_format
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
-from .image import RootImage, open_image
 from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
 from .tree import Tree
+
+if TYPE_CHECKING:  # the rootfs view's modules are imported only for it: every mount pays for imports
+    from .image import RootImage
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,8 @@ def _archive_view(archive: Archive) -> TableLayout:
 
 def open_rootfs(path: str | os.PathLike[str], options: ViewOptions | None = None) -> RootImage:
     """The merged root filesystem of the image at ``path`` that ``options.ref``/``platform`` name."""
+    from .image import open_image
+
     options = options or ViewOptions()
     layout = open_layout(path, options)
     try:

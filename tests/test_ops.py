@@ -276,10 +276,10 @@ async def test_xattrs_and_readlink(sample: Mounted) -> None:
 
 
 async def test_readdir_lists_children_in_order_with_offsets(sample: Mounted, replies: Collected) -> None:
-    """Each child once, sorted, with next offsets 1, 2, 3... and the attributes lookup gives."""
+    """``.``, ``..``, each child once, sorted, next offsets 1, 2, 3... and the attributes lookup gives."""
     listed = await listdir(sample, replies, "")
-    assert [name for name, _ in listed] == [b"blobs", b"index.json", b"notes", b"oci-layout"]
-    assert [off for _, off in listed] == [1, 2, 3, 4]
+    assert [name for name, _ in listed] == [b".", b"..", b"blobs", b"index.json", b"notes", b"oci-layout"]
+    assert [off for _, off in listed] == [1, 2, 3, 4, 5, 6]
     await listdir(sample, replies, "notes")
     for name, attr, _ in replies.entries:
         looked_up = await sample.resolve("notes/" + os.fsdecode(name))
@@ -293,7 +293,7 @@ async def test_readdir_lists_children_in_order_with_offsets(sample: Mounted, rep
 async def test_readdir_resumes_at_any_offset(sample: Mounted, replies: Collected) -> None:
     """A full buffer stops the listing; resuming from the last offset gives the rest, nothing twice."""
     full = await listdir(sample, replies, "notes")
-    assert len(full) == 6
+    assert len(full) == 8  # . and .. and six children
     got: list[tuple[bytes, int]] = []
     start = 0
     replies.limit = 2
@@ -309,18 +309,31 @@ async def test_readdir_resumes_at_any_offset(sample: Mounted, replies: Collected
         assert await listdir(sample, replies, "notes", start) == full[start:]
 
 
+async def test_readdir_dot_and_dotdot_are_the_directory_and_its_parent(
+    sample: Mounted, replies: Collected
+) -> None:
+    """``.`` is the directory itself and ``..`` its parent (the root's is the root), as lookup says."""
+    for path, parent in (("", ""), ("notes", ""), ("blobs/sha256", "blobs")):
+        await listdir(sample, replies, path)
+        dot, dotdot = replies.entries[0][1], replies.entries[1][1]
+        assert dot.st_ino == (await sample.resolve(path)).st_ino
+        assert dotdot.st_ino == (await sample.resolve(parent)).st_ino
+        assert stat.S_ISDIR(dot.st_mode) and stat.S_ISDIR(dotdot.st_mode)
+    assert dotdot.st_ino != dot.st_ino
+
+
 async def test_readdir_past_the_end_is_empty(sample: Mounted, replies: Collected) -> None:
     """An offset past the last child lists nothing."""
     assert await listdir(sample, replies, "blobs", 99) == []
 
 
 async def test_readdir_of_an_empty_layout_dir(tmp_path: Path, replies: Collected) -> None:
-    """A directory member with no children lists nothing."""
+    """A directory member with no children lists only ``.`` and ``..``."""
     builder = sample_builder()
     path = write_archive(tmp_path / "a.tar", [*layout_members(builder), dir_member("empty/")])
     m = make_ops(path, builder.layout_files())
     try:
-        assert await listdir(m, replies, "empty") == []
+        assert await listdir(m, replies, "empty") == [(b".", 1), (b"..", 2)]
         assert (await m.resolve("empty")).st_nlink == 2
     finally:
         m.archive.close()
