@@ -127,12 +127,12 @@ def open_mount(path: str, mountpoint: str, options: ViewOptions) -> MountView:
 def _check_servable(layout: TableLayout) -> None:
     """Refuse (one line) a layout view with nothing a tool could read: no oci-layout, no docker image."""
     if isinstance(layout, DockerLayout):
-        for problem in layout.docker.problems:
-            log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
-        if not layout.docker.images:
-            problems = layout.docker.problems
+        problems = layout.docker.problems
+        if not layout.docker.images:  # one line: the first problem says why
             why = str(problems[0]) if problems else "manifest.json lists no image"
             raise LayoutOpenError(layout.path, f"docker-archive with no image to serve: {why}")
+        for problem in problems:
+            log.warning("not served from the docker-archive: %s: %s", problem.code, problem)
     elif not layout.has_file(OCI_LAYOUT):
         raise NotAnImage(layout.path, f"not an image archive (no {OCI_LAYOUT} file; ocifuse fsck says more)")
 

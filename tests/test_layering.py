@@ -73,6 +73,19 @@ def test_only_the_fuse_shell_imports_pyfuse3_or_trio(module: str) -> None:
         assert outside & FUSE_ONLY == set()
 
 
+def test_the_readme_and_the_architecture_page_map_every_module() -> None:
+    """README's Code section lists the layers as LAYERS does; docs/architecture.md has a line a module."""
+    readme = (PACKAGE.parent / "README.md").read_text().split("\n## Code\n", 1)[1]
+    listed = {}
+    for line in readme.splitlines():
+        if line.startswith("- ") and ":" in line:
+            name, _, modules = line[2:].partition(":")
+            listed[name.split(" (")[0]] = tuple(m.strip("`") for m in modules.split())
+    assert listed == LAYERS
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    assert [m for m in MODULES if f"- `{m}.py`:" not in page] == []
+
+
 def test_no_import_cycle() -> None:
     graph = {m: imports(m)[0] - {m} for m in MODULES}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
