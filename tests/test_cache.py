@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -17,6 +18,7 @@ import pytest
 from mounting import skip_or_fail
 
 from ocifuse import cache as cache_mod
+from ocifuse import store
 from ocifuse.cache import CACHE_VERSION, IndexCache, blob_key, file_key
 from ocifuse.digest import Digest
 from ocifuse.source import OpenFile
@@ -411,3 +413,48 @@ def test_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     cache.store("table", KEY, PAYLOAD)
     left = set(os.listdir(directory))
     assert left == {n for n, keep in names.items() if keep} | {cache_mod._name("table", KEY)}
+
+
+def _framed(kind: str, key: str, payload: bytes, version: int) -> bytes:
+    """An entry file as cache.encode frames it, with the header's format version given."""
+    kind_b, key_b = kind.encode(), key.encode()
+    head = (
+        cache_mod._HEADER.pack(cache_mod.MAGIC, version, len(kind_b), len(key_b), len(payload))
+        + kind_b
+        + key_b
+    )
+    return head + payload + hashlib.sha256(head + payload).digest()
+
+
+def test_entries_of_the_framing_before_kinds_had_versions_still_load(tmp_path: Path) -> None:
+    """Every kind starts at the framing's version (2): what an older ocifuse stored is used as it is."""
+    cache, path = stored(tmp_path)
+    for kind in store.KINDS:
+        path = entry_file(tmp_path / "cache", kind)
+        path.write_bytes(_framed(kind, KEY, PAYLOAD, 2))
+        os.chmod(path, 0o600)
+        assert cache.load(kind, KEY) == PAYLOAD, kind
+
+
+def test_a_kind_whose_version_is_bumped_rebuilds_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale entry (another version of its kind) is removed without a warning, then stored anew."""
+    cache, path = stored(tmp_path)
+    monkeypatch.setitem(store.KINDS, "table", dataclasses.replace(store.KINDS["table"], version=3))
+    with caplog.at_level(logging.DEBUG):
+        assert cache.load("table", KEY) is None
+    assert not path.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "out of date" in caplog.text
+    built = store.load_or_build(
+        cache,
+        store.KINDS["table"],
+        KEY,
+        name="x",
+        decode=bytes,
+        build=lambda: b"rebuilt",
+        encode=bytes,
+    )
+    assert built == b"rebuilt" and cache.load("table", KEY) == b"rebuilt"
+    assert path.read_bytes()[8:12] == (3).to_bytes(4, "little")  # stored under the new version
