@@ -288,10 +288,7 @@ class LazyLayer(Source):
         self.index = index
         self.desc = desc
         self.expected = expected
-        self.cache = options.cache
-        self.limits = options.limits
-        self.verify = options.verify
-        self.ignore_diff_ids = options.ignore_diff_ids
+        self.options = options
         self.what = f"layer {index} ({desc.digest})"
         self.size = -1
         self._lock = threading.Lock()
@@ -303,14 +300,14 @@ class LazyLayer(Source):
         with self._lock:
             if self._source is None:
                 raw = layer_blob(self.layout, self.index, self.desc)
-                gate = VerifiedStore(raw, self.desc.digest, self.what, self.cache)
-                gate.built = gate.built or self.verify  # -o verify: hashed even when nothing is built
+                gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
+                gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
                 source, found = layer_source(
-                    self.layout, self.index, self.desc, cache=gate, limits=self.limits, raw=raw
+                    self.layout, self.index, self.desc, cache=gate, limits=self.options.limits, raw=raw
                 )
                 try:
                     gate.finish()
-                    _check_diff_id(self.index, self.desc, self.expected, found, self.ignore_diff_ids)
+                    _check_diff_id(self.index, self.desc, self.expected, found, self.options.ignore_diff_ids)
                     if self.size >= 0 and source.size != self.size:
                         raise LayerError(
                             f"{self.what}: {source.size} bytes uncompressed, the stored tree says {self.size}"
