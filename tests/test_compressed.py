@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import require_tools
+from peers import pipe, require_tools
 
 from ocifuse import gzipsource, readers, zstdsource
 from ocifuse.cache import IndexCache
@@ -52,20 +52,14 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(cmd: str, src: Path, dst: Path) -> Path:
-    with open(src, "rb") as i, open(dst, "wb") as o:
-        subprocess.run(cmd.split(), stdin=i, stdout=o, check=True)
-    return dst
-
-
 def _gzip(plain: Path, tmp: Path) -> Path:
     require_tools("gzip")
-    return _run("gzip -c -6", plain, tmp / "data.gz")
+    return pipe(["gzip", "-c", "-6"], plain, tmp / "data.gz")
 
 
 def _pigz(plain: Path, tmp: Path) -> Path:
     require_tools("pigz")
-    return _run("pigz -c -p 2 -b 128", plain, tmp / "data.pigz.gz")
+    return pipe(["pigz", "-c", "-p", "2", "-b", "128"], plain, tmp / "data.pigz.gz")
 
 
 def _multi_member(plain: Path, tmp: Path) -> Path:
@@ -81,17 +75,17 @@ def _multi_member(plain: Path, tmp: Path) -> Path:
 
 def _zstd(plain: Path, tmp: Path) -> Path:
     require_tools("zstd")
-    return _run("zstd -q -c -3", plain, tmp / "data.zst")
+    return pipe(["zstd", "-q", "-c", "-3"], plain, tmp / "data.zst")
 
 
 def _zstd_long(plain: Path, tmp: Path) -> Path:
     require_tools("zstd")
-    return _run("zstd -q -c --long", plain, tmp / "data.long.zst")
+    return pipe(["zstd", "-q", "-c", "--long"], plain, tmp / "data.long.zst")
 
 
 def _pzstd(plain: Path, tmp: Path) -> Path:
     require_tools("pzstd")
-    return _run("pzstd -q -c -p 2", plain, tmp / "data.pzstd.zst")
+    return pipe(["pzstd", "-q", "-c", "-p", "2"], plain, tmp / "data.pzstd.zst")
 
 
 def _seekable(plain: Path, tmp: Path) -> Path:
@@ -400,7 +394,7 @@ def test_bytes_after_a_gzip_stream_are_judged_as_gzip_judges_them(
 def test_xz_and_bzip2_are_named_in_the_refusal(plain: Path, tmp_path: Path) -> None:
     require_tools("xz", "bzip2")
     for tool in ("xz", "bzip2"):
-        path = _run(f"{tool} -c", plain, tmp_path / f"data.{tool}")
+        path = pipe(f"{tool} -c".split(), plain, tmp_path / f"data.{tool}")
         with pytest.raises(CompressedDataError, match=f"{tool}: not supported"):
             _open(path)
 
@@ -412,7 +406,7 @@ def test_a_bomb_stops_at_max_size(tool: str, tmp_path: Path) -> None:
     zeros = tmp_path / "zeros"
     with open(zeros, "wb") as f:
         f.truncate(50 << 20)
-    path = _run(tool, zeros, tmp_path / "bomb")
+    path = pipe(tool.split(), zeros, tmp_path / "bomb")
     assert path.stat().st_size < 100_000
     with pytest.raises(DecompressionLimit, match="max_size") as info:
         _open(path, limits=Limits(max_size=4 << 20))

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RealImage, require_tools, run
+from conftest import RealImage
 from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
 from oci import extract
+from peers import pipe, require_tools, run
 
 from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
@@ -39,20 +40,12 @@ def _kind(name: str) -> str:
     return "gzip" if name in ("gzip", "pigz") else "zstd"
 
 
-def _pipe(cmd: list[str], src: Path, dst: Path) -> Path:
-    with open(src, "rb") as i, open(dst, "wb") as o:
-        subprocess.run(cmd, stdin=i, stdout=o, check=True)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def archives(real_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """skopeo's oci-archive, compressed by each tool."""
     require_tools("gzip", "pigz", "zstd", "pzstd")
     root = tmp_path_factory.mktemp("compressed")
-    return {
-        name: _pipe(make, real_archive, root / f"image.{name}") for name, (make, _) in COMPRESSORS.items()
-    }
+    return {name: pipe(make, real_archive, root / f"image.{name}") for name, (make, _) in COMPRESSORS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def reference(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("reference")
     out = {}
     for name, path in archives.items():
-        plain = _pipe(COMPRESSORS[name][1], path, root / f"{name}.tar")
+        plain = pipe(COMPRESSORS[name][1], path, root / f"{name}.tar")
         out[name] = extract(plain, root / name)
     return out
 
@@ -201,7 +194,7 @@ def test_a_bomb_stops_at_max_size(tmp_path: Path) -> None:
     with open(zeros, "wb") as f:
         f.truncate(64 << 20)
     for tool, suffix in ((["gzip", "-c", "-9"], "gz"), (["zstd", "-q", "-c", "-19"], "zst")):
-        bomb = _pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
+        bomb = pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
         assert bomb.stat().st_size < 200_000
         with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE") as info:
             Archive(str(bomb), limits=Limits(max_size=8 << 20))
@@ -309,7 +302,7 @@ def test_mount_refuses_a_bomb_in_one_line(tmp_path: Path) -> None:
     zeros = tmp_path / "zeros.tar"
     with open(zeros, "wb") as f:
         f.truncate(32 << 20)
-    bomb = _pipe(["gzip", "-c"], zeros, tmp_path / "bomb.tar.gz")
+    bomb = pipe(["gzip", "-c"], zeros, tmp_path / "bomb.tar.gz")
     with background_mount(bomb, tmp_path / "mnt", options=["max_size=4M"]) as result:
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PODMAN_RUN, require_tools, run
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
+from peers import PODMAN_RUN, require_tools, run
 
 from ocifuse.compressed import open_decompressed
 from ocifuse.source import FileRange, OpenFile
@@ -54,11 +54,11 @@ class Store:
     def podman(self, *argv: str | Path) -> str:
         """Run podman on this store; its stdout."""
         cmd = ["podman", *self.flags, "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
-        return _out(*cmd, *argv, env=self.env)
+        return run(*cmd, *argv, env=self.env)
 
     def buildah(self, *argv: str | Path) -> str:
         """Run buildah on this store; its stdout."""
-        return _out("buildah", *self.flags, *argv, env=self.env)
+        return run("buildah", *self.flags, *argv, env=self.env)
 
 
 @contextlib.contextmanager
@@ -75,13 +75,6 @@ def isolated_store(parent: Path) -> Iterator[Store]:
             subprocess.run(cmd, capture_output=True, check=False, env=store.env)
         shutil.rmtree(store.root, ignore_errors=True)
         shutil.rmtree(store.runroot, ignore_errors=True)
-
-
-def _out(*argv: str | Path, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
 
 
 def _busybox() -> Path:
@@ -135,7 +128,7 @@ def test_skopeo_reads_the_mount_as_the_archive(
         index = json.loads((m.mountpoint / "index.json").read_bytes())
         assert [d["annotations"]["org.opencontainers.image.ref.name"] for d in index["manifests"]] == tags
         for tag in tags:
-            info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{tag}"))
+            info = json.loads(run("skopeo", "inspect", f"oci:{m.mountpoint}:{tag}"))
             assert info["Digest"] in {d["digest"] for d in index["manifests"]}
             assert info["Architecture"] and info["Os"] == "linux"
             a, b = tmp_path / f"a-{len(tag)}", tmp_path / f"b-{len(tag)}"
@@ -280,9 +273,9 @@ def test_gzipped_docker_archive(saved: Saved, tmp_path: Path) -> None:
     with mounted(saved.multi, tmp_path / "plain") as plain, mounted(gz, tmp_path / "gz") as m:
         for name in ("index.json", "oci-layout"):
             assert (m.mountpoint / name).read_bytes() == (plain.mountpoint / name).read_bytes()
-        info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{APP}"))
+        info = json.loads(run("skopeo", "inspect", f"oci:{m.mountpoint}:{APP}"))
         assert (
-            info["Layers"] == json.loads(_out("skopeo", "inspect", f"oci:{plain.mountpoint}:{APP}"))["Layers"]
+            info["Layers"] == json.loads(run("skopeo", "inspect", f"oci:{plain.mountpoint}:{APP}"))["Layers"]
         )
     done = run_ocifuse("fsck", "--json", gz)
     assert done.returncode == 0 and json.loads(done.stdout)["findings"] == []

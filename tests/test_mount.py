@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RealImage, require_tools, run
+from conftest import RealImage
 from mounting import (
     OCIFUSE,
     Mount,
@@ -34,6 +34,7 @@ from mounting import (
     wait_until,
 )
 from oci import extract
+from peers import require_tools, run
 from tarbuild import ODD_FORMATS, SKIPPED_NAMES, SKIPPING, sample_builder, tree_of
 
 pytestmark = pytest.mark.fuse

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PODMAN_RUN, require_tools
 from mounting import mounted, run_ocifuse, skip_or_fail
+from peers import PODMAN_RUN, require_tools
 from rootfs_images import (
     CAP_NET_RAW,
     LONG,
