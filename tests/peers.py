@@ -1,4 +1,4 @@
-"""The peer tools tests run: require them, run them.
+"""The peer tools tests run: require them, run them, the compressors tests make data with.
 
 Use::
 
@@ -8,7 +8,9 @@ Use::
     run("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"oci-archive:{archive}:v1")
 
 ``run`` fails the test with the tool's output when it exits non-zero (and returns its stdout);
-``pipe`` runs a filter from one file into another.
+``pipe`` runs a filter from one file into another. ``COMPRESSORS`` is the one table of the
+compressors tests make data with (and ``DECOMPRESSORS`` the tools that take each format back);
+``compress``, ``compress_bytes``, ``decompress`` and ``bomb`` use them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,65 @@ def pipe(argv: Sequence[str], src: Path, dst: Path) -> Path:
     with open(src, "rb") as i, open(dst, "wb") as o:
         subprocess.run(list(argv), stdin=i, stdout=o, check=True, timeout=TIMEOUT)
     return dst
+
+
+# -- compressors -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """A compressing tool: the format it writes and its command line (a filter, stdin to stdout)."""
+
+    kind: str  # "gzip" or "zstd": what ocifuse must name it
+    argv: tuple[str, ...]
+
+
+# The real tools' own ways of writing each format. Levels are the tools' defaults, spelled out.
+COMPRESSORS: dict[str, Compressor] = {
+    "gzip": Compressor("gzip", ("gzip", "-c", "-6")),
+    "pigz": Compressor("gzip", ("pigz", "-c", "-p", "2", "-b", "128")),
+    "zstd": Compressor("zstd", ("zstd", "-q", "-c", "-3")),
+    "zstd-long": Compressor("zstd", ("zstd", "-q", "-c", "--long")),
+    "pzstd": Compressor("zstd", ("pzstd", "-q", "-c", "-p", "2")),
+}
+# The tool's own decompression of each format: the reference, never our reader.
+DECOMPRESSORS: dict[str, tuple[str, ...]] = {
+    "gzip": ("gzip", "-dc"),
+    "zstd": ("zstd", "-dcq", "--long=27"),  # --long=27: also takes ``zstd --long`` output back
+}
+# The best ratio each tool has: for decompression bombs.
+BOMB_COMPRESSORS: dict[str, tuple[str, ...]] = {
+    "gzip": ("gzip", "-c", "-9"),
+    "zstd": ("zstd", "-q", "-c", "-19"),
+}
+
+
+def compress(name: str, src: Path, dst: Path) -> Path:
+    """``src`` compressed by the COMPRESSORS tool ``name`` into ``dst`` (skipped without the tool)."""
+    argv = COMPRESSORS[name].argv
+    require_tools(argv[0])
+    return pipe(argv, src, dst)
+
+
+def compress_bytes(name: str, data: bytes) -> bytes:
+    """``data`` compressed by the COMPRESSORS tool ``name``, in memory."""
+    argv = list(COMPRESSORS[name].argv)
+    return subprocess.run(argv, input=data, stdout=subprocess.PIPE, check=True, timeout=TIMEOUT).stdout
+
+
+def decompress(kind: str, src: Path, dst: Path) -> Path:
+    """``src`` (of format ``kind``) decompressed by the format's own tool into ``dst``."""
+    return pipe(DECOMPRESSORS[kind], src, dst)
+
+
+def bomb(kind: str, size: int, dst: Path) -> Path:
+    """``size`` zero bytes compressed as tightly as the ``kind`` tool can (kilobytes): ``dst``."""
+    argv = BOMB_COMPRESSORS[kind]
+    require_tools(argv[0])
+    zeros = dst.with_name(dst.name + ".zeros")
+    with open(zeros, "wb") as f:
+        f.truncate(size)
+    try:
+        return pipe(argv, zeros, dst)
+    finally:
+        zeros.unlink()

@@ -16,7 +16,16 @@ import pytest
 from conftest import RealImage
 from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
 from oci import extract
-from peers import pipe, require_tools, run
+from peers import (
+    BOMB_COMPRESSORS,
+    COMPRESSORS,
+    bomb,
+    compress,
+    compress_bytes,
+    decompress,
+    require_tools,
+    run,
+)
 
 from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
@@ -26,18 +35,10 @@ from ocifuse.streams import Limits
 from ocifuse.views import open_layout
 
 TAG = "v1"
-# The tools that make each variant, and the one that takes it back (the reference).
-COMPRESSORS = {
-    "gzip": (["gzip", "-c"], ["gzip", "-dc"]),
-    "pigz": (["pigz", "-c", "-p", "2"], ["gzip", "-dc"]),
-    "zstd": (["zstd", "-q", "-c"], ["zstd", "-dcq"]),
-    "zstd-long": (["zstd", "-q", "-c", "--long"], ["zstd", "-dcq", "--long=27"]),
-    "pzstd": (["pzstd", "-q", "-c", "-p", "2"], ["zstd", "-dcq"]),
-}
 
 
 def _kind(name: str) -> str:
-    return "gzip" if name in ("gzip", "pigz") else "zstd"
+    return COMPRESSORS[name].kind
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def archives(real_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     """skopeo's oci-archive, compressed by each tool."""
     require_tools("gzip", "pigz", "zstd", "pzstd")
     root = tmp_path_factory.mktemp("compressed")
-    return {name: pipe(make, real_archive, root / f"image.{name}") for name, (make, _) in COMPRESSORS.items()}
+    return {name: compress(name, real_archive, root / f"image.{name}") for name in COMPRESSORS}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def reference(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("reference")
     out = {}
     for name, path in archives.items():
-        plain = pipe(COMPRESSORS[name][1], path, root / f"{name}.tar")
+        plain = decompress(_kind(name), path, root / f"{name}.tar")
         out[name] = extract(plain, root / name)
     return out
 
@@ -153,9 +154,7 @@ def _bad(archives: dict[str, Path], tmp: Path, how: str) -> tuple[Path, str]:
     elif how == "trailing-garbage":
         data += b"garbage after the stream\n"
     elif how == "not-a-tar":
-        data = bytearray(
-            subprocess.run(["gzip", "-c"], input=b"just text\n" * 1000, capture_output=True).stdout
-        )
+        data = bytearray(compress_bytes("gzip", b"just text\n" * 1000))
         code = "archive-corrupt"
     elif how == "zstd-truncated":
         data = bytearray(archives["zstd"].read_bytes())[:-50]
@@ -190,14 +189,11 @@ def test_bad_input_is_one_line_and_a_stable_code(
 
 def test_a_bomb_stops_at_max_size(tmp_path: Path) -> None:
     """A tar of zeros compresses ~1000:1; max_size stops the first pass, in time and disk."""
-    zeros = tmp_path / "zeros.tar"
-    with open(zeros, "wb") as f:
-        f.truncate(64 << 20)
-    for tool, suffix in ((["gzip", "-c", "-9"], "gz"), (["zstd", "-q", "-c", "-19"], "zst")):
-        bomb = pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
-        assert bomb.stat().st_size < 200_000
+    for kind in sorted(BOMB_COMPRESSORS):
+        path = bomb(kind, 64 << 20, tmp_path / f"bomb.tar.{kind}")
+        assert path.stat().st_size < 200_000
         with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE") as info:
-            Archive(str(bomb), limits=Limits(max_size=8 << 20))
+            Archive(str(path), limits=Limits(max_size=8 << 20))
         assert fsck.open_failure(info.value).codes == {"compressed-too-large"}
 
 
@@ -299,11 +295,8 @@ def test_skopeo_and_umoci_read_the_mount_of_a_tar_gz(
 
 @pytest.mark.fuse
 def test_mount_refuses_a_bomb_in_one_line(tmp_path: Path) -> None:
-    zeros = tmp_path / "zeros.tar"
-    with open(zeros, "wb") as f:
-        f.truncate(32 << 20)
-    bomb = pipe(["gzip", "-c"], zeros, tmp_path / "bomb.tar.gz")
-    with background_mount(bomb, tmp_path / "mnt", options=["max_size=4M"]) as result:
+    path = bomb("gzip", 32 << 20, tmp_path / "bomb.tar.gz")
+    with background_mount(path, tmp_path / "mnt", options=["max_size=4M"]) as result:
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "max_size" in lines[0], result.stderr
