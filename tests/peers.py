@@ -1,4 +1,4 @@
-"""The peer tools tests run: require them, run them, the compressors tests make data with.
+"""The peer tools tests run: require them, run them, their compressors, an isolated container store.
 
 Use::
 
@@ -10,15 +10,18 @@ Use::
 ``run`` fails the test with the tool's output when it exits non-zero (and returns its stdout);
 ``pipe`` runs a filter from one file into another. ``COMPRESSORS`` is the one table of the
 compressors tests make data with (and ``DECOMPRESSORS`` the tools that take each format back);
-``compress``, ``compress_bytes``, ``decompress`` and ``bomb`` use them.
+``compress``, ``compress_bytes``, ``decompress`` and ``bomb`` use them. ``isolated_store`` is a
+podman/buildah store of the test's own, never the machine's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +122,57 @@ def bomb(kind: str, size: int, dst: Path) -> Path:
         return pipe(argv, zeros, dst)
     finally:
         zeros.unlink()
+
+
+# -- an isolated podman/buildah store ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Store:
+    """An isolated podman/buildah store: the global flags that point at it."""
+
+    root: Path
+    runroot: Path  # podman wants it short (at most 50 characters): a directory of its own in /tmp
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", "vfs"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment: per-user config and data under the store, not the machine's."""
+        home = self.root / "home"
+        return {**os.environ, "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
+
+    def podman(self, *argv: StrPath) -> str:
+        """Run podman on this store; its stdout."""
+        cmd = ["podman", *self.flags, "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+        return run(*cmd, *argv, env=self.env)
+
+    def buildah(self, *argv: StrPath) -> str:
+        """Run buildah on this store; its stdout."""
+        return run("buildah", *self.flags, *argv, env=self.env)
+
+
+@contextlib.contextmanager
+def isolated_store(parent: Path) -> Iterator[Store]:
+    """A fresh store under ``parent`` (its runroot in /tmp); reset and removed afterwards."""
+    store = Store(parent / "store", Path(tempfile.mkdtemp(prefix="ocifuse-run-")))
+    try:
+        yield store
+    finally:
+        for cmd in (
+            ["buildah", *store.flags, "rm", "--all"],
+            ["podman", *store.flags, "system", "reset", "-f"],
+        ):
+            if shutil.which(cmd[0]) is not None:
+                subprocess.run(cmd, capture_output=True, check=False, env=store.env)
+        shutil.rmtree(store.root, ignore_errors=True)
+        shutil.rmtree(store.runroot, ignore_errors=True)
+
+
+def busybox() -> Path:
+    """The installed (static) busybox."""
+    found = shutil.which("busybox")
+    assert found is not None
+    return Path(found)
