@@ -8,17 +8,15 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from cachebuild import plant, stored_table
 from mounting import mounted, run_ocifuse
 from oci import LayoutBuilder, extract
 from tarbuild import tree_of
 
 from ocifuse import archive as archive_module
 from ocifuse.archive import Archive
-from ocifuse.cache import IndexCache, file_key
 from ocifuse.entries import ArchiveTable, Entry, Kind
 from ocifuse.options import OptionError, parse
-from ocifuse.source import OpenFile
-from ocifuse.tablecodec import decode_table, encode_table
 
 
 def big_layout(path: Path) -> Path:
@@ -27,24 +25,6 @@ def big_layout(path: Path) -> Path:
     layers = [b"layer %d\n" % i for i in range(archive_module.TABLE_CACHE_MIN_ENTRIES)]
     builder.tag(builder.image(layers), "v1")
     return builder.write_tar(path)
-
-
-def stored_table(archive: Path, cache_dir: Path) -> ArchiveTable | None:
-    f = OpenFile(str(archive))
-    try:
-        payload = IndexCache(str(cache_dir)).load("table", file_key(f))
-    finally:
-        f.close()
-    return None if payload is None else decode_table(payload)
-
-
-def plant(archive: Path, cache_dir: Path, table: ArchiveTable) -> None:
-    """Store ``table`` as ``archive``'s (what a stale or damaged, yet well-formed, entry holds)."""
-    f = OpenFile(str(archive))
-    try:
-        IndexCache(str(cache_dir)).store("table", file_key(f), encode_table(table))
-    finally:
-        f.close()
 
 
 # -- options --------------------------------------------------------------------------------------
