@@ -455,6 +455,31 @@ def many_members(directory: Path, count: int = 100_000) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class BlobCorpus:
+    """An oci-archive of one image with thousands of layers: every file of its layout, and its blobs."""
+
+    archive: Path
+    files: dict[str, bytes]  # layout path -> bytes, oci-layout and index.json included
+    blobs: dict[str, bytes]  # only blobs/...
+
+
+def blob_corpus(
+    path: Path, *, seed: int, count: int, max_size: int, big: int = 0, big_size: int = 0
+) -> BlobCorpus:
+    """One image (tag ``v1``) of ``count`` random layers of 0 to ``max_size`` bytes, then ``big``
+    random layers of ``big_size + i`` bytes, as an archive at ``path`` (equal layers share one blob).
+    """
+    rng = random.Random(seed)
+    layers = [rng.randbytes(rng.randrange(0, max_size)) for _ in range(count)]
+    layers += [rng.randbytes(big_size + i) for i in range(big)]
+    b = LayoutBuilder()
+    b.tag(b.image(layers), "v1")
+    write_archive(path, layout_members(b))
+    files = b.layout_files()
+    return BlobCorpus(path, files, {n: d for n, d in files.items() if n.startswith("blobs/")})
+
+
 def tar_extract(archive: Path, dest: Path) -> Path:
     """GNU ``tar -x`` of ``archive`` into ``dest``; raises CalledProcessError if tar fails."""
     dest.mkdir(parents=True, exist_ok=True)
