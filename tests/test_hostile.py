@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile import CORPUS, MANY_MEMBERS, HostileCase, many_expected
+from hostile import CORPUS, MANY_MEMBERS, HostileCase, flood_member
 from mounting import OCIFUSE, background_mount, is_mounted, mounted, no_new_mounts, require_fuse
 
 # The peak RSS (MiB) any one ocifuse process may reach on the corpus; SECURITY.md states it.
@@ -270,7 +270,7 @@ def test_mount_serves_only_the_policy(name: str, corpus: Corpus, workdir: Path, 
         if name == "many_members":
             assert len(files) >= MANY_MEMBERS
             for i in (0, 1, 4999, MANY_MEMBERS // 2, MANY_MEMBERS - 1):
-                rel, data = many_expected(i)
+                rel, data = flood_member(i)
                 assert read_rel(mnt, rel) == data
             peak = vm_kb(m.pid, "VmHWM")
             print(f"many_members: mount daemon peak RSS {peak / 1024:.1f} MiB")
