@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from oci import LayoutBuilder
+from oci import LayoutBuilder, parents_first
 
 from ocifuse.errors import CompressedDataError, LayoutOpenError, NotAnArchive, TruncatedArchive
 
@@ -95,17 +95,10 @@ def layout_members(
 ) -> list[Member]:
     """The members of a layout archive: directories (unless ``dirs`` is false) before their files."""
     files = {**builder.layout_files(), **(extra or {})}
-    out: list[Member] = []
-    done: set[str] = set()
-    for name, data in files.items():
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            if dirs and d not in done:
-                done.add(d)
-                out.append(dir_member(prefix + d + "/"))
-        out.append(file_member(prefix + name, data))
-    return out
+    return [
+        dir_member(prefix + name + "/") if is_dir else file_member(prefix + name, files[name])
+        for name, is_dir in parents_first(files, dirs=dirs)
+    ]
 
 
 def write_archive(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cachebuild import plant, stored_table
 from mounting import mounted, run_ocifuse
-from oci import LayoutBuilder, extract
-from tarbuild import tree_of
+from oci import LayoutBuilder
+from tarbuild import tar_extract, tree_of
 
 from ocifuse import archive as archive_module
 from ocifuse.archive import Archive
@@ -101,7 +101,7 @@ def test_unusable_cache_directory_is_one_warning_not_an_error(tmp_path: Path) ->
 def test_mount_from_the_cached_table_serves_every_byte(tmp_path: Path) -> None:
     archive = big_layout(tmp_path / "a.tar")
     cache = tmp_path / "cache"
-    expected = tree_of(extract(archive, tmp_path / "x"))
+    expected = tree_of(tar_extract(archive, tmp_path / "x"))
     with mounted(archive, tmp_path / "m1", options=[f"cache={cache}"]) as m:
         assert tree_of(m.mountpoint) == expected
     assert stored_table(archive, cache) is not None
@@ -115,7 +115,7 @@ def test_mount_from_the_cached_table_serves_every_byte(tmp_path: Path) -> None:
 def test_mount_answers_eio_for_a_cached_entry_past_the_end(tmp_path: Path) -> None:
     archive = big_layout(tmp_path / "a.tar")
     cache = tmp_path / "cache"
-    expected = tree_of(extract(archive, tmp_path / "x"))[0]
+    expected = tree_of(tar_extract(archive, tmp_path / "x"))[0]
     with closing(Archive(str(archive))) as a:
         entries = dict(a.table.entries)
     size = archive.stat().st_size

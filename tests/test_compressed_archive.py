@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import RealImage
 from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
-from oci import extract
 from peers import (
     BOMB_COMPRESSORS,
     COMPRESSORS,
@@ -26,6 +25,7 @@ from peers import (
     require_tools,
     run,
 )
+from tarbuild import tar_extract, tree_of
 
 from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
@@ -56,12 +56,8 @@ def reference(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     out = {}
     for name, path in archives.items():
         plain = decompress(_kind(name), path, root / f"{name}.tar")
-        out[name] = extract(plain, root / name)
+        out[name] = tar_extract(plain, root / name)
     return out
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # -- the read core --------------------------------------------------------------------------------
@@ -71,7 +67,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_every_file_equals_tar_x_of_the_decompressed_archive(
     name: str, archives: dict[str, Path], reference: dict[str, Path]
 ) -> None:
-    expected = _files(reference[name])
+    expected = tree_of(reference[name])[0]
     with open_layout(archives[name]) as layout:
         assert layout.compression == _kind(name)
         assert sorted(layout.file_names()) == sorted(expected)
@@ -266,7 +262,7 @@ def test_mounts_equal_tar_x(archives: dict[str, Path], reference: dict[str, Path
         specs = [MountSpec(archives[n], tmp_path / n, [f"cache={cache}"]) for n in sorted(COMPRESSORS)]
         with mounted_many(specs) as mounts:
             for name, m in zip(sorted(COMPRESSORS), mounts, strict=True):
-                assert _files(m.mountpoint) == _files(reference[name]), name
+                assert tree_of(m.mountpoint)[0] == tree_of(reference[name])[0], name
                 # Said once, when it is decompressed; a mount from the cache decompresses nothing.
                 said = f"{_kind(name)}-compressed, " in m.stderr()
                 assert said == first, (name, m.stderr())
@@ -286,7 +282,7 @@ def test_skopeo_and_umoci_read_the_mount_of_a_tar_gz(
             f"oci-archive:{real_image.archive}:{TAG}",
             f"dir:{tmp_path / 'plain'}",
         )
-        assert _files(tmp_path / "from-mount") == _files(tmp_path / "plain")
+        assert tree_of(tmp_path / "from-mount")[0] == tree_of(tmp_path / "plain")[0]
         run("umoci", "unpack", "--image", f"{m.mountpoint}:{TAG}", tmp_path / "bundle")
     for path, data in real_image.files.items():
         if not path.startswith("/etc/app"):  # only in tag v2
@@ -324,7 +320,7 @@ def test_a_background_mount_serves_after_the_fork(
     """The index is built (and its first reader made) before the daemon forks; the child reads with it."""
     with background_mount(archives[name], tmp_path / "mnt", options=[f"cache={tmp_path / 'c'}"]) as result:
         assert result.returncode == 0, result.stderr
-        assert _files(tmp_path / "mnt") == _files(reference[name])
+        assert tree_of(tmp_path / "mnt")[0] == tree_of(reference[name])[0]
 
 
 @pytest.mark.parametrize("cut", [4, 9, 1000])

@@ -19,6 +19,7 @@ import pytest
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
 from peers import PODMAN_RUN, busybox, isolated_store, require_tools, run
+from tarbuild import tree_of
 
 from ocifuse.compressed import open_decompressed
 from ocifuse.source import FileRange, OpenFile
@@ -64,7 +65,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in d.iterdir() if p.name != "manifest.json"}
+    """The files of skopeo's ``dir:`` copy but its manifest.json."""
+    files, _ = tree_of(d)
+    del files["manifest.json"]
+    return files
 
 
 @pytest.mark.parametrize(("which", "tags"), [("single", [BASE]), ("multi", [BASE, APP])])
