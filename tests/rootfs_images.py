@@ -115,7 +115,7 @@ def build_umoci_image(root: Path) -> Path:
     return layout
 
 
-def uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
+def skopeo_uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
     """The image as an oci-archive and as a layout directory with uncompressed tar layers (skopeo)."""
     plain = root / "plain-dir"
     run("skopeo", "copy", "--quiet", "--dest-decompress", f"oci:{umoci_layout}:{tag}", f"dir:{plain}")
@@ -127,7 +127,7 @@ def uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
     return archive, directory
 
 
-def compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
+def skopeo_compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
     """The image as skopeo writes oci-archives with gzip (umoci's layers kept) and zstd layers."""
     gzip_archive, zstd_archive = root / "gzip.tar", root / "zstd.tar"
     run("skopeo", "copy", "--quiet", f"oci:{umoci_layout}:{tag}", f"oci-archive:{gzip_archive}:{tag}")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mounting import Mount, mounted, no_new_mounts
+from mounting import Mount, mounted, no_new_mounts, status_kib
 from tarbuild import BlobCorpus, blob_corpus
 
 pytestmark = pytest.mark.fuse
@@ -38,15 +38,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> BlobCorpus:
     )
     assert len(corpus.blobs) >= BLOBS - 5  # duplicates of the empty layer share one blob
     return corpus
-
-
-def vm_rss_kb(pid: int) -> int:
-    """VmRSS of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 class Load:
@@ -146,7 +137,7 @@ def run_load(corpus: BlobCorpus, mnt: Path, seconds: float) -> None:
         for name, data in corpus.blobs.items():  # warm up: every inode looked up and read once
             if m.path(name).read_bytes() != data:
                 load.problem(f"{name}: wrong bytes on the first read")
-        before = vm_rss_kb(m.pid)
+        before = status_kib(m.pid, "VmRSS")
         threads = [threading.Thread(target=load.reader, args=(i,)) for i in range(READERS)]
         threads += [threading.Thread(target=load.stat_storm), threading.Thread(target=load.find_storm)]
         for t in threads:
@@ -157,7 +148,7 @@ def run_load(corpus: BlobCorpus, mnt: Path, seconds: float) -> None:
             load.stop.set()
             for t in threads:
                 t.join(120)
-        after = vm_rss_kb(m.pid)
+        after = status_kib(m.pid, "VmRSS")
         print(
             f"load {seconds:.0f}s: {load.reads} range reads ({load.bytes / 2**20:.0f} MiB), "
             f"{load.hashed} blobs hashed, {load.walks} walks; "

@@ -48,13 +48,6 @@ def _no_module_mount_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield
 
 
-@pytest.fixture(autouse=True)
-def _no_mount_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fail a test that leaves an ocifuse mount behind."""
-    with no_new_mounts(tmp_path_factory.getbasetemp()):
-        yield
-
-
 @pytest.fixture(scope="module")
 def real_mount(real_image: RealImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """skopeo's archive of the real image, mounted once for the read-only tests of this module."""

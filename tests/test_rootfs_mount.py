@@ -18,10 +18,10 @@ from rootfs_images import (
     CAP_NET_RAW,
     LONG,
     build_umoci_image,
-    compressed,
+    skopeo_compressed,
+    skopeo_uncompressed,
     snapshot,
     umoci_unpack,
-    uncompressed,
 )
 from tarbuild import tar_extract
 
@@ -52,9 +52,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
         skip_or_fail("building the rootfs test image needs root (mknod, chown, umoci unpack as root)")
     root = tmp_path_factory.mktemp("rootfs")
     layout = build_umoci_image(root)
-    archive, directory = uncompressed(layout, "v4", root)
+    archive, directory = skopeo_uncompressed(layout, "v4", root)
     forms = {"plain-archive": archive, "plain-directory": directory, "umoci-gzip-directory": layout}
-    forms.update(compressed(layout, "v4", root))
+    forms.update(skopeo_compressed(layout, "v4", root))
     return Images(layout, archive, directory, umoci_unpack(layout, "v4", root / "unpacked"), forms)
 
 
