@@ -125,6 +125,11 @@ def build_many(
     )
 
 
+def build_entries100k(path: Path) -> BuiltArchive:
+    """The 100,001-entry archive: 99,997 blobs of 100 random bytes under manifests of 1,000 layers."""
+    return build_many(path, total_blobs=99_997, big_layers=0, big_mib=0, small_size=100, per_manifest=1000)
+
+
 def build_umoci(path: Path, scratch: Path, *, mib: int) -> BuiltArchive:
     """A real image: ``umoci insert`` of a ``mib`` MiB random file, then ``skopeo copy`` to an oci-archive."""
     start = time.perf_counter()

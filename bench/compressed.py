@@ -28,47 +28,20 @@ No timing here is ever a test assertion.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench.rootfs import _daemon
-from bench.sections import table, write_section
+from bench.common import MIB, PYTHON, cat, cold_pread, logger, mounted, run, status_kib, timed, warm
+from bench.sections import Samples, met, module_main, round_options, stamp, with_table
 
-REPO = Path(__file__).resolve().parent.parent
-OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
-PYTHON = Path(os.environ.get("OCIFUSE_PYTHON", REPO / ".venv" / "bin" / "python"))
-MIB = 1 << 20
 TAG = "bench"
-
-
-def log(msg: str) -> None:
-    """Progress to stderr."""
-    print(f"[compressed bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*cmd: str | Path, stdout: int | None = subprocess.DEVNULL) -> None:
-    """Run a tool; a failure raises with its stderr."""
-    done = subprocess.run([str(c) for c in cmd], stdout=stdout, stderr=subprocess.PIPE, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.decode()}")
-
-
-def timed(*cmd: str | Path) -> float:
-    """Seconds ``cmd`` takes (stdout to /dev/null)."""
-    start = time.perf_counter()
-    run(*cmd)
-    return time.perf_counter() - start
+log = logger("compressed bench")
 
 
 # -- the archive ----------------------------------------------------------------------------------
@@ -140,49 +113,10 @@ def build(scratch: Path, mib: int, blob_mib: int, name: str) -> tuple[Path, str]
 # -- mounts ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def mounted(archive: Path, mnt: Path, cache: Path) -> Iterator[tuple[float, int]]:
-    """``ocifuse mount -o cache=CACHE`` (returns once live): the seconds it took, the daemon's pid."""
-    mnt.mkdir(exist_ok=True)
-    start = time.perf_counter()
-    run(OCIFUSE, "mount", "-o", f"cache={cache}", archive, mnt)
-    took = time.perf_counter() - start
-    try:
-        yield took, _daemon(mnt)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-
-
-def hwm_mib(pid: int) -> float:
-    """A process's peak RSS (VmHWM), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cat(path: Path) -> float:
-    """Seconds for ``cat PATH > /dev/null``."""
-    return timed("cat", path)
-
-
 def random_reads(path: Path, count: int, rng: random.Random) -> list[float]:
     """Latencies of ``count`` 64 KiB preads at random offsets of ``path`` (its page cache dropped)."""
     size = path.stat().st_size
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for _ in range(count):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            offset = rng.randrange(0, size - 65536)
-            start = time.perf_counter()
-            os.pread(fd, 65536, offset)
-            out.append(time.perf_counter() - start)
-    finally:
-        os.close(fd)
-    return out
+    return [cold_pread(path, 65536, rng.randrange(0, size - 65536)) for _ in range(count)]
 
 
 def dir_bytes(path: Path) -> int:
@@ -219,48 +153,41 @@ def measure(
     archive: Path, small: Path, big_blob: str, scratch: Path, runs: int, reads: int, mib: int
 ) -> dict[str, list[float]]:
     """Every sample, by measurement."""
-    s: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        s.setdefault(key, []).append(value)
-
+    s = Samples()
+    add = s.add
     mnt = scratch / "mnt"
-    run("cat", archive)  # the compressed file in the page cache: the work is measured, not the disk
+    warm(archive)  # the compressed file in the page cache: the work is measured, not the disk
     for r in range(runs):
         log(f"round {r + 1}/{runs}")
         add("gzip_dc", timed("gzip", "-dc", archive))
         cache = scratch / f"cache-{r}"
-        with mounted(archive, mnt, cache) as (took, _):
+        with mounted(archive, mnt, "-o", f"cache={cache}") as (took, _):
             add("first_mount", took)
         add("cache_bytes", dir_bytes(cache))
         add("skopeo_inspect", timed("skopeo", "inspect", f"oci-archive:{archive}:{TAG}"))
-        with mounted(archive, mnt, cache) as (took, pid):
+        with mounted(archive, mnt, "-o", f"cache={cache}") as (took, pid):
             add("second_mount", took)
             add("cat_blob", cat(mnt / big_blob))
             add("blob_bytes", (mnt / big_blob).stat().st_size)
             lat = random_reads(mnt / big_blob, reads, random.Random(r))
             add("read64k_p50_ms", statistics.median(lat) * 1000)
             add("read64k_p99_ms", statistics.quantiles(lat, n=100)[98] * 1000)
-            add("hwm_mib", hwm_mib(pid))
+            add("hwm_mib", status_kib(pid, "VmHWM") / 1024)
         small_cache = scratch / f"cache-small-{r}"
-        with mounted(small, mnt, small_cache):
+        with mounted(small, mnt, "-o", f"cache={small_cache}"):
             pass
-        with mounted(small, mnt, small_cache) as (took, _):
+        with mounted(small, mnt, "-o", f"cache={small_cache}") as (took, _):
             add("second_mount_small", took)
         shutil.rmtree(cache)
         shutil.rmtree(small_cache)
         for p, t in index_build(archive).items():
             add(f"rapidgzip_p{p}", t)
-    return s
+    return s.values
 
 
 def report(s: dict[str, list[float]], mib: int, blob_mib: int, small_mib: int, runs: int, gz: int) -> str:
     """The markdown section."""
     med = {k: statistics.median(v) for k, v in s.items()}
-
-    def ok(good: bool) -> str:
-        return "met" if good else "**missed**"
-
     uncompressed = mib * MIB
     gzip_rate = uncompressed / med["gzip_dc"] / MIB
     cat_rate = med["blob_bytes"] / med["cat_blob"] / MIB
@@ -271,63 +198,51 @@ def report(s: dict[str, list[float]], mib: int, blob_mib: int, small_mib: int, r
     p1, p2 = med["rapidgzip_p1"], med["rapidgzip_p2"]
     rows = [
         ("first mount until live", f"{med['first_mount']:.2f} s", f"`gzip -dc` {med['gzip_dc']:.2f} s",
-         f"{first:.2f}x", "<= 0.7x", ok(first <= 0.7)),
+         f"{first:.2f}x", "<= 0.7x", met(first <= 0.7)),
         ("first mount until live", f"{med['first_mount']:.2f} s",
          f"`skopeo inspect oci-archive:` {med['skopeo_inspect']:.2f} s", f"{skopeo:.1f}x sooner", ">= 2x",
-         ok(skopeo >= 2)),
+         met(skopeo >= 2)),
         ("second mount (index cached)", f"{med['second_mount']:.2f} s",
          f"{small_mib} MiB archive: {med['second_mount_small']:.2f} s", "", "<= 0.5 s, size-independent",
-         ok(med["second_mount"] <= 0.5)),
+         met(med["second_mount"] <= 0.5)),
         (f"`cat` of the {blob_mib} MB blob", f"{cat_rate:.0f} MiB/s", f"`gzip -dc` {gzip_rate:.0f} MiB/s",
-         f"{cat_rate / gzip_rate:.2f}x", ">= 1.5x", ok(cat_rate / gzip_rate >= 1.5)),
+         f"{cat_rate / gzip_rate:.2f}x", ">= 1.5x", met(cat_rate / gzip_rate >= 1.5)),
         ("random 64 KiB reads in the blob", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "", "", "p99 <= 15 ms",
-         ok(p99 <= 15)),
+         met(p99 <= 15)),
         ("index cache (gzip index + table)", f"{med['cache_bytes'] / MIB:.1f} MiB",
-         f"{mib} MiB uncompressed", f"{cache_pct:.2f}%", "<= 3%", ok(cache_pct <= 3)),
+         f"{mib} MiB uncompressed", f"{cache_pct:.2f}%", "<= 3%", met(cache_pct <= 3)),
         ("daemon peak RSS (VmHWM)", f"{med['hwm_mib']:.0f} MB", "", "", "<= 150 MB",
-         ok(med["hwm_mib"] <= 150)),
+         met(med["hwm_mib"] <= 150)),
         ("rapidgzip index build, parallelization=1", f"{p1:.2f} s", f"parallelization=2: {p2:.2f} s",
          f"{p2 / p1:.2f}x", "(the choice)", ""),
     ]  # fmt: skip
-    lines = [
+    head = (
         f"Archive: an oci-archive of {mib} MiB of semi-compressible blobs (one of {blob_mib} MiB), "
-        f"`pigz` to {gz // MIB} MiB; {runs} rounds, medians; compressed file in the page cache; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
-        "",
-        *table(rows),
-    ]
-    return "\n".join(lines)
+        f"`pigz` to {gz // MIB} MiB; {runs} rounds, medians; compressed file in the page cache; {stamp()}."
+    )
+    return with_table(head, rows)
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> str:
+    """Build both archives in ``scratch``, measure, and return the section's markdown."""
+    small_mib = max(args.mib // 8, 8)
+    log(f"building the archives: {args.mib} MiB and {small_mib} MiB")
+    archive, big = build(scratch, args.mib, args.blob_mib, "big")
+    small, _ = build(scratch, small_mib, min(args.blob_mib, small_mib), "small")
+    gz = archive.stat().st_size
+    log(f"archive: {gz // MIB} MiB compressed")
+    samples = measure(archive, small, big, scratch, args.runs, args.reads, args.mib)
+    return report(samples, args.mib, args.blob_mib, small_mib, args.runs, gz)
 
 
 def main() -> int:
-    """Build, measure, report."""
+    """``python -m bench.compressed [--mib M] [--blob-mib B] [--runs R] [--reads N] [--no-write]``."""
     p = argparse.ArgumentParser(description="a .tar.gz oci-archive mounted in place (see bench/README.md)")
     p.add_argument("--mib", type=int, default=1024, help="uncompressed MiB in the archive")
     p.add_argument("--blob-mib", type=int, default=500, help="MiB of the big blob (read whole and at random)")
-    p.add_argument("--runs", type=int, default=3, help="rounds (medians reported)")
-    p.add_argument("--reads", type=int, default=300, help="random 64 KiB reads")
-    p.add_argument("--no-write", action="store_true", help="print only; leave bench/results.md alone")
-    p.add_argument("--scratch", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        print("bench/compressed.py: run as root (FUSE mounts, page-cache control)", file=sys.stderr)
-        return 2
-    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-compressed-bench-", dir=args.scratch))
-    try:
-        small_mib = max(args.mib // 8, 8)
-        log(f"building the archives: {args.mib} MiB and {small_mib} MiB")
-        archive, big = build(scratch, args.mib, args.blob_mib, "big")
-        small, _ = build(scratch, small_mib, min(args.blob_mib, small_mib), "small")
-        gz = archive.stat().st_size
-        log(f"archive: {gz // MIB} MiB compressed")
-        samples = measure(archive, small, big, scratch, args.runs, args.reads, args.mib)
-        text = report(samples, args.mib, args.blob_mib, small_mib, args.runs, gz)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(text)
-    if not args.no_write:
-        write_section("compressed", f"## compressed archives (bench/compressed.py)\n\n{text}")
-    return 0
+    round_options(p, reads="random 64 KiB reads")
+    why = "FUSE mounts, page-cache control"
+    return module_main(p, bench, section="compressed", title="compressed archives", why=why)
 
 
 if __name__ == "__main__":

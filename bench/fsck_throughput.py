@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import run
 from bench.sections import write_section
-from ocifuse import fsck, model
-from ocifuse.layout import open_layout
+from ocifuse import fsck, model, open_layout
 
 
 def write_blob(root: Path, data: bytes) -> dict[str, object]:
@@ -92,12 +92,11 @@ def run_fsck(archive: Path) -> None:
 
 
 def run_cli(archive: Path) -> None:
-    cmd = [sys.executable, "-m", "ocifuse.cli", "fsck", str(archive)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    run(sys.executable, "-m", "ocifuse.cli", "fsck", archive)
 
 
 def run_sha256sum(blobs: list[str]) -> None:
-    subprocess.run(["sha256sum", *blobs], check=True, stdout=subprocess.DEVNULL)
+    run("sha256sum", *blobs)
 
 
 def main() -> int:

@@ -24,38 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _run(*cmd: str | Path) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
-
-
-def _timed(*cmd: str | Path) -> float:
-    start = time.perf_counter()
-    _run(*cmd)
-    return time.perf_counter() - start
-
-
-def _daemon_of(mountpoint: Path) -> int | None:
-    """The pid of the ocifuse process serving ``mountpoint`` (its command line names it)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(mountpoint) in argv and any(a.endswith(b"ocifuse") for a in argv[:2]):
-            return int(name)
-    return None
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
+from bench.common import alive, daemon_pid, run, timed, warm
+from bench.sections import Samples
 
 
 def measure(
@@ -71,41 +41,38 @@ def measure(
     log: Callable[[str], None],
 ) -> dict[str, list[float]]:
     """Interleaved rounds of every measurement; returns the samples (seconds) by name."""
-    samples: dict[str, list[float]] = {}
-
-    def add(name: str, value: float) -> None:
-        samples.setdefault(name, []).append(value)
-
+    samples = Samples()
+    add = samples.add
     mnt = scratch / "latency-mnt"
     mnt.mkdir(exist_ok=True)
     for path in (big, mid):
-        _run("cat", path)  # in the page cache, as for every tool alike
-    _run(ocifuse, "mount", big, mnt)  # warm-up: the interpreter's and the modules' pages
-    _run(ocifuse, "umount", mnt)
+        warm(path)  # in the page cache, as for every tool alike
+    run(ocifuse, "mount", big, mnt)  # warm-up: the interpreter's and the modules' pages
+    run(ocifuse, "umount", mnt)
     try:
         for r in range(runs):
             log(f"latency, round {r + 1}/{runs}")
-            add("python_start", _timed(python, "-c", "pass"))
-            add("python_import_daemon", _timed(python, "-c", "import ocifuse.daemon"))
+            add("python_start", timed(python, "-c", "pass"))
+            add("python_import_daemon", timed(python, "-c", "import ocifuse.daemon"))
 
-            add("mount_big", _timed(ocifuse, "mount", big, mnt))
-            pid = _daemon_of(mnt)
-            add("umount", _timed(ocifuse, "umount", mnt))
+            add("mount_big", timed(ocifuse, "mount", big, mnt))
+            pid = daemon_pid(mnt)
+            add("umount", timed(ocifuse, "umount", mnt))
             t0 = time.perf_counter()
-            while pid is not None and not _gone(pid) and time.perf_counter() - t0 < 10:
+            while pid is not None and alive(pid) and time.perf_counter() - t0 < 10:
                 time.sleep(0.002)
             add("daemon_exit_after_umount", time.perf_counter() - t0)
 
-            _run(ocifuse, "mount", big, mnt)
-            add("fusermount_u", _timed("fusermount3", "-u", mnt))
+            run(ocifuse, "mount", big, mnt)
+            add("fusermount_u", timed("fusermount3", "-u", mnt))
 
-            add("skopeo_archive", _timed("skopeo", "inspect", f"oci-archive:{mid}:{tag_mid}"))
+            add("skopeo_archive", timed("skopeo", "inspect", f"oci-archive:{mid}:{tag_mid}"))
             t0 = time.perf_counter()
-            _run(ocifuse, "mount", mid, mnt)
+            run(ocifuse, "mount", mid, mnt)
             t1 = time.perf_counter()
-            _run("skopeo", "inspect", f"oci:{mnt}:{tag_mid}")
+            run("skopeo", "inspect", f"oci:{mnt}:{tag_mid}")
             t2 = time.perf_counter()
-            _run(ocifuse, "umount", mnt)
+            run(ocifuse, "umount", mnt)
             t3 = time.perf_counter()
             add("roundtrip", t3 - t0)
             add("roundtrip.mount", t1 - t0)
@@ -115,10 +82,10 @@ def measure(
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
         for _ in range(500):  # the daemons exit on their own once unmounted
-            if _daemon_of(mnt) is None:
+            if daemon_pid(mnt) is None:
                 break
             time.sleep(0.01)
-    return samples
+    return samples.values
 
 
 def report(samples: dict[str, list[float]], info: dict[str, Any]) -> str:

@@ -28,34 +28,19 @@ No timing here is ever a test assertion.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench.sections import table, write_section
+from bench.common import MIB, PeakRss, cold_pread, logger, mounted, run, timed, warm
+from bench.sections import Samples, met, module_main, round_options, stamp, with_table
 
-REPO = Path(__file__).resolve().parent.parent
-OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
-MIB = 1 << 20
-
-
-def log(msg: str) -> None:
-    """Progress to stderr."""
-    print(f"[rootfs bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(*cmd: str | Path) -> None:
-    """Run a tool; its output is discarded, a failure raises."""
-    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+log = logger("rootfs bench")
 
 
 # -- the image ------------------------------------------------------------------------------------
@@ -114,45 +99,10 @@ def build_image(scratch: Path, files: int, mib: int) -> tuple[Path, Path]:
 # -- mounts ----------------------------------------------------------------------------------------
 
 
-def _daemon(mnt: Path) -> int:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-                if os.fsencode(mnt) in argv and b"mount" in argv:
-                    return int(name)
-    raise RuntimeError(f"no daemon serves {mnt}")
-
-
-def rss_kib(pid: int) -> int:
-    """A process's VmRSS."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-@contextlib.contextmanager
-def mounted(archive: Path, mnt: Path, cache: Path) -> Iterator[tuple[float, int]]:
-    """``ocifuse mount --rootfs`` (returns once live): the seconds it took, the daemon's pid."""
-    mnt.mkdir(exist_ok=True)
-    start = time.perf_counter()
-    run(OCIFUSE, "mount", "--rootfs", "-o", f"cache={cache}", archive, mnt)
-    took = time.perf_counter() - start
-    try:
-        yield took, _daemon(mnt)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-
-
 def unpack(layout: Path, dest: Path) -> float:
     """``umoci unpack`` into ``dest`` (removed first); seconds."""
     shutil.rmtree(dest, ignore_errors=True)
-    start = time.perf_counter()
-    run("umoci", "unpack", "--image", f"{layout}:bench", dest)
-    return time.perf_counter() - start
+    return timed("umoci", "unpack", "--image", f"{layout}:bench", dest)
 
 
 def read_all(root: Path) -> tuple[float, int]:
@@ -181,38 +131,8 @@ def random_reads(root: Path, count: int, rng: random.Random) -> list[float]:
     out = []
     for _ in range(count):
         path = rng.choice(files)
-        size = path.stat().st_size
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not the page cache of an earlier read
-            start = time.perf_counter()
-            os.pread(fd, 4096, rng.randrange(0, size - 4096))
-            out.append(time.perf_counter() - start)
-        finally:
-            os.close(fd)
+        out.append(cold_pread(path, 4096, rng.randrange(0, path.stat().st_size - 4096)))
     return out
-
-
-class RssMax:
-    """The largest VmRSS of ``pid`` while the block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.kib = pid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.01):
-            with contextlib.suppress(OSError):
-                self.kib = max(self.kib, rss_kib(self.pid))
-
-    def __enter__(self) -> RssMax:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -220,12 +140,9 @@ class RssMax:
 
 def measure(layout: Path, archive: Path, scratch: Path, runs: int, reads: int) -> dict[str, list[float]]:
     """Every measurement, ``runs`` interleaved rounds."""
-    s: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        s.setdefault(key, []).append(value)
-
-    run("cat", archive)  # warm: every round reads from the page cache
+    s = Samples()
+    add = s.add
+    warm(archive)  # every round reads from the page cache
     mnt, dest = scratch / "mnt", scratch / "unpacked"
     small = None
     for r in range(runs):
@@ -237,33 +154,29 @@ def measure(layout: Path, archive: Path, scratch: Path, runs: int, reads: int) -
             small = small.relative_to(dest / "rootfs")
         add("unpack_first_byte", took + first_byte(dest / "rootfs" / small))
         cache = Path(tempfile.mkdtemp(dir=scratch, prefix="cache-"))
-        with mounted(archive, mnt, cache) as (took, _):
+        with mounted(archive, mnt, "--rootfs", "-o", f"cache={cache}") as (took, _):
             add("first_mount", took)
             add("mount_first_byte", took + first_byte(mnt / small))
-        with mounted(archive, mnt, cache) as (took, pid):
+        with mounted(archive, mnt, "--rootfs", "-o", f"cache={cache}") as (took, pid):
             add("second_mount", took)
             add("cached_first_byte", took + first_byte(mnt / small))
-            with RssMax(pid) as rss:
+            with PeakRss(pid) as rss:
                 seconds, nbytes = read_all(mnt)
             add("read_all", seconds)
             add("read_all_bytes", nbytes)
-            add("rss_mib", rss.kib / 1024)
+            add("rss_mib", rss.max_kib / 1024)
             if r == 0:
                 lat = random_reads(mnt, reads, random.Random(r))
                 add("read4k_p50_ms", statistics.median(lat) * 1000)
                 add("read4k_p99_ms", statistics.quantiles(lat, n=100)[98] * 1000)
         shutil.rmtree(cache)
     shutil.rmtree(dest, ignore_errors=True)
-    return s
+    return s.values
 
 
 def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
     """The markdown section."""
     med = {k: statistics.median(v) for k, v in s.items()}
-
-    def ok(good: bool) -> str:
-        return "met" if good else "**missed**"
-
     mount_speedup = med["unpack"] / med["first_mount"]
     first_byte_speedup = med["unpack_first_byte"] / med["mount_first_byte"]
     cached_speedup = med["unpack_first_byte"] / med["cached_first_byte"]
@@ -272,59 +185,46 @@ def report(s: dict[str, list[float]], files: int, mib: int, runs: int) -> str:
     p50, p99 = med["read4k_p50_ms"], med["read4k_p99_ms"]
     rows = [
         ("first `--rootfs` mount until live", f"{med['first_mount']:.2f} s", unpack,
-         f"{mount_speedup:.1f}x sooner", ">= 2x", ok(mount_speedup >= 2)),
+         f"{mount_speedup:.1f}x sooner", ">= 2x", met(mount_speedup >= 2)),
         ("second mount (index cached)", f"{med['second_mount']:.2f} s", "", "", "<= 1 s",
-         ok(med["second_mount"] <= 1)),
+         met(med["second_mount"] <= 1)),
         ("a small file's first byte, first mount", f"{med['mount_first_byte']:.2f} s",
          f"after umoci unpack {med['unpack_first_byte']:.2f} s", f"{first_byte_speedup:.1f}x sooner",
-         ">= 10x", ok(first_byte_speedup >= 10)),
+         ">= 10x", met(first_byte_speedup >= 10)),
         ("a small file's first byte, index cached", f"{med['cached_first_byte']:.2f} s",
          f"after umoci unpack {med['unpack_first_byte']:.2f} s", f"{cached_speedup:.1f}x sooner",
-         ">= 10x", ok(cached_speedup >= 10)),
+         ">= 10x", met(cached_speedup >= 10)),
         ("every file read (`tar -cf - \\| wc -c`)", f"{med['read_all']:.2f} s", unpack,
-         f"{read_ratio:.2f}x", "<= 1.5x", ok(read_ratio <= 1.5)),
+         f"{read_ratio:.2f}x", "<= 1.5x", met(read_ratio <= 1.5)),
         ("random 4 KiB reads in gzip layers", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms", "", "",
-         "p99 <= 20 ms", ok(p99 <= 20)),
+         "p99 <= 20 ms", met(p99 <= 20)),
         ("daemon RSS (reading every file)", f"{med['rss_mib']:.0f} MB", "", "", "<= 200 MB",
-         ok(med["rss_mib"] <= 200)),
+         met(med["rss_mib"] <= 200)),
     ]  # fmt: skip
-    lines = [
+    head = (
         f"Image: 3 gzip layers by `umoci repack`, {files} files, {mib} MiB uncompressed "
         f"({int(med['read_all_bytes']) // MIB} MiB as tar); {runs} rounds, medians; page cache warm; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}.",
-        "",
-        *table(rows),
-    ]
-    return "\n".join(lines)
+        f"{stamp()}."
+    )
+    return with_table(head, rows)
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> str:
+    """Build the image in ``scratch``, measure, and return the section's markdown."""
+    log(f"building the image: {args.files} files, {args.mib} MiB")
+    layout, archive = build_image(scratch, args.files, args.mib)
+    log(f"archive: {archive.stat().st_size // MIB} MiB")
+    return report(measure(layout, archive, scratch, args.runs, args.reads), args.files, args.mib, args.runs)
 
 
 def main() -> int:
-    """Build, measure, report."""
+    """``python -m bench.rootfs [--files N] [--mib M] [--runs R] [--reads N] [--no-write]``."""
     p = argparse.ArgumentParser(description="ocifuse --rootfs against umoci unpack (see bench/README.md)")
     p.add_argument("--files", type=int, default=30_000, help="files in the image")
     p.add_argument("--mib", type=int, default=1024, help="uncompressed MiB in the image")
-    p.add_argument("--runs", type=int, default=3, help="rounds (medians reported)")
-    p.add_argument("--reads", type=int, default=300, help="random 4 KiB reads")
-    p.add_argument("--no-write", action="store_true", help="print only; leave bench/results.md alone")
-    p.add_argument("--scratch", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    args = p.parse_args()
-    if os.geteuid() != 0:
-        print("bench/rootfs.py: run as root (umoci unpack as root, FUSE mounts)", file=sys.stderr)
-        return 2
-    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-rootfs-bench-", dir=args.scratch))
-    try:
-        log(f"building the image: {args.files} files, {args.mib} MiB")
-        layout, archive = build_image(scratch, args.files, args.mib)
-        log(f"archive: {archive.stat().st_size // MIB} MiB")
-        text = report(
-            measure(layout, archive, scratch, args.runs, args.reads), args.files, args.mib, args.runs
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(text)
-    if not args.no_write:
-        write_section("rootfs", f"## rootfs view (bench/rootfs.py)\n\n{text}")
-    return 0
+    round_options(p, reads="random 4 KiB reads")
+    why = "umoci unpack as root, FUSE mounts"
+    return module_main(p, bench, section="rootfs", title="rootfs view", why=why)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import os
 import platform
@@ -23,71 +22,38 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from bench import latency
-from bench.archives import MIB, BuiltArchive, build_many, build_umoci
-from bench.sections import write_section
+from bench.archives import BuiltArchive, build_entries100k, build_many, build_umoci
+from bench.common import (
+    BENCH,
+    MIB,
+    OCIFUSE,
+    REPO,
+    PeakRss,
+    cat,
+    daemon_pid,
+    logger,
+    run,
+    scratch_dir,
+    status_kib,
+    timed,
+    unmount,
+    warm,
+)
+from bench.common import PYTHON as PROJECT_PY
+from bench.sections import Samples, verdict, write_section
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-PROJECT_PY = Path(os.environ.get("OCIFUSE_PYTHON", REPO / ".venv" / "bin" / "python"))
-OCIFUSE = Path(os.environ.get("OCIFUSE_BIN", REPO / ".venv" / "bin" / "ocifuse"))
 TOOLS = Path(sys.executable).parent  # the bench venv: ratarmount, py-spy
-
-
-def log(msg: str) -> None:
-    """Progress to stderr (the results go to files and to stdout at the end)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("bench")
 
 
 # -- mounts ---------------------------------------------------------------------------------
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _find_daemon(mountpoint: Path) -> int | None:
-    """The pid of the process serving ``mountpoint`` (its command line names it)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            argv = _cmdline(int(name))
-            if str(mountpoint) in argv and "fusermount3" not in argv[0]:
-                return int(name)
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not _status(pid).get("State", "").startswith("Z")
-
-
-def _status(pid: int) -> dict[str, str]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
-    except OSError:
-        return {}
-
-
-def status_kib(pid: int, field: str) -> int:
-    """A ``/proc/PID/status`` size (VmRSS, VmHWM) in KiB; 0 if the process is gone."""
-    value = _status(pid).get(field, "0 kB")
-    return int(value.split()[0])
 
 
 class Mounts:
@@ -113,7 +79,7 @@ class Mounts:
         cmd += ["mount", *(a for o in options for a in ("-o", o)), str(archive), str(mnt)]
         self.live[mnt] = None
         subprocess.run(cmd, check=True)
-        pid = _find_daemon(mnt)
+        pid = daemon_pid(mnt)
         if pid is None:
             raise RuntimeError(f"no daemon found for {mnt}")
         self.live[mnt] = pid
@@ -134,23 +100,13 @@ class Mounts:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ratarmount did not mount {mnt}")
             time.sleep(0.01)
-        pid = _find_daemon(mnt)
+        pid = daemon_pid(mnt)
         self.live[mnt] = pid
         return mnt, pid or 0
 
     def umount(self, mnt: Path) -> None:
         """Unmount and wait for the daemon to exit (so the next round starts from nothing)."""
-        pid = self.live.pop(mnt, None)
-        done = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-        if done.returncode != 0 and os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
-        if pid is not None:
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        unmount(mnt, self.live.pop(mnt, None))
         with contextlib.suppress(OSError):
             mnt.rmdir()
 
@@ -170,73 +126,8 @@ class Mounts:
 # -- timing ---------------------------------------------------------------------------------
 
 
-def run_quiet(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, env=env)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cat(*paths: Path) -> float:
-    """Wall time of one ``cat`` per path, all started together, until the last one ends."""
-    start = time.perf_counter()
-    procs = [subprocess.Popen(["cat", str(p)], stdout=subprocess.DEVNULL) for p in paths]
-    codes = [p.wait() for p in procs]
-    elapsed = time.perf_counter() - start
-    if any(codes):
-        raise RuntimeError(f"cat failed ({codes}) on {[str(p) for p in paths]}")
-    return elapsed
-
-
-class RssSampler:
-    """Sample a daemon's VmRSS every few milliseconds while a read runs; keep the largest."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.max_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.max_kib = max(self.max_kib, status_kib(self.pid, "VmRSS"))
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.max_kib = max(self.max_kib, status_kib(self.pid, "VmRSS"))
-
-
-class Samples:
-    """Named lists of per-run values; medians on demand."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
-
-    def add(self, name: str, value: float) -> None:
-        self.values.setdefault(name, []).append(value)
-
-    def med(self, name: str) -> float:
-        return statistics.median(self.values[name])
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.values
-
-
-def warm(path: Path) -> None:
-    """Read a file once so that its pages are in the page cache."""
-    run_quiet("cat", path)
-
-
 def drop_caches() -> None:
+    """Write back and drop the page cache (cold reads)."""
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
@@ -281,7 +172,7 @@ def time_to_layout(
         m.umount(mnt)
         if tar_x:
             out.mkdir()
-            s.add(f"{label}.tar_x", timed(lambda: run_quiet("tar", "-xf", a.path, "-C", out)))
+            s.add(f"{label}.tar_x", timed("tar", "-xf", a.path, "-C", out))
             shutil.rmtree(out)
         if skopeo:
             t0 = time.perf_counter()
@@ -290,11 +181,11 @@ def time_to_layout(
             m.umount(mnt)
             s.add(
                 f"{label}.skopeo_archive",
-                timed(lambda: run_quiet("skopeo", "inspect", f"oci-archive:{a.path}:{a.tag}")),
+                timed("skopeo", "inspect", f"oci-archive:{a.path}:{a.tag}"),
             )
             t0 = time.perf_counter()
             mnt, _ = m.ocifuse(a.path)
-            run_quiet("skopeo", "inspect", f"oci:{mnt}:{a.tag}")
+            run("skopeo", "inspect", f"oci:{mnt}:{a.tag}")
             s.add(f"{label}.skopeo_mount", time.perf_counter() - t0)
             m.umount(mnt)
 
@@ -312,7 +203,7 @@ def first_reads(m: Mounts, s: Samples, a: BuiltArchive, info: dict[str, Any], *,
     ) -> None:
         with m.mounted(m.ocifuse(a.path, options, variant)) as (mnt, pid):
             ra[name] = readahead_kb(mnt)
-            with RssSampler(pid) as rss:
+            with PeakRss(pid) as rss:
                 s.add(name, cat(mnt / blob))
             s.add("rss_serving_kib", rss.max_kib)
             s.add("hwm_serving_kib", status_kib(pid, "VmHWM"))
@@ -362,7 +253,7 @@ def many_entries(m: Mounts, s: Samples, label: str, a: BuiltArchive) -> None:
         s.add(f"{label}.mount_cached", time.perf_counter() - t0)
         try:
             s.add(f"{label}.hwm_ready_kib", status_kib(pid, "VmHWM"))
-            s.add(f"{label}.walk", timed(functools.partial(run_quiet, "ls", "-lR", mnt)))
+            s.add(f"{label}.walk", timed("ls", "-lR", mnt))
             s.add(f"{label}.hwm_walk_kib", status_kib(pid, "VmHWM"))
         finally:
             m.umount(mnt)
@@ -498,10 +389,6 @@ def machine() -> dict[str, str]:
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**pass**" if ok else "**miss**")
 
 
 def report(s: Samples, info: dict[str, Any], archives: dict[str, BuiltArchive]) -> str:
@@ -763,13 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only_100k:
         return main_100k(args)
     signal.signal(signal.SIGTERM, _terminate)
-    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-bench-", dir=args.scratch))
-    use_scratch_cache(scratch)
-    mounts = Mounts(scratch)
     s = Samples()
     info: dict[str, Any] = {"runs": args.runs, "load_start": loadavg(), "machine": machine()}
-    log(f"scratch {scratch}; load {info['load_start']}")
-    try:
+    with bench_scratch(args) as (scratch, mounts):
+        log(f"scratch {scratch}; load {info['load_start']}")
         log("building archives (umoci + skopeo for the 1 GiB one)")
         archives = {
             "big": build_umoci(scratch / "big.tar", scratch, mib=args.big_mib),
@@ -781,14 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 small_size=2048,
                 per_manifest=500,
             ),
-            "entries100k": build_many(
-                scratch / "entries100k.tar",
-                total_blobs=99_997,
-                big_layers=0,
-                big_mib=0,
-                small_size=100,
-                per_manifest=1000,
-            ),
+            "entries100k": build_entries100k(scratch / "entries100k.tar"),
         }
         for name, a in archives.items():
             log(f"{name}: {a.entries} entries, {a.size / MIB:.0f} MiB, built in {a.build_seconds:.1f} s")
@@ -808,12 +685,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profile:
             profile_read(mounts, archives["big"], scratch / "profile-read.svg")
             shutil.copy(scratch / "profile-read.svg", BENCH / "profile-read.svg")
-    finally:
-        mounts.close()
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            log(f"kept {scratch}")
     info["archives"] = {
         n: {"entries": a.entries, "bytes": a.size, "big_blob_bytes": a.big_blob_size}
         for n, a in archives.items()
@@ -834,37 +705,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def use_scratch_cache(scratch: Path) -> None:
-    """Every ocifuse the bench starts keeps its index cache in the scratch directory (removed with it).
+@contextlib.contextmanager
+def bench_scratch(args: argparse.Namespace) -> Iterator[tuple[Path, Mounts]]:
+    """The run's scratch directory (under ``--scratch``) and its Mounts: every mount is undone and
+    the directory removed (unless ``--keep``) afterwards, also after an error.
 
-    $CACHE_DIRECTORY (systemd's CacheDirectory=) is the first place ocifuse's default looks.
+    Every ocifuse the bench starts keeps its index cache in the scratch directory: $CACHE_DIRECTORY
+    (systemd's CacheDirectory=) is the first place ocifuse's default looks.
     """
-    (scratch / "index-cache").mkdir(mode=0o700)
-    os.environ["CACHE_DIRECTORY"] = str(scratch / "index-cache")
+    with scratch_dir("ocifuse-bench-", args.scratch, keep=args.keep) as scratch:
+        (scratch / "index-cache").mkdir(mode=0o700)
+        os.environ["CACHE_DIRECTORY"] = str(scratch / "index-cache")
+        mounts = Mounts(scratch)
+        try:
+            yield scratch, mounts
+        finally:
+            mounts.close()
+            if args.keep:
+                log(f"kept {scratch}")
 
 
 def main_100k(args: argparse.Namespace) -> int:
     """``--only-100k``: build the 100,001-entry archive, time first and cached mounts, write the section."""
-    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-bench-", dir=args.scratch))
-    use_scratch_cache(scratch)
-    mounts = Mounts(scratch)
     s = Samples()
-    try:
-        a = build_many(
-            scratch / "entries100k.tar",
-            total_blobs=99_997,
-            big_layers=0,
-            big_mib=0,
-            small_size=100,
-            per_manifest=1000,
-        )
+    with bench_scratch(args) as (scratch, mounts):
+        a = build_entries100k(scratch / "entries100k.tar")
         log(f"entries100k: {a.entries} entries, {a.size / MIB:.0f} MiB, built in {a.build_seconds:.1f} s")
         time_to_layout(mounts, s, "entries100k", a, scratch, skopeo=False, tar_x=False)
         text = only_100k(s, a)
-    finally:
-        mounts.close()
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
     print(text)
     if not args.no_write:
         write_section("mount-100k", text)
@@ -905,20 +773,13 @@ def latency_report(
 def latency_main(args: argparse.Namespace) -> int:
     """``--only latency``: build the two archives, measure, write the latency section."""
     signal.signal(signal.SIGTERM, _terminate)
-    scratch = Path(tempfile.mkdtemp(prefix="ocifuse-bench-", dir=args.scratch))
-    use_scratch_cache(scratch)
     load_start = loadavg()
-    log(f"scratch {scratch}; load {load_start}")
-    try:
+    with bench_scratch(args) as (scratch, _):
+        log(f"scratch {scratch}; load {load_start}")
         log(f"building archives ({args.big_mib} MiB and {args.mid_mib} MiB, umoci + skopeo)")
         big = build_umoci(scratch / "big.tar", scratch, mib=args.big_mib)
         mid = build_umoci(scratch / "mid.tar", scratch, mib=args.mid_mib)
         samples = latency_samples(big, mid, scratch, args.runs)
-    finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            log(f"kept {scratch}")
     text = latency_report(samples, big, mid, load_start, args.runs)
     print(text)
     if not args.no_write:

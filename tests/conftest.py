@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import no_new_mounts, skip_or_fail
+from mounting import no_new_mounts
 from oci import LayoutBuilder
+from peers import require_tools, run
 from tarbuild import tar_extract
 
 from ocifuse.layout import DirectoryLayout, Layout
@@ -19,20 +18,6 @@ from ocifuse.views import open_layout
 
 BACKENDS = ("archive", "directory")
 LayoutFactory = Callable[[LayoutBuilder], Layout]
-
-
-# What ``podman run`` needs on these VMs: crun cannot set rlimits here, so runc and explicit ones.
-PODMAN_RUN = [
-    "--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network=none"
-]  # fmt: skip
-
-
-def require_tools(*tools: str) -> None:
-    """Skip when a peer tool is missing, except in CI (``CI=true``), where that is a failure."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    skip_or_fail(f"missing peer tool(s): {', '.join(missing)}")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -55,13 +40,6 @@ def _no_leftover_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     """Every test fails (after cleaning up) if it leaves one of its own ocifuse mounts behind."""
     with no_new_mounts(tmp_path_factory.getbasetemp()):
         yield
-
-
-def run(*argv: str | Path) -> None:
-    """Run a peer tool; fail the test with its output if it fails."""
-    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
 
 
 @dataclass(frozen=True)

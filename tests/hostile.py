@@ -3,8 +3,9 @@
 Every builder takes ``(directory, target)`` and returns the archive it wrote in ``directory``.
 ``target`` is an empty sentinel directory that traversal names, absolute names and links point
 into: after any command runs on the archive, ``target`` must still be empty. Headers are written
-raw where ``tarfile`` would refuse or fix them up (absurd PAX records, GNU sparse maps, sizes
-running past the end of the file), and fast where the corpus is large (100,000 members).
+raw (tests/tarbuild.py's ``raw_header``) where ``tarfile`` would refuse or fix them up (absurd PAX
+records, GNU sparse maps, sizes running past the end of the file), and fast where the corpus is
+large (100,000 members).
 
 ``CORPUS`` maps a case name to a ``HostileCase``: how to build it, what ``ocifuse fsck`` must
 answer (exit status and finding codes), and whether a mount must refuse it or serve it. When
@@ -13,11 +14,12 @@ served, ``valid`` is every file of the valid part, with the bytes the mount must
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -25,16 +27,18 @@ from typing import BinaryIO
 from oci import LayoutBuilder
 from tarbuild import (
     BLOCK,
-    MTIME,
-    RECORD,
     Member,
     dir_member,
+    end_archive,
     file_member,
     layout_members,
     link_member,
+    pax_record,
+    raw_header,
     sample_builder,
-    ustar_header,
     write_member,
+    write_pax,
+    write_raw,
 )
 
 from ocifuse import model
@@ -64,68 +68,6 @@ class HostileCase:
     inspect_ok: bool = True  # ``ocifuse inspect --ref v1`` succeeds (exit 0)
 
 
-# -- raw tar writing -------------------------------------------------------------------------------
-
-
-def raw_header(
-    name: str | bytes,
-    *,
-    size: int = 0,
-    type_: bytes = tarfile.REGTYPE,
-    mode: int = 0o644,
-    linkname: str | bytes = b"",
-    size_field: bytes | None = None,
-    gnu: bool = False,
-    extra: dict[int, bytes] | None = None,
-) -> bytes:
-    """A ustar (or GNU, ``gnu=True``) header written field by field: nothing is checked or fixed up.
-
-    ``size_field`` replaces the 12 bytes of the size field; ``extra`` writes bytes at offsets.
-    """
-    hdr = bytearray(BLOCK)
-    raw = name.encode() if isinstance(name, str) else name
-    hdr[0 : len(raw[:100])] = raw[:100]
-    hdr[100:124] = b"%07o\x00" % mode + b"0000000\x000000000\x00"
-    hdr[124:136] = size_field if size_field is not None else b"%011o\x00" % size
-    hdr[136:148] = b"%011o\x00" % MTIME
-    hdr[156:157] = type_
-    link = linkname.encode() if isinstance(linkname, str) else linkname
-    hdr[157 : 157 + len(link[:100])] = link[:100]
-    hdr[257:265] = b"ustar  \x00" if gnu else b"ustar\x0000"
-    for offset, data in (extra or {}).items():
-        hdr[offset : offset + len(data)] = data
-    hdr[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    hdr[148:156] = b"%06o\x00 " % sum(hdr)
-    return bytes(hdr)
-
-
-def pax_record(key: str, value: str) -> bytes:
-    """One well-formed PAX record ``"LEN key=value\\n"`` (LEN counts itself)."""
-    body = f" {key}={value}\n".encode()
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
-
-
-def write_raw(f: BinaryIO, header: bytes, data: bytes = b"") -> None:
-    """A header and its data, padded to a block."""
-    f.write(header)
-    f.write(data)
-    f.write(b"\0" * (-len(data) % BLOCK))
-
-
-def write_pax(f: BinaryIO, records: bytes, *, size: int | None = None) -> None:
-    """A PAX extended header member carrying ``records`` (its size field says ``size`` if given)."""
-    write_raw(f, raw_header("PaxHeader", size=len(records) if size is None else size, type_=b"x"), records)
-
-
-def end_archive(f: BinaryIO) -> None:
-    """The two zero blocks, padded to a record, as tar ends an archive."""
-    pos = f.tell() + 2 * BLOCK
-    f.write(b"\0" * (2 * BLOCK + (-pos % RECORD)))
-
-
 def _valid() -> LayoutBuilder:
     return sample_builder()
 
@@ -134,14 +76,31 @@ def _files(builder: LayoutBuilder | None = None) -> dict[str, bytes]:
     return (builder or _valid()).layout_files()
 
 
+@contextlib.contextmanager
+def _writing(out: Path, members: Sequence[Member] = ()) -> Iterator[BinaryIO]:
+    """Write ``out``: ``members``, then whatever the body writes to the file, then the end blocks."""
+    with open(out, "wb", buffering=1 << 20) as f:
+        for m in members:
+            write_member(f, m)
+        yield f
+        end_archive(f)
+
+
+def _members(out: Path, members: Sequence[Member]) -> Path:
+    """``members`` as an archive at ``out``."""
+    with _writing(out, members):
+        pass
+    return out
+
+
 def _archive(directory: Path, name: str, before: list[Member], after: list[Member]) -> Path:
     """The valid image's members, with hostile members before and after them."""
-    out = directory / name
-    with open(out, "wb") as f:
-        for m in [*before, *layout_members(_valid()), *after]:
-            write_member(f, m)
-        end_archive(f)
-    return out
+    return _members(directory / name, [*before, *layout_members(_valid()), *after])
+
+
+def _files_archive(directory: Path, name: str, files: dict[str, bytes]) -> Path:
+    """``files`` as regular members only (no directory members), in their order."""
+    return _members(directory / name, [file_member(n, data) for n, data in files.items()])
 
 
 def _with_mode(m: Member, mode: int) -> Member:
@@ -231,19 +190,15 @@ def setuid(directory: Path, target: Path) -> Path:
         _with_mode(dir_member("sticky/"), 0o1777),
         _with_mode(file_member("sticky/world-writable", b"w\n"), 0o7777),
     ]
-    out = directory / "setuid.tar"
-    with open(out, "wb") as f:
-        for m in [*members, *evil]:
-            m.info.uid = m.info.gid = 0
-            write_member(f, m)
-        end_archive(f)
-    return out
+    for m in [*members, *evil]:
+        m.info.uid = m.info.gid = 0
+    return _members(directory / "setuid.tar", [*members, *evil])
 
 
 def pax_absurd(directory: Path, target: Path) -> Path:
     """PAX records with absurd values that still leave a readable archive: every member is served."""
     out = directory / "pax-absurd.tar"
-    with open(out, "wb") as f:
+    with _writing(out) as f:
         records = [
             pax_record("mtime", "1e400"),
             pax_record("mtime", "-99999999999999999999"),
@@ -263,19 +218,17 @@ def pax_absurd(directory: Path, target: Path) -> Path:
         write_raw(f, raw_header("innocent", size=4), b"pax\n")
         write_pax(f, pax_record("linkpath", "/etc/passwd"))
         write_raw(f, raw_header("pax-symlink", type_=tarfile.SYMTYPE, linkname="innocent"))
-        end_archive(f)
     return out
 
 
 def _absurd(name: str, before: Callable[[BinaryIO], None]) -> Callable[[Path, Path], Path]:
     def build(directory: Path, target: Path) -> Path:
         out = directory / f"{name}.tar"
-        with open(out, "wb") as f:
+        with _writing(out) as f:
             before(f)
             write_raw(f, raw_header("victim", size=8), b"victim!\n")
             for m in layout_members(_valid()):
                 write_member(f, m)
-            end_archive(f)
         return out
 
     build.__doc__ = f"A valid image after a hostile header: {name}."
@@ -342,12 +295,10 @@ def _longname_huge(f: BinaryIO) -> None:
     write_raw(f, raw_header("././@LongLink", size=1 << 40, type_=b"L", gnu=True), b"x" * BLOCK)
 
 
-def gnu_sparse(directory: Path, target: Path) -> Path:
+def sparse_encodings(directory: Path, target: Path) -> Path:
     """GNU sparse members in every encoding (old 'S', PAX 0.0, 0.1, 1.0), some with absurd maps."""
     out = directory / "gnu-sparse.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         # Old GNU 'S': sparse map at 386 (4 x offset, numbytes), realsize at 483.
         smap = b"%011o\x00%011o\x00" % (1 << 40, 5) + b"%011o\x00%011o\x00" % (0, 0)
         extra = {386: smap, 483: b"%011o\x00" % ((1 << 40) + 5)}
@@ -369,68 +320,55 @@ def gnu_sparse(directory: Path, target: Path) -> Path:
         write_pax(f, recs)
         data = b"1\n0\n5\n".ljust(BLOCK, b"\0") + b"hello"
         write_raw(f, raw_header("GNUSparseFile.0/sparse-10", size=len(data)), data)
-        end_archive(f)
     return out
 
 
 def sparse_map_bomb(directory: Path, target: Path) -> Path:
     """A PAX 1.0 sparse map of 10**9 entries in 8 MB of data: the scan must stop early, not allocate."""
     out = directory / "sparse-map-bomb.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         recs = pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
         recs += pax_record("GNU.sparse.name", "bomb") + pax_record("GNU.sparse.realsize", "10")
         write_pax(f, recs)
         data = b"1000000000\n" + b"1099511627776\n" * (600_000)
         write_raw(f, raw_header("GNUSparseFile.0/bomb", size=len(data)), data)
-        end_archive(f)
     return out
 
 
 def past_end(directory: Path, target: Path) -> Path:
     """The valid image, then a member whose size runs 1 GiB past the end of the file."""
     out = directory / "past-end.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         write_raw(f, raw_header("runs-past-the-end", size=1 << 30), b"only this much\n")
-        end_archive(f)
     return out
 
 
-def many_members(directory: Path, target: Path) -> Path:
+def member_flood(directory: Path, target: Path) -> Path:
     """The valid image, then MANY_MEMBERS tiny regular members under ``many/`` (written raw, fast)."""
     out = directory / "many-members.tar"
-    with open(out, "wb", buffering=1 << 20) as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         pad = b"\0" * (BLOCK - 8)
         for i in range(MANY_MEMBERS):
-            f.write(ustar_header(f"many/{i // 1000:03d}/{i % 1000:03d}", 7))
+            f.write(raw_header(f"many/{i // 1000:03d}/{i % 1000:03d}", size=7))
             f.write(b"%06d\n" % i + b"\0" + pad)
-        end_archive(f)
     return out
 
 
-def many_expected(i: int) -> tuple[str, bytes]:
-    """The path and bytes of member ``i`` of ``many_members``."""
+def flood_member(i: int) -> tuple[str, bytes]:
+    """The path and bytes of member ``i`` of ``member_flood``."""
     return f"many/{i // 1000:03d}/{i % 1000:03d}", b"%06d\n" % i
 
 
 def deep_dirs(directory: Path, target: Path) -> Path:
     """DEPTH nested directories (a 5,000-byte path, longer than PATH_MAX) and a file at the bottom."""
     out = directory / "deep-dirs.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         path = "deep"
         for _ in range(DEPTH - 1):
             write_member(f, dir_member(path + "/"))
             path += "/deep"
         write_member(f, dir_member(path + "/"))
         write_member(f, file_member(path + "/bottom", b"at the bottom\n"))
-        end_archive(f)
     return out
 
 
@@ -453,13 +391,10 @@ def long_names(directory: Path, target: Path) -> Path:
 def nul_names(directory: Path, target: Path) -> Path:
     """PAX paths with a NUL byte, one aliasing index.json (readdir would show it as "index.json")."""
     out = directory / "nul-names.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_valid()):
-            write_member(f, m)
+    with _writing(out, layout_members(_valid())) as f:
         for name, data in (("index.json\0evil", b'{"evil": true}'), ("evil\0name", b"nul\n")):
             write_pax(f, pax_record("path", name))
             write_raw(f, raw_header("placeholder", size=len(data)), data)
-        end_archive(f)
     return out
 
 
@@ -509,12 +444,7 @@ def big_index(directory: Path, target: Path) -> Path:
     b = _valid()
     files = b.layout_files()
     files["index.json"] = _big_index(b)
-    out = directory / "big-index.tar"
-    with open(out, "wb") as f:
-        for name, data in files.items():
-            write_member(f, file_member(name, data))
-        end_archive(f)
-    return out
+    return _files_archive(directory, "big-index.tar", files)
 
 
 def _big_index_files() -> dict[str, bytes]:
@@ -532,12 +462,7 @@ def deep_json_index(directory: Path, target: Path) -> Path:
     """index.json is 100,000 nested arrays (the valid blobs are all there)."""
     b = _valid()
     files = {**b.layout_files(), "index.json": _deep_doc()}
-    out = directory / "deep-json-index.tar"
-    with open(out, "wb") as f:
-        for name, data in files.items():
-            write_member(f, file_member(name, data))
-        end_archive(f)
-    return out
+    return _files_archive(directory, "deep-json-index.tar", files)
 
 
 def _deep_manifest_builder() -> LayoutBuilder:
@@ -554,24 +479,14 @@ def _deep_manifest_builder() -> LayoutBuilder:
 
 def deep_json_blobs(directory: Path, target: Path) -> Path:
     """A manifest blob of 100,000 nested arrays, and a manifest whose config nests 100,000 deep."""
-    out = directory / "deep-json-blobs.tar"
-    with open(out, "wb") as f:
-        for m in layout_members(_deep_manifest_builder()):
-            write_member(f, m)
-        end_archive(f)
-    return out
+    return _members(directory / "deep-json-blobs.tar", layout_members(_deep_manifest_builder()))
 
 
 def _random_garbage_index(directory: Path, target: Path) -> Path:
     """index.json is 64 KiB of random bytes."""
     b = _valid()
     files = {**b.layout_files(), "index.json": random.Random(6).randbytes(1 << 16)}
-    out = directory / "garbage-index.tar"
-    with open(out, "wb") as f:
-        for name, data in files.items():
-            write_member(f, file_member(name, data))
-        end_archive(f)
-    return out
+    return _files_archive(directory, "garbage-index.tar", files)
 
 
 def _without(files: dict[str, bytes], *names: str) -> dict[str, bytes]:
@@ -632,7 +547,7 @@ CORPUS: dict[str, HostileCase] = {
     "size_field_garbage": HostileCase(_absurd("size-garbage", _size_field_garbage), 2, _CORRUPT, True),
     "gnu_longname_huge": HostileCase(_absurd("longname-huge", _longname_huge), 2, _CORRUPT, True),
     "gnu_sparse": HostileCase(
-        gnu_sparse,
+        sparse_encodings,
         0,
         _SKIP,
         valid=_files(),
@@ -640,7 +555,7 @@ CORPUS: dict[str, HostileCase] = {
     ),
     "sparse_map_bomb": HostileCase(sparse_map_bomb, 2, _CORRUPT, True),
     "past_end": HostileCase(past_end, 2, _TRUNCATED, True),
-    "many_members": HostileCase(many_members, 0, frozenset(), valid=_files()),
+    "many_members": HostileCase(member_flood, 0, frozenset(), valid=_files()),
     "deep_dirs": HostileCase(deep_dirs, 0, frozenset(), valid={**_files(), DEEP_BOTTOM: b"at the bottom\n"}),
     "long_names": HostileCase(
         long_names,

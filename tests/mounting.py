@@ -112,9 +112,13 @@ def mount_source(mountpoint: StrPath) -> str | None:
     return found[-1] if found else None
 
 
-def daemon_pids(mountpoint: StrPath) -> list[int]:
-    """Pids of ``ocifuse`` processes whose command line names ``mountpoint`` (for background daemons)."""
-    want = os.fsencode(os.path.abspath(mountpoint))
+def pids_naming(path: StrPath, *, ocifuse_mount: bool = True) -> list[int]:
+    """Pids of processes (not this one) whose command line names ``path`` as an argument.
+
+    With ``ocifuse_mount``, only ``ocifuse ... mount ...`` processes (the console script or a
+    Python running it); otherwise any process, whatever form it took (mount.fuse3, /dev/fd/N).
+    """
+    want = os.fsencode(path)
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -124,9 +128,25 @@ def daemon_pids(mountpoint: StrPath) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"ocifuse") for a in argv[:2]) and b"mount" in argv and want in argv:
+        if want not in argv:
+            continue
+        if not ocifuse_mount or (any(a.endswith(b"ocifuse") for a in argv[:2]) and b"mount" in argv):
             pids.append(int(entry))
     return pids
+
+
+def daemon_pids(mountpoint: StrPath) -> list[int]:
+    """Pids of ``ocifuse`` processes whose command line names ``mountpoint`` (for background daemons)."""
+    return pids_naming(os.path.abspath(mountpoint))
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` size field (VmRSS, VmHWM) of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def fusermount_unmount(mountpoint: StrPath) -> None:

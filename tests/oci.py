@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,29 +105,31 @@ class LayoutBuilder:
         self, path: Path, *, fmt: int = tarfile.PAX_FORMAT, prefix: str = "", dirs: bool = True
     ) -> Path:
         """Write the layout as an oci-archive; ``prefix`` (e.g. ``./``) goes before each name."""
+        files = self.layout_files()
         with tarfile.open(path, "w", format=fmt) as tf:
-            done: set[str] = set()
-            for name, data in self.layout_files().items():
-                parts = name.split("/")
-                for i in range(1, len(parts)):
-                    d = "/".join(parts[:i])
-                    if dirs and d not in done:
-                        done.add(d)
-                        info = tarfile.TarInfo(prefix + d)
-                        info.type = tarfile.DIRTYPE
-                        info.mode = 0o755
-                        tf.addfile(info)
+            for name, is_dir in parents_first(files, dirs=dirs):
                 info = tarfile.TarInfo(prefix + name)
-                info.size = len(data)
+                if is_dir:
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    tf.addfile(info)
+                    continue
+                info.size = len(files[name])
                 info.mode = 0o644
                 info.mtime = 1_700_000_000
-                tf.addfile(info, io.BytesIO(data))
+                tf.addfile(info, io.BytesIO(files[name]))
         return path
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """``tar -x`` an archive into ``dest`` with the system tar (the reference for byte equality)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    rc = os.spawnvp(os.P_WAIT, "tar", ["tar", "-xf", str(archive), "-C", str(dest)])
-    assert rc == 0, f"tar -x {archive} failed"
-    return dest
+def parents_first(names: Iterable[str], *, dirs: bool = True) -> Iterator[tuple[str, bool]]:
+    """Each of ``names`` as ``(name, False)``, after ``(directory, True)`` for each directory above it
+    not named yet (none if ``dirs`` is false): the order in which tar writes a tree."""
+    done: set[str] = set()
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if dirs and d not in done:
+                done.add(d)
+                yield d, True
+        yield name, False

@@ -16,21 +16,14 @@ import os
 import random
 import shutil
 import stat
-import subprocess
 from pathlib import Path
+
+from peers import run
 
 LONG = "deep/" + "d" * 100 + "/" + "f" * 200 + ".txt"
 # setcap's encoding of cap_net_raw+ep, VFS_CAP_REVISION_2 (linux/capability.h).
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 BUSYBOX = "/bin/busybox"
-
-
-def _run(*argv: str | Path) -> None:
-    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-        )
 
 
 def _write(root: Path, name: str, data: bytes, mode: int = 0o644) -> Path:
@@ -102,43 +95,43 @@ def build_umoci_image(root: Path) -> Path:
     """A umoci layout under ``root`` with tag ``v4``: four gzip layers (see the module docstring)."""
     layout = root / "umoci"
     bundle = root / "bundle"
-    _run("umoci", "init", "--layout", layout)
-    _run("umoci", "new", "--image", f"{layout}:base")
-    _run("umoci", "unpack", "--image", f"{layout}:base", bundle)
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:base")
+    run("umoci", "unpack", "--image", f"{layout}:base", bundle)
     _populate(bundle / "rootfs")
-    _run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:v1", bundle)
+    run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:v1", bundle)
     _change(bundle / "rootfs")
-    _run("umoci", "repack", "--image", f"{layout}:v2", bundle)
+    run("umoci", "repack", "--image", f"{layout}:v2", bundle)
     opaque = root / "opaque-src"
     _write(opaque, "new1", b"only this layer's entries stay\n")
-    _run("umoci", "insert", "--image", f"{layout}:v2", "--tag", "v3", "--opaque", opaque, "/opq")
+    run("umoci", "insert", "--image", f"{layout}:v2", "--tag", "v3", "--opaque", opaque, "/opq")
     # Through the symlink lib -> usr/lib: umoci writes "lib/inserted" and "lib/.wh.libx.so", and
     # umoci unpack (securejoin) applies them inside usr/lib.
     _write(opaque, "inserted", b"written through a symlinked directory\n")
-    _run("umoci", "insert", "--image", f"{layout}:v3", "--tag", "v3a", opaque / "inserted", "/lib/inserted")
-    _run("umoci", "insert", "--image", f"{layout}:v3a", "--tag", "v3b", "--whiteout", "/lib/libx.so")
-    _run("umoci", "insert", "--image", f"{layout}:v3b", "--tag", "v4", "--whiteout", "/etc/group")
-    _run("umoci", "config", "--image", f"{layout}:v4", "--config.cmd", "/bin/sh")
+    run("umoci", "insert", "--image", f"{layout}:v3", "--tag", "v3a", opaque / "inserted", "/lib/inserted")
+    run("umoci", "insert", "--image", f"{layout}:v3a", "--tag", "v3b", "--whiteout", "/lib/libx.so")
+    run("umoci", "insert", "--image", f"{layout}:v3b", "--tag", "v4", "--whiteout", "/etc/group")
+    run("umoci", "config", "--image", f"{layout}:v4", "--config.cmd", "/bin/sh")
     return layout
 
 
-def uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
+def skopeo_uncompressed(umoci_layout: Path, tag: str, root: Path) -> tuple[Path, Path]:
     """The image as an oci-archive and as a layout directory with uncompressed tar layers (skopeo)."""
     plain = root / "plain-dir"
-    _run("skopeo", "copy", "--quiet", "--dest-decompress", f"oci:{umoci_layout}:{tag}", f"dir:{plain}")
+    run("skopeo", "copy", "--quiet", "--dest-decompress", f"oci:{umoci_layout}:{tag}", f"dir:{plain}")
     archive = root / "plain.tar"
     accept = "--dest-oci-accept-uncompressed-layers"
-    _run("skopeo", "copy", "--quiet", accept, f"dir:{plain}", f"oci-archive:{archive}:{tag}")
+    run("skopeo", "copy", "--quiet", accept, f"dir:{plain}", f"oci-archive:{archive}:{tag}")
     directory = root / "plain-oci"
-    _run("skopeo", "copy", "--quiet", accept, f"dir:{plain}", f"oci:{directory}:{tag}")
+    run("skopeo", "copy", "--quiet", accept, f"dir:{plain}", f"oci:{directory}:{tag}")
     return archive, directory
 
 
-def compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
+def skopeo_compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
     """The image as skopeo writes oci-archives with gzip (umoci's layers kept) and zstd layers."""
     gzip_archive, zstd_archive = root / "gzip.tar", root / "zstd.tar"
-    _run("skopeo", "copy", "--quiet", f"oci:{umoci_layout}:{tag}", f"oci-archive:{gzip_archive}:{tag}")
-    _run(
+    run("skopeo", "copy", "--quiet", f"oci:{umoci_layout}:{tag}", f"oci-archive:{gzip_archive}:{tag}")
+    run(
         "skopeo", "copy", "--quiet", "--dest-compress-format", "zstd", f"oci:{umoci_layout}:{tag}",
         f"oci-archive:{zstd_archive}:{tag}",
     )  # fmt: skip
@@ -147,7 +140,7 @@ def compressed(umoci_layout: Path, tag: str, root: Path) -> dict[str, Path]:
 
 def umoci_unpack(umoci_layout: Path, tag: str, dest: Path) -> Path:
     """``umoci unpack`` of the image (as root): its rootfs directory."""
-    _run("umoci", "unpack", "--image", f"{umoci_layout}:{tag}", dest)
+    run("umoci", "unpack", "--image", f"{umoci_layout}:{tag}", dest)
     return dest / "rootfs"
 
 

@@ -10,6 +10,9 @@ content comes from ``sample_builder`` (tests/oci.py's LayoutBuilder); the tar is
 - ``HUGE``: a member larger than 8 GiB (sparse, so it costs no disk); not extracted by tests.
 - ``SKIPPING``: valid layouts plus members the name policy skips; ``SKIPPED_NAMES`` says which.
 - ``BROKEN``: files that are not (whole) tar archives, with the error the scan must raise.
+
+``raw_header``, ``pax_record``, ``write_raw``, ``write_pax`` and ``end_archive`` write headers field
+by field, for what ``tobuf`` would not write (tests/hostile.py's corpus) or writes too slowly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from oci import LayoutBuilder
+from oci import LayoutBuilder, parents_first
 
 from ocifuse.errors import CompressedDataError, LayoutOpenError, NotAnArchive, TruncatedArchive
 
@@ -92,17 +95,10 @@ def layout_members(
 ) -> list[Member]:
     """The members of a layout archive: directories (unless ``dirs`` is false) before their files."""
     files = {**builder.layout_files(), **(extra or {})}
-    out: list[Member] = []
-    done: set[str] = set()
-    for name, data in files.items():
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            if dirs and d not in done:
-                done.add(d)
-                out.append(dir_member(prefix + d + "/"))
-        out.append(file_member(prefix + name, data))
-    return out
+    return [
+        dir_member(prefix + name + "/") if is_dir else file_member(prefix + name, files[name])
+        for name, is_dir in parents_first(files, dirs=dirs)
+    ]
 
 
 def write_archive(
@@ -113,8 +109,7 @@ def write_archive(
         for m in members:
             write_member(f, m, fmt)
         if end:
-            pos = f.tell() + 2 * BLOCK
-            f.write(b"\0" * (2 * BLOCK + (-pos % RECORD)))
+            end_archive(f)
     return path
 
 
@@ -129,9 +124,69 @@ def write_member(f: BinaryIO, m: Member, fmt: TarFormat = tarfile.PAX_FORMAT) ->
         f.write(m.data)
         f.write(b"\0" * (-m.sparse_size % BLOCK))
         return
-    f.write(m.info.tobuf(fmt, "utf-8", "surrogateescape"))
-    f.write(m.data)
-    f.write(b"\0" * (-len(m.data) % BLOCK))
+    write_raw(f, m.info.tobuf(fmt, "utf-8", "surrogateescape"), m.data)
+
+
+# -- raw headers: written field by field, nothing checked or fixed up ---------------------------------
+
+
+def raw_header(
+    name: str | bytes,
+    *,
+    size: int = 0,
+    type_: bytes = tarfile.REGTYPE,
+    mode: int = 0o644,
+    linkname: str | bytes = b"",
+    size_field: bytes | None = None,
+    gnu: bool = False,
+    extra: dict[int, bytes] | None = None,
+) -> bytes:
+    """A ustar (or GNU, ``gnu=True``) header written field by field: nothing is checked or fixed up.
+
+    ``size_field`` replaces the 12 bytes of the size field; ``extra`` writes bytes at offsets.
+    """
+    hdr = bytearray(BLOCK)
+    raw = name.encode() if isinstance(name, str) else name
+    hdr[0 : len(raw[:100])] = raw[:100]
+    hdr[100:124] = b"%07o\x00" % mode + b"0000000\x000000000\x00"
+    hdr[124:136] = size_field if size_field is not None else b"%011o\x00" % size
+    hdr[136:148] = b"%011o\x00" % MTIME
+    hdr[156:157] = type_
+    link = linkname.encode() if isinstance(linkname, str) else linkname
+    hdr[157 : 157 + len(link[:100])] = link[:100]
+    hdr[257:265] = b"ustar  \x00" if gnu else b"ustar\x0000"
+    for offset, data in (extra or {}).items():
+        hdr[offset : offset + len(data)] = data
+    hdr[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    hdr[148:156] = b"%06o\x00 " % sum(hdr)
+    return bytes(hdr)
+
+
+def pax_record(key: str, value: str) -> bytes:
+    """One well-formed PAX record ``"LEN key=value\\n"`` (LEN counts itself)."""
+    body = f" {key}={value}\n".encode()
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def write_raw(f: BinaryIO, header: bytes, data: bytes = b"") -> None:
+    """A header and its data, padded to a block."""
+    f.write(header)
+    f.write(data)
+    f.write(b"\0" * (-len(data) % BLOCK))
+
+
+def write_pax(f: BinaryIO, records: bytes, *, size: int | None = None) -> None:
+    """A PAX extended header member carrying ``records`` (its size field says ``size`` if given)."""
+    write_raw(f, raw_header("PaxHeader", size=len(records) if size is None else size, type_=b"x"), records)
+
+
+def end_archive(f: BinaryIO) -> None:
+    """The two zero blocks, padded to a record, as tar ends an archive."""
+    pos = f.tell() + 2 * BLOCK
+    f.write(b"\0" * (2 * BLOCK + (-pos % RECORD)))
 
 
 def _sample(directory: Path, name: str, fmt: TarFormat, *, dirs: bool = True) -> Path:
@@ -428,31 +483,41 @@ BROKEN: dict[str, tuple[Callable[[Path], Path], type[LayoutOpenError]]] = {
 # -- scale -----------------------------------------------------------------------------------------------
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """A minimal ustar header of a regular member, built by hand (much faster than ``tobuf``)."""
-    hdr = bytearray(BLOCK)
-    raw = name.encode()
-    assert len(raw) <= 100, name
-    hdr[0 : len(raw)] = raw
-    hdr[100:124] = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
-    hdr[124:148] = b"%011o\x00%011o\x00" % (size, MTIME)
-    hdr[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    hdr[156:157] = tarfile.REGTYPE
-    hdr[257:265] = b"ustar\x0000"
-    hdr[148:156] = b"%06o\x00 " % sum(hdr)
-    return bytes(hdr)
-
-
 def many_members(directory: Path, count: int = 100_000) -> Path:
     """``count`` small regular members ``files/<i>`` (no directory members), written fast."""
     out = directory / f"many-{count}.tar"
     with open(out, "wb", buffering=1 << 20) as f:
         for i in range(count):
             data = b"%d\n" % i
-            f.write(ustar_header(f"files/{i:06d}", len(data)))
+            f.write(raw_header(f"files/{i:06d}", size=len(data)))
             f.write(data.ljust(BLOCK, b"\0"))
         f.write(b"\0" * RECORD)
     return out
+
+
+@dataclass(frozen=True)
+class BlobCorpus:
+    """An oci-archive of one image with thousands of layers: every file of its layout, and its blobs."""
+
+    archive: Path
+    files: dict[str, bytes]  # layout path -> bytes, oci-layout and index.json included
+    blobs: dict[str, bytes]  # only blobs/...
+
+
+def blob_corpus(
+    path: Path, *, seed: int, count: int, max_size: int, big: int = 0, big_size: int = 0
+) -> BlobCorpus:
+    """One image (tag ``v1``) of ``count`` random layers of 0 to ``max_size`` bytes, then ``big``
+    random layers of ``big_size + i`` bytes, as an archive at ``path`` (equal layers share one blob).
+    """
+    rng = random.Random(seed)
+    layers = [rng.randbytes(rng.randrange(0, max_size)) for _ in range(count)]
+    layers += [rng.randbytes(big_size + i) for i in range(big)]
+    b = LayoutBuilder()
+    b.tag(b.image(layers), "v1")
+    write_archive(path, layout_members(b))
+    files = b.layout_files()
+    return BlobCorpus(path, files, {n: d for n, d in files.items() if n.startswith("blobs/")})
 
 
 def tar_extract(archive: Path, dest: Path) -> Path:

@@ -8,17 +8,15 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from cachebuild import plant, stored_table
 from mounting import mounted, run_ocifuse
-from oci import LayoutBuilder, extract
-from tarbuild import tree_of
+from oci import LayoutBuilder
+from tarbuild import tar_extract, tree_of
 
 from ocifuse import archive as archive_module
 from ocifuse.archive import Archive
-from ocifuse.cache import IndexCache, file_key
 from ocifuse.entries import ArchiveTable, Entry, Kind
 from ocifuse.options import OptionError, parse
-from ocifuse.source import OpenFile
-from ocifuse.tablecodec import decode_table, encode_table
 
 
 def big_layout(path: Path) -> Path:
@@ -27,24 +25,6 @@ def big_layout(path: Path) -> Path:
     layers = [b"layer %d\n" % i for i in range(archive_module.TABLE_CACHE_MIN_ENTRIES)]
     builder.tag(builder.image(layers), "v1")
     return builder.write_tar(path)
-
-
-def stored_table(archive: Path, cache_dir: Path) -> ArchiveTable | None:
-    f = OpenFile(str(archive))
-    try:
-        payload = IndexCache(str(cache_dir)).load("table", file_key(f))
-    finally:
-        f.close()
-    return None if payload is None else decode_table(payload)
-
-
-def plant(archive: Path, cache_dir: Path, table: ArchiveTable) -> None:
-    """Store ``table`` as ``archive``'s (what a stale or damaged, yet well-formed, entry holds)."""
-    f = OpenFile(str(archive))
-    try:
-        IndexCache(str(cache_dir)).store("table", file_key(f), encode_table(table))
-    finally:
-        f.close()
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -121,7 +101,7 @@ def test_unusable_cache_directory_is_one_warning_not_an_error(tmp_path: Path) ->
 def test_mount_from_the_cached_table_serves_every_byte(tmp_path: Path) -> None:
     archive = big_layout(tmp_path / "a.tar")
     cache = tmp_path / "cache"
-    expected = tree_of(extract(archive, tmp_path / "x"))
+    expected = tree_of(tar_extract(archive, tmp_path / "x"))
     with mounted(archive, tmp_path / "m1", options=[f"cache={cache}"]) as m:
         assert tree_of(m.mountpoint) == expected
     assert stored_table(archive, cache) is not None
@@ -135,7 +115,7 @@ def test_mount_from_the_cached_table_serves_every_byte(tmp_path: Path) -> None:
 def test_mount_answers_eio_for_a_cached_entry_past_the_end(tmp_path: Path) -> None:
     archive = big_layout(tmp_path / "a.tar")
     cache = tmp_path / "cache"
-    expected = tree_of(extract(archive, tmp_path / "x"))[0]
+    expected = tree_of(tar_extract(archive, tmp_path / "x"))[0]
     with closing(Archive(str(archive))) as a:
         entries = dict(a.table.entries)
     size = archive.stat().st_size

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import pyzstd
-from conftest import require_tools
+from peers import (
+    BOMB_COMPRESSORS,
+    COMPRESSORS,
+    DECOMPRESSORS,
+    bomb,
+    compress,
+    compress_bytes,
+    decompress,
+    pipe,
+    require_tools,
+)
 
 from ocifuse import gzipsource, readers, zstdsource
 from ocifuse.cache import IndexCache
@@ -52,20 +62,9 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(cmd: str, src: Path, dst: Path) -> Path:
-    with open(src, "rb") as i, open(dst, "wb") as o:
-        subprocess.run(cmd.split(), stdin=i, stdout=o, check=True)
-    return dst
-
-
-def _gzip(plain: Path, tmp: Path) -> Path:
-    require_tools("gzip")
-    return _run("gzip -c -6", plain, tmp / "data.gz")
-
-
-def _pigz(plain: Path, tmp: Path) -> Path:
-    require_tools("pigz")
-    return _run("pigz -c -p 2 -b 128", plain, tmp / "data.pigz.gz")
+def _tool(name: str) -> Callable[[Path, Path], Path]:
+    """The maker of ``peers.COMPRESSORS[name]``: the real tool's output for the plain data."""
+    return lambda plain, tmp: compress(name, plain, tmp / f"data.{name}")
 
 
 def _multi_member(plain: Path, tmp: Path) -> Path:
@@ -75,23 +74,8 @@ def _multi_member(plain: Path, tmp: Path) -> Path:
     out = tmp / "data.multi.gz"
     with open(out, "wb") as o:
         for part in (data[: 1 << 20], data[1 << 20 : 3 << 20], data[3 << 20 :]):
-            o.write(subprocess.run(["gzip", "-c"], input=part, stdout=subprocess.PIPE, check=True).stdout)
+            o.write(compress_bytes("gzip", part))
     return out
-
-
-def _zstd(plain: Path, tmp: Path) -> Path:
-    require_tools("zstd")
-    return _run("zstd -q -c -3", plain, tmp / "data.zst")
-
-
-def _zstd_long(plain: Path, tmp: Path) -> Path:
-    require_tools("zstd")
-    return _run("zstd -q -c --long", plain, tmp / "data.long.zst")
-
-
-def _pzstd(plain: Path, tmp: Path) -> Path:
-    require_tools("pzstd")
-    return _run("pzstd -q -c -p 2", plain, tmp / "data.pzstd.zst")
 
 
 def _seekable(plain: Path, tmp: Path) -> Path:
@@ -103,13 +87,15 @@ def _seekable(plain: Path, tmp: Path) -> Path:
 
 
 MAKERS: dict[str, Callable[[Path, Path], Path]] = {
-    "gzip": _gzip,
-    "pigz": _pigz,
+    **{name: _tool(name) for name in COMPRESSORS},
     "gzip-multi-member": _multi_member,
-    "zstd": _zstd,
-    "zstd-long": _zstd_long,
-    "pzstd": _pzstd,
     "zstd-seekable": _seekable,
+}
+# The format each maker writes.
+KINDS = {
+    **{name: c.kind for name, c in COMPRESSORS.items()},
+    "gzip-multi-member": "gzip",
+    "zstd-seekable": "zstd",
 }
 
 
@@ -137,10 +123,9 @@ def _check_all(source: Source, expected: bytes) -> None:
 @pytest.mark.parametrize("maker", sorted(MAKERS))
 def test_every_byte_equals_the_tools_output(maker: str, plain: Path, tmp_path: Path) -> None:
     path = MAKERS[maker](plain, tmp_path)
-    kind = "gzip" if "gz" in maker or maker == "pigz" else "zstd"
+    kind = KINDS[maker]
     # The tool's own decompression is the reference, not our input.
-    tool = ["gzip", "-dc"] if kind == "gzip" else ["zstd", "-dcq", "--long=27"]
-    expected = subprocess.run([*tool, str(path)], stdout=subprocess.PIPE, check=True).stdout
+    expected = decompress(kind, path, tmp_path / "expected").read_bytes()
     assert expected == plain.read_bytes()
     file, source = _open(path)
     try:
@@ -237,7 +222,7 @@ def test_progress_counts_every_compressed_byte(plain: Path, tmp_path: Path) -> N
 def test_concurrent_readers_each_get_their_bytes(plain: Path, tmp_path: Path) -> None:
     """rapidgzip readers are not thread-safe: the pool gives each thread its own."""
     expected = plain.read_bytes()
-    file, source = _open(_gzip(plain, tmp_path))
+    file, source = _open(MAKERS["gzip"](plain, tmp_path))
     assert isinstance(source, GzipSource)
     errors: list[BaseException] = []
 
@@ -306,8 +291,8 @@ def test_damage_is_one_clear_error(maker: str, how: str, plain: Path, tmp_path: 
     a checksum), ``zstd -d`` itself cannot tell: then the bytes served must be the tool's.
     """
     bad = _damaged(MAKERS[maker](plain, tmp_path), how)
-    kind = "gzip" if "gz" in maker or maker == "pigz" else "zstd"
-    tool = subprocess.run(["gzip" if kind == "gzip" else "zstd", "-dcq", str(bad)], capture_output=True)
+    kind = KINDS[maker]
+    tool = subprocess.run([*DECOMPRESSORS[kind], str(bad)], capture_output=True)
     try:
         file, source = _open(bad)
     except CompressedDataError as e:
@@ -329,8 +314,7 @@ def _tiny(plain: Path, tmp: Path) -> Path:
     """39 bytes: its trailer's ISIZE ends in three zero bytes, and no seek point follows the first."""
     require_tools("gzip")
     out = tmp / "tiny.gz"
-    made = subprocess.run(["gzip", "-c"], input=b"hello, world\n" * 3, stdout=subprocess.PIPE, check=True)
-    out.write_bytes(made.stdout)
+    out.write_bytes(compress_bytes("gzip", b"hello, world\n" * 3))
     return out
 
 
@@ -340,7 +324,7 @@ def _empty_last(plain: Path, tmp: Path) -> Path:
     out = tmp / "empty-last.gz"
     with open(out, "wb") as o:
         for part in (plain.read_bytes()[: 1 << 20], b""):
-            o.write(subprocess.run(["gzip", "-c"], input=part, stdout=subprocess.PIPE, check=True).stdout)
+            o.write(compress_bytes("gzip", part))
     return out
 
 
@@ -356,8 +340,8 @@ TAILS = {
     "ff9": b"\xff" * 9,
     "zeros-then-junk": bytes(511) + b"j",
     "magic-only": b"\x1f\x8b",
-    "cut-member": subprocess.run(["gzip", "-c"], input=b"x" * 1000, stdout=subprocess.PIPE).stdout[:9],
-    "member-then-junk": subprocess.run(["gzip", "-c"], input=b"x", stdout=subprocess.PIPE).stdout + b"jj",
+    "cut-member": compress_bytes("gzip", b"x" * 1000)[:9],
+    "member-then-junk": compress_bytes("gzip", b"x") + b"jj",
 }
 
 
@@ -400,19 +384,15 @@ def test_bytes_after_a_gzip_stream_are_judged_as_gzip_judges_them(
 def test_xz_and_bzip2_are_named_in_the_refusal(plain: Path, tmp_path: Path) -> None:
     require_tools("xz", "bzip2")
     for tool in ("xz", "bzip2"):
-        path = _run(f"{tool} -c", plain, tmp_path / f"data.{tool}")
+        path = pipe([tool, "-c"], plain, tmp_path / f"data.{tool}")
         with pytest.raises(CompressedDataError, match=f"{tool}: not supported"):
             _open(path)
 
 
-@pytest.mark.parametrize("tool", ["gzip -c -9", "zstd -q -c -19"])
-def test_a_bomb_stops_at_max_size(tool: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", sorted(BOMB_COMPRESSORS))
+def test_a_bomb_stops_at_max_size(kind: str, tmp_path: Path) -> None:
     """50 MiB of zeros compress to kilobytes; max_size bounds the pass, in time and memory."""
-    require_tools(tool.split()[0])
-    zeros = tmp_path / "zeros"
-    with open(zeros, "wb") as f:
-        f.truncate(50 << 20)
-    path = _run(tool, zeros, tmp_path / "bomb")
+    path = bomb(kind, 50 << 20, tmp_path / "bomb")
     assert path.stat().st_size < 100_000
     with pytest.raises(DecompressionLimit, match="max_size") as info:
         _open(path, limits=Limits(max_size=4 << 20))
@@ -422,7 +402,7 @@ def test_a_bomb_stops_at_max_size(tool: str, tmp_path: Path) -> None:
 def test_a_spill_stops_at_spill_max(plain: Path, tmp_path: Path) -> None:
     store = IndexCache(str(tmp_path / "cache"))
     with pytest.raises(DecompressionLimit, match="spill_max") as info:
-        _open(_zstd(plain, tmp_path), key="k", cache=store, limits=Limits(spill_max=1 << 20))
+        _open(MAKERS["zstd"](plain, tmp_path), key="k", cache=store, limits=Limits(spill_max=1 << 20))
     assert info.value.option == "spill_max"
     assert os.listdir(tmp_path / "cache") == []  # the partial spill is gone, nothing stored
 
@@ -430,7 +410,7 @@ def test_a_spill_stops_at_spill_max(plain: Path, tmp_path: Path) -> None:
 def test_a_spill_lives_in_the_cache_and_is_reused(plain: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     store = IndexCache(str(cache_dir))
-    path = _zstd(plain, tmp_path)
+    path = MAKERS["zstd"](plain, tmp_path)
     file, first = _open(path, key="k", cache=store)
     first.close()
     spill = store.spill_path("k")
@@ -515,7 +495,7 @@ def test_idle_gzip_readers_are_bounded_across_sources(monkeypatch: pytest.Monkey
     """
     monkeypatch.setattr(readers, "IDLE_READERS", 3)
     data = _semi_compressible(3 << 20, 4)
-    blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+    blob = compress_bytes("gzip", data)
     before = _live_readers()
     sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"s{i}") for i in range(12)]
     try:
@@ -536,7 +516,7 @@ def test_a_sequential_read_keeps_its_reader_among_many_sources(monkeypatch: pyte
     """A ``cat`` of one blob, with other sources read in between, goes on with its reader: no new one."""
     monkeypatch.setattr(readers, "IDLE_READERS", 2)
     data = _semi_compressible(4 << 20, 5)
-    blob = subprocess.run(["gzip", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+    blob = compress_bytes("gzip", data)
     made: list[Source] = []
     real = gzipsource._gzip_reader
 

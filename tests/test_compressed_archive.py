@@ -13,9 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RealImage, require_tools, run
+from conftest import RealImage
 from mounting import MountSpec, background_mount, mounted, mounted_many, run_ocifuse, start, teardown
-from oci import extract
+from peers import (
+    BOMB_COMPRESSORS,
+    COMPRESSORS,
+    bomb,
+    compress,
+    compress_bytes,
+    decompress,
+    require_tools,
+    run,
+)
+from tarbuild import tar_extract, tree_of
 
 from ocifuse import cli, fsck, zstdsource
 from ocifuse.archive import Archive
@@ -25,24 +35,10 @@ from ocifuse.streams import Limits
 from ocifuse.views import open_layout
 
 TAG = "v1"
-# The tools that make each variant, and the one that takes it back (the reference).
-COMPRESSORS = {
-    "gzip": (["gzip", "-c"], ["gzip", "-dc"]),
-    "pigz": (["pigz", "-c", "-p", "2"], ["gzip", "-dc"]),
-    "zstd": (["zstd", "-q", "-c"], ["zstd", "-dcq"]),
-    "zstd-long": (["zstd", "-q", "-c", "--long"], ["zstd", "-dcq", "--long=27"]),
-    "pzstd": (["pzstd", "-q", "-c", "-p", "2"], ["zstd", "-dcq"]),
-}
 
 
 def _kind(name: str) -> str:
-    return "gzip" if name in ("gzip", "pigz") else "zstd"
-
-
-def _pipe(cmd: list[str], src: Path, dst: Path) -> Path:
-    with open(src, "rb") as i, open(dst, "wb") as o:
-        subprocess.run(cmd, stdin=i, stdout=o, check=True)
-    return dst
+    return COMPRESSORS[name].kind
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +46,7 @@ def archives(real_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     """skopeo's oci-archive, compressed by each tool."""
     require_tools("gzip", "pigz", "zstd", "pzstd")
     root = tmp_path_factory.mktemp("compressed")
-    return {
-        name: _pipe(make, real_archive, root / f"image.{name}") for name, (make, _) in COMPRESSORS.items()
-    }
+    return {name: compress(name, real_archive, root / f"image.{name}") for name in COMPRESSORS}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +55,9 @@ def reference(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("reference")
     out = {}
     for name, path in archives.items():
-        plain = _pipe(COMPRESSORS[name][1], path, root / f"{name}.tar")
-        out[name] = extract(plain, root / name)
+        plain = decompress(_kind(name), path, root / f"{name}.tar")
+        out[name] = tar_extract(plain, root / name)
     return out
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # -- the read core --------------------------------------------------------------------------------
@@ -77,7 +67,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_every_file_equals_tar_x_of_the_decompressed_archive(
     name: str, archives: dict[str, Path], reference: dict[str, Path]
 ) -> None:
-    expected = _files(reference[name])
+    expected = tree_of(reference[name])[0]
     with open_layout(archives[name]) as layout:
         assert layout.compression == _kind(name)
         assert sorted(layout.file_names()) == sorted(expected)
@@ -160,9 +150,7 @@ def _bad(archives: dict[str, Path], tmp: Path, how: str) -> tuple[Path, str]:
     elif how == "trailing-garbage":
         data += b"garbage after the stream\n"
     elif how == "not-a-tar":
-        data = bytearray(
-            subprocess.run(["gzip", "-c"], input=b"just text\n" * 1000, capture_output=True).stdout
-        )
+        data = bytearray(compress_bytes("gzip", b"just text\n" * 1000))
         code = "archive-corrupt"
     elif how == "zstd-truncated":
         data = bytearray(archives["zstd"].read_bytes())[:-50]
@@ -197,14 +185,11 @@ def test_bad_input_is_one_line_and_a_stable_code(
 
 def test_a_bomb_stops_at_max_size(tmp_path: Path) -> None:
     """A tar of zeros compresses ~1000:1; max_size stops the first pass, in time and disk."""
-    zeros = tmp_path / "zeros.tar"
-    with open(zeros, "wb") as f:
-        f.truncate(64 << 20)
-    for tool, suffix in ((["gzip", "-c", "-9"], "gz"), (["zstd", "-q", "-c", "-19"], "zst")):
-        bomb = _pipe(tool, zeros, tmp_path / f"bomb.tar.{suffix}")
-        assert bomb.stat().st_size < 200_000
+    for kind in sorted(BOMB_COMPRESSORS):
+        path = bomb(kind, 64 << 20, tmp_path / f"bomb.tar.{kind}")
+        assert path.stat().st_size < 200_000
         with pytest.raises(DecompressionLimit, match=r"-o max_size=SIZE") as info:
-            Archive(str(bomb), limits=Limits(max_size=8 << 20))
+            Archive(str(path), limits=Limits(max_size=8 << 20))
         assert fsck.open_failure(info.value).codes == {"compressed-too-large"}
 
 
@@ -277,7 +262,7 @@ def test_mounts_equal_tar_x(archives: dict[str, Path], reference: dict[str, Path
         specs = [MountSpec(archives[n], tmp_path / n, [f"cache={cache}"]) for n in sorted(COMPRESSORS)]
         with mounted_many(specs) as mounts:
             for name, m in zip(sorted(COMPRESSORS), mounts, strict=True):
-                assert _files(m.mountpoint) == _files(reference[name]), name
+                assert tree_of(m.mountpoint)[0] == tree_of(reference[name])[0], name
                 # Said once, when it is decompressed; a mount from the cache decompresses nothing.
                 said = f"{_kind(name)}-compressed, " in m.stderr()
                 assert said == first, (name, m.stderr())
@@ -297,7 +282,7 @@ def test_skopeo_and_umoci_read_the_mount_of_a_tar_gz(
             f"oci-archive:{real_image.archive}:{TAG}",
             f"dir:{tmp_path / 'plain'}",
         )
-        assert _files(tmp_path / "from-mount") == _files(tmp_path / "plain")
+        assert tree_of(tmp_path / "from-mount")[0] == tree_of(tmp_path / "plain")[0]
         run("umoci", "unpack", "--image", f"{m.mountpoint}:{TAG}", tmp_path / "bundle")
     for path, data in real_image.files.items():
         if not path.startswith("/etc/app"):  # only in tag v2
@@ -306,11 +291,8 @@ def test_skopeo_and_umoci_read_the_mount_of_a_tar_gz(
 
 @pytest.mark.fuse
 def test_mount_refuses_a_bomb_in_one_line(tmp_path: Path) -> None:
-    zeros = tmp_path / "zeros.tar"
-    with open(zeros, "wb") as f:
-        f.truncate(32 << 20)
-    bomb = _pipe(["gzip", "-c"], zeros, tmp_path / "bomb.tar.gz")
-    with background_mount(bomb, tmp_path / "mnt", options=["max_size=4M"]) as result:
+    path = bomb("gzip", 32 << 20, tmp_path / "bomb.tar.gz")
+    with background_mount(path, tmp_path / "mnt", options=["max_size=4M"]) as result:
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "max_size" in lines[0], result.stderr
@@ -338,7 +320,7 @@ def test_a_background_mount_serves_after_the_fork(
     """The index is built (and its first reader made) before the daemon forks; the child reads with it."""
     with background_mount(archives[name], tmp_path / "mnt", options=[f"cache={tmp_path / 'c'}"]) as result:
         assert result.returncode == 0, result.stderr
-        assert _files(tmp_path / "mnt") == _files(reference[name])
+        assert tree_of(tmp_path / "mnt")[0] == tree_of(reference[name])[0]
 
 
 @pytest.mark.parametrize("cut", [4, 9, 1000])

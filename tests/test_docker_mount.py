@@ -6,22 +6,20 @@ store under the session's tmp directory (``--root``/``--runroot``), never the ma
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
 import shutil
-import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PODMAN_RUN, require_tools, run
 from dockerbuild import two_images
 from mounting import mounted, run_ocifuse
+from peers import PODMAN_RUN, busybox, isolated_store, require_tools, run
+from tarbuild import tree_of
 
 from ocifuse.compressed import open_decompressed
 from ocifuse.source import FileRange, OpenFile
@@ -32,62 +30,6 @@ pytestmark = pytest.mark.fuse
 BASE = "localhost/bb:latest"
 APP = "localhost/bb2:v1"
 APP_FILE = b"written by the second layer\n"
-
-
-@dataclass(frozen=True)
-class Store:
-    """An isolated podman/buildah store: the global flags that point at it."""
-
-    root: Path
-    runroot: Path  # podman wants it short (at most 50 characters): a directory of its own in /tmp
-
-    @property
-    def flags(self) -> list[str]:
-        return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", "vfs"]
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment: per-user config and data under the store, not the machine's."""
-        home = self.root / "home"
-        return {**os.environ, "XDG_CONFIG_HOME": str(home / "config"), "XDG_DATA_HOME": str(home / "data")}
-
-    def podman(self, *argv: str | Path) -> str:
-        """Run podman on this store; its stdout."""
-        cmd = ["podman", *self.flags, "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
-        return _out(*cmd, *argv, env=self.env)
-
-    def buildah(self, *argv: str | Path) -> str:
-        """Run buildah on this store; its stdout."""
-        return _out("buildah", *self.flags, *argv, env=self.env)
-
-
-@contextlib.contextmanager
-def isolated_store(parent: Path) -> Iterator[Store]:
-    """A fresh store under ``parent`` (its runroot in /tmp); reset and removed afterwards."""
-    store = Store(parent / "store", Path(tempfile.mkdtemp(prefix="ocifuse-run-")))
-    try:
-        yield store
-    finally:
-        for cmd in (
-            ["buildah", *store.flags, "rm", "--all"],
-            ["podman", *store.flags, "system", "reset", "-f"],
-        ):
-            subprocess.run(cmd, capture_output=True, check=False, env=store.env)
-        shutil.rmtree(store.root, ignore_errors=True)
-        shutil.rmtree(store.runroot, ignore_errors=True)
-
-
-def _out(*argv: str | Path, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
-def _busybox() -> Path:
-    found = shutil.which("busybox")
-    assert found is not None
-    return Path(found)
 
 
 @dataclass(frozen=True)
@@ -107,7 +49,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
     work = tmp_path_factory.mktemp("docker")
     with isolated_store(work) as store:
         ctr = store.buildah("from", "scratch").strip()
-        store.buildah("copy", ctr, _busybox(), "/bin/busybox")
+        store.buildah("copy", ctr, busybox(), "/bin/busybox")
         store.buildah("config", "--cmd", '["/bin/busybox","echo","hello from the mount"]', ctr)
         store.buildah("commit", "-q", ctr, BASE)
         (work / "two").write_bytes(APP_FILE)
@@ -123,7 +65,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in d.iterdir() if p.name != "manifest.json"}
+    """The files of skopeo's ``dir:`` copy but its manifest.json."""
+    files, _ = tree_of(d)
+    del files["manifest.json"]
+    return files
 
 
 @pytest.mark.parametrize(("which", "tags"), [("single", [BASE]), ("multi", [BASE, APP])])
@@ -135,7 +80,7 @@ def test_skopeo_reads_the_mount_as_the_archive(
         index = json.loads((m.mountpoint / "index.json").read_bytes())
         assert [d["annotations"]["org.opencontainers.image.ref.name"] for d in index["manifests"]] == tags
         for tag in tags:
-            info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{tag}"))
+            info = json.loads(run("skopeo", "inspect", f"oci:{m.mountpoint}:{tag}"))
             assert info["Digest"] in {d["digest"] for d in index["manifests"]}
             assert info["Architecture"] and info["Os"] == "linux"
             a, b = tmp_path / f"a-{len(tag)}", tmp_path / f"b-{len(tag)}"
@@ -153,7 +98,7 @@ def test_umoci_unpacks_the_mount(saved: Saved, tmp_path: Path) -> None:
     with mounted(saved.multi, tmp_path / "mnt") as m:
         run("umoci", "unpack", "--rootless", "--image", f"{m.mountpoint}:{APP}", tmp_path / "bundle")
     rootfs = tmp_path / "bundle" / "rootfs"
-    assert (rootfs / "bin" / "busybox").read_bytes() == _busybox().read_bytes()
+    assert (rootfs / "bin" / "busybox").read_bytes() == busybox().read_bytes()
     assert (rootfs / "two").read_bytes() == APP_FILE
     config = json.loads((tmp_path / "bundle" / "config.json").read_bytes())
     assert config["process"]["args"] == ["/bin/busybox", "echo", "hello from the mount"]
@@ -223,7 +168,7 @@ def test_a_tar_that_is_no_image_gets_one_refusal_from_every_command(tmp_path: Pa
     """A root filesystem tar (neither oci-layout, index.json nor manifest.json): the same line, exit 2."""
     rootfs = tmp_path / "rootfs.tar"
     with tarfile.open(rootfs, "w") as tf:
-        tf.add(_busybox(), "bin/busybox")
+        tf.add(busybox(), "bin/busybox")
     (tmp_path / "mnt").mkdir()
     line = f"ocifuse: {rootfs}: not an image archive (no oci-layout, index.json or manifest.json)"
     argvs: list[list[str | Path]] = [
@@ -269,7 +214,7 @@ def test_rootfs_of_a_docker_archive_image(saved: Saved, tmp_path: Path) -> None:
     """mount --rootfs reads the docker-archive through the same OCI view: the image's merged tree."""
     with mounted(saved.multi, tmp_path / "mnt", args=["--rootfs", "--ref", APP]) as m:
         assert (m.mountpoint / "two").read_bytes() == APP_FILE
-        assert (m.mountpoint / "bin" / "busybox").read_bytes() == _busybox().read_bytes()
+        assert (m.mountpoint / "bin" / "busybox").read_bytes() == busybox().read_bytes()
 
 
 def test_gzipped_docker_archive(saved: Saved, tmp_path: Path) -> None:
@@ -280,9 +225,9 @@ def test_gzipped_docker_archive(saved: Saved, tmp_path: Path) -> None:
     with mounted(saved.multi, tmp_path / "plain") as plain, mounted(gz, tmp_path / "gz") as m:
         for name in ("index.json", "oci-layout"):
             assert (m.mountpoint / name).read_bytes() == (plain.mountpoint / name).read_bytes()
-        info = json.loads(_out("skopeo", "inspect", f"oci:{m.mountpoint}:{APP}"))
+        info = json.loads(run("skopeo", "inspect", f"oci:{m.mountpoint}:{APP}"))
         assert (
-            info["Layers"] == json.loads(_out("skopeo", "inspect", f"oci:{plain.mountpoint}:{APP}"))["Layers"]
+            info["Layers"] == json.loads(run("skopeo", "inspect", f"oci:{plain.mountpoint}:{APP}"))["Layers"]
         )
     done = run_ocifuse("fsck", "--json", gz)
     assert done.returncode == 0 and json.loads(done.stdout)["findings"] == []
@@ -306,5 +251,5 @@ def test_zstd_chunked_layers_are_read_in_place(saved: Saved, tmp_path: Path) -> 
         finally:
             file.close()
     with mounted(saved.chunked, tmp_path / "mnt", args=["--rootfs"]) as m:
-        assert (m.mountpoint / "bin/busybox").read_bytes() == _busybox().read_bytes()
+        assert (m.mountpoint / "bin/busybox").read_bytes() == busybox().read_bytes()
         assert (m.mountpoint / "two").read_bytes() == APP_FILE

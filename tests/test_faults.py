@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, is_mounted, mounted, no_new_mounts, run_ocifuse, wait_until
+from mounting import Mount, is_mounted, mounted, run_ocifuse, wait_until
 from oci import LayoutBuilder
 
 pytestmark = pytest.mark.fuse
@@ -53,13 +52,6 @@ def build_image(directory: Path, seed: int = 7) -> Image:
 def image(tmp_path: Path) -> Image:
     """A fresh archive for this test."""
     return build_image(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def own_mounts_cleaned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fail a test that leaves one of its mounts behind."""
-    with no_new_mounts(tmp_path_factory.getbasetemp()):
-        yield
 
 
 def read_or_errno(path: Path) -> bytes | int:

@@ -46,7 +46,7 @@ def write(b: LayoutBuilder, tmp_path: Path, backend: str, edits: Edits | None = 
     return fixed.write_tar(tmp_path / "layout.tar")
 
 
-def run(b: LayoutBuilder, tmp_path: Path, backend: str, edits: Edits | None = None) -> fsck.Report:
+def check_written(b: LayoutBuilder, tmp_path: Path, backend: str, edits: Edits | None = None) -> fsck.Report:
     """Write the layout and fsck it."""
     with open_layout(write(b, tmp_path, backend, edits)) as layout:
         return fsck.check(layout)
@@ -84,7 +84,7 @@ def codes(report: fsck.Report) -> list[str]:
 
 def test_clean_layout_has_no_findings(tmp_path: Path, backend: str) -> None:
     b = sample()
-    report = run(b, tmp_path, backend)
+    report = check_written(b, tmp_path, backend)
     assert report.findings == ()
     assert report.ok
     # 1 index, 3 manifests, 2 distinct configs, 4 layers.
@@ -95,10 +95,10 @@ def test_clean_layout_has_no_findings(tmp_path: Path, backend: str) -> None:
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
 def test_sha512_layouts_verify(tmp_path: Path, backend: str, algorithm: str) -> None:
     b = sample(LayoutBuilder(algorithm=algorithm))
-    assert run(b, tmp_path, backend).findings == ()
+    assert check_written(b, tmp_path, backend).findings == ()
     layer = b.blob(b"sha512 layer?")
     b.tag(manifest(b, [layer]), "bad")
-    report = run(b, tmp_path / "bad", backend, {path_of(layer): b"sha512 layer!"})
+    report = check_written(b, tmp_path / "bad", backend, {path_of(layer): b"sha512 layer!"})
     assert codes(report) == ["digest-mismatch"]
     digest = report.findings[0].digest
     assert digest == layer["digest"]
@@ -112,8 +112,8 @@ def test_nested_indexes(tmp_path: Path, backend: str) -> None:
     for depth in range(5):
         inner = b.index([inner, b.image([f"level {depth}".encode()])])
     b.tag(inner, "nested")
-    assert run(b, tmp_path, backend).findings == ()
-    report = run(b, tmp_path / "bad", backend, {path_of(deep): b"DEEP LAYER"})
+    assert check_written(b, tmp_path, backend).findings == ()
+    report = check_written(b, tmp_path / "bad", backend, {path_of(deep): b"DEEP LAYER"})
     assert codes(report) == ["digest-mismatch"]
     assert report.findings[0].digest == deep["digest"]
 
@@ -125,7 +125,7 @@ def test_repeated_nested_indexes_are_walked_once(tmp_path: Path, backend: str) -
     for _ in range(30):
         d = b.index([d, d])
     b.tag(d, "dag")
-    report = run(b, tmp_path, backend)
+    report = check_written(b, tmp_path, backend)
     assert report.findings == ()
     assert report.blobs_verified == len(b.files) == 33
 
@@ -136,7 +136,7 @@ def test_many_blobs(tmp_path: Path, backend: str) -> None:
     for i in range(0, len(layers), 1000):
         b.tag(manifest(b, layers[i : i + 1000]), f"part{i}")
     assert len(b.files) >= 5_000
-    report = run(b, tmp_path, backend)
+    report = check_written(b, tmp_path, backend)
     assert report.findings == ()
     assert report.blobs_verified == len(b.files)
 
@@ -177,7 +177,7 @@ def test_all_findings_are_collected(tmp_path: Path, backend: str) -> None:
     l1, l2 = b.blob(b"one"), b.blob(b"two")
     b.tag(manifest(b, [l1, {**l2, "size": 4}, b.blob(b"three")]), "broken")
     b.files["blobs/sha256/junk"] = b"junk"
-    report = run(b, tmp_path, backend, {path_of(l1): b"ONE"})
+    report = check_written(b, tmp_path, backend, {path_of(l1): b"ONE"})
     assert sorted(codes(report)) == ["blob-invalid-path", "digest-mismatch", "size-mismatch"]
     assert not report.ok
 
@@ -193,7 +193,7 @@ def test_self_referencing_index_terminates(tmp_path: Path, backend: str) -> None
         }
     ).encode()
     b.tag({"mediaType": model.MEDIA_INDEX, "digest": fake, "size": len(doc)}, "loop")
-    report = run(b, tmp_path, backend, {"blobs/sha256/" + "ab" * 32: doc})
+    report = check_written(b, tmp_path, backend, {"blobs/sha256/" + "ab" * 32: doc})
     assert sorted(codes(report)) == ["digest-mismatch", "size-mismatch"]
 
 
@@ -201,7 +201,7 @@ def test_empty_descriptor_with_data_is_fine(tmp_path: Path, backend: str) -> Non
     b = sample()
     empty = {**b.blob(b"{}", "application/vnd.oci.empty.v1+json"), "data": base64.b64encode(b"{}").decode()}
     b.tag(manifest(b, [], config=empty, artifactType="application/x-test"), "artifact")
-    assert run(b, tmp_path, backend).findings == ()
+    assert check_written(b, tmp_path, backend).findings == ()
 
 
 def test_referrer_with_subject_is_walked(tmp_path: Path, backend: str) -> None:
@@ -210,8 +210,8 @@ def test_referrer_with_subject_is_walked(tmp_path: Path, backend: str) -> None:
     b.tag(subject, "app")
     sig = b.blob(b"signature")
     b.tag(manifest(b, [sig], subject=subject), None)
-    assert run(b, tmp_path, backend).findings == ()
-    report = run(b, tmp_path / "bad", backend, {path_of(sig): b"SIGNATURE"})
+    assert check_written(b, tmp_path, backend).findings == ()
+    report = check_written(b, tmp_path / "bad", backend, {path_of(sig): b"SIGNATURE"})
     assert codes(report) == ["digest-mismatch"]
 
 
@@ -241,7 +241,7 @@ def test_docker_media_types(tmp_path: Path, backend: str) -> None:
         ),
         "d",
     )
-    assert run(b, tmp_path, backend).findings == ()
+    assert check_written(b, tmp_path, backend).findings == ()
 
 
 def test_media_type_disagreement_is_invalid_document(tmp_path: Path, backend: str) -> None:
@@ -251,7 +251,7 @@ def test_media_type_disagreement_is_invalid_document(tmp_path: Path, backend: st
         {"schemaVersion": 2, "mediaType": model.MEDIA_INDEX, "manifests": [inner]}, model.MEDIA_INDEX
     )
     b.tag({**index, "mediaType": model.MEDIA_MANIFEST}, "liar")
-    report = run(b, tmp_path, backend)
+    report = check_written(b, tmp_path, backend)
     assert codes(report) == ["invalid-document"]
     assert "differs from the descriptor's" in report.findings[0].message
 
@@ -261,7 +261,7 @@ def test_invalid_descriptor_does_not_hide_its_siblings(tmp_path: Path, backend: 
     good = b.blob(b"good layer")
     bad = {"mediaType": "application/octet-stream", "digest": "sha256:" + "0" * 64, "size": -1}
     b.tag(manifest(b, [bad, good]), "half")
-    report = run(b, tmp_path, backend, {path_of(good): b"GOOD LAYER"})
+    report = check_written(b, tmp_path, backend, {path_of(good): b"GOOD LAYER"})
     assert codes(report) == ["invalid-descriptor", "digest-mismatch"]
     assert report.findings[1].digest == good["digest"]
 
@@ -282,43 +282,45 @@ def case(code: str) -> Callable[[Case], Case]:
 
 @case("layout-missing")
 def _layout_missing(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
-    return run(sample(), tmp_path, backend, {"oci-layout": None})
+    return check_written(sample(), tmp_path, backend, {"oci-layout": None})
 
 
 @case("layout-invalid")
 def _layout_invalid(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
-    return run(sample(), tmp_path, backend, {"oci-layout": b'{"imageLayoutVersion": 1}'})
+    return check_written(sample(), tmp_path, backend, {"oci-layout": b'{"imageLayoutVersion": 1}'})
 
 
 @case("layout-version")
 def _layout_version(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.layout_version = "9.9.9"
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("index-missing")
 def _index_missing(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
-    return run(sample(), tmp_path, backend, {"index.json": None})
+    return check_written(sample(), tmp_path, backend, {"index.json": None})
 
 
 @case("index-invalid")
 def _index_invalid(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
-    return run(sample(), tmp_path, backend, {"index.json": b'{"schemaVersion": 2, "manifests": {}}'})
+    return check_written(
+        sample(), tmp_path, backend, {"index.json": b'{"schemaVersion": 2, "manifests": {}}'}
+    )
 
 
 @case("ref-duplicate")
 def _ref_duplicate(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.tag(b.image([b"other"]), "latest")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("invalid-descriptor")
 def _invalid_descriptor(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.tag(manifest(b, [{"mediaType": "application/octet-stream", "digest": "sha256:XYZ", "size": 1}]), "bad")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("data-mismatch")
@@ -326,7 +328,7 @@ def _data_mismatch(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck
     b = sample()
     layer = {**b.blob(b"payload"), "data": base64.b64encode(b"PAYLOAD").decode()}
     b.tag(manifest(b, [layer]), "bad")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("blob-missing")
@@ -334,7 +336,7 @@ def _blob_missing(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.
     b = sample()
     layer = b.blob(b"gone")
     b.tag(manifest(b, [layer]), "bad")
-    return run(b, tmp_path, backend, {path_of(layer): None})
+    return check_written(b, tmp_path, backend, {path_of(layer): None})
 
 
 @case("blob-external")
@@ -342,7 +344,7 @@ def _blob_external(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck
     b = sample()
     layer = b.blob(b"foreign", urls=["https://example.com/layer"])
     b.tag(manifest(b, [layer]), "foreign")
-    return run(b, tmp_path, backend, {path_of(layer): None})
+    return check_written(b, tmp_path, backend, {path_of(layer): None})
 
 
 @case("subject-missing")
@@ -350,7 +352,7 @@ def _subject_missing(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fs
     b = sample()
     subject = {"mediaType": model.MEDIA_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 123}
     b.tag(manifest(b, [b.blob(b"sbom")], subject=subject), None)
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("blob-unreadable")
@@ -375,7 +377,7 @@ def _size_mismatch(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck
     b = sample()
     layer = b.blob(b"sized")
     b.tag(manifest(b, [{**layer, "size": 99}]), "bad")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("digest-mismatch")
@@ -383,7 +385,7 @@ def _digest_mismatch(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fs
     b = sample()
     layer = b.blob(b"original")
     b.tag(manifest(b, [layer]), "bad")
-    return run(b, tmp_path, backend, {path_of(layer): b"ORIGINAL"})
+    return check_written(b, tmp_path, backend, {path_of(layer): b"ORIGINAL"})
 
 
 @case("unverifiable-digest")
@@ -393,7 +395,7 @@ def _unverifiable(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.
     layer = {"mediaType": "application/octet-stream", "digest": f"blake2b:{enc}", "size": 5}
     b.files[f"blobs/blake2b/{enc}"] = b"blake"
     b.tag(manifest(b, [layer]), "blake")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("document-too-large")
@@ -404,33 +406,33 @@ def _too_large(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Rep
     b.tag(small, "small")
     b.tag(big, "big")
     mp.setattr(fsck, "MAX_JSON", big["size"] - 1)
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("invalid-json")
 def _invalid_json(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.tag(b.blob(b'{"schemaVersion": 2,', model.MEDIA_MANIFEST), "bad")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("invalid-document")
 def _invalid_document(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.tag(b.json_blob({"schemaVersion": 2, "layers": []}, model.MEDIA_MANIFEST), "bad")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("blob-unreferenced")
 def _unreferenced(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
     b = sample()
     b.blob(b"orphan")
-    return run(b, tmp_path, backend)
+    return check_written(b, tmp_path, backend)
 
 
 @case("blob-invalid-path")
 def _invalid_path(tmp_path: Path, backend: str, mp: pytest.MonkeyPatch) -> fsck.Report:
-    return run(sample(), tmp_path, backend, {"blobs/sha256/not-a-digest": b"?"})
+    return check_written(sample(), tmp_path, backend, {"blobs/sha256/not-a-digest": b"?"})
 
 
 @pytest.mark.parametrize("code", sorted(CASES))
@@ -540,7 +542,7 @@ def test_garbage_documents_never_raise(tmp_path: Path, target: str, content: byt
     b.tag(m, "x")
     doc = json.loads(b.files[path_of(m)])
     name = {"manifest": path_of(m), "config": path_of(doc["config"])}.get(target, target)
-    report = run(b, tmp_path, "directory", {name: content})
+    report = check_written(b, tmp_path, "directory", {name: content})
     for f in report.findings:
         assert f.code in fsck.CODES
 

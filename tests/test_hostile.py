@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile import CORPUS, MANY_MEMBERS, HostileCase, many_expected
-from mounting import OCIFUSE, background_mount, is_mounted, mounted, no_new_mounts, require_fuse
+from hostile import CORPUS, MANY_MEMBERS, HostileCase, flood_member
+from mounting import OCIFUSE, background_mount, is_mounted, mounted, no_new_mounts, require_fuse, status_kib
 
 # The peak RSS (MiB) any one ocifuse process may reach on the corpus; SECURITY.md states it.
 MEMORY_BOUND_MB = 200
@@ -218,15 +218,6 @@ def walk_policy(mnt: Path) -> tuple[set[str], set[str]]:
     return files, dirs
 
 
-def vm_kb(pid: int, key: str) -> int:
-    """A ``/proc/PID/status`` size field (VmRSS, VmHWM) in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
 def check_mount(case: HostileCase, mnt: Path) -> tuple[set[str], set[str]]:
     """Policy walk, mount flags, the valid part byte for byte, the forbidden paths absent."""
     flags = os.statvfs(mnt).f_flag
@@ -270,9 +261,9 @@ def test_mount_serves_only_the_policy(name: str, corpus: Corpus, workdir: Path, 
         if name == "many_members":
             assert len(files) >= MANY_MEMBERS
             for i in (0, 1, 4999, MANY_MEMBERS // 2, MANY_MEMBERS - 1):
-                rel, data = many_expected(i)
+                rel, data = flood_member(i)
                 assert read_rel(mnt, rel) == data
-            peak = vm_kb(m.pid, "VmHWM")
+            peak = status_kib(m.pid, "VmHWM")
             print(f"many_members: mount daemon peak RSS {peak / 1024:.1f} MiB")
             assert peak < MEMORY_BOUND_MB * 1024
         log = m.stderr()

@@ -14,13 +14,11 @@ import random
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mounting import Mount, mounted, no_new_mounts
-from oci import LayoutBuilder
-from tarbuild import layout_members, write_archive
+from mounting import Mount, mounted, no_new_mounts, status_kib
+from tarbuild import BlobCorpus, blob_corpus
 
 pytestmark = pytest.mark.fuse
 
@@ -31,41 +29,21 @@ LOAD_SECONDS = float(os.environ.get("OCIFUSE_LOAD_SECONDS", "5"))
 RSS_GROWTH_MB = 64
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """The 5,000-blob archive and every blob's bytes by layout path."""
-
-    archive: Path
-    blobs: dict[str, bytes]
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> BlobCorpus:
     """BLOBS layers of one image (sizes 0 to 24 KiB, and four of 3 MiB), written once per module."""
-    rng = random.Random(5000)
-    layers = [rng.randbytes(rng.randrange(0, 24 * 1024)) for _ in range(BLOBS - 5)]
-    layers += [rng.randbytes(3 * 1024 * 1024 + i) for i in range(4)]
-    b = LayoutBuilder()
-    b.tag(b.image(layers), "v1")
-    path = write_archive(tmp_path_factory.mktemp("load") / "5000-blobs.tar", layout_members(b))
-    blobs = {n: d for n, d in b.layout_files().items() if n.startswith("blobs/")}
-    assert len(blobs) >= BLOBS - 5  # duplicates of the empty layer share one blob
-    return Corpus(path, blobs)
-
-
-def vm_rss_kb(pid: int) -> int:
-    """VmRSS of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    path = tmp_path_factory.mktemp("load") / "5000-blobs.tar"
+    corpus = blob_corpus(
+        path, seed=5000, count=BLOBS - 5, max_size=24 * 1024, big=4, big_size=3 * 1024 * 1024
+    )
+    assert len(corpus.blobs) >= BLOBS - 5  # duplicates of the empty layer share one blob
+    return corpus
 
 
 class Load:
     """Readers and storms running until ``stop`` is set; every problem is collected, never raised."""
 
-    def __init__(self, m: Mount, corpus: Corpus) -> None:
+    def __init__(self, m: Mount, corpus: BlobCorpus) -> None:
         self.m = m
         self.corpus = corpus
         self.names = sorted(corpus.blobs)
@@ -152,14 +130,14 @@ class Load:
                 self.walks += 1
 
 
-def run_load(corpus: Corpus, mnt: Path, seconds: float) -> None:
+def run_load(corpus: BlobCorpus, mnt: Path, seconds: float) -> None:
     """Mount, warm up, measure VmRSS, load for ``seconds``, measure again; no problem may be found."""
     with no_new_mounts(mnt.parent), mounted(corpus.archive, mnt) as m:
         load = Load(m, corpus)
         for name, data in corpus.blobs.items():  # warm up: every inode looked up and read once
             if m.path(name).read_bytes() != data:
                 load.problem(f"{name}: wrong bytes on the first read")
-        before = vm_rss_kb(m.pid)
+        before = status_kib(m.pid, "VmRSS")
         threads = [threading.Thread(target=load.reader, args=(i,)) for i in range(READERS)]
         threads += [threading.Thread(target=load.stat_storm), threading.Thread(target=load.find_storm)]
         for t in threads:
@@ -170,7 +148,7 @@ def run_load(corpus: Corpus, mnt: Path, seconds: float) -> None:
             load.stop.set()
             for t in threads:
                 t.join(120)
-        after = vm_rss_kb(m.pid)
+        after = status_kib(m.pid, "VmRSS")
         print(
             f"load {seconds:.0f}s: {load.reads} range reads ({load.bytes / 2**20:.0f} MiB), "
             f"{load.hashed} blobs hashed, {load.walks} walks; "
@@ -183,13 +161,13 @@ def run_load(corpus: Corpus, mnt: Path, seconds: float) -> None:
         assert "Traceback" not in m.stderr() and "ERROR" not in m.stderr()
 
 
-def test_load(corpus: Corpus, tmp_path: Path) -> None:
+def test_load(corpus: BlobCorpus, tmp_path: Path) -> None:
     """OCIFUSE_LOAD_SECONDS (default 5) of readers and storms: no error, no wrong byte, flat memory."""
     run_load(corpus, tmp_path / "mnt", LOAD_SECONDS)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("OCIFUSE_SLOW") != "1", reason="the 30 s load run: set OCIFUSE_SLOW=1")
-def test_load_30_seconds(corpus: Corpus, tmp_path: Path) -> None:
+def test_load_30_seconds(corpus: BlobCorpus, tmp_path: Path) -> None:
     """The issue's 30-second run."""
     run_load(corpus, tmp_path / "mnt", 30.0)

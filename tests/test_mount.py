@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RealImage, require_tools, run
+from conftest import RealImage
 from mounting import (
     OCIFUSE,
     Mount,
@@ -33,8 +33,8 @@ from mounting import (
     run_ocifuse,
     wait_until,
 )
-from oci import extract
-from tarbuild import ODD_FORMATS, SKIPPED_NAMES, SKIPPING, sample_builder, tree_of
+from peers import require_tools, run
+from tarbuild import ODD_FORMATS, SKIPPED_NAMES, SKIPPING, sample_builder, tar_extract, tree_of
 
 pytestmark = pytest.mark.fuse
 
@@ -44,13 +44,6 @@ TAG = "v1"
 @pytest.fixture(autouse=True, scope="module")
 def _no_module_mount_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Module-scoped mounts, too, must be gone when the module is done."""
-    with no_new_mounts(tmp_path_factory.getbasetemp()):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_mount_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fail a test that leaves an ocifuse mount behind."""
     with no_new_mounts(tmp_path_factory.getbasetemp()):
         yield
 
@@ -106,7 +99,7 @@ def test_require_fuse_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.Monkey
 
 def test_real_archive_equals_tar_x(real_mount: Mount, tmp_path: Path) -> None:
     """Every file and directory of skopeo's archive, read through the mount, equals ``tar -x`` of it."""
-    assert walk(real_mount.mountpoint) == walk(extract(real_mount.archive, tmp_path / "x"))
+    assert walk(real_mount.mountpoint) == walk(tar_extract(real_mount.archive, tmp_path / "x"))
 
 
 @pytest.mark.parametrize("name", sorted(ODD_FORMATS))
@@ -116,7 +109,7 @@ def test_odd_format_equals_tar_x(
     """Each odd tar format serves exactly what GNU ``tar -x`` extracts from it, byte for byte."""
     archive, m = odd_mounts[name]
     files, dirs = walk(m.mountpoint)
-    assert (files, dirs) == walk(extract(archive, tmp_path / "x"))
+    assert (files, dirs) == walk(tar_extract(archive, tmp_path / "x"))
     assert "index.json" in files and "oci-layout" in files
 
 
@@ -177,11 +170,6 @@ def test_fuse_and_ignored_options_mount(real_image: RealImage, tmp_path: Path) -
 # -- real peers on the mount ---------------------------------------------------------------------------
 
 
-def dir_files(root: Path) -> dict[str, bytes]:
-    """Every file of a flat directory (skopeo's ``dir:`` transport)."""
-    return {p.name: p.read_bytes() for p in root.iterdir()}
-
-
 def test_skopeo_copy_from_mount(real_mount: Mount, tmp_path: Path) -> None:
     """``skopeo copy oci:MNT:TAG dir:`` gives the same manifest, config and layers as from the archive."""
     require_tools("skopeo")
@@ -189,8 +177,8 @@ def test_skopeo_copy_from_mount(real_mount: Mount, tmp_path: Path) -> None:
     run(
         "skopeo", "copy", "--quiet", f"oci-archive:{real_mount.archive}:{TAG}", f"dir:{tmp_path / 'from-tar'}"
     )
-    got = dir_files(tmp_path / "from-mount")
-    assert got == dir_files(tmp_path / "from-tar")
+    got, _ = tree_of(tmp_path / "from-mount")  # skopeo's dir: transport, a flat directory
+    assert got == tree_of(tmp_path / "from-tar")[0]
     manifest = json.loads(got["manifest.json"])
     blobs = [manifest["config"], *manifest["layers"]]
     assert len(blobs) >= 3
@@ -346,7 +334,7 @@ def _corrupt_archive(directory: Path) -> tuple[Path, str, list[str]]:
 def test_verify_gives_eio_on_a_corrupt_blob(tmp_path: Path) -> None:
     """--verify and -o verify: the corrupt blob is EIO (logged with its digest); good blobs read fine."""
     archive, bad, good = _corrupt_archive(tmp_path)
-    reference = walk(extract(archive, tmp_path / "x"))[0]
+    reference = walk(tar_extract(archive, tmp_path / "x"))[0]
     specs = [
         MountSpec(archive, tmp_path / "flag", args=["--verify"]),
         MountSpec(archive, tmp_path / "opt", options=["verify"]),

@@ -7,23 +7,23 @@ Programs run from the mount (chroot, bwrap, podman run --rootfs). Building the i
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PODMAN_RUN, require_tools
 from mounting import mounted, run_ocifuse, skip_or_fail
+from peers import PODMAN_RUN, isolated_store, require_tools
 from rootfs_images import (
     CAP_NET_RAW,
     LONG,
     build_umoci_image,
-    compressed,
+    skopeo_compressed,
+    skopeo_uncompressed,
     snapshot,
     umoci_unpack,
-    uncompressed,
 )
+from tarbuild import tar_extract
 
 from ocifuse import open_layout
 from ocifuse.fsck import check
@@ -52,9 +52,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
         skip_or_fail("building the rootfs test image needs root (mknod, chown, umoci unpack as root)")
     root = tmp_path_factory.mktemp("rootfs")
     layout = build_umoci_image(root)
-    archive, directory = uncompressed(layout, "v4", root)
+    archive, directory = skopeo_uncompressed(layout, "v4", root)
     forms = {"plain-archive": archive, "plain-directory": directory, "umoci-gzip-directory": layout}
-    forms.update(compressed(layout, "v4", root))
+    forms.update(skopeo_compressed(layout, "v4", root))
     return Images(layout, archive, directory, umoci_unpack(layout, "v4", root / "unpacked"), forms)
 
 
@@ -162,36 +162,17 @@ def test_buildah_image_equals_umoci_unpack(tmp_path: Path) -> None:
     require_tools("buildah", "umoci", "runc")
     if os.geteuid() != 0:
         skip_or_fail("buildah with its own storage root needs root here")
-    store = [
-        "--storage-driver",
-        "vfs",
-        "--root",
-        str(tmp_path / "storage"),
-        "--runroot",
-        str(tmp_path / "run"),
-    ]
-
-    def buildah(*argv: str) -> str:
-        done = subprocess.run(["buildah", *store, *argv], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"buildah {' '.join(argv)}: {done.stderr}"
-        return done.stdout.strip()
-
-    container = buildah("from", "scratch")
-    try:
-        buildah("copy", container, "/bin/busybox", "/bin/busybox")
-        buildah("copy", container, "/bin/busybox", "/doomed")
+    with isolated_store(tmp_path) as store:
+        container = store.buildah("from", "scratch").strip()
+        store.buildah("copy", container, "/bin/busybox", "/bin/busybox")
+        store.buildah("copy", container, "/bin/busybox", "/doomed")
         script = "/bin/busybox --install -s /bin && mkdir -p /etc && echo built > /etc/motd && rm /doomed"
-        buildah(
+        store.buildah(
             "run", "--runtime", "runc", "--network", "none", container, "/bin/busybox", "sh", "-c", script
         )
-        buildah("commit", "-q", container, "rootfs-test:1")
-        buildah("push", "-q", "rootfs-test:1", f"oci-archive:{tmp_path / 'image.tar'}:v1")
-    finally:
-        buildah("rm", container)
-        shutil.rmtree(tmp_path / "storage", ignore_errors=True)
-    layout = tmp_path / "layout"
-    layout.mkdir()
-    subprocess.run(["tar", "-xf", str(tmp_path / "image.tar"), "-C", str(layout)], check=True)
+        store.buildah("commit", "-q", container, "rootfs-test:1")
+        store.buildah("push", "-q", "rootfs-test:1", f"oci-archive:{tmp_path / 'image.tar'}:v1")
+    layout = tar_extract(tmp_path / "image.tar", tmp_path / "layout")
     expected, expected_groups = snapshot(umoci_unpack(layout, "v1", tmp_path / "unpacked"))
     with mounted(
         tmp_path / "image.tar", tmp_path / "mnt", options=[f"rootfs,cache={tmp_path / 'cache'}"]

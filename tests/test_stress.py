@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -37,8 +36,7 @@ from mounting import (
     teardown,
     wait_live,
 )
-from oci import LayoutBuilder
-from tarbuild import layout_members, write_archive
+from tarbuild import BlobCorpus, blob_corpus
 
 pytestmark = pytest.mark.fuse
 
@@ -48,24 +46,14 @@ SECONDS = float(os.environ.get("OCIFUSE_STRESS_SECONDS", "300" if SLOW else "20"
 MIN_ROUNDS = 3  # however slow the machine, a run is at least this many rounds
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """The archive and every file's bytes by layout path."""
-
-    archive: Path
-    files: dict[str, bytes]
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> BlobCorpus:
     """About 5,000 blobs of 0 to 2 KiB in one image, and the layout's other files."""
-    rng = random.Random(12)
-    b = LayoutBuilder()
-    b.tag(b.image([rng.randbytes(rng.randrange(0, 2048)) for _ in range(BLOBS)]), "v1")
-    path = write_archive(tmp_path_factory.mktemp("stress") / "5000-blobs.tar", layout_members(b))
-    files = b.layout_files()
-    assert len(files) > BLOBS
-    return Corpus(path, files)
+    corpus = blob_corpus(
+        tmp_path_factory.mktemp("stress") / "5000-blobs.tar", seed=12, count=BLOBS, max_size=2048
+    )
+    assert len(corpus.files) > BLOBS
+    return corpus
 
 
 @contextlib.contextmanager
@@ -99,7 +87,7 @@ class Detached:
 
 
 def one_round(
-    corpus: Corpus, mnt: Path, previous: Detached | None, detach: bool
+    corpus: BlobCorpus, mnt: Path, previous: Detached | None, detach: bool
 ) -> tuple[list[str], Detached | None]:
     """Mount, walk, open and read every listed file, unmount; every problem found, none raised.
 
@@ -148,7 +136,7 @@ def one_round(
     return problems, detached
 
 
-def test_listed_names_always_open(corpus: Corpus, tmp_path: Path) -> None:
+def test_listed_names_always_open(corpus: BlobCorpus, tmp_path: Path) -> None:
     """Rounds for OCIFUSE_STRESS_SECONDS under CPU load: every listed file opens, with its bytes.
 
     Every other round ends with a lazy unmount of a busy mount, whose daemon the next round stops
@@ -177,7 +165,7 @@ def test_listed_names_always_open(corpus: Corpus, tmp_path: Path) -> None:
     assert not problems, problems[:20]
 
 
-def test_stopping_a_detached_daemon_leaves_the_next_mount_alone(corpus: Corpus, tmp_path: Path) -> None:
+def test_stopping_a_detached_daemon_leaves_the_next_mount_alone(corpus: BlobCorpus, tmp_path: Path) -> None:
     """A daemon stopped after its busy mount was lazily detached must not unmount its successor.
 
     libfuse unmounts by path on the way out; the path now holds the next mount, whose files a

@@ -26,6 +26,7 @@ from mounting import (
     kill_daemons,
     mounts,
     ocifuse_mounts,
+    pids_naming,
     require_fuse,
     skip_or_fail,
     stop_process,
@@ -117,18 +118,7 @@ def _no_leaks(tmp_path: Path) -> Iterator[None]:
 
 def archive_daemons(archive: Path) -> list[int]:
     """Pids of processes whose command line names ``archive`` (helper-form and /dev/fd/N daemons too)."""
-    want = os.fsencode(archive)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want in argv:
-            pids.append(int(entry))
-    return pids
+    return pids_naming(archive, ocifuse_mount=False)
 
 
 @contextlib.contextmanager

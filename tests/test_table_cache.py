@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import tarbuild
+from cachebuild import plant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tarbuild import file_member, many_members, write_archive
 
 from ocifuse import archive as archive_module
 from ocifuse.archive import Archive
-from ocifuse.cache import IndexCache, file_key
+from ocifuse.cache import IndexCache
 from ocifuse.entries import COLUMN_FIELDS, ArchiveTable, Entry, Kind, Skipped
 from ocifuse.errors import CorruptTable
 from ocifuse.layout import ArchiveLayout
-from ocifuse.source import OpenFile
 from ocifuse.tablecodec import decode_table, encode_table
 
 CASES: dict[str, Callable[[Path], Path]] = {**tarbuild.ODD_FORMATS, **tarbuild.SKIPPING}
@@ -131,15 +131,6 @@ def test_changed_archive_is_scanned_again(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(cache.entries()) == 2
 
 
-def plant(path: Path, cache: IndexCache, table: ArchiveTable) -> None:
-    """Store ``table`` as the archive's table (what a damaged cache that passed its checksum would hold)."""
-    f = OpenFile(str(path))
-    try:
-        cache.store("table", file_key(f), encode_table(table))
-    finally:
-        f.close()
-
-
 def test_stored_entry_past_the_end_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_archive(tmp_path / "a.tar", [file_member("f", b"data\n"), file_member("g", b"more\n")])
     size = path.stat().st_size
@@ -168,11 +159,7 @@ def test_unusable_payload_is_scanned_over(tmp_path: Path, monkeypatch: pytest.Mo
     store_all(monkeypatch)
     path = write_archive(tmp_path / "a.tar", [file_member("f", b"data\n")])
     cache = IndexCache(str(tmp_path / "cache"))
-    f = OpenFile(str(path))
-    try:
-        cache.store("table", file_key(f), b"\xff" * 40)
-    finally:
-        f.close()
+    plant(path, cache, b"\xff" * 40)
     with closing(Archive(str(path), cache=cache)) as a:
         assert a.pread(a.table.entries["f"], 0, 10) == b"data\n"
 
