@@ -55,11 +55,14 @@ class Archive(Sources):
         try:
             if not self.file.is_regular:
                 raise NotAnArchive(path, "not a regular file")
+            # Where what is derived from this archive is kept (a view's too), under its identity.
+            self.cache, self.rescan = cache, rescan
             key = None
             if cache is not None and cache.enabled:
                 from .cache import file_key
 
                 key = file_key(self.file)
+            self.key = key
             stream = open_decompressed(
                 FileRange(self.file),
                 key=key,

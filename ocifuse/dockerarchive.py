@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from .entries import ArchiveTable, Entry, Kind, Skipped, Sources
 from .errors import InvalidDigest, InvalidDocument
 from .layout import MAX_JSON, OCI_LAYOUT, Layout, TableLayout
 from .source import MemorySource, sniff
+from .store import DOCKER_DIGESTS, load_or_build
 from .tarscan import normalize
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class DockerArchive:
     problems: tuple[Problem, ...]
     trusted: tuple[TrustedLayer, ...]
     skipped: list[Skipped]
+    hashed: dict[tuple[int, int], Digest]  # the sha256 of each member hashed, by (offset, size)
 
 
 def archive_format(table: ArchiveTable) -> str | None:
@@ -135,11 +137,47 @@ class DockerLayout(TableLayout):
     format = DOCKER_ARCHIVE
 
     def __init__(self, archive: Archive) -> None:
-        """The view of the open ``archive`` (closed with this layout); never raises for bad content."""
-        self.docker = synthesize(archive.table, archive.pread, len(archive.sources))
+        """The view of the open ``archive`` (closed with this layout); never raises for bad content.
+
+        The digests it hashes (a compressed layer's, which nothing in the archive records; each
+        config's) are stored under the archive's identity: a later open hashes none of them again.
+        """
+        first = len(archive.sources)
+        self.docker = load_or_build(
+            archive.cache,
+            DOCKER_DIGESTS,
+            archive.key,
+            name=archive.path,
+            decode=lambda payload: synthesize(archive.table, archive.pread, first, _decode_digests(payload)),
+            build=lambda: synthesize(archive.table, archive.pread, first),
+            encode=lambda view: _encode_digests(view.hashed),
+            rebuild=archive.rescan,
+        )
         reader = Sources([*archive.sources, *(MemorySource(d) for d in self.docker.documents)])
         table = ArchiveTable(self.docker.entries, self.docker.skipped, archive.table.end)
         super().__init__(archive, table, reader)
+
+
+def _encode_digests(hashed: Mapping[tuple[int, int], Digest]) -> bytes | None:
+    """The members' digests as stored (JSON: [offset, size, digest] each); None when there are none."""
+    rows = [[offset, size, str(digest)] for (offset, size), digest in sorted(hashed.items())]
+    return json.dumps(rows, separators=(",", ":")).encode() if rows else None
+
+
+def _decode_digests(payload: bytes) -> dict[tuple[int, int], Digest]:
+    """``_encode_digests``'s members and digests; ValueError (or TypeError, ...) for anything else."""
+    try:
+        rows = model.load_value("stored digests", payload)
+        if not isinstance(rows, list):
+            raise ValueError("not a list")
+        out: dict[tuple[int, int], Digest] = {}
+        for offset, size, digest in rows:
+            if type(offset) is not int or type(size) is not int or offset < 0 or size < 0:
+                raise ValueError("a member that is not a range")
+            out[offset, size] = Digest.parse(digest)
+        return out
+    except (InvalidDocument, InvalidDigest) as e:
+        raise ValueError(str(e)) from e
 
 
 def docker_view(layout: Layout) -> DockerArchive | None:
@@ -407,14 +445,21 @@ def _named_digest(path: str) -> Digest | None:
         return None
 
 
-def synthesize(table: ArchiveTable, pread: Pread, first_source: int) -> DockerArchive:
+def synthesize(
+    table: ArchiveTable,
+    pread: Pread,
+    first_source: int,
+    hashed: Mapping[tuple[int, int], Digest] | None = None,
+) -> DockerArchive:
     """The OCI layout view of the docker-archive whose table is given, its bytes read with ``pread``.
 
     ``pread`` is Archive.pread (an entry, an offset in it, a size); ``first_source`` is the sources
-    index the view's first document will have. Never raises for bad content (every problem is in
-    ``problems``); errors reading the archive propagate.
+    index the view's first document will have; ``hashed``: members' digests known already (stored
+    by an earlier open of the same archive), not hashed again. Never raises for bad content (every
+    problem is in ``problems``); errors reading the archive propagate.
     """
     b = _Builder(table, pread, first_source)
+    b.hashed.update(hashed or {})
     images: list[Image] = []
     try:
         listed = b.manifest_json()
@@ -452,6 +497,7 @@ def synthesize(table: ArchiveTable, pread: Pread, first_source: int) -> DockerAr
         problems=tuple(b.problems),
         trusted=tuple(b.trusted.values()),
         skipped=skipped,
+        hashed=b.hashed,
     )
 
 

@@ -44,9 +44,10 @@ GZIP_INDEX = Artifact("gzip-index", 2, "gzip index")
 ZSTD_INDEX = Artifact("zstd-index", 2, "zstd frame table")
 LAYER_TABLE = Artifact("layer-table", 2, "layer table")
 TREE = Artifact("rootfs-tree", 2, "merged tree")
+DOCKER_DIGESTS = Artifact("docker-digests", 2, "docker-archive member digests")
 # Spill files are the store's too (``Store.spill_path``); the zstd-index entry that names one says
 # which file it was and what it holds, so a spill is found, checked and replaced through it.
-KINDS = {a.kind: a for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE)}
+KINDS = {a.kind: a for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE, DOCKER_DIGESTS)}
 
 
 # What a decoder raises for a payload it cannot use: it parses stored bytes as untrusted input, and

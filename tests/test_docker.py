@@ -18,12 +18,13 @@ from test_hostile import ocifuse as measured
 
 from ocifuse import cli, dockerarchive, fsck, model
 from ocifuse.archive import Archive
+from ocifuse.cache import IndexCache
 from ocifuse.digest import Digest
 from ocifuse.dockerarchive import docker_view
 from ocifuse.errors import NotAnImage
 from ocifuse.layout import MAX_JSON, Layout
 from ocifuse.resolve import refs, resolve
-from ocifuse.views import open_layout
+from ocifuse.views import ViewOptions, open_layout
 
 
 def blob(layout: Layout, digest: str) -> bytes:
@@ -101,6 +102,28 @@ def test_compressed_layers_keep_their_type_and_digest(tmp_path: Path, kind: str)
         assert blob(layout, str(desc.digest)) == stored
         assert fsck.check(layout).findings == ()
     assert gzip.decompress(stored if kind == "gzip" else stored[4:]) == plain
+
+
+def test_a_compressed_layer_is_hashed_once_across_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its digest (which nothing in the archive records) is stored under the archive's identity."""
+    d = DockerArchive()
+    d.add_image([layer_tar({"f": b"data\n" * 1000})], ["c:1"], compress=True)
+    path = str(d.write(tmp_path / "d.tar"))
+    options = ViewOptions(cache=IndexCache(str(tmp_path / "cache")))
+    with open_layout(path, options) as layout:
+        first = resolve(layout, "c:1").manifest.layers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(dockerarchive, "hash_source", refuse)
+        with open_layout(path, options) as layout:
+            assert resolve(layout, "c:1").manifest.layers == first
+        with pytest.raises(AssertionError, match="hashed again"):  # fsck trusts nothing stored
+            open_layout(path, ViewOptions(cache=options.cache, rescan=True))
 
 
 def test_docker25_archive_is_served_as_it_is(tmp_path: Path) -> None:
