@@ -8,6 +8,16 @@ checksum must match. Anything else is logged, removed and rebuilt. Writes are at
 in the same directory, fsync, rename), so two processes building one entry at once leave one
 whole entry, never a mix; a failing disk is a warning, never an error of the mount.
 
+The directory is bounded (``-o cache_max=SIZE``; by default the smaller of 10 GiB and 10% of its
+filesystem): after each store, the least recently used keys go, each with all its files (its
+entries of every kind and its spill file: used together, useless apart), until the total is within
+the bound again. The key just stored always stays, so the directory holds at most the bound plus
+one key's files. A key's last use is the latest access time of its files, which a load sets on the
+entry it reads (futimens on the open fd, its mtime kept: the mtime says when it was written, and a
+zstd-index entry names its spill file by inode and mtime). Removing what a live mount uses does it
+no harm: an entry is read whole when it is loaded, and a spill file is read through the fd the
+mount holds open, which keeps its data until the mount closes it.
+
 Entry file layout (little endian)::
 
     magic "OCIFUSE\\x1a" | u32 version | u16 len(kind) | u16 len(key) | u64 len(payload)
@@ -32,7 +42,7 @@ from .digest import Digest
 from .errors import LayoutOpenError
 from .source import OpenFile
 from .store import KINDS, Stale
-from .units import human_size
+from .units import human_age, human_size
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,10 @@ _TMP_PID = re.compile(r"\.tmp\.(?:spill-(\d+)-.*|.*\.(\d+)\.[0-9a-f]{8})")
 # A temp file is left over when its writer is dead, or unchanged this long (a writer writes on;
 # a pid may be reused, and one of another pid namespace looks alive or dead by chance).
 STALE_TEMP_AGE = 24 * 3600
+# The default bound of the directory: the smaller of DEFAULT_MAX and 1/DEFAULT_MAX_SHARE of its
+# filesystem (docs/cache.md says why).
+DEFAULT_MAX = 10 << 30
+DEFAULT_MAX_SHARE = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +81,19 @@ class CacheEntryInfo:
     key: str  # the entry's key; a spill file's name hash
     size: int  # bytes on disk
     mtime: float  # when it was written (seconds since the epoch)
+    used: float  # when its key was last used (loaded or stored): eviction goes by it, oldest first
     name: str  # the file's name in the directory
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _File:
+    """A file of the cache directory, as eviction sees it (no header read)."""
+
+    name: str
+    group: str  # the hash of its key: a key's entries and spill file are used, and go, together
+    size: int
+    mtime: float
+    used_ns: int  # its last use: its atime (set by a load), or its mtime if later (a write)
 
 
 def _key_hash(key: str) -> str:
@@ -111,18 +137,37 @@ def _head(head: bytes, kind: str | None = None) -> tuple[int, int, int]:
 class IndexCache:
     """Content-keyed, versioned, checksummed entries in one directory; None directory = disabled."""
 
-    def __init__(self, directory: str | None) -> None:
+    def __init__(self, directory: str | None, max_size: int | None = None) -> None:
         self.directory = directory
+        self.max_size = max_size  # the bound in bytes (-o cache_max); None: default_bound()
         self._warned = False
         self._swept = False
 
     @classmethod
-    def default(cls) -> IndexCache:
+    def default(cls, max_size: int | None = None) -> IndexCache:
         """$XDG_CACHE_HOME/ocifuse (~/.cache/ocifuse); /var/cache/ocifuse for root."""
-        return cls(default_directory())
+        return cls(default_directory(), max_size)
 
     def __repr__(self) -> str:
-        return f"IndexCache({self.directory!r})"
+        return f"IndexCache({self.directory!r}, max_size={self.max_size!r})"
+
+    def bound(self) -> int | None:
+        """The bound of the directory in bytes: ``max_size``, else the default for its filesystem.
+
+        None when the cache is disabled.
+        """
+        if self.directory is None:
+            return None
+        if self.max_size is not None:
+            return self.max_size
+        path = os.path.abspath(self.directory)
+        while True:  # the filesystem it is (or would be) on
+            try:
+                return default_bound(os.statvfs(path))
+            except OSError:
+                if os.path.dirname(path) == path:
+                    return DEFAULT_MAX
+                path = os.path.dirname(path)
 
     @property
     def enabled(self) -> bool:
@@ -268,7 +313,25 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
                 return
-        log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
+            log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
+            # A spill file is linked just before the zstd-index entry that names it is stored, under
+            # the same key: this counts it too, and keeps it with its entry.
+            self._evict(dfd, keep=_key_hash(key))
+
+    def _evict(self, dfd: int, *, keep: str) -> None:
+        """Remove the least recently used keys until the directory is within its bound; never ``keep``."""
+        try:
+            bound = self.max_size if self.max_size is not None else default_bound(os.fstatvfs(dfd))
+        except OSError:
+            return
+        count, freed = _prune(dfd, _files(dfd), bound=bound, keep=keep)
+        if count:
+            log.info(
+                "index cache: %d least recently used files removed (%s) to stay within %s",
+                count,
+                human_size(freed),
+                human_size(bound),
+            )
 
     def spill_path(self, key: str) -> str | None:
         """Where a large derived file (a zstd spill) for ``key`` may live; None when disabled or unsafe.
@@ -281,27 +344,37 @@ class IndexCache:
         return os.path.join(self.directory, _SPILL_PREFIX + _key_hash(key))
 
     def entries(self) -> list[CacheEntryInfo]:
-        """Every entry and spill file in the directory (for ``ocifuse cache list``), oldest first."""
+        """Every entry and spill file in the directory (``ocifuse cache list``), least recently used first."""
         out: list[CacheEntryInfo] = []
         with self._open_dir(create=False) as dfd:
             if dfd is None:
                 return out
-            for name in os.listdir(dfd):
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(st.st_mode) or name.startswith(_TMP_PREFIX):
-                    continue
-                if name.startswith(_SPILL_PREFIX):
-                    kind, key = "spill", name[len(_SPILL_PREFIX) :]
-                elif _ENTRY_NAME.fullmatch(name):
-                    kind, key = _peek(name, dfd)
+            files = _files(dfd)
+            used = _group_use(files)
+            # Least recently used first, a key's files together: the order eviction takes them.
+            for f in sorted(files, key=lambda f: (used[f.group], f.group, f.name)):
+                if f.name.startswith(_SPILL_PREFIX):
+                    kind, key = "spill", f.group
                 else:
-                    continue  # not ours
-                out.append(CacheEntryInfo(kind=kind, key=key, size=st.st_size, mtime=st.st_mtime, name=name))
-        out.sort(key=lambda e: (e.mtime, e.name))
+                    kind, key = _peek(f.name, dfd)
+                out.append(
+                    CacheEntryInfo(
+                        kind=kind, key=key, size=f.size, mtime=f.mtime, used=used[f.group] / 1e9, name=f.name
+                    )
+                )
         return out
+
+    def prune(self, *, max_size: int | None = None, older_than: float | None = None) -> tuple[int, int]:
+        """Remove keys unused for ``older_than`` seconds, then the least recently used down to a bound.
+
+        The bound is ``max_size``, else the cache's own (``bound()``). Returns (files removed, bytes freed).
+        """
+        bound = max_size if max_size is not None else self.bound()
+        with self._open_dir(create=False) as dfd:
+            if dfd is None:
+                return 0, 0
+            cutoff = None if older_than is None else time.time_ns() - int(older_than * 1e9)
+            return _prune(dfd, _files(dfd), bound=bound, cutoff_ns=cutoff)
 
     def clear(self) -> int:
         """Remove every entry, spill and temp file; returns the bytes freed."""
@@ -322,6 +395,81 @@ class IndexCache:
                     continue
                 freed += st.st_size if stat.S_ISREG(st.st_mode) else 0
         return freed
+
+
+def default_bound(st: os.statvfs_result) -> int:
+    """The default bound of a cache on filesystem ``st``: the smaller of 10 GiB and 10% of its size."""
+    return min(DEFAULT_MAX, st.f_blocks * st.f_frsize // DEFAULT_MAX_SHARE)
+
+
+def _files(dfd: int) -> list[_File]:
+    """The entry and spill files of the directory (regular files; no temp files, no names not ours)."""
+    out: list[_File] = []
+    for name in os.listdir(dfd):
+        if name.startswith(_SPILL_PREFIX):
+            group = name[len(_SPILL_PREFIX) :]
+        elif _ENTRY_NAME.fullmatch(name):
+            group = name.rpartition(".")[2]
+        else:
+            continue  # a temp file (being written, or swept), or not ours
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            used = max(st.st_atime_ns, st.st_mtime_ns)
+            out.append(_File(name=name, group=group, size=st.st_size, mtime=st.st_mtime, used_ns=used))
+    return out
+
+
+def _group_use(files: list[_File]) -> dict[str, int]:
+    """Each key's last use: the latest of its files'."""
+    used: dict[str, int] = {}
+    for f in files:
+        used[f.group] = max(used.get(f.group, 0), f.used_ns)
+    return used
+
+
+def _prune(
+    dfd: int, files: list[_File], *, bound: int | None, cutoff_ns: int | None = None, keep: str | None = None
+) -> tuple[int, int]:
+    """Remove whole keys, least recently used first: those last used before ``cutoff_ns``, then more
+    until the files total at most ``bound``; never the key ``keep``. Returns (files removed, bytes freed).
+
+    ``unlink`` removes a name and never follows a symlink (only regular files are listed anyway).
+    A file gone meanwhile (another process pruning) is skipped; one that cannot be removed is a warning.
+    """
+    used = _group_use(files)
+    total = sum(f.size for f in files)
+    by_group: dict[str, list[_File]] = {}
+    for f in files:
+        by_group.setdefault(f.group, []).append(f)
+    count = freed = 0
+    for group in sorted(by_group, key=lambda g: (used[g], g)):
+        stale = cutoff_ns is not None and used[group] < cutoff_ns
+        if not stale and (bound is None or total <= bound):
+            break  # sorted by last use: every key after this one is newer still
+        if group == keep:
+            continue
+        for f in by_group[group]:
+            try:
+                os.unlink(f.name, dir_fd=dfd)
+            except FileNotFoundError:  # gone meanwhile (another process pruning)
+                total -= f.size
+                continue
+            except OSError as e:
+                log.warning("index cache: cannot remove %s: %s", f.name, e.strerror or e)
+                continue
+            total -= f.size
+            log.debug(
+                "index cache: removed %s (%d bytes, last used %s ago)",
+                f.name,
+                f.size,
+                human_age(time.time() - used[group] / 1e9),
+            )
+            count += 1
+            freed += f.size
+    return count, freed
 
 
 def _sweep(dfd: int) -> None:
@@ -396,6 +544,10 @@ def _read_entry(name: str, dfd: int, kind: str, key: str) -> bytes:
         if h.digest() != checksum:
             raise ValueError("checksum mismatch")
         _head(head, kind)  # whole and ours: of this format version, or Stale
+        # Its last use, for eviction: the atime, set on the fd that was read (nothing to follow, no
+        # name to race); the mtime stays when it was written.
+        with contextlib.suppress(OSError):
+            os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
         return payload
     finally:
         os.close(fd)
@@ -416,8 +568,13 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
 
 def _peek(name: str, dfd: int) -> tuple[str, str]:
     """An entry file's kind and key from its header, ("?", "") when it has no readable one."""
+    # O_NOATIME (the owner's to ask): listing is no use of an entry, and must not make it look recent.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            fd = os.open(name, flags | os.O_NOATIME, dir_fd=dfd)
+        except PermissionError:  # EPERM: not this user's file
+            fd = os.open(name, flags, dir_fd=dfd)
     except OSError:
         return "?", ""
     try:
@@ -454,11 +611,16 @@ def default_directory() -> str:
     return os.path.join(base, "ocifuse")
 
 
-def open_cache(directory: str | None = None, *, disabled: bool = False) -> IndexCache:
-    """The cache a command asked for: none (``nocache``), ``directory`` (``cache=DIR``), or the default."""
+def open_cache(
+    directory: str | None = None, *, disabled: bool = False, max_size: int | None = None
+) -> IndexCache:
+    """The cache a command asked for: none (``nocache``), ``directory`` (``cache=DIR``), or the default.
+
+    ``max_size`` bounds it (``cache_max=SIZE``); None: the default bound.
+    """
     if disabled:
         return IndexCache(None)
-    return IndexCache(os.path.abspath(directory)) if directory else IndexCache.default()
+    return IndexCache(os.path.abspath(directory) if directory else default_directory(), max_size)
 
 
 def file_key(file: OpenFile) -> str:
@@ -485,27 +647,44 @@ def blob_key(digest: Digest) -> str:
     return str(digest)
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{max(0, seconds):.0f}s"
+def cache_main(
+    action: str,
+    directory: str | None,
+    *,
+    max_size: int | None = None,
+    older_than: float | None = None,
+) -> int:
+    """``ocifuse cache list|clear|prune [--cache DIR]``: 0 done (an absent cache is an empty one).
 
-
-def cache_main(action: str, directory: str | None) -> int:
-    """``ocifuse cache list|clear [--cache DIR]``: 0 done (an absent cache is an empty one)."""
-    cache = open_cache(directory)
+    ``list`` shows the files least recently used first (the order eviction takes them) and the
+    total against the bound (``max_size``, else the default); ``prune`` removes what is unused for
+    ``older_than`` seconds, then the least recently used until the total is within the bound.
+    """
+    cache = open_cache(directory, max_size=max_size)
     if action == "clear":
         count = len(cache.entries())
         freed = cache.clear()
         print(f"removed {count} entries, {human_size(freed)} from {cache.directory}")
         return 0
+    if action == "prune":
+        count, freed = cache.prune(older_than=older_than)
+        left = cache.entries()
+        print(
+            f"removed {count} entries, {human_size(freed)} from {cache.directory}; "
+            f"{len(left)} entries, {human_size(sum(e.size for e in left))} left"
+        )
+        return 0
     entries = cache.entries()
     now = time.time()
     if entries:
-        print(f"{'KIND':<12} {'SIZE':>10} {'AGE':>5}  KEY")
+        print(f"{'KIND':<12} {'SIZE':>10} {'LAST USE':>8}  KEY")
     for e in entries:
-        print(f"{e.kind:<12} {human_size(e.size):>10} {_age(now - e.mtime):>5}  {e.key}")
+        print(f"{e.kind:<12} {human_size(e.size):>10} {human_age(now - e.used) + ' ago':>8}  {e.key}")
     total = sum(e.size for e in entries)
-    print(f"total: {len(entries)} entries, {human_size(total)} in {cache.directory}")
+    bound = cache.bound()
+    share = f" ({100 * total / bound:.0f}%)" if bound else ""
+    print(
+        f"total: {len(entries)} entries, {human_size(total)} in {cache.directory}; "
+        f"bound {human_size(bound or 0)}{share}"
+    )
     return 0

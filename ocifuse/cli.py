@@ -52,15 +52,59 @@ def _parser() -> argparse.ArgumentParser:
     um.add_argument("mountpoint", metavar="MOUNTPOINT")
     um.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
 
-    cache = sub.add_parser("cache", help="list or clear the index cache (stored entry tables and indexes)")
-    cache.add_argument("action", choices=("list", "clear"), help="list the entries, or remove them all")
+    cache = sub.add_parser(
+        "cache", help="list, prune or clear the index cache (stored entry tables and indexes)"
+    )
+    cache.add_argument(
+        "action",
+        choices=("list", "prune", "clear"),
+        help="list the entries (least recently used first), remove the least recently used, or all",
+    )
     cache.add_argument("--cache", metavar="DIR", help="the cache directory (default: the user's)")
+    cache.add_argument(
+        "--max",
+        metavar="SIZE",
+        type=_size,
+        help="the bound list shows and prune keeps to (default: the smaller of 10G and 10%% of the disk)",
+    )
+    cache.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=_age,
+        help="prune: also remove entries unused for AGE (30m, 12h, 7d)",
+    )
     return p
+
+
+def _size(text: str) -> int:
+    """argparse's type for a SIZE (512M, 10G)."""
+    from .units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _age(text: str) -> int:
+    """argparse's type for an AGE (30m, 12h, 7d)."""
+    from .units import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", metavar="DIR", help="index cache directory (default: the user's; man ocifuse)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the index cache")
+    p.add_argument(
+        "--cache-max",
+        metavar="SIZE",
+        type=_size,
+        help="bound of the index cache, least recently used out first (default: 10G or 10%% of the disk)",
+    )
 
 
 # What ``mount`` takes as ARCHIVE: told in full by ``ocifuse mount --help`` (and the man page).
@@ -197,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
             args.path,
             as_json=args.json,
             layers=args.layers,
-            cache=open_cache(args.cache, disabled=args.no_cache),
+            cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
         )
     if args.command == "inspect":
         from .cache import open_cache
@@ -208,12 +252,19 @@ def _run(args: argparse.Namespace) -> int:
             ref=args.ref,
             platform=args.platform,
             as_json=args.json,
-            cache=open_cache(args.cache, disabled=args.no_cache),
+            cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
         )
     if args.command == "cache":
         from .cache import cache_main
 
-        return cache_main(args.action, args.cache)
+        # --max is the bound list shows and prune keeps to; --older-than is prune's alone.
+        stray = "--older-than" if args.older_than is not None and args.action != "prune" else None
+        if args.max is not None and args.action == "clear":
+            stray = "--max"
+        if stray:
+            print(f"ocifuse: cache {args.action} takes no {stray}", file=sys.stderr)
+            return 2  # as argparse's own usage errors
+        return cache_main(args.action, args.cache, max_size=args.max, older_than=args.older_than)
     if args.command == "mount":
         from .daemon import mount_main
 

@@ -248,6 +248,7 @@ def mount_main(args: argparse.Namespace) -> int:
         debug=args.debug,
         cache=args.cache,
         nocache=args.no_cache,
+        cache_max=args.cache_max,
     )
     setup_logging(foreground=args.foreground, debug=opts.debug, detached=False)
     check_source(archive_path, rootfs=opts.rootfs)
@@ -373,7 +374,7 @@ def _rootfs_flags(args: argparse.Namespace) -> list[str]:
 def view_options(opts: mount_options.MountOptions) -> ViewOptions:
     """What a mount's ``-o`` options ask of the front door (views.py): the same view inspect would open."""
     return ViewOptions(
-        cache=open_cache(opts.cache, disabled=opts.nocache),
+        cache=open_cache(opts.cache, disabled=opts.nocache, max_size=opts.cache_max),
         limits=opts.limits,
         rootfs=opts.rootfs,
         ref=opts.ref,

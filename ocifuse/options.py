@@ -16,8 +16,9 @@ FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # nonempty: mount over a directory that has files in it (hidden while mounted), as fusermount did.
 OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache", "nonempty"})
 OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache"})
-# Sizes (K/M/G/T suffixes) bounding the decompression of a compressed archive (compressed.Limits).
-OWN_SIZES = frozenset({"max_size", "spill_max"})
+# Sizes (K/M/G/T suffixes): bounds of the decompression of a compressed archive (compressed.Limits),
+# and cache_max, the bound of the index cache's directory (cache.IndexCache).
+OWN_SIZES = frozenset({"max_size", "spill_max", "cache_max"})
 # Options that choose or shape the rootfs view, meaningless without ``rootfs``.
 ROOTFS_ONLY = ("rootless", "ignore_diff_ids", "ref", "platform")
 # Passed through to libfuse / the kernel: what libfuse 3's fuse_session_new and fuse_session_mount
@@ -90,6 +91,7 @@ class MountOptions:
     ignore_diff_ids: bool = False  # serve layers whose diff_id does not match the config (logged)
     cache: str | None = None  # cache=DIR: the index cache's directory (None: the default one)
     nocache: bool = False  # nocache: neither read nor write the index cache
+    cache_max: int | None = None  # cache_max=SIZE: the index cache's bound (None: its default)
     nonempty: bool = False  # mount over a directory that is not empty (its files hidden meanwhile)
     limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
     fuse: tuple[str, ...] = ()
@@ -126,11 +128,13 @@ def parse(
     debug: bool = False,
     cache: str | None = None,
     nocache: bool = False,
+    cache_max: int | None = None,
 ) -> MountOptions:
     """Sort ``-o`` lists into a MountOptions; raises OptionError for unknown options.
 
     ``rw``, ``dev`` and ``suid`` are accepted and ignored: the mount is always ``ro,nodev,nosuid``.
-    ``nocache`` wins over any ``cache=DIR``, wherever each is given.
+    ``nocache`` wins over any ``cache=DIR``, wherever each is given; ``-o cache=``/``cache_max=``
+    over ``cache``/``cache_max`` (``--cache``, ``--cache-max``).
     """
     fuse: dict[str, str | None] = {"fsname": escape(fsname), "subtype": "ocifuse"}
     ignored: list[str] = []
@@ -176,6 +180,7 @@ def parse(
         if stray:
             raise OptionError(f"option {stray[0]!r} applies to the rootfs view only (add rootfs)")
     flags = [*FORCED, *(k if v is None else f"{k}={v}" for k, v in fuse.items())]
+    bound = sizes.pop("cache_max", cache_max)  # the cache's; the other sizes are decompression Limits
     return MountOptions(
         verify=verify or "verify" in flags_set,
         debug=debug or "debug" in flags_set,
@@ -187,6 +192,7 @@ def parse(
         ignore_diff_ids="ignore_diff_ids" in flags_set,
         cache=values.get("cache", cache),
         nocache=nocache or "nocache" in flags_set,
+        cache_max=bound,
         nonempty="nonempty" in flags_set,
         limits=Limits(**sizes),
         fuse=tuple(flags),

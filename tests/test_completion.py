@@ -37,7 +37,13 @@ TIMEOUT = 10.0
 O_FLAGS = options.OWN_FLAGS | options.FUSE_FLAGS | set(options.FORCED)
 O_VALUES = options.OWN_VALUES | options.OWN_SIZES | options.FUSE_VALUES
 # A value each value option accepts, to show each offered option is one options.parse takes.
-SAMPLE_VALUE = {"readahead_kb": "512", "platform": "linux/arm64", "max_size": "1G", "spill_max": "2G"}
+SAMPLE_VALUE = {
+    "readahead_kb": "512",
+    "platform": "linux/arm64",
+    "max_size": "1G",
+    "spill_max": "2G",
+    "cache_max": "5G",
+}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -142,6 +148,7 @@ def test_bash_cache_verbs_and_platforms() -> None:
     assert verbs is not None
     assert set(bash_complete("ocifuse cache ")) == set(verbs)
     assert bash_complete("ocifuse cache --cache /tmp c") == ["clear"]
+    assert bash_complete("ocifuse cache --max 1G --older-than 7d p") == ["prune"]  # values skipped
     assert bash_complete("ocifuse cache list ") == []
     assert "linux/arm64" in bash_complete("ocifuse inspect --platform linux/")
     assert "linux/arm64" in bash_complete("ocifuse inspect --platform=linux/")
@@ -280,7 +287,7 @@ def test_zsh_commands_options_and_verbs(zsh: Zsh) -> None:
     assert zsh.complete("ocifuse -") == _flags(cli._parser())
     for command, parser in _subparsers().items():
         assert zsh.complete(f"ocifuse {command} -") == _flags(parser), command
-    assert zsh.complete("ocifuse cache ") == {"list", "clear"}
+    assert zsh.complete("ocifuse cache ") == {"list", "prune", "clear"}
 
 
 def test_zsh_mount_options(zsh: Zsh) -> None:

@@ -1,10 +1,10 @@
-"""Byte counts written and read by people (ocifuse.units)."""
+"""Byte counts and ages written and read by people (ocifuse.units)."""
 
 from __future__ import annotations
 
 import pytest
 
-from ocifuse.units import human_size, parse_size
+from ocifuse.units import human_age, human_size, parse_age, parse_size
 
 
 @pytest.mark.parametrize(
@@ -29,3 +29,24 @@ def test_parse_size_refuses(bad: str) -> None:
 )
 def test_human_size(n: float, text: str) -> None:
     assert human_size(n) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0s", 0), ("45s", 45), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("2w", 1209600), (" 1D ", 86400)],
+)
+def test_parse_age(text: str, seconds: int) -> None:
+    assert parse_age(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "7", "d", "-1d", "1.5h", "7days", "1y"])
+def test_parse_age_refuses(bad: str) -> None:
+    with pytest.raises(ValueError, match="not an age"):
+        parse_age(bad)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(-3, "0s"), (0, "0s"), (59, "59s"), (60, "1m"), (5400, "2h"), (86400 * 7, "7d")]
+)
+def test_human_age(seconds: float, text: str) -> None:
+    assert human_age(seconds) == text
