@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import pyzstd
+from cachebuild import stored_table
 from mounting import mounted, run_ocifuse
-from oci import LayoutBuilder, extract
-from tarbuild import tree_of
-from test_cache_cli import big_layout, stored_table
+from oci import LayoutBuilder
+from tarbuild import tar_extract, tree_of
+from test_cache_cli import big_layout
 
 from ocifuse import cache as cache_mod
 from ocifuse import zstdsource
@@ -294,7 +295,7 @@ def test_reads_go_on_after_the_spill_is_evicted(tmp_path: Path, monkeypatch: pyt
 def test_a_mount_reads_on_after_its_spill_is_evicted(tmp_path: Path) -> None:
     """cache_max reaches the daemon; a spill evicted under a live mount leaves it serving every byte."""
     path, _ = zstd_layout(tmp_path / "a.tar.zst", 9 << 20)  # a frame over 8 MiB: spilled
-    expected = tree_of(extract(path.with_suffix(".plain"), tmp_path / "x"))
+    expected = tree_of(tar_extract(path.with_suffix(".plain"), tmp_path / "x"))
     directory = tmp_path / "c"
     with mounted(path, tmp_path / "m", options=[f"cache={directory}", "cache_max=1K"]) as m:
         spills = [p for p in directory.iterdir() if p.name.startswith("spill.")]
