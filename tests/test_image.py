@@ -24,16 +24,19 @@ from ocifuse import options as mount_options
 from ocifuse.cache import IndexCache
 from ocifuse.errors import (
     CompressedDataError,
+    DecompressionLimit,
     DiffIdMismatch,
     InvalidDocument,
     LayerError,
     NotAnArchive,
     NotFound,
+    TruncatedArchive,
 )
 from ocifuse.fsck import check
 from ocifuse.image import RootImage
 from ocifuse.model import Platform
 from ocifuse.options import OptionError
+from ocifuse.streams import Limits
 
 
 def open_rootfs(path: str, **options: Any) -> RootImage:
@@ -676,3 +679,43 @@ def test_a_layer_whose_index_or_table_is_stored_is_opened_as_before(
         finally:
             img.close()
         assert {e.kind for e in cache.entries()} >= {"layer-table", "gzip-index", "rootfs-tree"}
+
+
+_OPEN = tar_bytes([file_member("etc/a", os.urandom(50_000)), file_member("etc/b", b"b" * 3000)], end=False)
+_TAR = _OPEN + bytes(1024)
+
+
+@pytest.mark.parametrize(
+    ("blob", "plain", "error", "message"),
+    [
+        (gzip.compress(_TAR) + b"garbage!", _TAR, CompressedDataError, "trailing data"),
+        (gzip.compress(_TAR)[:-3000], _TAR, CompressedDataError, "gzip"),
+        (pyzstd.compress(_TAR)[:-100], _TAR, CompressedDataError, "truncated"),
+        (gzip.compress(_TAR[:30_000]), _TAR[:30_000], TruncatedArchive, "etc/a runs past the end"),
+        (gzip.compress(_OPEN + b"x" * 512), _OPEN + b"x" * 512, NotAnArchive, "invalid tar header"),
+        (pyzstd.compress(b"no tar " * 500), b"no tar " * 500, NotAnArchive, "not a tar"),
+        (gzip.compress(gzip.compress(_TAR)), gzip.compress(_TAR), NotAnArchive, "gzip-compressed data"),
+        (gzip.compress(_TAR), _TAR, DecompressionLimit, "max_size"),
+    ],
+    ids=[
+        "gzip-trailing",
+        "gzip-cut",
+        "zstd-cut",
+        "tar-cut",
+        "tar-trailing",
+        "not-a-tar",
+        "gzip-in-gzip",
+        "max-size",
+    ],
+)
+def test_a_layer_pass_keeps_every_refusal(
+    tmp_path: Path, blob: bytes, plain: bytes, error: type[Exception], message: str
+) -> None:
+    """The pass that scans a layer as it decompresses refuses what the pass and the scan refused:
+    the stream's end and bounds first, then the tar, each naming the layer."""
+    media = ZSTD if blob.startswith(b"\x28\xb5\x2f\xfd") else GZIP
+    path = image(tmp_path, [blob], diff_ids=[_sha(plain)], media_types=[media])
+    limits = Limits(max_size=len(plain) - 1) if error is DecompressionLimit else Limits()
+    with pytest.raises(error, match=message) as found:
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")), limits=limits)
+    assert "layer 0" in str(found.value)
