@@ -16,7 +16,7 @@ from __future__ import annotations
 from .errors import CompressedDataError
 from .source import Source, sniff
 from .store import Store
-from .streams import Limits, Opening, Progress
+from .streams import Consumer, Limits, Opening, Progress
 
 
 def open_decompressed(
@@ -29,6 +29,7 @@ def open_decompressed(
     progress: Progress | None = None,
     rebuild: bool = False,
     digest: bool = True,
+    consumer: Consumer | None = None,
 ) -> Source:
     """A Source of the decompressed bytes of ``raw`` (``raw`` itself when it is not compressed).
 
@@ -37,6 +38,8 @@ def open_decompressed(
     checks the whole stream again. ``name`` (a path or a digest) names ``raw`` in errors.
     The result's ``uncompressed_digest`` is the sha256 of the decompressed stream (a layer's DiffID);
     ``digest=False`` (an outer archive, which needs none) skips hashing: 0.5-1 s less per GiB here.
+    ``consumer`` reads the decompressed stream during the pass, if there is one (none for an
+    uncompressed ``raw`` or a stored index): one decompression then serves the index and it.
 
     Raises CompressedDataError (damaged, truncated, trailing data, xz/bzip2) or DecompressionLimit.
     """
@@ -52,6 +55,7 @@ def open_decompressed(
         progress=progress,
         rebuild=rebuild,
         digest=digest,
+        consumer=consumer,
     )
     if kind == "gzip":
         from .gzipsource import GzipSource

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -27,7 +26,7 @@ from .errors import CompressedDataError
 from .readers import ReaderPool
 from .source import Source, SourceFile, sub_range
 from .store import GZIP_INDEX, Stale, load_or_build
-from .streams import NO_DIGEST, READ, U64, Head, Limits, Opening, Progress, too_large, unpack_head
+from .streams import READ, U64, Consumer, Forward, Head, HighWater, Limits, Opening, Progress, unpack_head
 
 log = logging.getLogger(__name__)
 
@@ -280,14 +279,20 @@ class GzipSource(Source):
             o.key,
             name=name,
             decode=decode,
-            build=lambda: cls._build(raw, name, o.limits, o.progress, digest),
+            build=lambda: cls._build(raw, name, o.limits, o.progress, digest, o.consumer),
             encode=lambda source: source.head.pack() + U64.pack(source.end) + source._index,
             rebuild=o.rebuild,
         )
 
     @classmethod
     def _build(
-        cls, raw: Source, name: str, limits: Limits, progress: Progress | None, digest: bool
+        cls,
+        raw: Source,
+        name: str,
+        limits: Limits,
+        progress: Progress | None,
+        digest: bool,
+        consumer: Consumer | None,
     ) -> GzipSource:
         # RFC 1952 2.2: nothing follows the last member; gzip(1) ignores zero bytes there (block
         # padding) and warns of anything else. rapidgzip refuses most runs of zeros and lets up to
@@ -301,7 +306,9 @@ class GzipSource(Source):
         for i, length in enumerate(tries):
             try:
                 stream = raw if length == raw.size else sub_range(raw, 0, length)
-                source = cls._pass(raw, stream, name, limits, progress if i == 0 else None, digest, padding)
+                source = cls._pass(
+                    raw, stream, name, limits, progress if i == 0 else None, digest, padding, consumer
+                )
                 log.info("%s: gzip-compressed, %d bytes decompressed", name, source.size)
                 return source
             except CompressedDataError:
@@ -320,49 +327,48 @@ class GzipSource(Source):
         progress: Progress | None,
         digest: bool,
         padding: int,
+        consumer: Consumer | None,
     ) -> GzipSource:
         """One pass of rapidgzip over ``stream`` (``raw`` without all of its zero padding)."""
         reader = _gzip_reader(stream)
-        try:
-            sha = hashlib.sha256() if digest else None
-            size = consumed = 0
-            buf = bytearray(READ)
-            view = memoryview(buf)
+        high = None if progress is None else HighWater(progress)
+
+        def chunks() -> Iterator[bytes]:
             while True:
                 try:
                     with _quiet_stderr():
-                        n = reader.readinto(buf)
+                        data = reader.read(READ)
                 except (ValueError, RuntimeError) as e:
                     raise _gzip_pass_error(name, e, raw, reader, limits, padding) from e
-                if not n:
-                    break
-                size += n
-                if size > limits.max_size:
-                    raise too_large(name, "gzip", limits)
-                if sha is not None:
-                    sha.update(view[:n])
-                if progress is not None:
-                    done = reader.tell_compressed() // 8
-                    progress(done - consumed)
-                    consumed = done
+                if not data:
+                    return
+                if high is not None:
+                    high(reader.tell_compressed() // 8)
+                yield data
+
+        try:
+            forward = Forward(chunks(), name=name, kind="gzip", limits=limits, digest=digest)
+            forward.run(consumer)
+            size = forward.size
             # rapidgzip ends quietly at some truncations and trailing bytes: find the end ourselves.
             end = _gzip_end(raw, name, _last_checkpoint(reader.block_offsets(), size), limits, padding)
             if end > stream.size:
                 raise CompressedDataError(
                     name, "gzip", f"truncated: the stream stops at byte {stream.size} of {end}"
                 )
-            if progress is not None:
-                progress(raw.size - consumed)
+            if high is not None:
+                high(raw.size)
             out = io.BytesIO()
             # gztool's format keeps each 32 KiB window zlib-compressed: ~10x smaller than
             # indexed_gzip's raw windows (0.6% of the uncompressed size instead of 6% at 1.5:1).
+            # After a read to the end, rapidgzip exports the seek points it made: no second pass.
             import rapidgzip
 
             reader.export_index(out, rapidgzip.IndexFormat.GZTOOL)
         except BaseException:
             reader.close()
             raise
-        head = Head(_GZIP_MAGIC, size, raw.size, NO_DIGEST if sha is None else sha.digest())
+        head = Head(_GZIP_MAGIC, size, raw.size, forward.sha256())
         source = cls(raw, name, out.getvalue(), head, end)
         source._pool.add(reader)
         return source

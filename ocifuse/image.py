@@ -27,13 +27,13 @@ from .errors import (
     OcifuseError,
     SizeMismatch,
 )
-from .layer import LayerTable
+from .layer import LayerScan, LayerTable
 from .layout import Layout, ViewOptions
 from .model import MAX_LAYERS, Descriptor, Manifest, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
-from .store import TREE, Store, load_or_build
+from .store import LAYER_TABLE, TREE, Store, load_or_build
 from .streams import Limits
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def layer_source(
     cache: Store | None = None,
     limits: Limits | None = None,
     raw: Source | None = None,
+    scan: LayerScan | None = None,
 ) -> tuple[Source, str]:
     """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
 
@@ -125,11 +126,14 @@ def layer_source(
     hash kept in ``cache`` under the layer's digest). Which, is decided by the blob's magic bytes.
     The blob itself is not hashed here: pass a VerifiedStore as ``cache`` for that (the mount
     does; fsck hashes every blob in its own walk). ``raw``: the blob, if layer_blob already gave it.
+    ``scan``: builds the layer's table in the same pass, when there is one (``scan.ran``).
     Raises LayerError (layer_blob) or CompressedDataError for damaged compressed data.
     """
     raw = layer_blob(layout, index, desc) if raw is None else raw
     what = f"layer {index} ({desc.digest})"
-    source = open_decompressed(raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits)
+    source = open_decompressed(
+        raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits, consumer=scan
+    )
     found = source.uncompressed_digest
     # config.md: the diff_id is the digest of the uncompressed tar, which an uncompressed blob is.
     return source, str(desc.digest if found is None else found)
@@ -224,14 +228,15 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
         workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
 
-            def open_all() -> None:
-                """Open every layer; the first failing layer's error, in layer order."""
-                for job in [pool.submit(layer.open) for layer in layers]:
+            def open_all(scan: bool = False) -> None:
+                """Open every layer (``scan``: its table built in the same pass); the first failing
+                layer's error, in layer order."""
+                for job in [pool.submit(layer.open, scan=scan) for layer in layers]:
                     job.result()
 
             def build() -> Merged:
                 """Open every layer, scan it (its table from the cache when there), merge them."""
-                open_all()
+                open_all(scan=True)
                 scans = [pool.submit(layer.table) for layer in layers]
                 tables = [scan.result() for scan in scans]
                 for layer in layers:
@@ -294,16 +299,29 @@ class LazyLayer(Source):
         self._lock = threading.Lock()
         self._source: Source | None = None
         self._gate: VerifiedStore | None = None
+        self._scan: LayerScan | None = None
 
-    def open(self) -> Source:
-        """The layer's stream, opened once; LayerError (and the like) when it cannot be served."""
+    def open(self, *, scan: bool = False) -> Source:
+        """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
+
+        ``scan``: its table will be asked for (``table``): when it is not stored, the pass that
+        builds the layer's index (if one must be built) builds the table too.
+        """
         with self._lock:
             if self._source is None:
                 raw = layer_blob(self.layout, self.index, self.desc)
                 gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
                 gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
+                key = blob_key(self.desc.digest)
+                scanner = LayerScan(self.what) if scan and gate.load(LAYER_TABLE.kind, key) is None else None
                 source, found = layer_source(
-                    self.layout, self.index, self.desc, cache=gate, limits=self.options.limits, raw=raw
+                    self.layout,
+                    self.index,
+                    self.desc,
+                    cache=gate,
+                    limits=self.options.limits,
+                    raw=raw,
+                    scan=scanner,
                 )
                 try:
                     gate.finish()
@@ -319,12 +337,16 @@ class LazyLayer(Source):
                 self.compression = source.compression
                 self.uncompressed_digest = source.uncompressed_digest
                 self._source, self._gate = source, gate
+                self._scan = scanner if scanner is not None and scanner.ran else None
             return self._source
 
     def table(self) -> LayerTable:
-        """The layer's table: from the cache, else scanned (and stored once the blob is its digest)."""
+        """The layer's table: from the cache, else as the layer's first pass built it, else scanned
+        (and stored once the blob is its digest)."""
+        source = self.open(scan=True)
+        scanned, self._scan = self._scan, None
         return LayerTable.load_or_scan(
-            self.open(), self.what, key=blob_key(self.desc.digest), cache=self._gate
+            source, self.what, key=blob_key(self.desc.digest), cache=self._gate, scanned=scanned
         )
 
     def finish(self) -> None:
@@ -415,8 +437,9 @@ def _check_layer(
     digest = str(desc.digest)
     if not layout.has_blob(desc.digest):
         return None  # fsck's main walk reports it (blob-missing, blob-external)
+    scan = LayerScan(f"layer {digest}")
     try:
-        source, found = layer_source(layout, index, desc)
+        source, found = layer_source(layout, index, desc, scan=scan)
     except OcifuseError as e:
         problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
         return None
@@ -429,7 +452,7 @@ def _check_layer(
             )
         )
     try:
-        table = LayerTable.scan(source, f"layer {digest}")
+        table = scan.result() if scan.ran else LayerTable.scan(source, f"layer {digest}")
     except OcifuseError as e:
         problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
         return None

@@ -1,9 +1,11 @@
 """The full-member scan of one layer tar: every entry type with the metadata a root filesystem serves.
 
-The header walk is archive.py's (``walk``: bounded header reads, the struct fast path, the end
+The header walk is tarscan.py's (``walk``: bounded header reads, the struct fast path, the end
 rules); this module is its second builder. Where the oci-archive table keeps files and
 directories, a layer keeps every member in order with its type, mode, owner, times, links,
 device numbers and PAX ``SCHILY.xattr.*`` attributes: rootfs.py merges layers from these.
+A compressed layer's table is built by the pass that builds its index (``LayerScan`` reads the
+pass's stream forward): one decompression for both.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .entries import Skipped
-from .errors import InvalidDocument, NotAnArchive
+from .errors import InvalidDocument, LayoutOpenError, NotAnArchive
 from .model import load_value
 from .source import Source, SourceFile, sniff
 from .store import LAYER_TABLE, Store, load_or_build
-from .tarscan import BLOCK, header_mtime, is_root, normalize, refusal, walk
+from .streams import Forward
+from .tarscan import BLOCK, TarFile, header_mtime, is_root, normalize, refusal, walk
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +110,38 @@ class LayerTable:
         Accepts what Go's archive/tar accepts (no end-of-archive blocks, a last member's padding
         cut short, an empty stream). Raises NotAnArchive or TruncatedArchive.
         """
-        kind = sniff(source.pread(0, 6))
-        if kind is not None:
-            raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
-        builder = _LayerBuilder()
         # A decompressing source costs a seek per read: read ahead far enough to take the headers of
         # many small members at once (a plain source: a pread per few headers is cheapest).
         buffer = BLOCK * 16 if source.compression == "plain" else COMPRESSED_READ_AHEAD
         with io.BufferedReader(SourceFile(source), buffer) as f:
-            end = walk(f, name, source.size, builder.add, layer=True)
+            return cls._walk(f, name, source.size)
+
+    @classmethod
+    def _walk(cls, f: TarFile, name: str, size: int | None) -> LayerTable:
+        """The table of the layer tar in ``f`` (``size`` bytes; None: a pass's stream, read forward)."""
+        kind = sniff(f.read(6))
+        if kind is not None:
+            raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
+        builder = _LayerBuilder()
+        end = walk(f, name, size, builder.add, layer=True)
         return cls(builder.members, builder.skipped, end)
 
     @classmethod
-    def load_or_scan(cls, source: Source, name: str, *, key: str | None, cache: Store | None) -> LayerTable:
+    def load_or_scan(
+        cls,
+        source: Source,
+        name: str,
+        *,
+        key: str | None,
+        cache: Store | None,
+        scanned: LayerScan | None = None,
+    ) -> LayerTable:
         """The table from the store (``key``: the layer's digest), else scanned and stored.
 
-        A stored table is used only if it parses, names a stream of exactly ``source.size`` bytes
-        and keeps every member inside it; anything else is logged and the layer scanned again.
+        ``scanned``: the table as the first pass over the layer built it (LayerScan), if it did:
+        then the layer is not scanned again. A stored table is used only if it parses, names a
+        stream of exactly ``source.size`` bytes and keeps every member inside it; anything else is
+        logged and the layer scanned again.
         """
         return load_or_build(
             cache,
@@ -131,7 +149,7 @@ class LayerTable:
             key,
             name=name,
             decode=lambda payload: cls.from_bytes(payload, source.size),
-            build=lambda: cls.scan(source, name),
+            build=lambda: cls.scan(source, name) if scanned is None else scanned.result(),
             encode=lambda table: table.to_bytes(source.size),
         )
 
@@ -180,6 +198,38 @@ class LayerTable:
             )
         skipped = [Skipped(str(n), str(r)) for n, r in doc["skipped"]]
         return cls(members, skipped, doc["end"])
+
+
+class LayerScan:
+    """A layer's table built from a first pass's stream as it decompresses (a streams.Consumer).
+
+    Given to compressed.open_decompressed: the pass that builds the layer's index walks its tar
+    headers too, and the layer is not decompressed a second time to scan it. The table is what
+    LayerTable.scan gives; a tar the scan refuses is kept as the error ``result`` raises (the
+    pass itself goes on: the stream's own checks and the diff_id come first, as they do when
+    the layer is scanned after its pass). ``ran``: whether a pass ran it (not for a stored index).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ran = False
+        self._table: LayerTable | None = None
+        self._error: LayoutOpenError | None = None
+
+    def __call__(self, stream: Forward) -> None:
+        self.ran = True
+        self._table, self._error = None, None  # a pass may start over: each run starts from byte 0
+        try:
+            self._table = LayerTable._walk(stream, self.name, None)
+        except LayoutOpenError as e:  # NotAnArchive, TruncatedArchive; the pass's own errors win
+            self._error = e
+
+    def result(self) -> LayerTable:
+        """The table; raises the scan's refusal of the tar (NotAnArchive, TruncatedArchive)."""
+        if self._error is not None:
+            raise self._error
+        assert self._table is not None, "LayerScan.result before a pass ran it"
+        return self._table
 
 
 def _xattrs(info: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:

@@ -1,14 +1,20 @@
-"""What every decompressing source shares: the bounds of a first pass, its progress, its stored head.
+"""What every decompressing source shares: a first pass's bounds, stream and progress, its stored head.
 
 A first pass reads a whole compressed stream once, in order (gzipsource.py, zstdsource.py): it
 builds the index, checks the stream end to end, counts the uncompressed size (bounded by
-``Limits``) and hashes the uncompressed bytes (a layer's DiffID, image-spec config.md).
+``Limits``) and hashes the uncompressed bytes (a layer's DiffID, image-spec config.md). Its
+decompressed bytes flow through one ``Forward`` stream, which a ``Consumer`` given by a layer
+above may read as it goes (a layer's tar headers: layer.LayerScan), so that one decompression
+serves both.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import io
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .digest import Digest
@@ -34,6 +40,14 @@ class Limits:
 Progress = Callable[[int], None]
 """Called with each count of compressed bytes the first pass has consumed."""
 
+Consumer = Callable[["Forward"], None]
+"""Reads a first pass's decompressed stream as far as it wants, in order, while the pass runs.
+
+Called once per pass attempt (a pass may start over: gzip's zero padding, a zstd stream that
+must be spilled), each time with a new stream from byte 0. Its own failures (a stream that is not
+what it reads) it keeps for its caller: an exception out of it ends the pass.
+"""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Opening:
@@ -47,6 +61,7 @@ class Opening:
     progress: Progress | None = None
     rebuild: bool = False
     digest: bool = True
+    consumer: Consumer | None = None  # reads the decompressed stream in the pass, if there is one
 
     @property
     def spill_path(self) -> str | None:
@@ -62,6 +77,127 @@ def too_large(name: str, kind: str, limits: Limits) -> DecompressionLimit:
         "(-o max_size=SIZE raises it)",
         "max_size",
     )
+
+
+# How far back a reader of a pass's stream may seek (a tar walk goes back one or two header blocks).
+FORWARD_KEEP = 64 << 10
+
+
+class Forward:
+    """A first pass's decompressed stream as a file read forward: the pass's one loop.
+
+    ``chunks`` yields the decompressed bytes in order (a decompressor's loop: it raises for
+    damaged data). Every byte is counted against ``limits.max_size`` and hashed (``digest``) as
+    it is pulled, whether a reader reads it or seeks over it: a forward seek reads and discards
+    (the last FORWARD_KEEP bytes are kept for a seek back). ``run`` hands the stream to a
+    consumer, then reads the rest to the end. Once the decompressor has failed, every read
+    raises its error again, and ``run`` raises it even if the consumer caught it.
+    """
+
+    def __init__(
+        self, chunks: Iterator[bytes], *, name: str, kind: str, limits: Limits, digest: bool
+    ) -> None:
+        self._chunks = chunks
+        self._name = name
+        self._kind = kind
+        self._limits = limits
+        self._sha = hashlib.sha256() if digest else None
+        self._kept: collections.deque[tuple[int, bytes]] = collections.deque()  # (start, bytes)
+        self._pos = 0
+        self.size = 0  # bytes decompressed so far; the stream's size once ``eof``
+        self.eof = False
+        self.failed: BaseException | None = None
+
+    def _pull(self) -> bool:
+        """Decompress the next chunk (counted, hashed, kept); False at the stream's end."""
+        if self.failed is not None:
+            raise self.failed
+        if self.eof:
+            return False
+        try:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.eof = True
+                return False
+            self.size += len(chunk)
+            if self.size > self._limits.max_size:
+                raise too_large(self._name, self._kind, self._limits)
+        except BaseException as e:
+            self.failed = e
+            raise
+        if self._sha is not None:
+            self._sha.update(chunk)
+        kept = self._kept
+        kept.append((self.size - len(chunk), chunk))
+        low = self._pos - FORWARD_KEEP  # nothing before it is read again
+        while kept and kept[0][0] + len(kept[0][1]) <= low:
+            kept.popleft()
+        return True
+
+    def sha256(self) -> bytes:
+        """The stream's sha256 so far (all zeros when not hashed)."""
+        return NO_DIGEST if self._sha is None else self._sha.digest()
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes from the position; fewer only at the end."""
+        if size < 0:
+            raise io.UnsupportedOperation("a pass's stream is read by the size")
+        want = self._pos + size
+        while self.size < want and self._pull():
+            pass
+        pos, kept = self._pos, self._kept
+        if pos >= min(want, self.size):
+            return b""
+        i = len(kept) - 1  # the chunk that holds pos: reads are near the end (small chunks: many kept)
+        while i >= 0 and kept[i][0] > pos:
+            i -= 1
+        if i < 0:
+            raise io.UnsupportedOperation(f"byte {pos} of the stream is no longer kept")
+        parts = []
+        while pos < want and i < len(kept):
+            start, chunk = kept[i]
+            parts.append(chunk[pos - start : want - start])
+            pos = min(start + len(chunk), want)
+            i += 1
+        self._pos = pos
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
+        """Move the position: back within the kept bytes, forward any distance (decompressed on read)."""
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            self._to_end()
+            offset += self.size
+        elif whence != io.SEEK_SET:
+            raise ValueError(f"invalid whence {whence}")
+        if offset < 0:
+            raise ValueError("negative seek position")
+        if offset < min(self._pos, self.size) and (not self._kept or offset < self._kept[0][0]):
+            raise io.UnsupportedOperation(f"cannot seek back to byte {offset}: the stream is read forward")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def run(self, consumer: Consumer | None) -> None:
+        """Hand the stream to ``consumer`` (if any), then read it to the end: the whole pass."""
+        if consumer is not None:
+            try:
+                consumer(self)
+            except Exception:
+                if self.failed is None:
+                    raise
+            if self.failed is not None:
+                raise self.failed
+        self._to_end()
+
+    def _to_end(self) -> None:
+        """Decompress the rest, keeping only its last bytes."""
+        self._pos = max(self._pos, self.size)
+        while self._pull():
+            self._pos = max(self._pos, self.size)
 
 
 class HighWater:

@@ -13,7 +13,7 @@ import re
 import struct
 import tarfile
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Protocol
 
 from .entries import ArchiveTable, Entry, Kind, Skipped
 from .errors import LayoutOpenError, NotAnArchive, TruncatedArchive
@@ -28,6 +28,16 @@ MAX_MEMBER_HEADERS = 4 * MAX_HEADER_DATA
 NAME_MAX = 255
 
 
+class TarFile(Protocol):
+    """What the walk reads a tar from: a file (``IO[bytes]``) or a pass's stream (streams.Forward)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
 class _CappedReader:
     """A read-only file wrapper that refuses header reads larger than MAX_HEADER_DATA.
 
@@ -35,7 +45,7 @@ class _CappedReader:
     GNU long-name header claiming gigabytes fails here instead of allocating gigabytes.
     """
 
-    def __init__(self, raw: IO[bytes], path: str) -> None:
+    def __init__(self, raw: TarFile, path: str) -> None:
         self._raw = raw
         self._path = path
         self.budget = MAX_MEMBER_HEADERS
@@ -129,16 +139,23 @@ def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
 
 
 def walk(
-    fileobj: IO[bytes], path: str, size: int, add: Callable[[tarfile.TarInfo], None], *, layer: bool = False
+    fileobj: TarFile,
+    path: str,
+    size: int | None,
+    add: Callable[[tarfile.TarInfo], None],
+    *,
+    layer: bool = False,
 ) -> int:
     """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
 
     The one header walk of ocifuse: the oci-archive table and the layer scan are two builders
     over it. Member data is never read, only seeked over; a member whose data runs past ``size``
-    raises TruncatedArchive before ``add`` sees it. ``layer``: accept what Go's archive/tar accepts
-    and real layer tars hold (``umoci insert`` writes them): no end-of-archive blocks, the last
-    member's padding cut short, an empty file or an all-zero first block (an empty layer).
-    Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
+    raises TruncatedArchive before ``add`` sees it. ``size`` None: a stream read forward, whose
+    size is known at its end only (a first pass's, streams.Forward): where it ends is found by
+    reading (every seek goes forward but for a header block or two). ``layer``: accept what Go's
+    archive/tar accepts and real layer tars hold (``umoci insert`` writes them): no end-of-archive
+    blocks, the last member's padding cut short, an empty file or an all-zero first block (an
+    empty layer). Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
     """
     if layer:
         fileobj.seek(0)
@@ -158,15 +175,17 @@ def walk(
     try:
         while True:
             reader.budget = MAX_MEMBER_HEADERS
-            if layer and tf.offset >= size and getattr(tf, "firstmember", None) is None:
-                return size  # the last member ended at (or its padding past) the end: no end blocks
+            may_end = layer and getattr(tf, "firstmember", None) is None
+            if may_end and not _holds(fileobj, size, tf.offset + 1):
+                # the last member ended at (or its padding past) the end: no end blocks
+                return fileobj.seek(0, os.SEEK_END) if size is None else size
             info = _next_member(tf, reader, size)
             if info is None:
                 break
             if info.size < 0:
                 # tarfile would step backwards by it, and could read the same headers forever.
                 raise ValueError(f"member {info.name!r} has a negative size")
-            if info.offset_data + info.size > size and _data_skipped(info):
+            if _data_skipped(info) and not _holds(fileobj, size, info.offset_data + info.size):
                 # never seek to a size the file does not have (lseek fails past 2**63)
                 raise TruncatedArchive(path, f"truncated tar archive: {info.name} runs past the end")
             add(info)
@@ -187,6 +206,14 @@ def walk(
             raise TruncatedArchive(path, f"truncated tar archive: header at byte {end} is cut short")
         raise NotAnArchive(path, f"invalid tar header at byte {end}")
     return end
+
+
+def _holds(fileobj: TarFile, size: int | None, n: int) -> bool:
+    """Whether the tar's stream holds ``n`` bytes: by ``size``, or (None) by reading its byte n-1."""
+    if size is not None:
+        return n <= size
+    fileobj.seek(n - 1)  # forward: what lies between is seeked over, as the walk would
+    return len(fileobj.read(1)) == 1
 
 
 # A ustar header: name mode uid gid size mtime chksum type linkname magic version uname gname
@@ -211,7 +238,9 @@ def _nti(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
-def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) -> tarfile.TarInfo | None:
+def _next_member(
+    tf: tarfile.TarFile, reader: _CappedReader, archive_size: int | None
+) -> tarfile.TarInfo | None:
     """``tf.next()``, with a fast path for the common header: a plain ustar file, directory or link.
 
     tarfile spends ~40 us of Python per header; this reads the same fields with one struct unpack
@@ -220,7 +249,11 @@ def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) 
     headers, base-256 numbers, a bad or signed checksum, zero blocks, the end) is tarfile's.
     """
     pos = tf.offset
-    if getattr(tf, "firstmember", None) is not None or tf.pax_headers or pos + BLOCK > archive_size:
+    if (
+        getattr(tf, "firstmember", None) is not None
+        or tf.pax_headers
+        or (archive_size is not None and pos + BLOCK > archive_size)
+    ):
         return tf.next()
     reader.seek(pos)
     buf = reader.read(BLOCK)
@@ -234,7 +267,7 @@ def _next_member(tf: tarfile.TarFile, reader: _CappedReader, archive_size: int) 
 
 
 def _plain_header(
-    buf: bytes, pos: int, archive_size: int, encoding: str, errors: str
+    buf: bytes, pos: int, archive_size: int | None, encoding: str, errors: str
 ) -> tarfile.TarInfo | None:
     """The member of a plain ustar header (a file, directory, link, device or fifo) at ``pos``, or None."""
     if len(buf) != BLOCK:
@@ -250,8 +283,9 @@ def _plain_header(
         return None  # base-256 or invalid: tarfile's
     if numbers[5] != sum(buf) - sum(buf[148:156]) + 256:  # tarfile's unsigned sum, the field as spaces
         return None
-    if numbers[3] < 0 or pos + BLOCK + -(-numbers[3] // BLOCK) * BLOCK > archive_size:
-        return None  # tarfile and the builder say what is wrong
+    padded = -(-numbers[3] // BLOCK) * BLOCK
+    if numbers[3] < 0 or (archive_size is not None and pos + BLOCK + padded > archive_size):
+        return None  # tarfile and the walk say what is wrong (a stream read forward: the walk)
 
     def text(field: bytes) -> str:
         return field.split(b"\0", 1)[0].decode(encoding, errors)

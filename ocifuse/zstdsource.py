@@ -12,19 +12,19 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
-import hashlib
 import itertools
 import logging
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from .errors import CompressedDataError
 from .readers import kept_frames
 from .source import FileRange, OpenFile, Source
 from .spill import Spill
 from .store import ZSTD_INDEX, Stale, load_or_build
-from .streams import NO_DIGEST, READ, U64, Head, HighWater, Limits, Opening, too_large, unpack_head
+from .streams import READ, U64, Consumer, Forward, Head, HighWater, Limits, Opening, unpack_head
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,13 @@ def _zstd_error(name: str, error: Exception, at: int) -> CompressedDataError:
     return CompressedDataError(name, "zstd", reason)
 
 
+@dataclass(frozen=True, slots=True)
 class _Frames:
     """What one pass learns: the frames that hold data (compressed offset, size, uncompressed size)."""
 
-    def __init__(self, digest: bool) -> None:
-        self.frames: list[tuple[int, int, int]] = []
-        self.size = 0
-        self.sha = hashlib.sha256() if digest else None
-
-    def sha256(self) -> bytes:
-        """The stream's sha256 (all zeros when not hashed)."""
-        return NO_DIGEST if self.sha is None else self.sha.digest()
+    frames: list[tuple[int, int, int]]
+    size: int
+    sha256: bytes  # the stream's sha256 (all zeros when not hashed)
 
 
 class _TooLargeFrame(Exception):
@@ -82,57 +78,66 @@ class _TooLargeFrame(Exception):
 
 
 def _zstd_pass(
-    raw: Source, name: str, limits: Limits, progress: HighWater | None, spill: Spill | None, digest: bool
+    raw: Source,
+    name: str,
+    limits: Limits,
+    progress: HighWater | None,
+    spill: Spill | None,
+    digest: bool,
+    consumer: Consumer | None,
 ) -> _Frames:
-    """Decompress ``raw`` once, in order: the frame table, size and sha256; the bytes into ``spill``.
+    """Decompress ``raw`` once, in order: the frame table, size and sha256; the bytes into ``spill``
+    and to ``consumer`` as they stream.
 
     Without a spill, raises _TooLargeFrame at the first frame over ZSTD_FRAME_INPLACE.
     """
-    out = _Frames(digest)
-    fed = start = frame_size = 0
-    pending = b""
-    started = False
-    import pyzstd
+    frames: list[tuple[int, int, int]] = []
 
-    d = pyzstd.ZstdDecompressor(option=_zstd_option())
-    while True:
-        try:
-            if d.needs_input:
-                if not pending:
-                    pending = raw.pread(fed, READ)
+    def chunks() -> Iterator[bytes]:
+        fed = start = frame_size = total = 0
+        pending = b""
+        started = False
+        import pyzstd
+
+        d = pyzstd.ZstdDecompressor(option=_zstd_option())
+        while True:
+            try:
+                if d.needs_input:
                     if not pending:
-                        break
-                    fed += len(pending)
-                    if progress is not None:
-                        progress(fed)
-                data = d.decompress(pending, max_length=READ)
-                pending = b""
-                started = True
-            else:
-                data = d.decompress(b"", max_length=READ)
-        except pyzstd.ZstdError as e:
-            raise _zstd_error(name, e, start) from e
-        if data:
-            frame_size += len(data)
-            out.size += len(data)
-            if out.size > limits.max_size:
-                raise too_large(name, "zstd", limits)
-            if spill is None and frame_size > ZSTD_FRAME_INPLACE:
-                raise _TooLargeFrame
-            if out.sha is not None:
-                out.sha.update(data)
-            if spill is not None:
-                spill.write(data, out.size)
-        if d.eof:  # RFC 8878 3.1: frames follow each other; a skippable frame decodes to nothing
-            pending = d.unused_data
-            end = fed - len(pending)
-            if frame_size:
-                out.frames.append((start, end - start, frame_size))
-            start, frame_size, started = end, 0, False
-            d = pyzstd.ZstdDecompressor(option=_zstd_option())
-    if started:
-        raise CompressedDataError(name, "zstd", f"truncated: the frame at byte {start} is cut short")
-    return out
+                        pending = raw.pread(fed, READ)
+                        if not pending:
+                            break
+                        fed += len(pending)
+                        if progress is not None:
+                            progress(fed)
+                    data = d.decompress(pending, max_length=READ)
+                    pending = b""
+                    started = True
+                else:
+                    data = d.decompress(b"", max_length=READ)
+            except pyzstd.ZstdError as e:
+                raise _zstd_error(name, e, start) from e
+            if data:
+                frame_size += len(data)
+                total += len(data)
+                yield data  # counted against max_size and hashed (Forward) before what follows
+                if spill is None and frame_size > ZSTD_FRAME_INPLACE:
+                    raise _TooLargeFrame
+                if spill is not None:
+                    spill.write(data, total)
+            if d.eof:  # RFC 8878 3.1: frames follow each other; a skippable frame decodes to nothing
+                pending = d.unused_data
+                end = fed - len(pending)
+                if frame_size:
+                    frames.append((start, end - start, frame_size))
+                start, frame_size, started = end, 0, False
+                d = pyzstd.ZstdDecompressor(option=_zstd_option())
+        if started:
+            raise CompressedDataError(name, "zstd", f"truncated: the frame at byte {start} is cut short")
+
+    forward = Forward(chunks(), name=name, kind="zstd", limits=limits, digest=digest)
+    forward.run(consumer)
+    return _Frames(frames, forward.size, forward.sha256())
 
 
 _source_ids = itertools.count()
@@ -231,17 +236,17 @@ def open_zstd(o: Opening) -> Source:
 
     def build() -> Source:
         try:
-            found = _zstd_pass(raw, name, limits, high, None, digest)
+            found = _zstd_pass(raw, name, limits, high, None, digest, o.consumer)
         except _TooLargeFrame:
             log.info(
                 "%s: a zstd frame over %d bytes: decompressing to a spill file", name, ZSTD_FRAME_INPLACE
             )
-            spilled = _spill(raw, o.spill_path, name, limits, high, digest)
+            spilled = _spill(raw, o.spill_path, name, limits, high, digest, o.consumer)
             log.info("%s: zstd-compressed, %d bytes decompressed", name, spilled.size)
             return spilled
         log.info("%s: zstd-compressed, %d bytes decompressed", name, found.size)
         return ZstdFrames(
-            raw, name, found.frames, Head(_ZSTD_FRAMES_MAGIC, found.size, raw.size, found.sha256())
+            raw, name, found.frames, Head(_ZSTD_FRAMES_MAGIC, found.size, raw.size, found.sha256)
         )
 
     def encode(source: Source) -> bytes | None:
@@ -266,17 +271,23 @@ def open_zstd(o: Opening) -> Source:
 
 
 def _spill(
-    raw: Source, path: str | None, name: str, limits: Limits, progress: HighWater | None, digest: bool
+    raw: Source,
+    path: str | None,
+    name: str,
+    limits: Limits,
+    progress: HighWater | None,
+    digest: bool,
+    consumer: Consumer | None,
 ) -> ZstdSpill:
-    """Decompress ``raw`` into a spill file (kept at ``path`` when given), in one pass."""
+    """Decompress ``raw`` into a spill file (kept at ``path`` when given), in one pass, ``consumer``'s too."""
     spill = Spill(path, name, limits)
     try:
-        found = _zstd_pass(raw, name, limits, progress, spill, digest)
+        found = _zstd_pass(raw, name, limits, progress, spill, digest, consumer)
         file = spill.finish()
     except BaseException:
         spill.discard()
         raise
-    head = Head(_ZSTD_SPILL_MAGIC, found.size, raw.size, found.sha256())
+    head = Head(_ZSTD_SPILL_MAGIC, found.size, raw.size, found.sha256)
     return ZstdSpill(file, head, kept=spill.path is not None)
 
 

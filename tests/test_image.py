@@ -24,16 +24,19 @@ from ocifuse import options as mount_options
 from ocifuse.cache import IndexCache
 from ocifuse.errors import (
     CompressedDataError,
+    DecompressionLimit,
     DiffIdMismatch,
     InvalidDocument,
     LayerError,
     NotAnArchive,
     NotFound,
+    TruncatedArchive,
 )
 from ocifuse.fsck import check
 from ocifuse.image import RootImage
 from ocifuse.model import Platform
 from ocifuse.options import OptionError
+from ocifuse.streams import Limits
 
 
 def open_rootfs(path: str, **options: Any) -> RootImage:
@@ -497,3 +500,222 @@ def test_rootfs_of_a_compressed_archive_keeps_the_limits(tmp_path: Path, kind: s
     path, _ = _compressed_outer(tmp_path, kind)
     with pytest.raises(DecompressionLimit, match=f"the {option} bound"):
         open_rootfs(str(path), limits=Limits(**{option: 1 << 20}))
+
+
+class _Decompressed:
+    """Bytes rapidgzip and pyzstd put out, counted: a pass's and a read's through an index alike."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from ocifuse import gzipsource
+
+        self.total = 0
+        counter = self
+
+        class Counting:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def read(self, size: int = -1) -> bytes:
+                data: bytes = self._inner.read(size)
+                counter.total += len(data)
+                return data
+
+            def readinto(self, buf: Any) -> int:
+                n: int = self._inner.readinto(buf)
+                counter.total += n
+                return n
+
+            def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+                out: bytes = self._inner.decompress(data, max_length)
+                counter.total += len(out)
+                return out
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._inner, name)
+
+        real_reader, real_decompressor, real_decompress = (
+            gzipsource._gzip_reader,
+            pyzstd.ZstdDecompressor,
+            pyzstd.decompress,
+        )
+
+        def decompress(data: bytes, *args: Any, **kwargs: Any) -> bytes:
+            out: bytes = real_decompress(data, *args, **kwargs)
+            counter.total += len(out)
+            return out
+
+        monkeypatch.setattr(gzipsource, "_gzip_reader", lambda raw: Counting(real_reader(raw)))
+        monkeypatch.setattr(pyzstd, "ZstdDecompressor", lambda **kw: Counting(real_decompressor(**kw)))
+        monkeypatch.setattr(pyzstd, "decompress", decompress)
+
+
+def _one_pass_layers() -> list[bytes]:
+    """Two layer tars: many small members of every kind, a PAX xattr, a long name, files across
+    1 MiB chunks; the second without end-of-archive blocks (umoci insert)."""
+    rng = random.Random(17)
+    exe = file_member("usr/bin/tool", rng.randbytes(3 << 20))
+    exe.info.pax_headers = {"SCHILY.xattr.security.capability": "x"}
+    lower = tar_bytes(
+        [
+            *(file_member(f"etc/f{i}", rng.randbytes(rng.randrange(0, 3000))) for i in range(400)),
+            exe,
+            link_member("usr/bin/same", "usr/bin/tool"),
+            link_member("usr/bin/link", "tool", tarfile.SYMTYPE),
+            file_member("d/" + "n" * 150, b"long name"),
+            file_member("usr/lib/big", bytes(range(256)) * 9000),
+        ]
+    )
+    upper = tar_bytes(
+        [whiteout("etc/.wh.f1"), *(file_member(f"var/g{i}", rng.randbytes(700)) for i in range(200))],
+        end=False,
+    )
+    return [lower, upper]
+
+
+def _zstd_frames(data: bytes) -> bytes:
+    """zstd in frames of 100,000 bytes (pzstd, zstd:chunked write many): a frame table, read in place."""
+    return b"".join(pyzstd.compress(data[i : i + 100_000]) for i in range(0, len(data), 100_000))
+
+
+_COMPRESS: dict[str, tuple[str, Any]] = {
+    "gzip": (GZIP, lambda data: gzip.compress(data, 1)),
+    "zstd": (ZSTD, pyzstd.compress),
+    "zstd-frames": (ZSTD, _zstd_frames),
+    "zstd-spill": (ZSTD, pyzstd.compress),  # the first layer: one frame over 8 MiB
+}
+
+
+@pytest.mark.parametrize("compression", list(_COMPRESS))
+def test_a_first_open_decompresses_each_layer_once(
+    tmp_path: Path, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first open: one pass per compressed layer builds its index, hashes its diff_id and scans its
+    tar; the tables stored and the bytes served are the ones a scan of the plain layer gives."""
+    from ocifuse.cache import blob_key
+    from ocifuse.digest import Digest
+    from ocifuse.layer import LayerTable
+    from ocifuse.source import MemorySource
+    from ocifuse.zstdsource import ZSTD_FRAME_INPLACE
+
+    media_type, compress = _COMPRESS[compression]
+    plains = _one_pass_layers()
+    if compression == "zstd-spill":
+        plains[0] += bytes(9 << 20)  # zero blocks after the end: the layer's tar ends before its stream
+    blobs = [compress(p) for p in plains]
+    path = image(tmp_path, blobs, diff_ids=[_sha(p) for p in plains], media_types=[media_type] * 2)
+    cache = IndexCache(str(tmp_path / "cache"))
+    decompressed = _Decompressed(monkeypatch)
+    scans: list[str] = []
+    real_scan = LayerTable.scan
+
+    def scan(source: Any, name: str) -> LayerTable:
+        scans.append(name)
+        return real_scan(source, name)
+
+    monkeypatch.setattr(LayerTable, "scan", scan)
+    img = open_rootfs(str(path), cache=cache)
+    try:
+        assert scans == []  # no layer scanned through its index: its pass built the table
+        total = sum(len(p) for p in plains)
+        if (
+            compression == "zstd-spill"
+        ):  # a large frame: the pass in place stops there, the spill pass reads all
+            assert total < decompressed.total <= total + ZSTD_FRAME_INPLACE + (1 << 20)
+        else:
+            assert decompressed.total == total
+        for blob, plain in zip(blobs, plains, strict=True):
+            stored = cache.load("layer-table", blob_key(Digest.parse(_sha(blob))))
+            assert stored == real_scan(MemorySource(plain), "layer").to_bytes(len(plain))
+        tool = img.merged.entries["usr/bin/tool"]
+        with tarfile.open(fileobj=io.BytesIO(plains[0])) as tf:
+            member = tf.extractfile("usr/bin/tool")
+            assert member is not None
+            assert img.sources.pread(tool, 0, tool.size) == member.read()
+        assert "etc/f1" not in img.merged.entries and "var/g199" in img.merged.entries
+    finally:
+        img.close()
+
+
+def test_a_layer_whose_index_or_table_is_stored_is_opened_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index stored, not the table: the table is scanned through the index. The table stored,
+    not the index: the index's pass scans nothing. Either way the same tree."""
+    from ocifuse.layer import LayerScan
+
+    plains = _one_pass_layers()
+    path = image(
+        tmp_path,
+        [gzip.compress(p, 1) for p in plains],
+        diff_ids=[_sha(p) for p in plains],
+        media_types=[GZIP] * 2,
+    )
+    cache_dir = tmp_path / "cache"
+    cache = IndexCache(str(cache_dir))
+    first = open_rootfs(str(path), cache=cache)
+    entries = sorted(first.merged.entries)
+    first.close()
+    walks: list[str] = []
+    real_call = LayerScan.__call__
+
+    def walk(self: LayerScan, stream: Any) -> None:
+        walks.append(self.name)
+        real_call(self, stream)
+
+    monkeypatch.setattr(LayerScan, "__call__", walk)
+    for drop in ("layer-table", "gzip-index"):
+        for e in cache.entries():
+            if e.kind in (drop, "rootfs-tree"):
+                (cache_dir / e.name).unlink()
+        decompressed = _Decompressed(monkeypatch)
+        img = open_rootfs(str(path), cache=cache)
+        try:
+            assert sorted(img.merged.entries) == entries
+            assert walks == []
+            if drop == "gzip-index":  # one pass, the table from the cache
+                assert decompressed.total == sum(len(p) for p in plains)
+            else:  # the table scanned through the index, as before (seeking over big files' data)
+                assert decompressed.total > 0
+        finally:
+            img.close()
+        assert {e.kind for e in cache.entries()} >= {"layer-table", "gzip-index", "rootfs-tree"}
+
+
+_OPEN = tar_bytes([file_member("etc/a", os.urandom(50_000)), file_member("etc/b", b"b" * 3000)], end=False)
+_TAR = _OPEN + bytes(1024)
+
+
+@pytest.mark.parametrize(
+    ("blob", "plain", "error", "message"),
+    [
+        (gzip.compress(_TAR) + b"garbage!", _TAR, CompressedDataError, "trailing data"),
+        (gzip.compress(_TAR)[:-3000], _TAR, CompressedDataError, "gzip"),
+        (pyzstd.compress(_TAR)[:-100], _TAR, CompressedDataError, "truncated"),
+        (gzip.compress(_TAR[:30_000]), _TAR[:30_000], TruncatedArchive, "etc/a runs past the end"),
+        (gzip.compress(_OPEN + b"x" * 512), _OPEN + b"x" * 512, NotAnArchive, "invalid tar header"),
+        (pyzstd.compress(b"no tar " * 500), b"no tar " * 500, NotAnArchive, "not a tar"),
+        (gzip.compress(gzip.compress(_TAR)), gzip.compress(_TAR), NotAnArchive, "gzip-compressed data"),
+        (gzip.compress(_TAR), _TAR, DecompressionLimit, "max_size"),
+    ],
+    ids=[
+        "gzip-trailing",
+        "gzip-cut",
+        "zstd-cut",
+        "tar-cut",
+        "tar-trailing",
+        "not-a-tar",
+        "gzip-in-gzip",
+        "max-size",
+    ],
+)
+def test_a_layer_pass_keeps_every_refusal(
+    tmp_path: Path, blob: bytes, plain: bytes, error: type[Exception], message: str
+) -> None:
+    """The pass that scans a layer as it decompresses refuses what the pass and the scan refused:
+    the stream's end and bounds first, then the tar, each naming the layer."""
+    media = ZSTD if blob.startswith(b"\x28\xb5\x2f\xfd") else GZIP
+    path = image(tmp_path, [blob], diff_ids=[_sha(plain)], media_types=[media])
+    limits = Limits(max_size=len(plain) - 1) if error is DecompressionLimit else Limits()
+    with pytest.raises(error, match=message) as found:
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")), limits=limits)
+    assert "layer 0" in str(found.value)

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import io
 import os
 import stat
 import tarfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tarbuild import BLOCK, MTIME, Member, dir_member, file_member, link_member, write_member
+from tarbuild import (
+    BLOCK,
+    BROKEN,
+    MTIME,
+    ODD_FORMATS,
+    SKIPPING,
+    Member,
+    dir_member,
+    file_member,
+    link_member,
+    write_member,
+)
 
 from ocifuse import rootfs as rootfs_module
 from ocifuse.entries import Entry, Kind, Sources
 from ocifuse.errors import NotAnArchive, OcifuseError, TruncatedArchive
 from ocifuse.fs import Operations
-from ocifuse.layer import LayerTable, Type
+from ocifuse.layer import LayerScan, LayerTable, Type
 from ocifuse.rootfs import Merged, merge
 from ocifuse.source import MemorySource
+from ocifuse.streams import Forward, Limits
 from ocifuse.tree import ROOT, Tree
 
 # security.capability of cap_net_bind_service+ep (VFS_CAP_REVISION_2)
@@ -40,8 +55,33 @@ def tar_bytes(members: list[Member], *, end: bool = True, fmt: int = tarfile.PAX
 
 
 def scan(data: bytes) -> LayerTable:
-    """Scan a layer tar held in memory."""
-    return LayerTable.scan(MemorySource(data), "layer")
+    """Scan a layer tar held in memory; the scan of a first pass's stream agrees (forward_scan)."""
+    try:
+        table = LayerTable.scan(MemorySource(data), "layer")
+    except OcifuseError as e:
+        for chunk in FORWARD_CHUNKS:
+            with pytest.raises(type(e)) as found:
+                forward_scan(data, chunk)
+            assert str(found.value) == str(e)
+        raise
+    for chunk in FORWARD_CHUNKS:
+        other = forward_scan(data, chunk)
+        assert (other.members, other.skipped, other.end) == (table.members, table.skipped, table.end)
+    return table
+
+
+# Chunk sizes a pass's stream comes in: a header split across chunks, a block per chunk, gzip's READ.
+FORWARD_CHUNKS = (7, BLOCK, 1 << 20)
+
+
+def forward_scan(data: bytes, chunk: int) -> LayerTable:
+    """The table a first pass's LayerScan builds of ``data`` decompressed in chunks of ``chunk`` bytes."""
+    chunks = iter([data[i : i + chunk] for i in range(0, len(data), chunk)])
+    stream = Forward(chunks, name="layer", kind="test", limits=Limits(), digest=True)
+    scanner = LayerScan("layer")
+    stream.run(scanner)
+    assert scanner.ran and stream.size == len(data) and stream.sha256() == hashlib.sha256(data).digest()
+    return scanner.result()
 
 
 def special(name: str, type_: bytes, major: int = 0, minor: int = 0) -> Member:
@@ -168,6 +208,19 @@ def test_scan_refuses_what_is_not_a_whole_tar() -> None:
         scan(os.urandom(4096))
     with pytest.raises(NotAnArchive, match="gzip"):
         scan(b"\x1f\x8b\x08\x00" + bytes(600))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [*ODD_FORMATS.values(), *SKIPPING.values(), *(b for b, _ in BROKEN.values())],
+    ids=[*ODD_FORMATS, *SKIPPING, *BROKEN],
+)
+def test_a_pass_scans_every_tar_as_the_scan_does(tmp_path: Path, build: Callable[[Path], Path]) -> None:
+    """The table a first pass builds as it decompresses (LayerScan over its forward stream) is the
+    table, or the refusal, that the scan of the decompressed layer gives: for odd formats, skipped
+    members and broken tars (``scan`` compares the two)."""
+    with contextlib.suppress(OcifuseError):
+        scan(build(tmp_path).read_bytes())
 
 
 def test_scan_skips_unsafe_names_with_reasons() -> None:
