@@ -33,11 +33,15 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ArchiveChanged, LayoutOpenError, OcifuseError
 from .source import Origin, Source
+
+if TYPE_CHECKING:  # obstore's TypedDicts exist only for type checkers
+    from obstore import GetOptions
+    from obstore.store import ClientConfig, HTTPStore, RetryConfig, S3Config, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +126,10 @@ def _env(*names: str) -> str | None:
     return None
 
 
-def _client_options(scheme: str, options: RemoteOptions) -> dict[str, Any]:
+def _client_options(scheme: str, options: RemoteOptions) -> ClientConfig:
     """reqwest's settings: timeouts within ``options.timeout``, the proxy of the environment, a CA file."""
     t = max(1.0, options.timeout)
-    config: dict[str, Any] = {
+    config: ClientConfig = {
         "allow_http": True,
         # One request may take half the budget; retries of failed ones the other half.
         "timeout": timedelta(seconds=t / 2),
@@ -148,7 +152,7 @@ def _client_options(scheme: str, options: RemoteOptions) -> dict[str, Any]:
     return config
 
 
-def _retry(options: RemoteOptions) -> dict[str, Any]:
+def _retry(options: RemoteOptions) -> RetryConfig:
     t = max(1.0, options.timeout)
     return {
         "max_retries": 10,
@@ -161,7 +165,7 @@ def _retry(options: RemoteOptions) -> dict[str, Any]:
     }
 
 
-def _open_store(url: str, options: RemoteOptions) -> tuple[Any, str, str]:
+def _open_store(url: str, options: RemoteOptions) -> tuple[S3Store | HTTPStore, str, str]:
     """(an obstore store, the object's path in it, the object's identity's place) for ``url``."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -172,7 +176,7 @@ def _open_store(url: str, options: RemoteOptions) -> tuple[Any, str, str]:
         key = parts.path.lstrip("/")
         if not bucket or not key:
             raise OcifuseError(f"{redact(url)}: an s3 URL is s3://BUCKET/KEY")
-        config: dict[str, Any] = {}
+        config: S3Config = {}
         # The AWS tools' variables (object_store reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
         # AWS_SESSION_TOKEN, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL from the environment
         # itself); the S3-specific endpoint variable wins, as in the AWS CLI. A custom endpoint is
@@ -194,10 +198,10 @@ def _open_store(url: str, options: RemoteOptions) -> tuple[Any, str, str]:
 
     # The store's URL is the object's own (with its query string: a presigned URL's signature);
     # the object is its empty path. reqwest sends userinfo as basic credentials.
-    store = HTTPStore.from_url(
+    http = HTTPStore.from_url(
         url, client_options=_client_options(scheme, options), retry_config=_retry(options)
     )
-    return store, "", redact(url)
+    return http, "", redact(url)
 
 
 class RemoteObject(Origin):
@@ -239,7 +243,7 @@ class RemoteObject(Origin):
         version = f"etag={self.etag}" if self.etag else f"modified={self.mtime}"
         return f"url:{self._place}:{version}:{self.size}"
 
-    def store(self) -> Any:
+    def store(self) -> S3Store | HTTPStore:
         """The client, made again in a forked child (a background mount): the parent's runtime is gone."""
         if os.getpid() != self._pid:
             self._store, self._path, _ = _open_store(self.url, self.options)
@@ -251,7 +255,7 @@ class RemoteObject(Origin):
         import obstore
         from obstore import exceptions as ox
 
-        options: dict[str, Any] = {"range": (start, end)}
+        options: GetOptions = {"range": (start, end)}
         if self.etag:
             options["if_match"] = self.etag
         elif self.last_modified is not None:
@@ -301,7 +305,7 @@ class RemoteSource(Source):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()  # block index -> bytes (LRU order)
         self._held = 0
         self._pending: dict[int, Future[bytes]] = {}  # block index -> its fetch in flight
-        self._streams: OrderedDict[int, int] = OrderedDict()  # next offset of a stream -> its window
+        self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._closed = False
@@ -366,14 +370,19 @@ class RemoteSource(Source):
     # -- read-ahead ------------------------------------------------------------------------------
 
     def _advance(self, offset: int, size: int) -> int:
-        """Follow the stream this read continues (lock held): its read-ahead window, 0 for a random read."""
+        """Follow the stream this read continues (lock held): its read-ahead window, 0 for a random read.
+
+        A read continues a stream when it starts after the stream's last read started and no later
+        than where it ended (FUSE's concurrent reads may arrive a little out of order); reading the
+        same bytes again is no sign of a sequential reader.
+        """
         window = 0
-        for nxt, win in self._streams.items():
-            if nxt - PART <= offset <= nxt:  # continues (or overlaps the end of) a stream
-                del self._streams[nxt]
+        for end, (start, win) in self._streams.items():
+            if start < offset <= end:
+                del self._streams[end]
                 window = min(WINDOW_MAX, max(WINDOW_START, win * 2))
                 break
-        self._streams[offset + size] = window
+        self._streams[offset + size] = (offset, window)
         self._streams.move_to_end(offset + size)
         while len(self._streams) > STREAMS:
             self._streams.popitem(last=False)

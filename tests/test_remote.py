@@ -192,7 +192,8 @@ def test_mount_over_http_reads_as_the_local_one(
 @pytest.mark.fuse
 def test_rootfs_over_http(web: Nginx, real_image: RealImage, tmp_path: Path) -> None:
     with mounted(web.url("image.tar.gz"), tmp_path / "mnt", args=["--rootfs", "--no-cache"]) as m:
-        for path, data in real_image.files.items():
+        for path in ("/hello.txt", "/data/big.bin"):  # tag v1's files (/etc/app is v2's)
+            data = real_image.files[path]
             assert m.path(path.lstrip("/")).read_bytes() == data
 
 
@@ -239,7 +240,8 @@ def test_replaced_under_a_live_mount_then_server_down_then_back(
     server = Nginx(tmp_path / "nginx", root)
     server.start()
     try:
-        with mounted(server.url("image.tar"), tmp_path / "mnt", options=["timeout=4"], args=["--no-cache"]) as m:
+        url = server.url("image.tar")
+        with mounted(url, tmp_path / "mnt", options=["timeout=4"], args=["--no-cache"]) as m:
             assert m.path("index.json").read_bytes() == local["index.json"]
             # Down: the big blob is not in memory yet.
             server.stop()
@@ -259,6 +261,9 @@ def test_replaced_under_a_live_mount_then_server_down_then_back(
             assert m.path("index.json").read_bytes() == local["index.json"]
             (root / "image.tar").unlink()
             (root / "image.tar").write_bytes(os.urandom(len((www / "image.tar").read_bytes())))
+            # Same size; nginx's ETag is mtime (seconds) and size: make sure the second differs.
+            later = (root / "image.tar").stat().st_mtime + 10
+            os.utime(root / "image.tar", (later, later))
             with pytest.raises(OSError) as e:
                 m.path(big).read_bytes()
             assert e.value.errno == errno.EIO
