@@ -37,7 +37,13 @@ TIMEOUT = 10.0
 O_FLAGS = options.OWN_FLAGS | options.FUSE_FLAGS | set(options.FORCED)
 O_VALUES = options.OWN_VALUES | options.OWN_SIZES | options.FUSE_VALUES
 # A value each value option accepts, to show each offered option is one options.parse takes.
-SAMPLE_VALUE = {"readahead_kb": "512", "platform": "linux/arm64", "max_size": "1G", "spill_max": "2G"}
+SAMPLE_VALUE = {
+    "readahead_kb": "512",
+    "timeout": "10",
+    "platform": "linux/arm64",
+    "max_size": "1G",
+    "spill_max": "2G",
+}
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
