@@ -59,7 +59,7 @@ FETCHERS = 4
 # How many sequential streams are followed at once (readers of different files).
 STREAMS = 16
 # The in-memory block cache's bound (LRU); at least one full read-ahead window fits.
-MEMORY = 128 * MiB
+MEMORY = 64 * MiB
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -250,7 +250,7 @@ class RemoteObject(Origin):
             self._pid = os.getpid()
         return self._store
 
-    def fetch(self, start: int, end: int) -> bytes:
+    def fetch(self, start: int, end: int) -> memoryview:
         """Bytes [start, end) of the object as it was at open, or RemoteError/ArchiveChanged (EIO)."""
         import obstore
         from obstore import exceptions as ox
@@ -271,15 +271,16 @@ class RemoteObject(Origin):
                 )
             if self._changed(meta):
                 raise ArchiveChanged(self.name)
-            data = bytes(result.bytes())
+            data = memoryview(result.bytes())  # Rust's buffer, not copied: fetch_run cuts it into blocks
         except OcifuseError:
             raise
         except ox.PreconditionError as e:
             raise ArchiveChanged(self.name) from e
         except Exception as e:
             why = _why(e)
-            if "non-partial" in why.lower() or "range" in why.lower() and "200" in why:
-                why = f"the server ignores Range requests ({why})"
+            if isinstance(e, ox.NotSupportedError) or "non-partial" in why.lower():
+                # 200 and the whole body (or 200 with a Content-Range): refused before the body is read.
+                why = "the server ignores Range requests (it answers with the whole object)"
             raise RemoteError(f"{self.name}: bytes {start}-{end}: {why}") from e
         if len(data) != end - start:
             raise RemoteError(f"{self.name}: bytes {start}-{end}: {len(data)} bytes in the answer")
@@ -341,8 +342,10 @@ class RemoteSource(Source):
         for run in _runs(mine):
             self._fetch_run(run)
         pieces = [waits[b].result() for b in range(first, last + 1)]
-        start = offset - first * BLOCK
-        return b"".join(pieces)[start : start + size] if len(pieces) > 1 else pieces[0][start : start + size]
+        if len(pieces) == 1:
+            start = offset - first * BLOCK
+            return pieces[0][start : start + size]
+        return b"".join(_cut(pieces, offset - first * BLOCK, size))
 
     def pread_cached(self, offset: int, size: int) -> bytearray | None:
         """The bytes when every block of them is in memory (the FUSE loop's own thread), else None."""
@@ -364,8 +367,10 @@ class RemoteSource(Source):
             window = self._advance(offset, size)
             ahead = self._claim_ahead(last + 1, window)
         self._start_ahead(ahead)
-        start = offset - first * BLOCK
-        return bytearray(b"".join(pieces)[start : start + size])
+        out = bytearray()
+        for piece in _cut(pieces, offset - first * BLOCK, size):
+            out += piece
+        return out
 
     # -- read-ahead ------------------------------------------------------------------------------
 
@@ -436,12 +441,11 @@ class RemoteSource(Source):
                 raise
             log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
             return
-        view = memoryview(data)
+        blocks = [bytes(data[i * BLOCK : (i + 1) * BLOCK]) for i in range(len(run))]  # the one copy
         settled = []
         with self._lock:
             self.fetched += len(data)
-            for i, b in enumerate(run):
-                block = bytes(view[i * BLOCK : (i + 1) * BLOCK]) if len(run) > 1 else data
+            for b, block in zip(run, blocks, strict=True):
                 settled.append((self._pending.pop(b), block))
                 if not self._closed:
                     self._keep(b, block)
@@ -478,6 +482,17 @@ def _done(data: bytes) -> Future[bytes]:
     f: Future[bytes] = Future()
     f.set_result(data)
     return f
+
+
+def _cut(pieces: list[bytes], start: int, size: int) -> list[memoryview]:
+    """``size`` bytes from ``start`` of the blocks ``pieces`` laid end to end, as views (no copy)."""
+    out = []
+    for piece in pieces:
+        view = memoryview(piece)[start : start + size]
+        out.append(view)
+        size -= len(view)
+        start = 0
+    return out
 
 
 def _runs(blocks: list[int]) -> list[list[int]]:
