@@ -100,22 +100,41 @@ _URL = re.compile(r"\b(?:https?|s3)://[^\s'\"<>]+")
 
 
 def _why(e: BaseException) -> str:
-    """A one-line reason for a client error, with every URL in it redacted."""
+    """A one-line reason for a client error, without any URL in it (a URL may carry secrets)."""
     from obstore import exceptions as ox
 
-    known = (
-        (ox.NotFoundError, "not found (404)"),
-        (ox.PermissionDeniedError, "permission denied (403)"),
+    known: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        # obstore raises Python's own FileNotFoundError and PermissionError for these.
+        ((ox.NotFoundError, FileNotFoundError), "not found (404)"),
+        ((ox.PermissionDeniedError, PermissionError), "permission denied (403)"),
         (ox.UnauthenticatedError, "not authorized (401)"),
         (ox.PreconditionError, "changed since it was opened (412)"),
     )
     for kind, text in known:
         if isinstance(e, kind):
             return text
-    lines = str(e).strip().splitlines()
+    full = str(e)
+    retries = re.search(r"after (\d+) retries", full)
+    tail = f", after {retries.group(1)} retries" if retries else ""
+    lower = full.lower()
+    if "169.254.169.254" in full or "169.254.170.2" in full:  # the credential chain's last resorts
+        return "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    if "dns error" in lower or "failed to lookup address" in lower:
+        return f"the host name does not resolve{tail}"
+    tls = re.search(r"InvalidCertificate\(\s*(\w+)", full)  # rustls: UnknownIssuer, NotValidForName, Expired
+    if tls:
+        return f"TLS: the server's certificate is not trusted ({tls.group(1)}; -o cafile= adds a CA){tail}"
+    os_error = re.search(r'message: "([^"]+)"', full)
+    if os_error:
+        return f"{os_error.group(1)}{tail}"
+    status = re.search(r"status code: (\d{3}[^:\n]*)", full)
+    if status:
+        return f"the server answered {status.group(1).strip()}{tail}"
+    if "timed out" in lower or "kind: timeout" in lower:
+        return f"timed out{tail}"
+    lines = full.strip().splitlines()
     line = lines[0] if lines else type(e).__name__
-    line = _URL.sub(lambda m: redact(m.group(0)), line)
-    return line[:300]
+    return _URL.sub(lambda m: redact(m.group(0)), line)[:300]
 
 
 def _env(*names: str) -> str | None:

@@ -68,14 +68,76 @@ http {{
   types {{ }}
   default_type application/octet-stream;
   server {{ listen {host}:{port}; root {www}; }}
+  {tls}
 }}
 """
+_TLS_SERVER = (
+    "server {{ listen {host}:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {www}; }}"
+)
+
+
+def make_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA of the test's own and a certificate for 127.0.0.1 it signed: (ca.pem, cert.pem, key.pem)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "cert.pem", directory / "key.pem", directory / "cert.csr"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ocifuse test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
+    return ca, cert, key
 
 
 class Nginx:
     """An nginx of the test's own (``nginx -p DIR -c CONF``, ``daemon off``) serving ``www`` on a port."""
 
-    def __init__(self, directory: Path, www: Path) -> None:
+    def __init__(self, directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> None:
         if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
             skip_or_fail("nginx is not installed (apt-get install nginx; .ci/setup.sh test does)")
         self.directory = directory
@@ -86,11 +148,21 @@ class Nginx:
         self.conf = directory / "nginx.conf"
         # As root, nginx's worker would be "nobody", who cannot enter pytest's private temp directories.
         user = "user root root;" if os.geteuid() == 0 else ""
-        self.conf.write_text(_NGINX_CONF.format(d=directory, host=HOST, port=self.port, www=www, user=user))
+        # With ``tls`` (cert, key): https on a second port as well.
+        self.tls_port = free_port() if tls else 0
+        server = (
+            _TLS_SERVER.format(host=HOST, port=self.tls_port, cert=tls[0], key=tls[1], www=www) if tls else ""
+        )
+        self.conf.write_text(
+            _NGINX_CONF.format(d=directory, host=HOST, port=self.port, www=www, user=user, tls=server)
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, name: str) -> str:
         return f"http://{HOST}:{self.port}/{name}"
+
+    def https_url(self, name: str) -> str:
+        return f"https://{HOST}:{self.tls_port}/{name}"
 
     def start(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -123,9 +195,9 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(directory: Path, www: Path) -> Iterator[Nginx]:
-    """An nginx serving ``www``, stopped on the way out whatever happens."""
-    server = Nginx(directory, www)
+def nginx(directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> Iterator[Nginx]:
+    """An nginx serving ``www`` (and over https with ``tls``), stopped on the way out whatever happens."""
+    server = Nginx(directory, www, tls)
     try:
         server.start()
         yield server

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import RealImage
-from mounting import is_mounted, mount_source, mounted, run_ocifuse
+from mounting import background_mount, is_mounted, mount_source, mounted, run_ocifuse
 from peers import compress
-from servers import Nginx, http_server, nginx, s3_server
+from servers import Nginx, http_server, make_ca, nginx, s3_server
 
 from ocifuse import remote
 from ocifuse.errors import LayoutOpenError, OcifuseError
@@ -58,7 +58,10 @@ def web(www: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("https://user:pw@example.com:8443/a/b.tar?X-Amz-Signature=abc#frag", "https://example.com:8443/a/b.tar"),
+        (
+            "https://user:pw@example.com:8443/a/b.tar?X-Amz-Signature=abc#frag",
+            "https://example.com:8443/a/b.tar",
+        ),
         ("http://example.com/x.tar", "http://example.com/x.tar"),
         ("s3://bucket/key/of.tar", "s3://bucket/key/of.tar"),
         ("http://token@[::1]/x", "http://[::1]/x"),
@@ -70,7 +73,11 @@ def test_redact_drops_userinfo_and_query(url: str, shown: str) -> None:
 
 def test_is_url() -> None:
     assert remote.is_url("https://h/x") and remote.is_url("S3://b/k") and remote.is_url("http://h")
-    assert not remote.is_url("/tmp/http://x") and not remote.is_url("image.tar") and not remote.is_url("ftp://h/x")
+    assert (
+        not remote.is_url("/tmp/http://x")
+        and not remote.is_url("image.tar")
+        and not remote.is_url("ftp://h/x")
+    )
 
 
 # -- the read core over HTTP, without FUSE ------------------------------------------------------
@@ -280,3 +287,40 @@ def test_404_at_mount_is_one_line_and_nothing_mounted(web: Nginx, tmp_path: Path
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "not found" in done.stderr
     assert not is_mounted(mnt)
+
+
+@pytest.mark.fuse
+def test_https_with_a_private_ca(www: Path, real_image: RealImage, tmp_path: Path) -> None:
+    """TLS is verified: a certificate of an unknown CA is refused (one line), -o cafile= trusts it."""
+    ca, cert, key = make_ca(tmp_path / "ca")
+    with nginx(tmp_path / "nginx", www, tls=(cert, key)) as server:
+        url = server.https_url("image.tar")
+        done = run_ocifuse("inspect", url)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "TLS" in done.stderr and "certificate" in done.stderr, done.stderr
+        with pytest.raises(LayoutOpenError):
+            open_layout(url, ViewOptions())
+        with open_layout(url, ViewOptions(remote=remote.RemoteOptions(cafile=str(ca)))) as layout:
+            assert (
+                layout.read_at("index.json", 0, 1 << 20)
+                == (real_image.layout_dir / "index.json").read_bytes()
+            )
+        with mounted(url, tmp_path / "mnt", options=[f"cafile={ca}"], args=["--no-cache"]) as m:
+            assert _files(m.mountpoint) == _files(real_image.layout_dir)
+
+
+@pytest.mark.fuse
+def test_background_mount_of_a_url(web: Nginx, real_image: RealImage, tmp_path: Path) -> None:
+    """The daemon forks after opening the URL: the child makes its own client and reads on."""
+    mnt = tmp_path / "mnt"
+    with background_mount(web.url("image.tar.gz"), mnt, args=["--no-cache"]) as done:
+        assert done.returncode == 0, done.stderr
+        assert _files(mnt) == _files(real_image.layout_dir)
+
+
+def test_zstd_archive_over_http(www: Path, web: Nginx, real_image: RealImage) -> None:
+    compress("zstd", www / "image.tar", www / "image.tar.zst")
+    with open_layout(web.url("image.tar.zst"), ViewOptions()) as layout:
+        assert layout.compression == "zstd"
+        for path, data in _files(real_image.layout_dir).items():
+            assert layout.read_at(path, 0, len(data) + 1) == data
