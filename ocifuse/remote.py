@@ -25,8 +25,10 @@ keys) has no userinfo and no query string (presigned URLs carry their signature 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import re
 import threading
 from collections import OrderedDict
@@ -38,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ArchiveChanged, LayoutOpenError, OcifuseError
 from .source import Origin, Source
+from .store import REMOTE_BLOCK, Store
 
 if TYPE_CHECKING:  # obstore's TypedDicts exist only for type checkers
     from obstore import GetOptions
@@ -60,6 +63,10 @@ FETCHERS = 4
 STREAMS = 16
 # The in-memory block cache's bound (LRU); at least one full read-ahead window fits.
 MEMORY = 64 * MiB
+# The index cache keeps at most this many bytes of blocks written by one open of an object, and
+# writes them behind the reads: blocks waiting beyond WRITE_QUEUE are not kept (never a wait).
+DISK_MAX = 1024 * MiB
+WRITE_QUEUE = 64
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -226,7 +233,7 @@ def _open_store(url: str, options: RemoteOptions) -> tuple[S3Store | HTTPStore, 
 class RemoteObject(Origin):
     """An object on a server, as seen at open: its size and ETag (or Last-Modified), read by range."""
 
-    def __init__(self, url: str, options: RemoteOptions | None = None) -> None:
+    def __init__(self, url: str, options: RemoteOptions | None = None, cache: Store | None = None) -> None:
         """HEAD the object and fetch its first block; LayoutOpenError (one line) when it cannot be read."""
         import obstore
 
@@ -246,7 +253,7 @@ class RemoteObject(Origin):
         self.last_modified = modified
         self.mtime = modified.timestamp() if modified is not None else 0.0
         self._pid = os.getpid()
-        self.whole = RemoteSource(self)
+        self.whole = RemoteSource(self, cache if cache is not None and cache.enabled else None)
         try:
             self.whole.pread(0, min(self.size, BLOCK))  # a server that ignores Range is refused here
         except OcifuseError as e:
@@ -318,9 +325,16 @@ class RemoteObject(Origin):
 class RemoteSource(Source):
     """A remote object's bytes: blocks fetched by range on first read, read-ahead on sequential reads."""
 
-    def __init__(self, obj: RemoteObject) -> None:
+    def __init__(self, obj: RemoteObject, disk: Store | None = None) -> None:
+        """``disk``: the index cache, where fetched blocks are kept across mounts (None: memory only)."""
         self.obj = obj
         self.size = obj.size
+        self._disk = disk
+        self._disk_key = obj.identity()
+        self._disk_left = DISK_MAX
+        self._writes: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
+        self._writer_pid = 0
+        self._writer_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._blocks: OrderedDict[int, bytes] = OrderedDict()  # block index -> bytes (LRU order)
         self._held = 0
@@ -443,34 +457,84 @@ class RemoteSource(Source):
             return self._pool
 
     def _fetch_run(self, run: list[int]) -> None:
-        """Fetch consecutive pending blocks (claimed by the caller) in one request; settle their futures."""
-        start = run[0] * BLOCK
-        end = min(self.size, (run[-1] + 1) * BLOCK)
-        try:
-            data = self.obj.fetch(start, end)
-        except BaseException as e:
+        """Get consecutive pending blocks (claimed by the caller): from the disk cache, else one request."""
+        blocks: dict[int, bytes] = {}
+        if self._disk is not None:
+            for b in run:
+                found = self._load_block(b)
+                if found is not None:
+                    blocks[b] = found
+        for missing in _runs([b for b in run if b not in blocks]):
+            start = missing[0] * BLOCK
+            end = min(self.size, (missing[-1] + 1) * BLOCK)
+            try:
+                data = self.obj.fetch(start, end)
+            except BaseException as e:
+                with self._lock:
+                    futures = [self._pending.pop(b) for b in run]
+                error = e if isinstance(e, OcifuseError) else RemoteError(f"{self.obj.name}: {e}")
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(error)
+                if not isinstance(e, Exception):
+                    raise
+                log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
+                return
+            for i, b in enumerate(missing):
+                blocks[b] = bytes(data[i * BLOCK : (i + 1) * BLOCK])  # the one copy
+                self._write_behind(b, blocks[b])
             with self._lock:
-                futures = [self._pending.pop(b) for b in run]
-            for f in futures:
-                if not f.done():
-                    f.set_exception(
-                        e if isinstance(e, OcifuseError) else RemoteError(f"{self.obj.name}: {e}")
-                    )
-            if not isinstance(e, Exception):
-                raise
-            log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
-            return
-        blocks = [bytes(data[i * BLOCK : (i + 1) * BLOCK]) for i in range(len(run))]  # the one copy
+                self.fetched += len(data)
         settled = []
         with self._lock:
-            self.fetched += len(data)
-            for b, block in zip(run, blocks, strict=True):
-                settled.append((self._pending.pop(b), block))
+            for b in run:
+                settled.append((self._pending.pop(b), blocks[b]))
                 if not self._closed:
-                    self._keep(b, block)
+                    self._keep(b, blocks[b])
         for f, block in settled:
             if not f.done():  # close() failed it already
                 f.set_result(block)
+
+    # -- the disk cache ----------------------------------------------------------------------------
+
+    def _block_key(self, b: int) -> str:
+        return f"{self._disk_key}#{b}"
+
+    def _load_block(self, b: int) -> bytes | None:
+        """Block ``b`` from the index cache, if it is there whole (cache.py checked its checksum)."""
+        assert self._disk is not None
+        data = self._disk.load(REMOTE_BLOCK.kind, self._block_key(b))
+        want = min(BLOCK, self.size - b * BLOCK)
+        return data if data is not None and len(data) == want else None
+
+    def _write_behind(self, b: int, block: bytes) -> None:
+        """Queue a fetched block for the disk cache; dropped when the queue is full or the budget spent."""
+        if self._disk is None or self._disk_left < len(block):
+            return
+        self._start_writer()
+        try:
+            self._writes.put_nowait((b, block))
+        except queue.Full:
+            return
+        self._disk_left -= len(block)
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            if self._writer_pid == os.getpid():
+                return
+            self._writer_pid = os.getpid()
+        self._writer_thread = threading.Thread(target=self._writer, name="ocifuse-block-writer", daemon=True)
+        self._writer_thread.start()
+
+    def _writer(self) -> None:
+        disk = self._disk
+        assert disk is not None
+        while True:
+            item = self._writes.get()
+            if item is None:  # close's sentinel
+                return
+            b, block = item
+            disk.store(REMOTE_BLOCK.kind, self._block_key(b), block)
 
     def _keep(self, b: int, block: bytes) -> None:
         """Keep a block (lock held), dropping the least recently used beyond the memory bound."""
@@ -495,6 +559,11 @@ class RemoteSource(Source):
                 f.set_exception(RemoteError(f"{self.obj.name}: closed"))
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=False, cancel_futures=True)
+        if self._writer_pid == os.getpid():  # the writer finishes what is queued, then stops
+            with contextlib.suppress(queue.Full):
+                self._writes.put(None, timeout=5)
+            if self._writer_thread is not None:
+                self._writer_thread.join(10)
 
 
 def _done(data: bytes) -> Future[bytes]:

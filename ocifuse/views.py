@@ -49,7 +49,7 @@ def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None
     path = os.fspath(path)
     options = options or ViewOptions()
     if is_url(path):  # an archive on a server (remote.py): read by range, never downloaded whole
-        origin = RemoteObject(path, options.remote)
+        origin = RemoteObject(path, options.remote, options.cache)
         archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
         try:
             return _archive_view(archive)

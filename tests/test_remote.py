@@ -20,6 +20,7 @@ from peers import compress
 from servers import Nginx, http_server, make_ca, nginx, s3_server
 
 from ocifuse import remote
+from ocifuse.cache import IndexCache
 from ocifuse.errors import LayoutOpenError, OcifuseError
 from ocifuse.layout import ViewOptions
 from ocifuse.views import open_layout
@@ -324,3 +325,22 @@ def test_zstd_archive_over_http(www: Path, web: Nginx, real_image: RealImage) ->
         assert layout.compression == "zstd"
         for path, data in _files(real_image.layout_dir).items():
             assert layout.read_at(path, 0, len(data) + 1) == data
+
+
+def test_blocks_are_kept_in_the_index_cache_across_opens(
+    web: Nginx, real_image: RealImage, tmp_path: Path
+) -> None:
+    """A second open with the same cache reads everything again without fetching a block."""
+    local = _files(real_image.layout_dir)
+    for name in ("image.tar", "image.tar.gz"):
+        cache = IndexCache(str(tmp_path / f"cache-{name}"))
+        served = web.served_bytes()
+        with open_layout(web.url(name), ViewOptions(cache=cache)) as layout:
+            for path, data in local.items():
+                assert layout.read_at(path, 0, len(data) + 1) == data
+        assert web.served_bytes() - served >= 512 * 1024  # the first open fetched the blobs
+        served = web.served_bytes()
+        with open_layout(web.url(name), ViewOptions(cache=cache)) as layout:
+            for path, data in local.items():
+                assert layout.read_at(path, 0, len(data) + 1) == data
+        assert web.served_bytes() - served == 0, name  # a HEAD, no body
