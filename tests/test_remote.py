@@ -344,3 +344,27 @@ def test_blocks_are_kept_in_the_index_cache_across_opens(
             for path, data in local.items():
                 assert layout.read_at(path, 0, len(data) + 1) == data
         assert web.served_bytes() - served == 0, name  # a HEAD, no body
+
+
+def test_an_s3_object_replaced_answers_eio(www: Path, tmp_path: Path) -> None:
+    with s3_server() as s3:
+        url = s3.put("images", "image.tar", www / "image.tar")
+        saved = dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(s3.env())
+            obj = remote.RemoteObject(url)
+            try:
+                src = obj.source()
+                first = src.pread(0, 512)
+                (tmp_path / "other").write_bytes(os.urandom(obj.size))
+                s3.put("images", "image.tar", tmp_path / "other")
+                assert src.pread(0, 512) == first  # in memory: the object as it was
+                with pytest.raises(OcifuseError) as e:
+                    src.pread(2 * 1024 * 1024, 512)
+                assert e.value.errno == errno.EIO and "changed" in str(e.value)
+            finally:
+                obj.close()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
