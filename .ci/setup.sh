@@ -26,6 +26,8 @@ PKGS="$PKGS gzip pigz zstd xz-utils bzip2"
 PKGS="$PKGS man-db bash-completion"
 # The tests run the zsh completion in a zsh.
 [ -z "$extra" ] || PKGS="$PKGS zsh"
+# The remote tests serve archives over HTTP with an nginx of their own (127.0.0.1 only).
+[ -z "$extra" ] || PKGS="$PKGS nginx"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -13,7 +13,7 @@ from .compressed import open_decompressed
 from .entries import ArchiveTable, Entry, Sources
 from .errors import NotAnArchive, TruncatedArchive
 from .progress import reporting
-from .source import FileRange, OpenFile, SourceFile
+from .source import FileRange, OpenFile, Origin, Source, SourceFile
 from .store import TABLE, Store, load_or_build
 from .streams import Limits, Progress
 from .tablecodec import decode_table, encode_table
@@ -35,7 +35,7 @@ class Archive(Sources):
 
     def __init__(
         self,
-        path: str,
+        path: str | Origin,
         cache: Store | None = None,
         *,
         rescan: bool = False,
@@ -44,30 +44,29 @@ class Archive(Sources):
     ) -> None:
         """Open ``path`` and scan its headers, or load its table from ``cache`` when one is stored.
 
+        ``path`` is a local file's path, or an Origin already open (a remote object, remote.py):
+        either way the archive is read through the origin's Source and keyed by its identity.
         A gzip- or zstd-compressed archive is decompressed once to index it (or its index is loaded
         from ``cache``): ``sources[0]`` is then the decompressed stream (compressed.py), bounded by
         ``limits`` and reported to ``progress``. ``rescan`` (fsck): scan and index again even when
         stored, and store the fresh ones. Raises LayoutOpenError (NotAnArchive, TruncatedArchive,
         CompressedDataError, DecompressionLimit) naming ``path``.
         """
-        self.path = path
-        self.file = OpenFile(path)
+        origin = FileOrigin(path) if isinstance(path, str) else path
+        self.origin = origin
+        self.path = origin.name
+        # The local file, when there is one: a plain tar's scan reads its fd directly.
+        self.file: OpenFile | None = origin.file if isinstance(origin, FileOrigin) else None
         try:
-            if not self.file.is_regular:
-                raise NotAnArchive(path, "not a regular file")
             # Where what is derived from this archive is kept (a view's too), under its identity.
             self.cache, self.rescan = cache, rescan
-            key = None
-            if cache is not None and cache.enabled:
-                from .cache import file_key
-
-                key = file_key(self.file)
+            key = origin.identity() if cache is not None and cache.enabled else None
             self.key = key
             stream = open_decompressed(
-                FileRange(self.file),
+                origin.source(),
                 key=key,
                 cache=cache,
-                name=path,
+                name=self.path,
                 limits=limits,
                 progress=progress,
                 rebuild=rescan,
@@ -80,7 +79,7 @@ class Archive(Sources):
                 stream.close()
                 raise
         except BaseException:
-            self.file.close()
+            origin.close()
             raise
 
     @property
@@ -90,7 +89,8 @@ class Archive(Sources):
 
     def _scan(self) -> ArchiveTable:
         stream = self.sources[0]
-        if stream.compression == "plain":  # a plain tar: buffered reads of its fd, nothing between
+        # A plain local tar: buffered reads of its fd, nothing between.
+        if stream.compression == "plain" and self.file is not None:
             with os.fdopen(os.dup(self.file.fd), "rb", buffering=BLOCK * 16) as f:
                 return scan_table(f, self.path, self.file.size)
         try:
@@ -103,7 +103,11 @@ class Archive(Sources):
         """The table stored under ``key`` (the file identity), else a scan (stored if worth it)."""
 
         def encode(table: ArchiveTable) -> bytes | None:
-            worth = len(table) >= TABLE_CACHE_MIN_ENTRIES or self.sources[0].compression != "plain"
+            worth = (
+                len(table) >= TABLE_CACHE_MIN_ENTRIES
+                or self.sources[0].compression != "plain"
+                or self.file is None  # a remote archive: a scan costs round trips
+            )
             return encode_table(table) if worth else None
 
         return load_or_build(
@@ -119,8 +123,8 @@ class Archive(Sources):
 
     @property
     def fd(self) -> int:
-        """The archive's open fd (-1 once closed)."""
-        return self.file.fd
+        """The archive's open fd (-1 once closed, or for a remote archive)."""
+        return -1 if self.file is None else self.file.fd
 
     def files(self) -> Iterator[tuple[str, Entry]]:
         """Every regular file in the table."""
@@ -129,14 +133,40 @@ class Archive(Sources):
     def close(self) -> None:
         """Close every source and the archive's fd."""
         super().close()
+        self.origin.close()
+
+
+class FileOrigin(Origin):
+    """A local archive file, opened read-only for the archive's life (the zero-copy path: FileRange)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = OpenFile(path)
+        if not self.file.is_regular:
+            self.file.close()
+            raise NotAnArchive(path, "not a regular file")
+        self.name = path
+        self.size = self.file.size
+        self.mtime = self.file.stat.st_mtime
+
+    def source(self) -> Source:
+        return FileRange(self.file)
+
+    def identity(self) -> str:
+        from .cache import file_key
+
+        return file_key(self.file)
+
+    def close(self) -> None:
         self.file.close()
 
 
 def open_archive(
-    path: str, cache: Store | None, *, rescan: bool = False, limits: Limits | None = None
+    path: str | Origin, cache: Store | None, *, rescan: bool = False, limits: Limits | None = None
 ) -> Archive:
     """Open the archive at ``path``, showing progress while a compressed one is indexed (TTY or log)."""
-    with reporting(f"indexing {path}", file_size(path)) as progress:
+    name = path if isinstance(path, str) else path.name
+    total = file_size(path) if isinstance(path, str) else path.size
+    with reporting(f"indexing {name}", total) as progress:
         return Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
 
 

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fsck = sub.add_parser("fsck", help="verify every blob and document of a layout")
-    fsck.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
+    fsck.add_argument("path", metavar="PATH", help="an archive (a file or a URL) or an OCI layout directory")
     fsck.add_argument("--json", action="store_true", help="print the report as JSON")
     fsck.add_argument(
         "--layers", action="store_true", help="also check each image's layers as mount --rootfs reads them"
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     _cache_arguments(fsck)
 
     insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
-    insp.add_argument("path", metavar="PATH", help="an oci-archive tar or an OCI layout directory")
+    insp.add_argument("path", metavar="PATH", help="an archive (a file or a URL) or an OCI layout directory")
     insp.add_argument("--ref", metavar="NAME", help="ref name (org.opencontainers.image.ref.name) or digest")
     insp.add_argument(
         "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to resolve (default: this machine's)"
@@ -112,7 +112,8 @@ ARCHIVE_HELP = (
     "what to mount: an oci-archive (a tar of an OCI image layout: skopeo copy oci-archive:, podman save "
     "--format oci-archive) or a docker-archive (docker save, podman save), either one plain or "
     "compressed as a whole with gzip or zstd (.tar.gz, .tar.zst: found by their magic bytes, not "
-    "their name); with --rootfs, also an OCI image layout directory"
+    "their name), as a path or a URL (http://, https://, s3://BUCKET/KEY: read by range); with "
+    "--rootfs, also an OCI image layout directory"
 )
 
 

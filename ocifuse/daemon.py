@@ -23,6 +23,7 @@ from .cache import open_cache
 from .errors import MountError as MountError
 from .fs import Operations
 from .journal import stderr_is_journal
+from .remote import DEFAULT_TIMEOUT, RemoteOptions, is_url, redact
 from .umount import visible_mount
 from .views import MountView, ViewOptions, open_mount
 
@@ -182,8 +183,9 @@ def check_source(path: str, *, rootfs: bool = False) -> None:
     """Raise MountError for a directory's layout view: tools read a layout directory as it is.
 
     The rootfs view (``--rootfs``) of a layout directory is served: it is not the directory itself.
+    A URL is the remote source's to judge when it is opened (remote.py).
     """
-    if rootfs or not os.path.isdir(path):
+    if rootfs or is_url(path) or not os.path.isdir(path):
         return  # anything else is the archive scan's to judge (NotAnArchive says why)
     if os.path.isfile(os.path.join(path, "oci-layout")):
         raise MountError(
@@ -233,13 +235,18 @@ def check_allow_other(fuse_options: tuple[str, ...], *, euid: int, conf_path: st
 
 
 def _fsname(path: str) -> str:
-    """libfuse takes options as ASCII; other characters in the archive's path become '?'."""
-    return path.encode("ascii", "replace").decode("ascii")
+    """libfuse takes options as ASCII; other characters in the archive's path become '?'.
+
+    A URL is shown without userinfo and query string (remote.redact): /proc/mounts is for everyone.
+    """
+    return (redact(path) if is_url(path) else path).encode("ascii", "replace").decode("ascii")
 
 
 def mount_main(args: argparse.Namespace) -> int:
     """``ocifuse mount``: returns 0 once the mount is live (foreground: once it is unmounted)."""
-    archive_path = os.path.abspath(args.archive)
+    # A URL is opened as given; what is shown of it (logs, errors, fsname) is ``shown``: no secrets.
+    archive_path = args.archive if is_url(args.archive) else os.path.abspath(args.archive)
+    shown = redact(archive_path) if is_url(archive_path) else archive_path
     mountpoint = args.mountpoint if _DEV_FD.fullmatch(args.mountpoint) else os.path.abspath(args.mountpoint)
     opts = mount_options.parse(
         [*args.options, *_rootfs_flags(args)],
@@ -266,24 +273,22 @@ def mount_main(args: argparse.Namespace) -> int:
         try:
             pyfuse3.init(ops, mountpoint, set(opts.fuse))
         except RuntimeError as e:
-            raise MountError(f"cannot mount {archive_path} on {mountpoint} ({e})") from e
+            raise MountError(f"cannot mount {shown} on {mountpoint} ({e})") from e
         # Which mount is ours, for the unmount at the end (see _still_ours).
         ours = None if _DEV_FD.fullmatch(mountpoint) else visible_mount(mountpoint)
         notify_parent: Callable[[str], None] = _no_parent
         if not args.foreground:
             notify_parent = _daemonize()
             setup_logging(foreground=False, debug=opts.debug)
-        log.info(
-            "serving %s on %s: %d files, %d bytes", archive_path, mountpoint, tree.files, tree.total_size
-        )
+        log.info("serving %s on %s: %d files, %d bytes", shown, mountpoint, tree.files, tree.total_size)
         status = view.status
         clean = False
         try:
-            trio.run(_serve, _Startup(archive_path, mountpoint, opts.readahead_kb, status, notify_parent))
+            trio.run(_serve, _Startup(shown, mountpoint, opts.readahead_kb, status, notify_parent))
             clean = True
         except Exception as e:  # trio wraps a task's error in an ExceptionGroup: say it in one line
             log.debug("the FUSE loop failed", exc_info=True)
-            raise MountError(f"serving {archive_path} on {mountpoint} failed: {_innermost(e)}") from e
+            raise MountError(f"serving {shown} on {mountpoint} failed: {_innermost(e)}") from e
         finally:
             pyfuse3.close(unmount=_still_ours(mountpoint, ours))
             if not clean:
@@ -329,11 +334,12 @@ def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.
             view.close()
         signum = signal.Signals(stopped.signum)
         name = signum.name
-        log.info("%s: stopped while opening %s", name, archive_path)
+        shown = redact(archive_path) if is_url(archive_path) else archive_path
+        log.info("%s: stopped while opening %s", name, shown)
         signal.signal(signum, previous[signum])
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         os.kill(os.getpid(), signum)  # its own action now: the exit status says the signal
-        raise MountError(f"stopped by {name} while opening {archive_path}") from None  # if ignored
+        raise MountError(f"stopped by {name} while opening {shown}") from None  # if ignored
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -381,6 +387,9 @@ def view_options(opts: mount_options.MountOptions) -> ViewOptions:
         platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
+        remote=RemoteOptions(
+            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT, cafile=opts.cafile
+        ),
     )
 
 

@@ -463,7 +463,7 @@ def main(
         try:
             layout.index()
         except OcifuseError as e:
-            print(f"ocifuse: {path}: not a usable layout: {e}", file=sys.stderr)
+            print(f"ocifuse: {layout.path}: not a usable layout: {e}", file=sys.stderr)
             return 2
         summary = summarize(layout, ref=ref, platform=want)
     # The whole summary even when what was asked for is not there (JSON stays one document); the

@@ -23,6 +23,7 @@ from .errors import (
     TooLarge,
 )
 from .model import Platform
+from .remote import RemoteOptions
 from .source import FileRange, OpenFile, Source, sub_range
 from .store import Store
 from .streams import Limits
@@ -53,6 +54,7 @@ class ViewOptions:
     platform: Platform | None = None  # which platform's image (default: this machine's)
     verify: bool = False  # rootfs: hash every layer's blob, even when all is cached
     ignore_diff_ids: bool = False  # rootfs: serve layers whose diff_id does not match the config
+    remote: RemoteOptions = field(default_factory=RemoteOptions)  # a URL's timeout, CA file, memory
 
 
 class Layout(ABC):

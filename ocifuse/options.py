@@ -15,7 +15,7 @@ FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
 # nonempty: mount over a directory that has files in it (hidden while mounted), as fusermount did.
 OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache", "nonempty"})
-OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache"})
+OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache", "timeout", "cafile"})
 # Sizes (K/M/G/T suffixes): bounds of the decompression of a compressed archive (compressed.Limits),
 # and cache_max, the bound of the index cache's directory (cache.IndexCache).
 OWN_SIZES = frozenset({"max_size", "spill_max", "cache_max"})
@@ -94,6 +94,8 @@ class MountOptions:
     cache_max: int | None = None  # cache_max=SIZE: the index cache's bound (None: its default)
     nonempty: bool = False  # mount over a directory that is not empty (its files hidden meanwhile)
     limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
+    timeout: float | None = None  # timeout=SECONDS: a remote read's budget, retries included (remote.py)
+    cafile: str | None = None  # cafile=PATH: CA certificates trusted for https besides the system's
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
 
@@ -159,6 +161,8 @@ def parse(
                     platform = Platform.parse(value)
                 except ValueError as e:
                     raise OptionError(str(e)) from e
+            if key == "timeout" and not _positive(value):
+                raise OptionError(f"option {option!r} wants a number of seconds")
             values[key] = value
         elif key in OWN_SIZES and eq:
             try:
@@ -195,6 +199,15 @@ def parse(
         cache_max=bound,
         nonempty="nonempty" in flags_set,
         limits=Limits(**sizes),
+        timeout=float(values["timeout"]) if "timeout" in values else None,
+        cafile=values.get("cafile"),
         fuse=tuple(flags),
         ignored=tuple(ignored),
     )
+
+
+def _positive(value: str) -> bool:
+    try:
+        return 0 < float(value) < 1e9
+    except ValueError:
+        return False

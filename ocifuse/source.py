@@ -102,6 +102,31 @@ class Source(ABC):
         """Release what the source holds (an fd, a decompressor); reads fail afterwards."""
 
 
+class Origin(ABC):
+    """Where an archive is kept: a local file (archive.FileOrigin) or a remote object (remote.RemoteObject).
+
+    An archive is opened from one: its bytes as a Source, and an identity that keys what is
+    derived from them in the index cache (a file's device, inode, size, mtime and ends; a remote
+    object's URL without secrets, ETag and size).
+    """
+
+    name: str  # how messages name it: a path, or a URL without userinfo or query string
+    size: int
+    mtime: float  # seconds since the epoch (a mount's root directory shows it)
+
+    @abstractmethod
+    def source(self) -> Source:
+        """The whole object as a Source, valid until ``close``."""
+
+    @abstractmethod
+    def identity(self) -> str:
+        """The key of what is derived from these bytes in the index cache; raises LayoutOpenError."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file or connection."""
+
+
 class OpenFile:
     """One regular file opened read-only for the life of a mount, with its identity at open.
 

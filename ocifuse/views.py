@@ -9,6 +9,7 @@ path is, is decided here and only here:
 - a file holding a docker-archive (``manifest.json``, no ``oci-layout``): ``DockerLayout``, a
   view of its own over the archive;
 - anything else: ``NotAnImage``;
+- a URL (http://, https://, s3://): the archive it names, read by range (remote.py), as a file;
 
 and, with ``rootfs``, the merged root filesystem of one image of that layout (image.py).
 ``open_mount`` gives the daemon what it serves: a tree and the reader of its entries.
@@ -28,6 +29,7 @@ from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
 from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
+from .remote import RemoteObject, is_url, redact
 from .tree import Tree
 
 if TYPE_CHECKING:  # the rootfs view's modules are imported only for it: every mount pays for imports
@@ -46,6 +48,14 @@ def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None
     """
     path = os.fspath(path)
     options = options or ViewOptions()
+    if is_url(path):  # an archive on a server (remote.py): read by range, never downloaded whole
+        origin = RemoteObject(path, options.remote, options.cache)
+        archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
+        try:
+            return _archive_view(archive)
+        except BaseException:
+            archive.close()
+            raise
     try:
         st = os.stat(path)
     except OSError as e:
@@ -107,7 +117,8 @@ def open_mount(path: str, mountpoint: str, options: ViewOptions) -> MountView:
             log.warning("not served: layer %d: %s: %s", note.layer, note.name, note.reason)
         tree = Tree(image.merged.entries, root=image.merged.root)
         digest = image.resolved.descriptor.digest
-        status = f"serving the root filesystem of {digest} from {path} on {mountpoint}, {tree.files} files"
+        shown = redact(path) if is_url(path) else path
+        status = f"serving the root filesystem of {digest} from {shown} on {mountpoint}, {tree.files} files"
         return MountView(image.sources, tree, _one_line(status), image.close)
     layout = open_layout(path, options)
     try:
@@ -117,7 +128,7 @@ def open_mount(path: str, mountpoint: str, options: ViewOptions) -> MountView:
         archive = layout.archive
         for skipped in layout.skipped:
             log.warning("not served: %s: %s", skipped.name, skipped.reason)
-        tree = Tree(layout.table, root_mtime=int(archive.file.stat.st_mtime))
+        tree = Tree(layout.table, root_mtime=int(archive.origin.mtime))
         return MountView(layout.reader, tree, _status(layout, mountpoint, tree.files), layout.close)
     except BaseException:
         layout.close()

@@ -39,6 +39,7 @@ O_VALUES = options.OWN_VALUES | options.OWN_SIZES | options.FUSE_VALUES
 # A value each value option accepts, to show each offered option is one options.parse takes.
 SAMPLE_VALUE = {
     "readahead_kb": "512",
+    "timeout": "10",
     "platform": "linux/arm64",
     "max_size": "1G",
     "spill_max": "2G",

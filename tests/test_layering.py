@@ -18,7 +18,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # values every layer shares: errors, digests, the JSON model, sizes, the cache seam's interface
     "base": ("errors", "units", "digest", "model", "findings", "store", "journal", "progress"),
     # where bytes come from: files, ranges, decompressing sources, the index cache on disk
-    "bytes": ("source", "streams", "readers", "spill", "gzipsource", "zstdsource", "compressed", "cache"),
+    "bytes": (
+        "source",
+        "streams",
+        "readers",
+        "spill",
+        "gzipsource",
+        "zstdsource",
+        "compressed",
+        "cache",
+        "remote",
+    ),
     # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers
     "tar": ("entries", "tarscan", "tablecodec", "archive", "layer"),
     # what the tools see: layouts, docker-archives, resolution, the rootfs merge, the front door
