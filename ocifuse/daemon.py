@@ -23,8 +23,8 @@ from .cache import open_cache
 from .errors import MountError as MountError
 from .fs import Operations
 from .journal import stderr_is_journal
-from .remote import DEFAULT_TIMEOUT, RemoteOptions, is_url, redact
 from .umount import visible_mount
+from .urls import DEFAULT_TIMEOUT, RemoteOptions, is_url, redact
 from .views import MountView, ViewOptions, open_mount
 
 log = logging.getLogger(__name__)

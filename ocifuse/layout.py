@@ -23,10 +23,10 @@ from .errors import (
     TooLarge,
 )
 from .model import Platform
-from .remote import RemoteOptions
 from .source import FileRange, OpenFile, Source, sub_range
 from .store import Store
 from .streams import Limits
+from .urls import RemoteOptions
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"

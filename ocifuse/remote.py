@@ -33,14 +33,14 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ArchiveChanged, LayoutOpenError, OcifuseError
 from .source import Origin, Source
 from .store import REMOTE_BLOCK, Store
+from .urls import RemoteOptions, redact
 
 if TYPE_CHECKING:  # obstore's TypedDicts exist only for type checkers
     from obstore import GetOptions
@@ -48,7 +48,6 @@ if TYPE_CHECKING:  # obstore's TypedDicts exist only for type checkers
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("http", "https", "s3")
 KiB = 1024
 MiB = 1024 * KiB
 # A random read fetches the aligned block(s) holding it.
@@ -61,46 +60,14 @@ PART = 8 * MiB
 FETCHERS = 4
 # How many sequential streams are followed at once (readers of different files).
 STREAMS = 16
-# The in-memory block cache's bound (LRU); at least one full read-ahead window fits.
-MEMORY = 64 * MiB
 # The index cache keeps at most this many bytes of blocks written by one open of an object, and
 # writes them behind the reads: blocks waiting beyond WRITE_QUEUE are not kept (never a wait).
 DISK_MAX = 1024 * MiB
 WRITE_QUEUE = 64
-DEFAULT_TIMEOUT = 30.0
 
 
 class RemoteError(OcifuseError):
     """A range of a remote object could not be had (server down, timeout, a wrong answer): EIO."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RemoteOptions:
-    """How remote objects are reached (mount ``-o timeout=``, ``-o cafile=``)."""
-
-    timeout: float = DEFAULT_TIMEOUT  # seconds a read may take, retries included, before EIO
-    cafile: str | None = None  # a PEM file of CA certificates trusted besides the system's
-    memory: int = MEMORY  # bytes of fetched blocks kept in memory
-
-
-def is_url(text: str) -> bool:
-    """True when ``text`` names a remote object (http://, https://, s3://) rather than a path."""
-    scheme, sep, _ = text.partition("://")
-    return bool(sep) and scheme.lower() in SCHEMES
-
-
-def redact(url: str) -> str:
-    """``url`` without userinfo, query string or fragment: what may be shown, logged and stored."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = parts.port
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = f"{host}:{port}" if port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 _URL = re.compile(r"\b(?:https?|s3)://[^\s'\"<>]+")

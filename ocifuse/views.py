@@ -29,8 +29,8 @@ from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
 from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
-from .remote import RemoteObject, is_url, redact
 from .tree import Tree
+from .urls import is_url, redact
 
 if TYPE_CHECKING:  # the rootfs view's modules are imported only for it: every mount pays for imports
     from .image import RootImage
@@ -49,6 +49,8 @@ def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None
     path = os.fspath(path)
     options = options or ViewOptions()
     if is_url(path):  # an archive on a server (remote.py): read by range, never downloaded whole
+        from .remote import RemoteObject  # the client (obstore, its threads) only for a URL
+
         origin = RemoteObject(path, options.remote, options.cache)
         archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
         try:

@@ -19,7 +19,7 @@ from mounting import background_mount, is_mounted, mount_source, mounted, run_oc
 from peers import compress
 from servers import Nginx, http_server, make_ca, nginx, s3_server
 
-from ocifuse import remote
+from ocifuse import remote, urls
 from ocifuse.cache import IndexCache
 from ocifuse.errors import LayoutOpenError, OcifuseError
 from ocifuse.layout import ViewOptions
@@ -69,15 +69,15 @@ def web(www: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     ],
 )
 def test_redact_drops_userinfo_and_query(url: str, shown: str) -> None:
-    assert remote.redact(url) == shown
+    assert urls.redact(url) == shown
 
 
 def test_is_url() -> None:
-    assert remote.is_url("https://h/x") and remote.is_url("S3://b/k") and remote.is_url("http://h")
+    assert urls.is_url("https://h/x") and urls.is_url("S3://b/k") and urls.is_url("http://h")
     assert (
-        not remote.is_url("/tmp/http://x")
-        and not remote.is_url("image.tar")
-        and not remote.is_url("ftp://h/x")
+        not urls.is_url("/tmp/http://x")
+        and not urls.is_url("image.tar")
+        and not urls.is_url("ftp://h/x")
     )
 
 
@@ -301,7 +301,7 @@ def test_https_with_a_private_ca(www: Path, real_image: RealImage, tmp_path: Pat
         assert "TLS" in done.stderr and "certificate" in done.stderr, done.stderr
         with pytest.raises(LayoutOpenError):
             open_layout(url, ViewOptions())
-        with open_layout(url, ViewOptions(remote=remote.RemoteOptions(cafile=str(ca)))) as layout:
+        with open_layout(url, ViewOptions(remote=urls.RemoteOptions(cafile=str(ca)))) as layout:
             assert (
                 layout.read_at("index.json", 0, 1 << 20)
                 == (real_image.layout_dir / "index.json").read_bytes()
