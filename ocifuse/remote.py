@@ -31,8 +31,10 @@ import os
 import queue
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FetchTimeout  # the builtin's alias from 3.11 on
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -146,13 +148,22 @@ def _client_options(scheme: str, options: RemoteOptions) -> ClientConfig:
 
 
 def _retry(options: RemoteOptions) -> RetryConfig:
+    """Retries whose backoff sleeps add up to half of ``timeout`` at most.
+
+    object_store stops retrying at ``retry_timeout`` only for some errors: a connection refused is
+    retried ``max_retries`` times whatever the time, so the count itself must keep within budget.
+    """
     t = max(1.0, options.timeout)
+    init, cap = 0.1, min(4.0, t / 4)
+    retries, slept, backoff = 0, 0.0, init
+    while retries < 10 and slept + backoff <= t / 2:
+        retries, slept, backoff = retries + 1, slept + backoff, min(cap, backoff * 2)
     return {
-        "max_retries": 10,
+        "max_retries": retries,
         "retry_timeout": timedelta(seconds=t / 2),
         "backoff": {
-            "init_backoff": timedelta(milliseconds=100),
-            "max_backoff": timedelta(seconds=min(4.0, t / 4)),
+            "init_backoff": timedelta(seconds=init),
+            "max_backoff": timedelta(seconds=cap),
             "base": 2,
         },
     }
@@ -318,6 +329,9 @@ class RemoteSource(Source):
         size = self.clip(offset, size)
         if size == 0:
             return b""
+        # -o timeout= bounds the read as a whole: its own fetch (which the client bounds) and any
+        # fetch in flight it waits for (read-ahead started earlier, another reader's).
+        deadline = time.monotonic() + self.obj.options.timeout
         first, last = offset // BLOCK, (offset + size - 1) // BLOCK
         waits: dict[int, Future[bytes]] = {}
         mine: list[int] = []
@@ -341,7 +355,13 @@ class RemoteSource(Source):
         self._start_ahead(ahead)
         for run in _runs(mine):
             self._fetch_run(run)
-        pieces = [waits[b].result() for b in range(first, last + 1)]
+        try:
+            pieces = [waits[b].result(max(0.0, deadline - time.monotonic())) for b in range(first, last + 1)]
+        except FetchTimeout:
+            raise RemoteError(
+                f"{self.obj.name}: bytes {offset}-{offset + size}: "
+                f"no answer within {self.obj.options.timeout:g} s"
+            ) from None
         if len(pieces) == 1:
             start = offset - first * BLOCK
             return pieces[0][start : start + size]

@@ -368,3 +368,15 @@ def test_an_s3_object_replaced_answers_eio(www: Path, tmp_path: Path) -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+
+@pytest.mark.parametrize("timeout", [1, 4, 30, 120])
+def test_the_clients_retries_sleep_half_the_timeout_at_most(timeout: float) -> None:
+    """A connection refused is retried max_retries times whatever the time: the count keeps the bound."""
+    config = remote._retry(urls.RemoteOptions(timeout=timeout))
+    backoff = config["backoff"]
+    sleep, total = backoff["init_backoff"].total_seconds(), 0.0
+    for _ in range(config["max_retries"]):
+        total += sleep
+        sleep = min(backoff["max_backoff"].total_seconds(), sleep * backoff["base"])
+    assert config["max_retries"] > 0 and total <= timeout / 2
