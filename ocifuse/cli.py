@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__, journal
 from .errors import OcifuseError
@@ -80,18 +80,20 @@ def _size(text: str) -> int:
     """argparse's type for a SIZE (512M, 10G)."""
     from .units import parse_size
 
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+    return _argument(parse_size, text)
 
 
 def _age(text: str) -> int:
     """argparse's type for an AGE (30m, 12h, 7d)."""
     from .units import parse_age
 
+    return _argument(parse_age, text)
+
+
+def _argument(parse: Callable[[str], int], text: str) -> int:
+    """``parse(text)``, its ValueError as argparse's one-line usage error."""
     try:
-        return parse_age(text)
+        return parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
 

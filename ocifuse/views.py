@@ -29,6 +29,7 @@ from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
 from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
+from .source import Origin
 from .tree import Tree
 from .urls import is_url, redact
 
@@ -48,23 +49,19 @@ def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None
     """
     path = os.fspath(path)
     options = options or ViewOptions()
+    origin: str | Origin = path
     if is_url(path):  # an archive on a server (remote.py): read by range, never downloaded whole
         from .remote import RemoteObject  # the client (obstore, its threads) only for a URL
 
         origin = RemoteObject(path, options.remote, options.cache)
-        archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
+    else:
         try:
-            return _archive_view(archive)
-        except BaseException:
-            archive.close()
-            raise
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise LayoutOpenError(path, e.strerror or str(e)) from e
-    if stat.S_ISDIR(st.st_mode):
-        return DirectoryLayout(path)
-    archive = open_archive(path, options.cache, rescan=options.rescan, limits=options.limits)
+            st = os.stat(path)
+        except OSError as e:
+            raise LayoutOpenError(path, e.strerror or str(e)) from e
+        if stat.S_ISDIR(st.st_mode):
+            return DirectoryLayout(path)
+    archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
     try:
         return _archive_view(archive)
     except BaseException:
