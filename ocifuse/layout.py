@@ -133,11 +133,7 @@ class Layout(ABC):
 
     def has_blob(self, digest: Digest) -> bool:
         """True when the blob's file exists."""
-        try:
-            self.blob_size(digest)
-        except BlobNotFound:
-            return False
-        return True
+        return self.has_file(digest.path)
 
     def iter_blob(self, digest: Digest, chunk: int = CHUNK) -> Iterator[bytes]:
         """Stream a blob's bytes in chunks (never the whole blob at once)."""

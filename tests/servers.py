@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mounting import skip_or_fail
 
 HOST = "127.0.0.1"
@@ -246,6 +247,13 @@ class S3:
         """An environment for an ocifuse subprocess that reaches this server as AWS tools would."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         return {**env, **S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def use_in(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Reach this server from this process as AWS tools would (undone with ``monkeypatch``)."""
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}.items():
+            monkeypatch.setenv(name, value)
 
     def client(self) -> Any:
         import boto3

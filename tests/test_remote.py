@@ -74,11 +74,7 @@ def test_redact_drops_userinfo_and_query(url: str, shown: str) -> None:
 
 def test_is_url() -> None:
     assert urls.is_url("https://h/x") and urls.is_url("S3://b/k") and urls.is_url("http://h")
-    assert (
-        not urls.is_url("/tmp/http://x")
-        and not urls.is_url("image.tar")
-        and not urls.is_url("ftp://h/x")
-    )
+    assert not urls.is_url("/tmp/http://x") and not urls.is_url("image.tar") and not urls.is_url("ftp://h/x")
 
 
 # -- the read core over HTTP, without FUSE ------------------------------------------------------
@@ -219,20 +215,14 @@ def test_mount_from_s3_reads_as_the_local_one(
             assert "testing-secret" not in Path("/proc/mounts").read_text()
 
 
-def test_inspect_s3(www: Path) -> None:
+def test_inspect_s3(www: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with s3_server() as s3:
         url = s3.put("images", "image.tar", www / "image.tar")
-        os_env = dict(os.environ)
-        try:
-            os.environ.clear()
-            os.environ.update(s3.env())
-            with open_layout(url, ViewOptions()) as layout:
-                assert "index.json" in set(layout.file_names())
-            with pytest.raises(LayoutOpenError, match="not found"):
-                open_layout("s3://images/none.tar", ViewOptions())
-        finally:
-            os.environ.clear()
-            os.environ.update(os_env)
+        s3.use_in(monkeypatch)
+        with open_layout(url, ViewOptions()) as layout:
+            assert "index.json" in set(layout.file_names())
+        with pytest.raises(LayoutOpenError, match="not found"):
+            open_layout("s3://images/none.tar", ViewOptions())
 
 
 @pytest.mark.fuse
@@ -346,28 +336,24 @@ def test_blocks_are_kept_in_the_index_cache_across_opens(
         assert web.served_bytes() - served == 0, name  # a HEAD, no body
 
 
-def test_an_s3_object_replaced_answers_eio(www: Path, tmp_path: Path) -> None:
+def test_an_s3_object_replaced_answers_eio(
+    www: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with s3_server() as s3:
         url = s3.put("images", "image.tar", www / "image.tar")
-        saved = dict(os.environ)
+        s3.use_in(monkeypatch)
+        obj = remote.RemoteObject(url)
         try:
-            os.environ.clear()
-            os.environ.update(s3.env())
-            obj = remote.RemoteObject(url)
-            try:
-                src = obj.source()
-                first = src.pread(0, 512)
-                (tmp_path / "other").write_bytes(os.urandom(obj.size))
-                s3.put("images", "image.tar", tmp_path / "other")
-                assert src.pread(0, 512) == first  # in memory: the object as it was
-                with pytest.raises(OcifuseError) as e:
-                    src.pread(2 * 1024 * 1024, 512)
-                assert e.value.errno == errno.EIO and "changed" in str(e.value)
-            finally:
-                obj.close()
+            src = obj.source()
+            first = src.pread(0, 512)
+            (tmp_path / "other").write_bytes(os.urandom(obj.size))
+            s3.put("images", "image.tar", tmp_path / "other")
+            assert src.pread(0, 512) == first  # in memory: the object as it was
+            with pytest.raises(OcifuseError) as e:
+                src.pread(2 * 1024 * 1024, 512)
+            assert e.value.errno == errno.EIO and "changed" in str(e.value)
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            obj.close()
 
 
 @pytest.mark.parametrize("timeout", [1, 4, 30, 120])
