@@ -56,9 +56,20 @@ def imports(module: str) -> tuple[set[str], set[str]]:
             else:
                 inside.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            outside.add(node.module.split(".")[0])
+            parts = node.module.split(".")
+            if parts[0] != PACKAGE.name:
+                outside.add(parts[0])
+            elif len(parts) > 1:  # from ocifuse.x import y: an import of x all the same
+                inside.add(parts[1])
+            else:  # from ocifuse import x
+                inside.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
         elif isinstance(node, ast.Import):
-            outside.update(a.name.split(".")[0] for a in node.names)
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] != PACKAGE.name:
+                    outside.add(parts[0])
+                elif len(parts) > 1:  # import ocifuse.x
+                    inside.add(parts[1])
     return inside, outside
 
 

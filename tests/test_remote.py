@@ -18,6 +18,7 @@ from conftest import RealImage
 from mounting import background_mount, is_mounted, mount_source, mounted, run_ocifuse
 from peers import compress
 from servers import Nginx, http_server, make_ca, nginx, s3_server
+from tarbuild import tree_of
 
 from ocifuse import remote, urls
 from ocifuse.cache import IndexCache
@@ -29,13 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    """Every regular file under ``root`` by relative path, with its bytes."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            p = Path(dirpath, name)
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
+    """Every regular file under ``root`` by relative path, with its bytes (tarbuild.tree_of)."""
+    return tree_of(root)[0]
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +232,8 @@ def test_replaced_under_a_live_mount_then_server_down_then_back(
     local = _files(real_image.layout_dir)
     big = max(local, key=lambda k: len(local[k]))
     server = Nginx(tmp_path / "nginx", root)
-    server.start()
     try:
+        server.start()
         url = server.url("image.tar")
         with mounted(url, tmp_path / "mnt", options=["timeout=4"], args=["--no-cache"]) as m:
             assert m.path("index.json").read_bytes() == local["index.json"]
