@@ -242,10 +242,18 @@ class RemoteObject(Origin):
     def source(self) -> Source:
         return self.whole
 
-    def identity(self) -> str:
-        """The object's place (no secrets), its ETag (or Last-Modified) and size: a cache key."""
-        version = f"etag={self.etag}" if self.etag else f"modified={self.mtime}"
-        return f"url:{self._place}:{version}:{self.size}"
+    @property
+    def strong_etag(self) -> bool:
+        """True for an ETag that names these exact bytes (RFC 9110 8.8.3: a ``W/`` one does not)."""
+        return self.etag is not None and self.etag != "" and not self.etag.startswith("W/")
+
+    def identity(self) -> str | None:
+        """The object's place (no secrets), its strong ETag and size: a cache key; None without one.
+
+        Without a strong ETag nothing is kept: Last-Modified has one-second resolution, and the
+        place leaves out the query string, which may be what tells two objects apart.
+        """
+        return f"url:{self._place}:etag={self.etag}:{self.size}" if self.strong_etag else None
 
     def store(self) -> S3Store | HTTPStore:
         """The client, made again in a forked child (a background mount): the parent's runtime is gone."""
@@ -260,7 +268,7 @@ class RemoteObject(Origin):
         from obstore import exceptions as ox
 
         options: GetOptions = {"range": (start, end)}
-        if self.etag:
+        if self.strong_etag:  # If-Match compares strongly: a weak ETag would fail every request
             options["if_match"] = self.etag
         elif self.last_modified is not None:
             options["if_unmodified_since"] = self.last_modified
@@ -307,8 +315,9 @@ class RemoteSource(Source):
         """``disk``: the index cache, where fetched blocks are kept across mounts (None: memory only)."""
         self.obj = obj
         self.size = obj.size
-        self._disk = disk
-        self._disk_key = obj.identity()
+        key = obj.identity()
+        self._disk = disk if key is not None else None  # no strong ETag: blocks kept in memory only
+        self._disk_key = key or ""
         self._disk_left = DISK_MAX
         self._writes: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
         self._writer_pid = 0

@@ -119,8 +119,9 @@ class Origin(ABC):
         """The whole object as a Source, valid until ``close``."""
 
     @abstractmethod
-    def identity(self) -> str:
-        """The key of what is derived from these bytes in the index cache; raises LayoutOpenError."""
+    def identity(self) -> str | None:
+        """The key of what is derived from these bytes in the index cache (None: nothing may be kept);
+        raises LayoutOpenError."""
 
     @abstractmethod
     def close(self) -> None:
