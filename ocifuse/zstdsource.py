@@ -228,6 +228,10 @@ class ZstdSpill(FileRange):
         self.kept = kept  # linked at its path in the cache directory (else nameless)
         self.uncompressed_digest = head.digest
 
+    def close(self) -> None:
+        """Close the spill file (a nameless or evicted one is freed with its last fd)."""
+        self.file.close()
+
 
 def open_zstd(o: Opening) -> Source:
     """From the stored frame table or spill file when good, else by one pass (two for a large frame)."""
