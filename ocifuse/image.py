@@ -20,12 +20,17 @@ from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import Sources
 from .errors import (
+    ArchiveChanged,
     BlobNotFound,
+    CompressedDataError,
+    DecompressionLimit,
     DiffIdMismatch,
     DigestMismatch,
     LayerError,
+    NotAnArchive,
     OcifuseError,
     SizeMismatch,
+    TruncatedArchive,
 )
 from .layer import LayerScan, LayerTable
 from .layout import Layout, ViewOptions
@@ -298,6 +303,7 @@ class LazyLayer(Source):
         self.size = -1
         self._lock = threading.Lock()
         self._source: Source | None = None
+        self._failed: OcifuseError | None = None  # why the layer cannot be served, once known
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
 
@@ -305,40 +311,52 @@ class LazyLayer(Source):
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
 
         ``scan``: its table will be asked for (``table``): when it is not stored, the pass that
-        builds the layer's index (if one must be built) builds the table too.
+        builds the layer's index (if one must be built) builds the table too. A verdict on the
+        layer's bytes (LayerError, damaged compressed data, ...) is kept and raised again: a read
+        does not open it anew.
         """
         with self._lock:
+            if self._failed is not None:
+                raise self._failed  # a verdict on the layer's bytes: not tried again at every read
             if self._source is None:
-                raw = layer_blob(self.layout, self.index, self.desc)
-                gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
-                gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
-                key = blob_key(self.desc.digest)
-                scanner = LayerScan(self.what) if scan and gate.load(LAYER_TABLE.kind, key) is None else None
-                source, found = layer_source(
-                    self.layout,
-                    self.index,
-                    self.desc,
-                    cache=gate,
-                    limits=self.options.limits,
-                    raw=raw,
-                    scan=scanner,
-                )
                 try:
-                    gate.finish()
-                    _check_diff_id(self.index, self.desc, self.expected, found, self.options.ignore_diff_ids)
-                    if self.size >= 0 and source.size != self.size:
-                        raise LayerError(
-                            f"{self.what}: {source.size} bytes uncompressed, the stored tree says {self.size}"
-                        )
-                except BaseException:
-                    source.close()
+                    self._source = self._open(scan)
+                except _LASTING as e:
+                    self._failed = e
                     raise
-                self.size = source.size
-                self.compression = source.compression
-                self.uncompressed_digest = source.uncompressed_digest
-                self._source, self._gate = source, gate
-                self._scan = scanner if scanner is not None and scanner.ran else None
             return self._source
+
+    def _open(self, scan: bool) -> Source:
+        """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
+        raw = layer_blob(self.layout, self.index, self.desc)
+        gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
+        gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
+        # No scan in the pass when the table is stored: table() takes the stored one.
+        stored = gate.load(LAYER_TABLE.kind, blob_key(self.desc.digest)) is not None
+        scanner = LayerScan(self.what) if scan and not stored else None
+        source, found = layer_source(
+            self.layout,
+            self.index,
+            self.desc,
+            cache=gate,
+            limits=self.options.limits,
+            raw=raw,
+            scan=scanner,
+        )
+        try:
+            gate.finish()
+            _check_diff_id(self.index, self.desc, self.expected, found, self.options.ignore_diff_ids)
+            if self.size >= 0 and source.size != self.size:
+                raise LayerError(
+                    f"{self.what}: {source.size} bytes uncompressed, the stored tree says {self.size}"
+                )
+        except BaseException:
+            source.close()
+            raise
+        self.size = source.size
+        self._gate = gate
+        self._scan = scanner if scanner is not None and scanner.ran else None
+        return source
 
     def table(self) -> LayerTable:
         """The layer's table: from the cache, else as the layer's first pass built it, else scanned
@@ -355,7 +373,8 @@ class LazyLayer(Source):
             self._gate.finish()
 
     def pread(self, offset: int, size: int) -> bytes:
-        return self.open().pread(offset, size)
+        source = self._source  # once open, no lock: the read path of every file of the layer
+        return (source if source is not None else self.open()).pread(offset, size)
 
     def pread_cached(self, offset: int, size: int) -> bytearray | None:
         source = self._source
@@ -365,6 +384,18 @@ class LazyLayer(Source):
         with self._lock:
             if self._source is not None:
                 self._source.close()
+
+
+# Verdicts on a layer's bytes, which opening it again would only repeat (a server that does not
+# answer, remote.RemoteError, is not one of them: the next read tries again).
+_LASTING = (
+    LayerError,
+    CompressedDataError,
+    DecompressionLimit,
+    NotAnArchive,
+    TruncatedArchive,
+    ArchiveChanged,
+)
 
 
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:

@@ -719,3 +719,30 @@ def test_a_layer_pass_keeps_every_refusal(
     with pytest.raises(error, match=message) as found:
         open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")), limits=limits)
     assert "layer 0" in str(found.value)
+
+
+def test_a_layer_that_cannot_be_served_is_judged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the tree cached, a layer opens on its first read; its failure is kept, not redone per read."""
+    from ocifuse import image as image_module
+
+    layer = tar_bytes([file_member("f", b"x" * 100)])
+    cache = IndexCache(str(tmp_path / "cache"))
+    open_rootfs(str(image(tmp_path / "whole", [layer])), cache=cache).close()
+    img = open_rootfs(str(image(tmp_path / "gone", [layer], drop={0})), cache=cache)  # the tree cached
+    opened: list[tuple[Any, ...]] = []
+    real = image_module.layer_blob
+    def counted(*args: Any) -> Any:
+        opened.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(image_module, "layer_blob", counted)
+    try:
+        entry = img.merged.entries["f"]
+        for _ in range(3):
+            with pytest.raises(LayerError, match="not in the layout"):
+                img.sources.pread(entry, 0, 10)
+        assert len(opened) == 1
+    finally:
+        img.close()
