@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
 from .store import LAYER_TABLE, TREE, Store, load_or_build
-from .streams import Limits
+from .streams import Limits, available_cpus, pass_order, split_cpus
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +122,7 @@ def layer_source(
     limits: Limits | None = None,
     raw: Source | None = None,
     scan: LayerScan | None = None,
+    threads: int = 1,
 ) -> tuple[Source, str]:
     """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
 
@@ -132,12 +132,13 @@ def layer_source(
     The blob itself is not hashed here: pass a VerifiedStore as ``cache`` for that (the mount
     does; fsck hashes every blob in its own walk). ``raw``: the blob, if layer_blob already gave it.
     ``scan``: builds the layer's table in the same pass, when there is one (``scan.ran``).
+    ``threads``: the CPUs a gzip layer's pass may decode on (layer_threads).
     Raises LayerError (layer_blob) or CompressedDataError for damaged compressed data.
     """
     raw = layer_blob(layout, index, desc) if raw is None else raw
     what = f"layer {index} ({desc.digest})"
     source = open_decompressed(
-        raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits, consumer=scan
+        raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits, consumer=scan, threads=threads
     )
     found = source.uncompressed_digest
     # config.md: the diff_id is the digest of the uncompressed tar, which an uncompressed blob is.
@@ -229,15 +230,19 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
     sources = Sources(list(layers))
     try:
         # Layers are opened and scanned in parallel: a compressed layer's first pass (decompress,
-        # index, hash) runs in rapidgzip or pyzstd with the GIL released.
-        workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
+        # index, hash) runs in rapidgzip or pyzstd with the GIL released. The largest start first,
+        # and the CPUs the layers leave over go to the largest gzip ones (layer_threads).
+        cpus = available_cpus()
+        workers = max(1, min(len(layers), cpus, MAX_PARALLEL_LAYERS))
+        order, threads = layer_threads(descs, cpus, workers)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
 
             def open_all(scan: bool = False) -> None:
                 """Open every layer (``scan``: its table built in the same pass); the first failing
                 layer's error, in layer order."""
-                for job in [pool.submit(layer.open, scan=scan) for layer in layers]:
-                    job.result()
+                jobs = {i: pool.submit(layers[i].open, scan=scan, threads=threads[i]) for i in order}
+                for i in range(len(layers)):
+                    jobs[i].result()
 
             def build() -> Merged:
                 """Open every layer, scan it (its table from the cache when there), merge them."""
@@ -278,6 +283,17 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
         raise
 
 
+def layer_threads(descs: Sequence[Descriptor], cpus: int, at_once: int) -> tuple[list[int], list[int]]:
+    """The order to open layers in (the largest blob first) and each one's pass threads (streams.split_cpus).
+
+    A gzip layer (by its media type: the blob's magic bytes are not read yet) can decode on several
+    threads; ``at_once`` layers are opened at a time on ``cpus`` CPUs.
+    """
+    sizes = [d.size for d in descs]
+    gzip = [d.media_type in GZIP_LAYERS for d in descs]
+    return pass_order(sizes), split_cpus(cpus, sizes, at_once, gzip)
+
+
 class LazyLayer(Source):
     """One layer's uncompressed stream: opened on first use (its blob checked, index loaded or built,
     diff_id compared), so that a mount whose tree is cached reads no layer it is not asked for.
@@ -307,26 +323,26 @@ class LazyLayer(Source):
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
 
-    def open(self, *, scan: bool = False) -> Source:
+    def open(self, *, scan: bool = False, threads: int = 1) -> Source:
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
 
         ``scan``: its table will be asked for (``table``): when it is not stored, the pass that
         builds the layer's index (if one must be built) builds the table too. A verdict on the
         layer's bytes (LayerError, damaged compressed data, ...) is kept and raised again: a read
-        does not open it anew.
+        does not open it anew. ``threads``: the CPUs its first pass may decode on, if it runs one.
         """
         with self._lock:
             if self._failed is not None:
                 raise self._failed  # a verdict on the layer's bytes: not tried again at every read
             if self._source is None:
                 try:
-                    self._source = self._open(scan)
+                    self._source = self._open(scan, threads)
                 except _LASTING as e:
                     self._failed = e
                     raise
             return self._source
 
-    def _open(self, scan: bool) -> Source:
+    def _open(self, scan: bool, threads: int) -> Source:
         """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
         raw = layer_blob(self.layout, self.index, self.desc)
         gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
@@ -342,6 +358,7 @@ class LazyLayer(Source):
             limits=self.options.limits,
             raw=raw,
             scan=scanner,
+            threads=threads,
         )
         try:
             gate.finish()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .digest import Digest
@@ -62,11 +63,56 @@ class Opening:
     rebuild: bool = False
     digest: bool = True
     consumer: Consumer | None = None  # reads the decompressed stream in the pass, if there is one
+    threads: int = 1  # CPUs the pass may decompress on (split_cpus); gzip only
 
     @property
     def spill_path(self) -> str | None:
         """Where a spill of these bytes is kept, if anywhere (Store.spill_path)."""
         return self.cache.spill_path(self.key) if self.cache is not None and self.key is not None else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as taskset and cgroups' cpusets set it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pass_order(sizes: Sequence[int]) -> list[int]:
+    """The order to start first passes in: the largest stream first (the earlier of equal ones).
+
+    Run a few at a time, a big stream started last would run alone at the end, the other CPUs idle.
+    """
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
+
+
+def split_cpus(cpus: int, sizes: Sequence[int], at_once: int, parallel: Sequence[bool]) -> list[int]:
+    """How many threads each stream's first pass decompresses on; ``sizes``: their compressed sizes.
+
+    The passes run ``at_once`` at a time at most, in ``pass_order``. A stream whose ``parallel``
+    flag is set can decompress on several threads (gzip: rapidgzip decodes its chunks in
+    parallel); the others use one (zstd, plain) whatever they are given. Every pass gets one
+    thread; the CPUs that the first passes to start leave over (``cpus`` less the passes running
+    at once) go to the parallel ones among them, in proportion to their size, largest remainder
+    first. So the decompressing threads never outnumber ``cpus``: a pass that starts when another
+    ends gets one thread, no more than the one it replaces had.
+    """
+    n = len(sizes)
+    threads = [1] * n
+    running = min(n, max(1, cpus), max(1, at_once))
+    spare = cpus - running
+    first = [i for i in pass_order(sizes)[:running] if parallel[i] and sizes[i] > 0]
+    total = sum(sizes[i] for i in first)
+    if spare <= 0 or total == 0:
+        return threads
+    shares = {i: spare * sizes[i] / total for i in first}
+    for i in first:
+        threads[i] += int(shares[i])
+    left = spare - sum(int(shares[i]) for i in first)
+    for i in sorted(first, key=lambda i: int(shares[i]) - shares[i])[:left]:  # stable: larger first
+        threads[i] += 1
+    return threads
 
 
 def too_large(name: str, kind: str, limits: Limits) -> DecompressionLimit:
