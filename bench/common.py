@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,14 +173,17 @@ def unmount(mountpoint: Path, pid: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mounted(archive: Path, mnt: Path, *args: str) -> Iterator[tuple[float, int]]:
+def mounted(
+    archive: Path, mnt: Path, *args: str, command: Sequence[str | Path] = (OCIFUSE,)
+) -> Iterator[tuple[float, int]]:
     """``ocifuse mount ARGS ARCHIVE MNT`` (it returns once live): the seconds it took, the daemon's pid.
 
-    Always unmounted afterwards.
+    ``command``: what runs as ``ocifuse`` (bench/variant.py with a variant, say). Always unmounted
+    afterwards.
     """
     mnt.mkdir(exist_ok=True)
     start = time.perf_counter()
-    run(OCIFUSE, "mount", *args, archive, mnt)
+    run(*command, "mount", *args, archive, mnt)
     took = time.perf_counter() - start
     try:
         pid = daemon_pid(mnt)

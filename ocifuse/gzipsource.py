@@ -26,7 +26,19 @@ from .errors import CompressedDataError
 from .readers import ReaderPool
 from .source import Source, SourceFile, sub_range
 from .store import GZIP_INDEX, Stale, load_or_build
-from .streams import READ, U64, Consumer, Forward, Head, HighWater, Limits, Opening, Progress, unpack_head
+from .streams import (
+    READ,
+    U64,
+    Consumer,
+    Forward,
+    Head,
+    HighWater,
+    Limits,
+    Opening,
+    Progress,
+    ReadAhead,
+    unpack_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -356,9 +368,15 @@ class GzipSource(Source):
                     high(reader.tell_compressed() // 8)
                 yield data
 
+        # rapidgzip decompresses in a thread of its own while this one hashes and scans: on one
+        # thread (a reader with threads=1 decodes in the thread that reads it) they take turns.
+        ahead = ReadAhead(chunks())
         try:
-            forward = Forward(chunks(), name=name, kind="gzip", limits=limits, digest=digest)
-            forward.run(consumer)
+            forward = Forward(ahead, name=name, kind="gzip", limits=limits, digest=digest)
+            try:
+                forward.run(consumer)
+            finally:
+                ahead.close()  # the reader is this thread's again
             size = forward.size
             # rapidgzip ends quietly at some truncations and trailing bytes: find the end ourselves.
             end = _gzip_end(raw, name, _last_checkpoint(reader.block_offsets(), size), limits, padding)
