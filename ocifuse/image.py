@@ -9,6 +9,7 @@ the archive (one pread per read), a compressed one a decompressing source.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -164,6 +165,7 @@ class VerifiedStore:
         self._cache = cache
         self._lock = threading.Lock()
         self._found: Digest | None = None  # what the blob hashes to, once hashed
+        self._hashing: threading.Thread | None = None  # hash_soon's
         self.built = cache is None or not cache.enabled  # with no cache, every open builds
 
     @property
@@ -179,6 +181,19 @@ class VerifiedStore:
             if self._found is None:
                 self._found = hash_source(self._raw.pread, self._raw.size, self._digest.algorithm)
         return self._found == self._digest
+
+    def hash_soon(self) -> None:
+        """Hash the blob in a thread of its own now, for ``verified`` to find done: a layer's first
+        pass is about to build from it, and the hash then overlaps the pass (a CPU the pass leaves
+        over: the last layer's pass runs alone). A failure is left for ``verified`` to raise."""
+
+        def run() -> None:
+            with contextlib.suppress(Exception):
+                self.verified()
+
+        if self._digest.verifiable and self._found is None and self._hashing is None:
+            self._hashing = threading.Thread(target=run, name="blob-hash", daemon=True)
+            self._hashing.start()
 
     def load(self, kind: str, key: str) -> bytes | None:
         """What the cache holds for (kind, key); None with no cache."""
@@ -201,6 +216,8 @@ class VerifiedStore:
         """Raise LayerError if something was built from a blob that is not its digest."""
         if self.built and self._digest.verifiable and not self.verified():
             raise LayerError(f"{self._what}: {DigestMismatch(str(self._digest), str(self._found))}")
+        if self._hashing is not None:
+            self._hashing.join()  # done hashing (verified waited for it): no thread left at the fork
 
 
 def open_image(layout: Layout, options: ViewOptions) -> RootImage:
@@ -350,6 +367,8 @@ class LazyLayer(Source):
         # No scan in the pass when the table is stored: table() takes the stored one.
         stored = gate.load(LAYER_TABLE.kind, blob_key(self.desc.digest)) is not None
         scanner = LayerScan(self.what) if scan and not stored else None
+        if scanner is not None or gate.built:
+            gate.hash_soon()  # the table (and, likely, the index) is built: its blob is hashed
         source, found = layer_source(
             self.layout,
             self.index,
