@@ -15,7 +15,7 @@ from .errors import NotAnArchive, TruncatedArchive
 from .progress import reporting
 from .source import FileRange, OpenFile, Origin, Source, SourceFile
 from .store import TABLE, Store, load_or_build
-from .streams import Limits, Progress, available_cpus
+from .streams import Limits, Progress, available_cpus, split_cpus
 from .tablecodec import decode_table, encode_table
 from .tarscan import BLOCK, scan_table
 
@@ -71,7 +71,7 @@ class Archive(Sources):
                 progress=progress,
                 rebuild=rescan,
                 digest=False,  # no one asks for an outer archive's uncompressed digest
-                threads=available_cpus(),  # one stream: its pass may have every CPU
+                threads=split_cpus(available_cpus(), [1], 1, [True])[0],  # one stream: every CPU (3 up)
             )
             super().__init__([stream])
             try:

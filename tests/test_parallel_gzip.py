@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import random
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,10 @@ import pytest
 from peers import compress
 from tarbuild import file_member
 from test_compressed import _check_all, _damaged, _open, _semi_compressible
-from test_image import GZIP, _one_pass_layers, _sha, image, open_rootfs
+from test_image import GZIP, _compressed_outer, _one_pass_layers, _sha, image, open_rootfs
 from test_rootfs import tar_bytes
 
+from ocifuse import archive
 from ocifuse import image as image_module
 from ocifuse.cache import IndexCache
 from ocifuse.errors import CompressedDataError
@@ -292,3 +295,33 @@ def test_read_ahead_stops_its_thread_when_closed_early() -> None:
     assert count <= 5  # one taken, two queued, one waiting to be put, one being made
     threading.Event().wait(0.3)
     assert len(made) == count
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(2, 1), (4, 4)])
+def test_a_compressed_archive_is_indexed_on_every_cpu_from_three(
+    tmp_path: Path, cpus: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.tar.gz`` is one stream: its pass has every CPU (in parallel from PARALLEL_MIN), and
+    its rootfs is the one the layers hold."""
+    path, files = _compressed_outer(tmp_path, "gz")
+    seen: list[int] = []
+    real_pass = GzipSource._pass.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[GzipSource], *args: Any) -> GzipSource:
+        seen.append(args[-1])
+        return real_pass(cls, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(GzipSource, "_pass", classmethod(counted))
+    monkeypatch.setattr(archive, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(image_module, "available_cpus", lambda: 1)  # the layers' passes: one thread
+    img = open_rootfs(str(path))
+    try:
+        assert seen[0] == expected  # the archive's pass comes first, then the layers'
+        assert seen[1:] == [1, 1]
+        with tarfile.open(fileobj=io.BytesIO(files[1])) as tf:
+            member = tf.extractfile("f1")
+            assert member is not None
+            entry = img.merged.entries["f1"]
+            assert img.sources.pread(entry, 0, entry.size) == member.read()
+    finally:
+        img.close()
