@@ -95,6 +95,9 @@ def pass_order(sizes: Sequence[int]) -> list[int]:
 # so 2 threads decode no faster than 1, and 3 or more do. One thread, beside the thread that
 # hashes and scans (ReadAhead), already uses more than one CPU.
 PARALLEL_MIN = 3
+# The most threads one pass decodes on: each holds chunks in flight (a 400 MiB pass's peak RSS here:
+# 61 MB on 1 thread, 128 MB on 2, 202 MB on 8, docs/compressed.md), about 18 MB a thread.
+PARALLEL_MAX = 16
 
 
 def split_cpus(cpus: int, sizes: Sequence[int], at_once: int, parallel: Sequence[bool]) -> list[int]:
@@ -105,7 +108,8 @@ def split_cpus(cpus: int, sizes: Sequence[int], at_once: int, parallel: Sequence
     parallel); the others use one (zstd, plain) whatever they are given. Every pass gets one
     thread; the CPUs that the first passes to start leave over (``cpus`` less the passes running
     at once) go to the largest parallel ones among them, in proportion to their size, largest
-    remainder first, as many of them as each get PARALLEL_MIN threads (or none). So the
+    remainder first, as many of them as each get PARALLEL_MIN threads (or none), PARALLEL_MAX at
+    most (memory). So the
     decompressing threads never outnumber ``cpus``: a pass that starts when another ends gets one
     thread, no more than the one it replaces had.
     """
@@ -123,7 +127,7 @@ def split_cpus(cpus: int, sizes: Sequence[int], at_once: int, parallel: Sequence
         for i in sorted(first, key=lambda i: int(shares[i]) - shares[i])[:left]:  # stable: larger first
             threads[i] += 1
         if all(threads[i] >= PARALLEL_MIN for i in first):
-            return threads
+            return [min(t, PARALLEL_MAX) for t in threads]
         first.pop()  # the smallest one's share goes to the larger ones
     return [1] * n
 

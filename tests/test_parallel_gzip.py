@@ -134,6 +134,7 @@ def test_damage_is_refused_on_several_threads_as_on_one(how: str, plain: Path, t
         (2, [600], 1, [True], [1]),  # 2 threads decode no faster than 1 (PARALLEL_MIN)
         (3, [600], 1, [True], [3]),  # one big layer: every CPU
         (8, [600], 1, [True], [8]),
+        (64, [600], 1, [True], [16]),  # PARALLEL_MAX: memory
         (4, [100, 300], 2, [True, True], [1, 3]),  # 2 spare, by size 0.5 and 1.5: the tie to the larger
         (5, [100, 300], 2, [True, True], [1, 4]),  # 3 spare: 1 + 1 and 1 + 2 too few, so all to one
         (8, [5, 4, 3, 2], 4, [True] * 4, [3, 3, 1, 1]),  # 4 spare: to the two largest, 2 each
