@@ -14,7 +14,7 @@ _ocifuse_cache_verbs="list prune clear"
 # Options that take the next word as their value (or after '=').
 _ocifuse_value_options="-o --ref --platform --cache --cache-max --max --older-than"
 # -o: ocifuse's own, those passed to FUSE and those always on (options.py); not the ones it ignores.
-_ocifuse_o_options="ro nodev nosuid default_permissions verify debug nonempty rootfs rootless ignore_diff_ids nocache readahead_kb= timeout= cafile= ref= platform= cache= max_size= spill_max= cache_max= allow_other allow_root auto_unmount noexec exec noatime atime async sync dirsync fsname= context= fscontext= defcontext= rootcontext="
+_ocifuse_o_options="ro nodev nosuid default_permissions verify debug nonempty rootfs rootless ignore_diff_ids nocache readahead_kb= timeout= cafile= credentials= ref= platform= cache= max_size= spill_max= cache_max= allow_other allow_root auto_unmount noexec exec noatime atime async sync dirsync fsname= context= fscontext= defcontext= rootcontext="
 _ocifuse_platforms="linux/amd64 linux/arm64 linux/arm64/v8 linux/arm/v7 linux/arm/v6 linux/386 linux/ppc64le linux/s390x linux/riscv64"
 
 # The mountpoints of the ocifuse mounts in /proc/self/mountinfo (proc(5)), one a line.

@@ -16,7 +16,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ocifuse"
 
 LAYERS: dict[str, tuple[str, ...]] = {
     # values every layer shares: errors, digests, the JSON model, sizes, the cache seam's interface
-    "base": ("errors", "units", "digest", "model", "findings", "store", "journal", "progress", "urls"),
+    "base": (
+        "errors",
+        "units",
+        "digest",
+        "model",
+        "findings",
+        "store",
+        "journal",
+        "progress",
+        "urls",
+        "credentials",
+    ),
     # where bytes come from: files, ranges, decompressing sources, the index cache on disk
     "bytes": (
         "source",
