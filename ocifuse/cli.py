@@ -184,6 +184,8 @@ def unknown_command(args: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        hide_url_secrets()
     first = next((a for a in args_list if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and "--version" not in args_list:
         unknown = unknown_command(args_list)
@@ -206,6 +208,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
+
+
+def hide_url_secrets() -> bool:
+    """Show this process's URL arguments without userinfo or query in ``ps`` (/proc/PID/cmdline).
+
+    The kernel shows the argument strings in the process's own memory, [arg_start, arg_end)
+    (proc(5), /proc/PID/stat fields 48 and 49), to every user; a mount's daemon lives on with
+    them. They are overwritten in place, each URL by what ``redact`` shows of it, the rest padded
+    with NULs (as setproctitle does; Python keeps its own copy of argv, which is unchanged). True
+    when something was hidden. Linux only; elsewhere, or if anything is unexpected, nothing happens.
+    """
+    import ctypes
+
+    from .urls import is_url, redact
+
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            old = f.read()
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48 and 49; the list starts at field 3
+    except (OSError, IndexError, ValueError):
+        return False
+    args = old.split(b"\0")[:-1]
+    shown = [
+        redact(text).encode() if is_url(text := a.decode(errors="surrogateescape")) else a for a in args
+    ]
+    if shown == args or len(old) != end - start:
+        return False
+    new = b"\0".join(shown) + b"\0"
+    new += b"\0" * (end - start - len(new))
+    if len(new) != end - start:
+        return False
+    ctypes.memmove(start, new, len(new))
+    return True
 
 
 def _log_to_stderr() -> None:
