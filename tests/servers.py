@@ -68,12 +68,13 @@ http {{
   uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
   types {{ }}
   default_type application/octet-stream;
-  server {{ listen {host}:{port}; root {www}; }}
+  server {{ listen {host}:{port}; root {www}; {extra} }}
   {tls}
 }}
 """
 _TLS_SERVER = (
-    "server {{ listen {host}:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {www}; }}"
+    "server {{ listen {host}:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {www};"
+    " {extra} }}"
 )
 
 
@@ -138,7 +139,10 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
 class Nginx:
     """An nginx of the test's own (``nginx -p DIR -c CONF``, ``daemon off``) serving ``www`` on a port."""
 
-    def __init__(self, directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, directory: Path, www: Path, tls: tuple[Path, Path] | None = None, extra: str = ""
+    ) -> None:
+        """``extra``: nginx directives added to each server block (``locations`` with auth, redirects)."""
         if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
             skip_or_fail("nginx is not installed (apt-get install nginx; .ci/setup.sh test does)")
         self.directory = directory
@@ -151,11 +155,17 @@ class Nginx:
         user = "user root root;" if os.geteuid() == 0 else ""
         # With ``tls`` (cert, key): https on a second port as well.
         self.tls_port = free_port() if tls else 0
+        # ``{port}`` and ``{tls_port}`` in ``extra`` name the server's own ports (for redirects).
+        extra = extra.replace("{port}", str(self.port)).replace("{tls_port}", str(self.tls_port))
         server = (
-            _TLS_SERVER.format(host=HOST, port=self.tls_port, cert=tls[0], key=tls[1], www=www) if tls else ""
+            _TLS_SERVER.format(host=HOST, port=self.tls_port, cert=tls[0], key=tls[1], www=www, extra=extra)
+            if tls
+            else ""
         )
         self.conf.write_text(
-            _NGINX_CONF.format(d=directory, host=HOST, port=self.port, www=www, user=user, tls=server)
+            _NGINX_CONF.format(
+                d=directory, host=HOST, port=self.port, www=www, user=user, tls=server, extra=extra
+            )
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -196,9 +206,11 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> Iterator[Nginx]:
+def nginx(
+    directory: Path, www: Path, tls: tuple[Path, Path] | None = None, extra: str = ""
+) -> Iterator[Nginx]:
     """An nginx serving ``www`` (and over https with ``tls``), stopped on the way out whatever happens."""
-    server = Nginx(directory, www, tls)
+    server = Nginx(directory, www, tls, extra)
     try:
         server.start()
         yield server
