@@ -651,6 +651,8 @@ def test_mount8_and_fstab_with_a_url(archive: Path, mnt: Path, tmp_path: Path) -
             (pid,) = archive_daemons(url)  # the URL in its command line is the one without secrets
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             assert b"hunter2" not in cmdline and b"sig-0ff1ce" not in cmdline, cmdline
+            ps = subprocess.run(["ps", "-ww", "-eo", "args="], capture_output=True, text=True).stdout
+            assert "hunter2" not in ps, "a process (mount, sh, ocifuse) still shows the secret"
             assert assert_blobs_hash_to_their_names(mnt) >= 3  # fetched by the background daemon
             unmount_and_wait(url, mnt)
         fstab = tmp_path / "fstab"
