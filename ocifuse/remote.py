@@ -248,6 +248,8 @@ def follow(url: str, options: RemoteOptions) -> tuple[str, str | None]:
                     raise OcifuseError(
                         f"TLS: the server's certificate is not trusted ({why}; -o cafile= adds a CA)"
                     ) from e
+                if isinstance(reason, ssl.SSLError):  # a handshake that failed fails again
+                    raise OcifuseError(f"TLS: {reason.reason or reason}") from e
                 if isinstance(reason, socket.gaierror):
                     raise OcifuseError("the host name does not resolve") from e
                 # Refused, reset, timed out: retried with backoff, as the client retries.
