@@ -5,8 +5,11 @@ stored here once and loaded on the next open. An entry is never trusted beyond w
 its file is read with ``O_NOFOLLOW`` from a directory this user owns and no one else may write,
 it must be a regular file owned by this user, carry this version, this kind and this key, and its
 checksum must match. Anything else is logged, removed and rebuilt. Writes are atomic (a temp file
-in the same directory, fsync, rename), so two processes building one entry at once leave one
-whole entry, never a mix; a failing disk is a warning, never an error of the mount.
+in the same directory, fsync for the kinds worth it, rename), so two processes storing one entry
+at once leave one whole entry, never a mix; a failing disk is one warning, after which the process
+stores nothing more, never an error of the mount. An absent entry is built under a lock file of
+its own (``lock``, flock): of the processes opening one new archive at once, one builds it and the
+others wait, then load it.
 
 The directory is bounded (``-o cache_max=SIZE``; by default the smaller of 10 GiB and 10% of its
 filesystem): after each store, the least recently used keys go, each with all its files (its
