@@ -13,6 +13,7 @@ The tmpfs and other-user cases need root (CI runs as root); elsewhere they skip.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from typing import Any
 
 import pytest
 from cachebuild import archive_key
-from mounting import Mount, MountSpec, mounted, run_ocifuse, start, teardown, wait_live
+from mounting import Mount, MountSpec, is_mounted, mounted, run_ocifuse, start, teardown, wait_live
 from oci import LayoutBuilder
 from tarbuild import tar_extract, tree_of
 from test_cache_bound import zstd_layout
@@ -281,6 +283,32 @@ def test_daemons_mounting_one_new_tar_gz_at_once_decompress_it_about_once(tmp_pa
     assert leftovers(directory) == []
 
 
+@pytest.mark.fuse
+def test_a_daemon_waiting_for_a_lock_stops_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM while start-up waits on another's lock: the daemon exits, nothing mounted, nothing left."""
+    archive, _ = gz_layout(tmp_path / "a.tar.gz", 1 << 20)
+    directory = tmp_path / "c"
+    directory.mkdir(mode=0o700)
+    lock_file = directory / (cache_mod._LOCK_PREFIX + cache_mod._name("gzip-index", archive_key(archive)))
+    gate = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    m = None
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        m = start(MountSpec(archive, tmp_path / "m", [f"cache={directory}"]))
+        deadline = time.monotonic() + PATIENCE
+        while _waiters(lock_file) < 1:
+            assert m.alive() and time.monotonic() < deadline, m.stderr()
+            time.sleep(0.05)
+        m.process.send_signal(signal.SIGTERM)
+        assert m.wait_exit() != 0
+        assert not is_mounted(m.mountpoint)
+    finally:
+        os.close(gate)
+        if m is not None:
+            assert not teardown(m, clean_exit=False)
+    assert [p.name for p in directory.iterdir()] == [lock_file.name]  # the test's own
+
+
 # -- a full, read-only or deleted directory -------------------------------------------------------
 
 
@@ -318,6 +346,29 @@ def test_a_spill_on_a_full_disk_goes_elsewhere(
         assert count(caplog.text, "spill file not kept in the cache .*No space left on device") == 1
         assert count(caplog.text, "WARNING") == 1
         assert leftovers(directory) == []
+
+
+def test_a_spill_on_a_filesystem_without_o_tmpfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without O_TMPFILE (EOPNOTSUPP, as on some network filesystems) a spill is written under a temp
+    name and renamed: kept whole, nothing else left, and the next open loads it."""
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    monkeypatch.setattr(zstdsource, "ZSTD_FRAME_INPLACE", 1 << 20)
+    path, files = zstd_layout(tmp_path / "a.tar.zst", 3 << 20)
+    directory = tmp_path / "c"
+    for _ in range(2):  # built, then loaded
+        with closing(Archive(str(path), IndexCache(str(directory)))) as archive:
+            spill = archive.sources[0]
+            assert isinstance(spill, zstdsource.ZstdSpill) and spill.kept
+            for name, entry in archive.files():
+                assert archive.pread(entry, 0, entry.size) == files[name], name
+        assert [p.name.split(".")[0] for p in sorted(directory.iterdir())] == ["spill", "table", "zstd-index"]
 
 
 @pytest.mark.fuse
