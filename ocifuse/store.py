@@ -11,7 +11,7 @@ through ``load_or_build``, so that every artifact follows the same rule for what
 - damaged (the decoder raises ValueError; cache.py has already dropped entries whose checksum,
   owner or framing is wrong): logged as a warning, built again, replaced.
 
-An absent artifact is built under the store's lock for its kind and key (``Store.lock``): of the
+An absent (or unusable) artifact is built under the store's lock for its kind and key (``Store.lock``): of the
 processes (and threads) that open the same new bytes at once, one builds and stores it while the
 others wait, then load it. Locks nest only from an artifact to what it is built from (a merged tree,
 a layer's table, its gzip index), in that one order everywhere, so waits never go round in a circle.
@@ -122,12 +122,11 @@ def load_or_build(
     found, absent = _load(store, artifact, key, name, decode)
     if found is not None:
         return found[0]
-    if not absent:  # stored but unusable: no one else is building it, build it now
-        return _build_and_store(store, artifact, key, name=name, build=build, encode=encode)
-    # Absent: one process builds it while the others opening the same bytes wait, then load what
-    # it stored (N mounts of one new archive at once decompress it once, not N times).
+    # Absent or unusable: one process builds it while the others opening the same bytes wait, then
+    # load what it stored (N mounts of one new archive at once decompress it once, not N times).
     with store.lock(artifact.kind, key) as unstored:
-        found, _ = _load(store, artifact, key, name, decode)  # stored while this one looked or waited?
+        # Stored while this one looked or waited? (An unusable entry found again is not said again.)
+        found, _ = _load(store, artifact, key, name, decode, quiet=not absent)
         if found is not None:
             return found[0]
         if not unstored:
@@ -138,9 +137,18 @@ def load_or_build(
 
 
 def _load(
-    store: Store, artifact: Artifact, key: str, name: str, decode: Callable[[bytes], T]
+    store: Store,
+    artifact: Artifact,
+    key: str,
+    name: str,
+    decode: Callable[[bytes], T],
+    *,
+    quiet: bool = False,
 ) -> tuple[tuple[T] | None, bool]:
-    """(``(value,)`` when stored and usable, else None; whether nothing at all was stored)."""
+    """(``(value,)`` when stored and usable, else None; whether nothing at all was stored).
+
+    ``quiet``: an unusable entry is a debug line, not a warning (it was said already).
+    """
     payload = store.load(artifact.kind, key)
     if payload is None:
         return None, True
@@ -149,7 +157,9 @@ def _load(
     except Stale as e:
         log.debug("%s: stored %s out of date (%s): building it again", name, artifact.what, e)
     except DAMAGED as e:
-        log.warning("%s: stored %s unusable (%s): building it again", name, artifact.what, e)
+        (log.debug if quiet else log.warning)(
+            "%s: stored %s unusable (%s): building it again", name, artifact.what, e
+        )
     else:
         log.debug("%s: %s from the cache", name, artifact.what)
         return (value,), False
