@@ -11,10 +11,11 @@ through ``load_or_build``, so that every artifact follows the same rule for what
 - damaged (the decoder raises ValueError; cache.py has already dropped entries whose checksum,
   owner or framing is wrong): logged as a warning, built again, replaced.
 
-An absent (or unusable) artifact is built under the store's lock for its kind and key (``Store.lock``): of the
-processes (and threads) that open the same new bytes at once, one builds and stores it while the
-others wait, then load it. Locks nest only from an artifact to what it is built from (a merged tree,
-a layer's table, its gzip index), in that one order everywhere, so waits never go round in a circle.
+An absent (or unusable) artifact is built under the store's lock for its kind and key
+(``Store.lock``): of the processes (and threads) that open the same new bytes at once, one builds
+and stores it while the others wait, then load it. Locks nest only from an artifact to what it is
+built from (a merged tree, a layer's table, its gzip index), in that one order everywhere, so waits
+never go round in a circle.
 
 A stored artifact is never trusted beyond what its decoder checks: every read still checks its
 entry against its source's size (entries.Sources).
