@@ -9,10 +9,12 @@ the archive (one pread per read), a compressed one a decompressing source.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .cache import blob_key
@@ -195,6 +197,12 @@ class VerifiedStore:
         if self._cache is None or not self._cache.enabled or not self.verified():
             return None
         return self._cache.spill_path(key)
+
+    def lock(self, kind: str, key: str) -> AbstractContextManager[bool]:
+        """The cache's lock for (kind, key): of the processes opening this layer, one builds."""
+        if self._cache is None or not self._cache.enabled:
+            return contextlib.nullcontext(False)
+        return self._cache.lock(kind, key)
 
     def finish(self) -> None:
         """Raise LayerError if something was built from a blob that is not its digest."""
