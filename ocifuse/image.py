@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cache import blob_key
+from .chunked import Unusable as TocUnusable
+from .chunked import open_toc, position
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import Sources
@@ -260,7 +262,9 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
 
             # The merged tree of this image from the cache, when it is there: no layer read at all.
             # A tree served with ignore_diff_ids is kept apart: a mount that checks them must open.
+            # So is one made from TOCs: its offsets are in the TOC layers' own streams.
             key = str(resolved.descriptor.digest) + ("+ignore-diff-ids" if ignore_diff_ids else "")
+            key += "+toc" if any(layer.toc for layer in layers) else ""
             merged = load_or_build(
                 options.cache,
                 TREE,
@@ -306,6 +310,10 @@ class LazyLayer(Source):
         self._failed: OcifuseError | None = None  # why the layer cannot be served, once known
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
+        self._toc_table: LayerTable | None = None
+        # A zstd:chunked layer is served from its TOC, unless -o verify asks for the full pass
+        # (the blob hashed, the diff_id checked): see SECURITY.md, "zstd:chunked layers".
+        self.toc = not options.verify and desc.media_type in ZSTD_LAYERS and _has_toc(desc)
 
     def open(self, *, scan: bool = False) -> Source:
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
@@ -329,6 +337,23 @@ class LazyLayer(Source):
     def _open(self, scan: bool) -> Source:
         """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
         raw = layer_blob(self.layout, self.index, self.desc)
+        if self.toc:
+            lazy = open_toc(raw, self.desc.annotations, self.what)  # LayerError: not the manifest's TOC
+            if lazy is not None:
+                if self.size >= 0 and lazy.source.size != self.size:
+                    lazy.source.close()
+                    raise LayerError(
+                        f"{self.what}: its TOC lists {lazy.source.size} bytes; the stored tree, {self.size}"
+                    )
+                log.info(
+                    "%s: served from its zstd:chunked TOC (%d entries); each file is checked against "
+                    "its digest on first read, the layer's diff_id is not (-o verify reads it in full)",
+                    self.what,
+                    lazy.entries,
+                )
+                self.size = lazy.source.size
+                self._toc_table = lazy.table
+                return lazy.source
         gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
         gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
         # No scan in the pass when the table is stored: table() takes the stored one.
@@ -362,6 +387,8 @@ class LazyLayer(Source):
         """The layer's table: from the cache, else as the layer's first pass built it, else scanned
         (and stored once the blob is its digest)."""
         source = self.open(scan=True)
+        if self._toc_table is not None:
+            return self._toc_table  # never stored under the layer's digest: its offsets are the TOC's
         scanned, self._scan = self._scan, None
         return LayerTable.load_or_scan(
             source, self.what, key=blob_key(self.desc.digest), cache=self._gate, scanned=scanned
@@ -396,6 +423,14 @@ _LASTING = (
     TruncatedArchive,
     ArchiveChanged,
 )
+
+
+def _has_toc(desc: Descriptor) -> bool:
+    """Whether the layer's annotations name a zstd:chunked TOC (usable or not: open_toc says)."""
+    try:
+        return position(desc.annotations) is not None
+    except TocUnusable:
+        return True  # open_toc logs why it is not used, and the layer takes the full pass
 
 
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:

@@ -1,0 +1,344 @@
+"""zstd:chunked layers served from their TOC alone (chunked.py), against the full pass and ``umoci unpack``.
+
+The image is made by real tools: two layers by ``buildah`` (``from scratch``, ``mount``, the
+rootfs_images content written in, ``commit``; the second layer deletes and replaces, so it holds
+whiteouts), pushed by ``podman push --compression-format zstd:chunked`` and, as its gzip twin,
+``--compression-format gzip``, then ``tar -cf`` of the layout. Building needs root (mknod, chown).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pyzstd
+from mounting import mounted, run_ocifuse, skip_or_fail
+from peers import isolated_store, require_tools, run
+from rootfs_images import _change, _populate, snapshot, umoci_unpack
+
+from ocifuse import ViewOptions, image, open_rootfs
+from ocifuse.chunked import CHECKSUM_KEYS, POSITION_KEYS, TocLayer, open_toc, position
+from ocifuse.errors import FileMismatch, LayerError
+from ocifuse.source import MemorySource, Source
+
+BIG = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: several chunks
+ZEROS = "sha256:" + "0" * 64
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """One image as a zstd:chunked layout, its archive, its gzip twin, and umoci's unpacking of the twin."""
+
+    layout: Path  # podman's zstd:chunked OCI layout (tag v1)
+    archive: Path  # tar -cf of it
+    gzip: Path  # the gzip twin's layout
+    unpacked: Path  # umoci unpack of the gzip twin
+
+
+@pytest.fixture(scope="session")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> Chunked:
+    """Build the two-layer image once per session with buildah, push it twice with podman."""
+    require_tools("podman", "buildah", "umoci")
+    if os.geteuid() != 0:
+        skip_or_fail("building the zstd:chunked test image needs root (mknod, chown)")
+    root = tmp_path_factory.mktemp("chunked")
+    with isolated_store(root) as store:
+        ctr = store.buildah("from", "scratch").strip()
+        rootfs = Path(store.buildah("mount", ctr).strip())
+        _populate(rootfs)
+        (rootfs / "data/empty").write_bytes(b"")
+        (rootfs / "data/big-text").write_bytes(BIG)
+        store.buildah("commit", "-q", ctr, "base")
+        ctr = store.buildah("from", "base").strip()
+        _change(Path(store.buildah("mount", ctr).strip()))
+        store.buildah("commit", "-q", ctr, "app")
+        store.podman("push", "-q", "--compression-format", "zstd:chunked", "app", f"oci:{root / 'zc'}:v1")
+        store.podman("push", "-q", "--compression-format", "gzip", "app", f"oci:{root / 'gz'}:v1")
+    run("tar", "-cf", root / "zc.tar", "-C", root / "zc", ".")
+    return Chunked(
+        root / "zc", root / "zc.tar", root / "gz", umoci_unpack(root / "gz", "v1", root / "unpacked")
+    )
+
+
+def _manifest(layout: Path) -> tuple[Path, dict[str, object]]:
+    index = json.loads((layout / "index.json").read_bytes())
+    path = layout / "blobs/sha256" / index["manifests"][0]["digest"][7:]
+    return path, json.loads(path.read_bytes())
+
+
+def _layers(layout: Path) -> list[dict[str, object]]:
+    layers = _manifest(layout)[1]["layers"]
+    assert isinstance(layers, list)
+    return layers
+
+
+def _edited(layout: Path, dest: Path, edit: Callable[[dict[str, str]], None]) -> Path:
+    """A copy of ``layout`` whose manifest's layer annotations ``edit`` changed (index.json updated)."""
+    shutil.copytree(layout, dest)
+    old, manifest = _manifest(dest)
+    for layer in manifest["layers"]:  # type: ignore[attr-defined]
+        edit(layer["annotations"])
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (dest / "blobs/sha256" / digest).write_bytes(data)
+    old.unlink()
+    index = json.loads((dest / "index.json").read_bytes())
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest
+
+
+def _toc(layout: Path, layer: dict[str, object]) -> dict[str, object]:
+    annotations = layer["annotations"]
+    assert isinstance(annotations, dict)
+    where = position(annotations)
+    assert where is not None
+    blob = (layout / "blobs/sha256" / str(layer["digest"])[7:]).read_bytes()
+    doc = json.loads(pyzstd.decompress(blob[where.offset : where.offset + where.length]))
+    assert isinstance(doc, dict)
+    return doc
+
+
+class Counting(Source):
+    """A layer blob that counts the bytes read from it."""
+
+    def __init__(self, inner: Source, counter: list[int]) -> None:
+        self.inner, self.counter, self.size = inner, counter, inner.size
+
+    def pread(self, offset: int, size: int) -> bytes:
+        data = self.inner.pread(offset, size)
+        self.counter[0] += len(data)
+        return data
+
+
+# -- real mounts ------------------------------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_toc_mount_equals_full_pass_and_umoci_unpack(chunked: Chunked, tmp_path: Path) -> None:
+    """Every path, type, mode, owner, size, mtime, link, device, xattr, hardlink group and byte: the TOC
+    mount (first, then with its tree cached) equals the full pass (-o verify) and umoci unpack."""
+    expected, groups = snapshot(chunked.unpacked)
+    cache = f"cache={tmp_path / 'cache'}"
+    seen = []
+    for name, options in [
+        ("toc", [f"rootfs,{cache}"]),
+        ("cached", [f"rootfs,{cache}"]),
+        ("full", ["rootfs,verify,nocache"]),
+    ]:
+        with mounted(chunked.archive, tmp_path / name, options=options) as m:
+            seen.append(snapshot(m.mountpoint))
+    for served, served_groups in seen:
+        assert sorted(served) == sorted(expected)
+        for path, want in expected.items():
+            assert served[path] == want, path
+        assert served_groups == groups == {frozenset({"data/hard2", "data/hard3"})}
+    served = seen[0][0]
+    assert served["data/big-text"][10] == BIG and served["data/empty"][10] == b""
+    assert served["usr/bin/ping"][1] == 0o4755 and served["dev/null"][8] == os.makedev(1, 3)
+    assert served["data/small.txt"][9] == (("user.comment", b"hello xattr"),)
+    assert "olddir" not in served and served["d2f"][10] == b"a directory, then a file"
+
+
+@pytest.mark.fuse
+def test_a_damaged_chunk_fails_that_file_only(chunked: Chunked, tmp_path: Path) -> None:
+    """A byte flipped inside one file's frames: EIO for that file (logged), the others served."""
+    layout = tmp_path / "damaged"
+    shutil.copytree(chunked.layout, layout)
+    layer = _layers(layout)[0]
+    entry = next(e for e in _toc(layout, layer)["entries"] if e["name"] == "data/big-text")  # type: ignore[attr-defined]
+    blob = layout / "blobs/sha256" / str(layer["digest"])[7:]
+    data = bytearray(blob.read_bytes())
+    data[(entry["offset"] + entry["endOffset"]) // 2] ^= 0x55
+    blob.write_bytes(data)
+    with mounted(layout, tmp_path / "mnt", args=["--rootfs", "--no-cache"]) as m:
+        for _ in range(2):  # the verdict is kept
+            with pytest.raises(OSError) as e:
+                m.path("data", "big-text").read_bytes()
+            assert e.value.errno == errno.EIO
+        assert m.path("etc", "passwd").read_bytes().startswith(b"root:")
+        assert m.path("bin", "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+        log = m.stderr()
+    assert log.count("'data/big-text' does not match its TOC") == 1
+
+
+def test_a_toc_not_the_manifests_refuses_the_mount(chunked: Chunked, tmp_path: Path) -> None:
+    """A TOC that does not hash to the manifest's checksum annotation: one line, exit 2."""
+
+    def forge(annotations: dict[str, str]) -> None:
+        for key in CHECKSUM_KEYS:
+            if key in annotations:
+                annotations[key] = "sha256:" + "0" * 64
+
+    layout = _edited(chunked.layout, tmp_path / "forged", forge)
+    (tmp_path / "mnt").mkdir()
+    done = run_ocifuse("mount", "--rootfs", "--no-cache", layout, tmp_path / "mnt")
+    if done.returncode == 0:
+        run_ocifuse("umount", tmp_path / "mnt")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "zstd:chunked TOC hashes to" in lines[0], done.stderr
+
+
+# -- in process: what is read, which pass ---------------------------------------------------------
+
+
+def _open(
+    layout: Path, monkeypatch: pytest.MonkeyPatch, *, verify: bool = False
+) -> tuple[image.RootImage, list[int]]:
+    counter = [0]
+    real = image.layer_blob
+    monkeypatch.setattr(image, "layer_blob", lambda *a: Counting(real(*a), counter))
+    return open_rootfs(layout, ViewOptions(rootfs=True, verify=verify)), counter
+
+
+def _kinds(root: image.RootImage) -> list[type]:
+    return [type(layer._source) for layer in root.sources.sources]  # type: ignore[attr-defined]
+
+
+def test_the_first_open_reads_the_tocs_only(chunked: Chunked, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live after reading the TOCs and footers (a fraction of the layers); a file read reads its frames."""
+    root, counter = _open(chunked.archive, monkeypatch)
+    try:
+        assert _kinds(root) == [TocLayer, TocLayer]
+        total = sum(int(str(layer["size"])) for layer in _layers(chunked.layout))
+        assert 0 < counter[0] <= total * 0.02, (counter[0], total)
+        before = counter[0]
+        entry = root.merged.entries["etc/passwd"]
+        assert root.sources.pread(entry, 0, 1 << 20) == (chunked.unpacked / "etc/passwd").read_bytes()
+        assert counter[0] - before < 4096
+    finally:
+        root.close()
+
+
+def test_without_the_annotations_or_with_verify_the_layer_takes_the_full_pass(
+    chunked: Chunked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No annotations, or -o verify: every layer read in full (blob hashed, diff_id checked)."""
+    plain = _edited(chunked.layout, tmp_path / "plain", lambda a: a.clear())
+    total = sum(int(str(layer["size"])) for layer in _layers(chunked.layout))
+    for layout, verify in [(plain, False), (chunked.layout, True)]:
+        root, counter = _open(layout, monkeypatch, verify=verify)
+        try:
+            assert TocLayer not in _kinds(root)
+            assert counter[0] >= total
+            entry = root.merged.entries["data/big-text"]
+            assert root.sources.pread(entry, 0, len(BIG) + 1) == BIG
+        finally:
+            root.close()
+
+
+def test_an_unusable_toc_takes_the_full_pass_with_a_warning(
+    chunked: Chunked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A position annotation that cannot be used (here: a TOC type other than 1) falls back, logged once."""
+
+    def retype(annotations: dict[str, str]) -> None:
+        for key in POSITION_KEYS:
+            if key in annotations:
+                annotations[key] = annotations[key].rsplit(":", 1)[0] + ":2"
+
+    layout = _edited(chunked.layout, tmp_path / "retyped", retype)
+    with caplog.at_level(logging.WARNING, "ocifuse"):
+        root, _ = _open(layout, monkeypatch)
+    try:
+        assert TocLayer not in _kinds(root)
+        assert root.sources.pread(root.merged.entries["data/big-text"], 0, len(BIG)) == BIG
+    finally:
+        root.close()
+    warnings = [r.getMessage() for r in caplog.records if "TOC is not used" in r.getMessage()]
+    assert len(warnings) == 2 and "TOC of type 2" in warnings[0]
+
+
+# -- the TOC's rules, on blobs made here (the format as containers/storage writes it) --------------
+
+
+def _blob(
+    files: dict[str, bytes], *, lie: str = "", toc_extra: list[dict[str, object]] | None = None
+) -> tuple[Source, dict[str, str]]:
+    """A zstd:chunked blob: each file one frame, the TOC in a skippable frame; ``lie``: a file whose
+    TOC digest is wrong."""
+    out = bytearray(pyzstd.compress(b"\0" * 512))  # stands for the tar headers' frames
+    entries: list[dict[str, object]] = []
+    for name, data in files.items():
+        start = len(out)
+        out += pyzstd.compress(data)
+        digest = hashlib.sha256(data + (b"!" if name == lie else b"")).hexdigest()
+        entries.append(
+            {"type": "reg", "name": name, "mode": 0o644, "size": len(data), "digest": f"sha256:{digest}",
+             "offset": start, "endOffset": len(out), "modtime": "2024-05-06T07:08:09.123456789+02:00"}
+        )  # fmt: skip
+    toc = pyzstd.compress(json.dumps({"version": 1, "entries": entries + (toc_extra or [])}).encode())
+    out += b"\x50\x2a\x4d\x18" + len(toc).to_bytes(4, "little")
+    offset = len(out)
+    out += toc
+    checksum = "sha256:" + hashlib.sha256(toc).hexdigest()
+    plain = len(pyzstd.decompress(toc))
+    return MemorySource(bytes(out)), {
+        CHECKSUM_KEYS[0]: checksum,
+        POSITION_KEYS[0]: f"{offset}:{len(toc)}:{plain}:1",
+    }
+
+
+def test_a_file_that_does_not_match_its_digest_fails_alone() -> None:
+    """A file whose bytes are not its TOC digest is FileMismatch at every read; the other is served."""
+    raw, annotations = _blob({"good": b"good bytes", "bad": b"bad bytes"}, lie="bad")
+    opened = open_toc(raw, annotations, "layer 0")
+    assert opened is not None
+    members = {m.name: m for m in opened.table.members}
+    assert members["good"].mtime == 1714972089  # 07:08:09 at +02:00
+    good, bad = members["good"], members["bad"]
+    assert opened.source.pread(good.offset, good.size) == b"good bytes"
+    for _ in range(2):
+        with pytest.raises(FileMismatch):
+            opened.source.pread(bad.offset, 1)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"type": "reg", "name": "../escape", "size": 0},
+        {"type": "socket", "name": "s"},
+        {"type": "chunk", "name": "nobody", "offset": 1, "chunkOffset": 1},
+        {
+            "type": "reg",
+            "name": "far",
+            "size": 5,
+            "digest": "sha256:" + "0" * 64,
+            "offset": 10**9,
+            "endOffset": 10**9 + 9,
+        },
+        {
+            "type": "reg",
+            "name": "overlap",
+            "size": 5,
+            "digest": "sha256:" + "0" * 64,
+            "offset": 20,
+            "endOffset": 40,
+        },
+    ],
+    ids=["dotdot", "unknown-type", "stray-chunk", "outside", "overlapping"],
+)
+def test_an_inconsistent_toc_is_not_used(extra: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
+    """Names the layer policy refuses, unknown types, stray chunks, frames outside the data or
+    overlapping another file's: the TOC is not used (the layer takes the full pass), logged."""
+    raw, annotations = _blob({"a": b"a" * 100}, toc_extra=[extra])
+    with caplog.at_level(logging.WARNING, "ocifuse"):
+        assert open_toc(raw, annotations, "layer 0") is None
+    assert "TOC is not used" in caplog.text
+
+
+def test_a_forged_toc_is_refused() -> None:
+    """The checksum annotation is what authenticates the TOC: another one refuses the layer."""
+    raw, annotations = _blob({"a": b"a"})
+    annotations[CHECKSUM_KEYS[0]] = "sha256:" + "1" * 64
+    with pytest.raises(LayerError, match="TOC hashes to"):
+        open_toc(raw, annotations, "layer 0")
