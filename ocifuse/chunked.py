@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import functools
 import itertools
 import json
 import logging
@@ -138,7 +139,14 @@ def _mtime(value: object) -> int:
     """Seconds since the epoch of a Go RFC 3339 time; 0 for none (Go's zero time)."""
     if value is None:
         return 0
-    if not isinstance(value, str) or (m := _TIME.fullmatch(value)) is None:
+    if not isinstance(value, str):
+        raise Unusable(f"modtime {value!r}")
+    return _seconds(value)
+
+
+@functools.lru_cache(maxsize=4096)  # a layer's files share a few times (a build's, or the epoch)
+def _seconds(value: str) -> int:
+    if (m := _TIME.fullmatch(value)) is None:
         raise Unusable(f"modtime {value!r}")
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     try:
@@ -231,15 +239,23 @@ class _Builder:
         begin, end = _int(entry, "offset"), _int(entry, "endOffset")
         if not begin < end <= self.data_end:
             raise Unusable(f"{name!r}: frames at {begin}..{end}, outside the blob's data")
-        # The file's chunks: the entry itself is the first (when there are more, it carries the
-        # first chunk's chunkSize), each TOC "chunk" entry the next; a chunk's frames end where
-        # the next chunk's start, the last one's at the file's endOffset.
+        if not chunks:  # one chunk: the file's frames (the common case, taken fast)
+            if size > ZSTD_FRAME_INPLACE:
+                raise Unusable(f"{name!r}: a chunk over {ZSTD_FRAME_INPLACE} bytes")
+            self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), 1))
+            self.chunk_starts.append(self.size)
+            self.chunk_frames.append((begin, end))
+            self.ranges.append((begin, end, name))
+            self.size += size
+            return
+        # The file's chunks: the entry itself is the first (it carries the first chunk's
+        # chunkSize), each TOC "chunk" entry the next; a chunk's frames end where the next
+        # chunk's start, the last one's at the file's endOffset.
         starts = [0] + [_int(c, "chunkOffset") for c in chunks]
         offsets = [begin] + [_int(c, "offset") for c in chunks]
-        if chunks:
-            sizes = [_int(entry, "chunkSize")] + [_int(c, "chunkSize") for c in chunks]
-            if any(s + n != t for s, n, t in zip(starts, sizes, [*starts[1:], size], strict=True)):
-                raise Unusable(f"{name!r}: chunks that do not tile its {size} bytes")
+        sizes = [_int(entry, "chunkSize")] + [_int(c, "chunkSize") for c in chunks]
+        if any(s + n != t for s, n, t in zip(starts, sizes, [*starts[1:], size], strict=True)):
+            raise Unusable(f"{name!r}: chunks that do not tile its {size} bytes")
         offsets.append(end)
         if any(a >= b for a, b in itertools.pairwise(offsets)):
             raise Unusable(f"{name!r}: chunk frames out of order")
