@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import calendar
 import functools
+import io
 import itertools
 import json
 import logging
@@ -26,6 +27,7 @@ import re
 import struct
 import tarfile
 import threading
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,11 @@ SKIPPABLE = b"\x50\x2a\x4d\x18"
 # The footer: a last skippable frame ending with this magic, holding (little endian u64) the TOC's
 # offset, compressed and uncompressed lengths and type, then (64-byte form) the tar-split's three.
 FOOTER_MAGIC = b"GnUlInUx"
+# eStargz (stargz-snapshotter docs/estargz.md): the layer annotation with the sha256 of the TOC
+# JSON, the footer's size, and the TOC's name in the tar of its gzip member.
+ESTARGZ_KEY = "containerd.io/snapshot/stargz/toc.digest"
+ESTARGZ_FOOTER = 51
+ESTARGZ_TOC = "stargz.index.json"
 FOOTER_SIZES = (64, 40)
 # The TOC's member types (pkg/chunked/internal/minimal): what a tar typeflag each is.
 _TAR_TYPES = {
@@ -135,6 +142,19 @@ def _decompress(data: bytes, size: int) -> bytes:
     return out
 
 
+def _gunzip(data: bytes, skip: int, size: int) -> bytes:
+    """``size`` bytes after the first ``skip`` of the gzip member that opens ``data`` (what follows
+    in the member, and after it, is not read); ValueError when damaged or shorter."""
+    decompressor = zlib.decompressobj(31)  # RFC 1952: a gzip header and trailer
+    try:
+        out = decompressor.decompress(data, skip + size)
+    except zlib.error as e:
+        raise ValueError(str(e)) from e
+    if len(out) != skip + size:
+        raise ValueError(f"a member that does not hold {skip + size} bytes")
+    return out[skip:]
+
+
 def _mtime(value: object) -> int:
     """Seconds since the epoch of a Go RFC 3339 time; 0 for none (Go's zero time)."""
     if value is None:
@@ -182,12 +202,14 @@ class _File:
 class _Builder:
     """Reads TOC entries into TarInfos (for LayerTable.of_infos) and the files' chunks."""
 
-    def __init__(self, data_end: int) -> None:
+    def __init__(self, data_end: int, *, gzip: bool = False) -> None:
         self.data_end = data_end  # file frames lie before the TOC's frame
+        self.gzip = gzip  # eStargz: gzip members, whose ends the TOC does not give
         self.infos: list[tarfile.TarInfo] = []
         self.files: list[_File] = []
         self.chunk_starts: list[int] = []  # each chunk's first byte in the layer's stream
         self.chunk_frames: list[tuple[int, int]] = []  # each chunk's frames: blob offset, end
+        self.chunk_skips: list[int] = []  # bytes of the decompressed frames before the chunk's
         self.ranges: list[tuple[int, int, str]] = []
         self.size = 0
 
@@ -236,6 +258,9 @@ class _Builder:
             raise Unusable(f"{name!r}: {e}") from e
         if not digest.verifiable:
             raise Unusable(f"{name!r}: a digest of algorithm {digest.algorithm}")
+        if self.gzip:
+            self._gzip_file(name, entry, chunks, size, digest)
+            return
         begin, end = _int(entry, "offset"), _int(entry, "endOffset")
         if not begin < end <= self.data_end:
             raise Unusable(f"{name!r}: frames at {begin}..{end}, outside the blob's data")
@@ -245,6 +270,7 @@ class _Builder:
             self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), 1))
             self.chunk_starts.append(self.size)
             self.chunk_frames.append((begin, end))
+            self.chunk_skips.append(0)
             self.ranges.append((begin, end, name))
             self.size += size
             return
@@ -265,11 +291,57 @@ class _Builder:
         self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), len(starts)))
         self.chunk_starts.extend(self.size + s for s in starts)
         self.chunk_frames.extend(itertools.pairwise(offsets))
+        self.chunk_skips.extend(0 for _ in starts)
         self.ranges.append((begin, end, name))
         self.size += size
 
-    def check_overlaps(self) -> None:
-        """No two files' frames overlap in the blob (each file's data is its own frames)."""
+    def _gzip_file(
+        self, name: str, entry: Mapping[str, Any], chunks: list[Mapping[str, Any]], size: int, digest: Digest
+    ) -> None:
+        """An eStargz file (stargz-snapshotter docs/estargz.md): each chunk starts a gzip member at
+        ``offset`` (``innerOffset`` bytes into it, when several share one); ``chunkSize`` 0 is
+        "to the file's end". Where a member ends is known only once every offset is (``finish``)."""
+        starts = [0] + [_int(c, "chunkOffset") for c in chunks]
+        ends = [*starts[1:], size]
+        sizes = [_int(entry, "chunkSize")] + [_int(c, "chunkSize") for c in chunks]
+        sizes = [n or e - s for s, n, e in zip(starts, sizes, ends, strict=True)]
+        if any(s + n != e or n <= 0 for s, n, e in zip(starts, sizes, ends, strict=True)):
+            raise Unusable(f"{name!r}: chunks that do not tile its {size} bytes")
+        if max(sizes) > ZSTD_FRAME_INPLACE:
+            raise Unusable(f"{name!r}: a chunk over {ZSTD_FRAME_INPLACE} bytes")
+        entries = [entry, *chunks]
+        offsets = [_int(e, "offset") for e in entries]
+        if not all(0 <= o < self.data_end for o in offsets):
+            raise Unusable(f"{name!r}: chunks outside the blob's data")
+        self.add_chunks(
+            name,
+            digest,
+            size,
+            [(o, -1, _int(e, "innerOffset")) for o, e in zip(offsets, entries, strict=True)],
+            starts,
+        )
+
+    def add_chunks(
+        self, name: str, digest: Digest, size: int, frames: list[tuple[int, int, int]], starts: list[int]
+    ) -> None:
+        """A file of ``size`` bytes whose chunks start at ``starts`` in it, each in the frames
+        (blob offset, end or -1 until ``finish``, bytes to skip) of ``frames``."""
+        self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), len(starts)))
+        self.chunk_starts.extend(self.size + s for s in starts)
+        self.chunk_frames.extend((begin, end) for begin, end, _ in frames)
+        self.chunk_skips.extend(skip for _, _, skip in frames)
+        self.size += size
+
+    def finish(self) -> None:
+        """eStargz: each chunk's member ends at the next member's start (or the TOC's); zstd:chunked:
+        no two files' frames overlap in the blob (each file's data is its own frames)."""
+        if self.gzip:
+            starts = sorted({begin for begin, end in self.chunk_frames if end < 0} | {self.data_end})
+            self.chunk_frames = [
+                (begin, starts[bisect.bisect_right(starts, begin)] if end < 0 else end)
+                for begin, end in self.chunk_frames
+            ]
+            return
         self.ranges.sort()
         for (_, end, a), (begin, _, b) in itertools.pairwise(self.ranges):
             if begin < end:
@@ -329,6 +401,9 @@ class TocLayer(Source):
         self._file_starts = [f.start for f in builder.files]
         self._chunk_starts = builder.chunk_starts
         self._chunk_frames = builder.chunk_frames
+        self._chunk_skips = builder.chunk_skips
+        self._gzip = builder.gzip
+        self.compression = "gzip" if builder.gzip else "zstd"
         self._verdicts = bytearray(len(builder.files))  # 0 not read yet, 1 matches, 2 does not
         self._lock = threading.Lock()
         self._id = next(_ids)
@@ -345,9 +420,13 @@ class TocLayer(Source):
         try:
             if len(comp) != end - begin:
                 raise ValueError("the blob ends inside its frames")
-            data = _decompress(comp, stop - start)
+            if self._gzip:
+                data = _gunzip(comp, self._chunk_skips[i], stop - start)
+            else:
+                data = _decompress(comp, stop - start)
         except ValueError as e:
-            raise FileMismatch(self.name, file.name, f"its zstd frames at {begin}..{end}: {e}") from e
+            kind = "gzip member" if self._gzip else "zstd frames"
+            raise FileMismatch(self.name, file.name, f"its {kind} at {begin}..{end}: {e}") from e
         kept_frames.put(self._id, i, data)
         return data
 
@@ -437,7 +516,12 @@ def open_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened |
     the manifest's checksum annotation (the image is not what its manifest says: refused).
     """
     try:
+        stargz = annotations.get(ESTARGZ_KEY)
         where = position(annotations)
+        if stargz is not None and where is not None:
+            raise Unusable("both a zstd:chunked and an eStargz TOC")  # as containers/storage refuses it
+        if stargz is not None:
+            return _open_estargz(raw, stargz, what)
         if where is None:
             return None
         return _open(raw, where, what)
@@ -466,17 +550,95 @@ def _open(raw: Source, where: Position, what: str) -> Opened:
         doc = json.loads(_decompress(toc, where.uncompressed))
     except (ValueError, RecursionError) as e:
         raise Unusable(f"the TOC does not decompress or parse: {e}") from e
-    builder = _Builder(where.offset - 8)
+    return _build(raw, doc, _Builder(where.offset - 8), what)
+
+
+def _build(
+    raw: Source,
+    doc: object,
+    builder: _Builder,
+    what: str,
+    last: tuple[tarfile.TarInfo, tuple[int, int, int], Digest] | None = None,
+) -> Opened:
+    """The layer from a parsed TOC. ``last``: a member the TOC does not list, after its entries
+    (its TarInfo, the frames of its bytes, their digest)."""
     count = 0
     for entry, chunks in _entries(doc):
         builder.add(entry, chunks)
         count += 1
-    builder.check_overlaps()
+    if last is not None:
+        info, frames, digest = last
+        info.offset_data = builder.size
+        if info.size:
+            builder.add_chunks(info.name, digest, info.size, [frames], [0])
+        builder.infos.append(info)
+    builder.finish()
     table = LayerTable.of_infos(builder.infos, builder.size)
     if table.skipped:
         first = table.skipped[0]
         raise Unusable(f"{len(table.skipped)} members the layer policy skips, {first.name!r}: {first.reason}")
     return Opened(source=TocLayer(raw, what, builder), table=table, entries=count)
+
+
+def _open_estargz(raw: Source, annotation: str, what: str) -> Opened:
+    """An eStargz layer (stargz-snapshotter docs/estargz.md): the footer, a gzip member whose extra
+    field holds ``%016xSTARGZ`` (the TOC member's offset); the TOC member, a gzip of a tar holding
+    ``stargz.index.json``, whose sha256 the annotation gives."""
+    try:
+        checksum = Digest.parse(annotation)
+    except InvalidDigest as e:
+        raise Unusable(f"toc.digest: {e}") from e
+    if not checksum.verifiable:
+        raise Unusable(f"toc.digest of algorithm {checksum.algorithm}")
+    end = raw.size - ESTARGZ_FOOTER
+    footer = raw.pread(end, ESTARGZ_FOOTER) if end > 0 else b""
+    # RFC 1952 2.3.1: ID1 ID2 CM FLG(FEXTRA) ..., XLEN 26, subfield "SG" of 22 bytes.
+    if (
+        len(footer) != ESTARGZ_FOOTER
+        or footer[:4] != b"\x1f\x8b\x08\x04"
+        or footer[10:16] != b"\x1a\x00SG\x16\x00"
+    ):
+        raise Unusable("no eStargz footer")
+    field = footer[16:38]
+    if not field.endswith(b"STARGZ") or not all(c in b"0123456789abcdef" for c in field[:16]):
+        raise Unusable("no eStargz footer")
+    offset = int(field[:16], 16)
+    if not 0 < offset < end or end - offset > MAX_TOC:
+        raise Unusable(f"a TOC member at {offset} in a {raw.size}-byte blob (at most {MAX_TOC} bytes)")
+    member = raw.pread(offset, end - offset)
+    try:
+        tar = zlib.decompressobj(31).decompress(member, MAX_TOC + 2048)  # bounded: a bomb stops there
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+            info = archive.next()
+            if info is None or info.name != ESTARGZ_TOC or not info.isreg():
+                raise Unusable(f"the TOC member does not open with {ESTARGZ_TOC}")
+            data = tar[info.offset_data : info.offset_data + info.size]
+    except (zlib.error, tarfile.TarError) as e:
+        raise Unusable(f"the TOC member: {e}") from e
+    if len(data) != info.size:
+        raise Unusable("the TOC member is cut short")
+    found = Digest.of(data, checksum.algorithm)
+    if found != checksum:
+        raise LayerError(
+            f"{what}: its eStargz TOC hashes to {found}, the manifest's annotation says {checksum}"
+        )
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise Unusable(f"the TOC does not parse: {e}") from e
+    builder = _Builder(offset, gzip=True)
+    # The TOC itself is the tar's last member (what a full pass, umoci or podman show): its bytes
+    # are those just hashed, read again from its member when asked for.
+    extra = tarfile.TarInfo(info.name)
+    extra.type, extra.mode, extra.uid, extra.gid, extra.mtime = (
+        info.type,
+        info.mode,
+        info.uid,
+        info.gid,
+        info.mtime,
+    )
+    extra.size = info.size
+    return _build(raw, doc, builder, what, (extra, (offset, end, info.offset_data), checksum))
 
 
 def _check_footer(raw: Source, where: Position) -> None:

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cache import blob_key
-from .chunked import Unusable as TocUnusable
-from .chunked import open_toc, position
+from .chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, open_toc
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import Sources
@@ -311,9 +310,9 @@ class LazyLayer(Source):
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
         self._toc_table: LayerTable | None = None
-        # A zstd:chunked layer is served from its TOC, unless -o verify asks for the full pass
-        # (the blob hashed, the diff_id checked): see SECURITY.md, "zstd:chunked layers".
-        self.toc = not options.verify and desc.media_type in ZSTD_LAYERS and _has_toc(desc)
+        # A zstd:chunked or eStargz layer is served from its TOC, unless -o verify asks for the full
+        # pass (the blob hashed, the diff_id checked): see SECURITY.md, "zstd:chunked layers".
+        self.toc = not options.verify and _has_toc(desc)
 
     def open(self, *, scan: bool = False) -> Source:
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
@@ -346,7 +345,7 @@ class LazyLayer(Source):
                         f"{self.what}: its TOC lists {lazy.source.size} bytes; the stored tree, {self.size}"
                     )
                 log.info(
-                    "%s: served from its zstd:chunked TOC (%d entries); each file is checked against "
+                    "%s: served from its TOC (%d entries); each file is checked against "
                     "its digest on first read, the layer's diff_id is not (-o verify reads it in full)",
                     self.what,
                     lazy.entries,
@@ -426,11 +425,12 @@ _LASTING = (
 
 
 def _has_toc(desc: Descriptor) -> bool:
-    """Whether the layer's annotations name a zstd:chunked TOC (usable or not: open_toc says)."""
-    try:
-        return position(desc.annotations) is not None
-    except TocUnusable:
-        return True  # open_toc logs why it is not used, and the layer takes the full pass
+    """Whether the layer's annotations name a TOC of its compression, zstd:chunked or eStargz
+    (usable or not: open_toc says, and logs why not)."""
+    keys = desc.annotations.keys()
+    if desc.media_type in ZSTD_LAYERS:
+        return any(k in keys for k in (*CHECKSUM_KEYS, *POSITION_KEYS))
+    return desc.media_type in GZIP_LAYERS and ESTARGZ_KEY in keys
 
 
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:

@@ -1,9 +1,12 @@
-"""zstd:chunked layers served from their TOC alone (chunked.py), against the full pass and ``umoci unpack``.
+"""zstd:chunked and eStargz layers served from their TOC alone (chunked.py), against the full pass
+and ``umoci unpack``.
 
 The image is made by real tools: two layers by ``buildah`` (``from scratch``, ``mount``, the
 rootfs_images content written in, ``commit``; the second layer deletes and replaces, so it holds
 whiteouts), pushed by ``podman push --compression-format zstd:chunked`` and, as its gzip twin,
-``--compression-format gzip``, then ``tar -cf`` of the layout. Building needs root (mknod, chown).
+``--compression-format gzip``, then ``tar -cf`` of the layout; the twin converted to eStargz by
+stargz-snapshotter's ``ctr-remote image convert --estargz`` in a containerd of the test's own.
+Building needs root (mknod, chown).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from pathlib import Path
 import pytest
 import pyzstd
 from mounting import mounted, run_ocifuse, skip_or_fail
-from peers import isolated_store, require_tools, run
+from peers import containerd, isolated_store, require_tools, run
 from rootfs_images import _change, _populate, snapshot, umoci_unpack
 
 from ocifuse import ViewOptions, image, open_rootfs
-from ocifuse.chunked import CHECKSUM_KEYS, POSITION_KEYS, TocLayer, open_toc, position
+from ocifuse.chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, TocLayer, open_toc, position
 from ocifuse.errors import FileMismatch, LayerError
 from ocifuse.source import MemorySource, Source
 
@@ -66,6 +69,30 @@ def chunked(tmp_path_factory: pytest.TempPathFactory) -> Chunked:
     return Chunked(
         root / "zc", root / "zc.tar", root / "gz", umoci_unpack(root / "gz", "v1", root / "unpacked")
     )
+
+
+@dataclass(frozen=True)
+class Estargz:
+    """The gzip twin converted to eStargz by stargz-snapshotter's ctr-remote, and umoci's unpacking of it."""
+
+    layout: Path  # the OCI layout ctr-remote exported (tag esgz)
+    archive: Path  # the archive itself
+    unpacked: Path
+
+
+@pytest.fixture(scope="session")
+def estargz(chunked: Chunked, tmp_path_factory: pytest.TempPathFactory) -> Estargz:
+    """``ctr-remote image convert --estargz --oci`` of the gzip twin, in a containerd of the test's own."""
+    root = tmp_path_factory.mktemp("estargz")
+    run("tar", "-cf", root / "gz.tar", "-C", chunked.gzip, ".")
+    with containerd() as ctr:
+        ctr("images", "import", "--no-unpack", "--base-name", "src", root / "gz.tar")  # as src:v1
+        ctr("images", "convert", "--estargz", "--oci", "src:v1", "esgz:v1")
+        ctr("images", "export", root / "esgz.tar", "esgz:v1")
+    (root / "esgz").mkdir()
+    run("tar", "-xf", root / "esgz.tar", "-C", root / "esgz")
+    unpacked = umoci_unpack(root / "esgz", "esgz:v1", root / "unpacked")
+    return Estargz(root / "esgz", root / "esgz.tar", unpacked)
 
 
 def _manifest(layout: Path) -> tuple[Path, dict[str, object]]:
@@ -146,6 +173,41 @@ def test_toc_mount_equals_full_pass_and_umoci_unpack(chunked: Chunked, tmp_path:
     assert served["usr/bin/ping"][1] == 0o4755 and served["dev/null"][8] == os.makedev(1, 3)
     assert served["data/small.txt"][9] == (("user.comment", b"hello xattr"),)
     assert "olddir" not in served and served["d2f"][10] == b"a directory, then a file"
+
+
+@pytest.mark.fuse
+def test_estargz_mount_equals_full_pass_and_umoci_unpack(estargz: Estargz, tmp_path: Path) -> None:
+    """eStargz layers (ctr-remote): the TOC mount equals the full pass (-o verify) and umoci unpack,
+    the TOC file and landmark the tar holds included; live from the TOCs alone."""
+    expected, groups = snapshot(estargz.unpacked)
+    assert "stargz.index.json" in expected and ".no.prefetch.landmark" in expected
+    for name, options in [("toc", "rootfs,nocache"), ("full", "rootfs,verify,nocache")]:
+        with mounted(estargz.archive, tmp_path / name, options=[options]) as m:
+            served, served_groups = snapshot(m.mountpoint)
+        assert sorted(served) == sorted(expected)
+        for path, want in expected.items():
+            assert served[path] == want, path
+        assert served_groups == groups == {frozenset({"data/hard2", "data/hard3"})}
+
+
+def test_estargz_first_open_reads_the_tocs_only(estargz: Estargz, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An eStargz image opens from its footers and TOC members; a damaged file fails alone."""
+    root, counter = _open(estargz.archive, monkeypatch)
+    try:
+        assert _kinds(root) == [TocLayer, TocLayer]
+        total = sum(int(str(layer["size"])) for layer in _layers(estargz.layout))
+        assert 0 < counter[0] <= total * 0.02, (counter[0], total)
+        entry = root.merged.entries["bin/busybox"]
+        assert root.sources.pread(entry, 0, entry.size) == Path("/bin/busybox").read_bytes()
+    finally:
+        root.close()
+    layer = _layers(estargz.layout)[0]
+    annotations = dict(layer["annotations"])  # type: ignore[call-overload]
+    raw = MemorySource((estargz.layout / "blobs/sha256" / str(layer["digest"])[7:]).read_bytes())
+    assert open_toc(raw, annotations, "layer 0") is not None
+    annotations[ESTARGZ_KEY] = ZEROS
+    with pytest.raises(LayerError, match="eStargz TOC hashes to"):
+        open_toc(raw, annotations, "layer 0")
 
 
 @pytest.mark.fuse
