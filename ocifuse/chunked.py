@@ -1,4 +1,4 @@
-"""A zstd:chunked layer from its table of contents alone: the layer's table, and a source per file.
+"""A zstd:chunked or eStargz layer from its table of contents alone: the layer's table, and its files.
 
 containers/storage ``pkg/chunked`` (podman ``push --compression-format zstd:chunked``) writes
 each file's data as zstd frames of their own (one per content-defined chunk), followed by a TOC:
@@ -7,7 +7,10 @@ its metadata, its sha256 and where its frames lie in the blob. The layer descrip
 say where the TOC is and what it hashes to; the manifest is digest-checked, so a TOC that hashes
 to the annotation is the image author's. From it the layer's table is built without reading or
 decompressing anything else, and a file's bytes are its own frames, decompressed on demand and
-checked against the TOC's digest for the file on its first read.
+checked against the TOC's digest for the file on its first read. eStargz (stargz-snapshotter,
+``ctr-remote image convert --estargz``) is the same idea in gzip: each chunk starts a gzip member,
+and the TOC (``stargz.index.json``, in a tar in the last member but the footer) is located by a
+51-byte footer and checked against the ``containerd.io/snapshot/stargz/toc.digest`` annotation.
 
 The members' offsets are in a stream of this module's own: every file's bytes one after the
 other, in TOC order (not the tar stream's offsets, which only a full pass knows); ``TocLayer``
@@ -510,10 +513,11 @@ class Opened:
 
 
 def open_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened | None:
-    """The layer from its zstd:chunked TOC; None when it has none or it cannot be used (logged).
+    """The layer from its zstd:chunked or eStargz TOC; None when it has none or it cannot be used
+    (logged).
 
-    Reads the TOC's frame and the footer only. Raises LayerError when the TOC does not hash to
-    the manifest's checksum annotation (the image is not what its manifest says: refused).
+    Reads the footer and the TOC only. Raises LayerError when the TOC does not hash to the
+    manifest's annotation for it (the image is not what its manifest says: refused).
     """
     try:
         stargz = annotations.get(ESTARGZ_KEY)
@@ -526,7 +530,7 @@ def open_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened |
             return None
         return _open(raw, where, what)
     except Unusable as e:
-        log.warning("%s: its zstd:chunked TOC is not used (%s): the layer is read in full", what, e)
+        log.warning("%s: its TOC is not used (%s): the layer is read in full", what, e)
         return None
 
 
