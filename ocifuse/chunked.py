@@ -183,6 +183,18 @@ def _seconds(value: str) -> int:
     return 0 if seconds == _GO_ZERO else seconds
 
 
+def _text(value: object) -> str:
+    """A name from the TOC, which must be a string a path can hold: JSON can spell a lone UTF-16
+    surrogate (``"\\ud800"``) that no file name is (tar names hold raw bytes as \\udc80-\\udcff)."""
+    if not isinstance(value, str):
+        raise Unusable(f"a name that is not a string: {value!r}")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise Unusable(f"a name that is no path: {value!r}") from e
+    return value
+
+
 def _int(entry: Mapping[str, Any], key: str) -> int:
     value = entry.get(key, 0)
     if type(value) is not int or value < 0:
@@ -219,7 +231,7 @@ class _Builder:
     def add(self, entry: object, chunks: list[Mapping[str, Any]]) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise Unusable(f"an entry that is not a member: {str(entry)[:80]!r}")
-        name: str = entry["name"]
+        name: str = _text(entry["name"])
         kind = _TAR_TYPES.get(entry.get("type"))  # type: ignore[arg-type]
         if kind is None:
             raise Unusable(f"{name!r}: type {entry.get('type')!r}")
@@ -230,10 +242,7 @@ class _Builder:
         info.mode = _int(entry, "mode") & 0o7777  # podman 4 writes the type bits too (S_IFDIR, ...)
         info.uid, info.gid = _int(entry, "uid"), _int(entry, "gid")
         info.mtime = _mtime(entry.get("modtime"))
-        link = entry.get("linkName", "")
-        if not isinstance(link, str):
-            raise Unusable(f"{name!r}: linkName {link!r}")
-        info.linkname = link
+        info.linkname = _text(entry.get("linkName", ""))
         info.devmajor, info.devminor = _int(entry, "devMajor"), _int(entry, "devMinor")
         xattrs = entry.get("xattrs") or {}
         if not isinstance(xattrs, dict):
@@ -245,7 +254,7 @@ class _Builder:
             except ValueError as e:
                 raise Unusable(f"{name!r}: xattr {key!r} is not base64") from e
             # As tarfile holds a PAX record's value: str, bytes kept through surrogateescape.
-            pax[f"SCHILY.xattr.{key}"] = data.decode("utf-8", "surrogateescape")
+            pax[f"SCHILY.xattr.{_text(key)}"] = data.decode("utf-8", "surrogateescape")
         info.pax_headers = pax
         size = _int(entry, "size") if kind == tarfile.REGTYPE else 0
         info.size = size

@@ -11,6 +11,7 @@ Building needs root (mknod, chown).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import pyzstd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mounting import mounted, run_ocifuse, skip_or_fail
 from peers import containerd, isolated_store, require_tools, run
 from rootfs_images import _change, _populate, snapshot, umoci_unpack
@@ -30,6 +33,7 @@ from rootfs_images import _change, _populate, snapshot, umoci_unpack
 from ocifuse import ViewOptions, image, open_rootfs
 from ocifuse.chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, TocLayer, open_toc, position
 from ocifuse.errors import FileMismatch, LayerError
+from ocifuse.rootfs import merge
 from ocifuse.source import MemorySource, Source
 
 BIG = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: several chunks
@@ -404,3 +408,65 @@ def test_a_forged_toc_is_refused() -> None:
     annotations[CHECKSUM_KEYS[0]] = "sha256:" + "1" * 64
     with pytest.raises(LayerError, match="TOC hashes to"):
         open_toc(raw, annotations, "layer 0")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        (POSITION_KEYS[0], "1:2:3", "is not offset:length"),
+        (POSITION_KEYS[0], f"{10**9}:5:5:1", "outside"),
+        (POSITION_KEYS[0], f"8:{(150 << 20) + 1}:5:1", "at most"),
+        (POSITION_KEYS[0], "LENGTH:1", "do not hold"),  # a TOC that decompresses past its stated size
+        (CHECKSUM_KEYS[0], "md5:abc", "manifest-checksum"),
+    ],
+    ids=["fields", "outside", "too-large", "bomb", "digest"],
+)
+def test_annotations_that_cannot_be_used_take_the_full_pass(
+    key: str, value: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Annotations that do not say where a TOC is, or one over the bound: not used, logged."""
+    raw, annotations = _blob({"a": b"a" * 100})
+    if value.startswith("LENGTH"):
+        offset, length, _, kind = annotations[key].split(":")
+        value = f"{offset}:{length}:10:{kind}"
+    annotations[key] = value
+    with caplog.at_level(logging.WARNING, "ocifuse"):
+        assert open_toc(raw, annotations, "layer 0") is None
+    assert why in caplog.text
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12)
+)
+_FIELDS = ["type", "name", "linkName", "mode", "size", "uid", "gid", "modtime", "devMajor", "devMinor",
+           "xattrs", "digest", "offset", "endOffset", "chunkSize", "chunkOffset"]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(_FIELDS),
+            st.one_of(
+                _SCALARS,
+                st.sampled_from(
+                    ["reg", "dir", "chunk", "hardlink", "symlink", "char", "a", "a/", "../a", "\ud800"]
+                ),
+                st.sampled_from(["2024-01-01T00:00:00Z", "0000-13-01T00:00:00Z", ZEROS]),
+                st.dictionaries(st.text(max_size=4), st.text(max_size=8), max_size=2),
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_any_toc_is_served_or_not_used_never_a_crash(entries: list[dict[str, object]]) -> None:
+    """Whatever an authenticated TOC holds, it is used or not (logged), never a traceback; what is
+    used merges, and each file reads back as its size or fails alone."""
+    raw, annotations = _blob({"a": b"a" * 100, "b": b"b" * 10}, toc_extra=entries)
+    opened = open_toc(raw, annotations, "layer 0")
+    if opened is not None:
+        merge([opened.table])
+        for member in opened.table.members:
+            assert member.offset + member.size <= opened.source.size
+            with contextlib.suppress(FileMismatch):
+                assert len(opened.source.pread(member.offset, member.size)) == member.size
