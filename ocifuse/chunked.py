@@ -32,7 +32,7 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .digest import Digest
@@ -529,18 +529,44 @@ def open_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened |
     manifest's annotation for it (the image is not what its manifest says: refused).
     """
     try:
-        stargz = annotations.get(ESTARGZ_KEY)
-        where = position(annotations)
-        if stargz is not None and where is not None:
-            raise Unusable("both a zstd:chunked and an eStargz TOC")  # as containers/storage refuses it
-        if stargz is not None:
-            return _open_estargz(raw, stargz, what)
-        if where is None:
-            return None
-        return _open(raw, where, what)
+        return read_toc(raw, annotations, what)
     except Unusable as e:
         log.warning("%s: its TOC is not used (%s): the layer is read in full", what, e)
         return None
+
+
+def read_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened | None:
+    """``open_toc``, raising Unusable (the reason) for a TOC that cannot be used."""
+    stargz = annotations.get(ESTARGZ_KEY)
+    where = position(annotations)
+    if stargz is not None and where is not None:
+        raise Unusable("both a zstd:chunked and an eStargz TOC")  # as containers/storage refuses it
+    if stargz is not None:
+        return _open_estargz(raw, stargz, what)
+    if where is None:
+        return None
+    return _open(raw, where, what)
+
+
+def differences(toc: Opened, table: LayerTable, stream: Source, *, block: int = 1 << 20) -> str | None:
+    """The first way the layer's TOC tells other than its tar (``table``, scanned from ``stream``,
+    the decompressed layer), or None when they agree: every member in the same order with the same
+    metadata, and every file's bytes the same (the TOC's read from its frames, checked against its
+    digests). What a lazy mount serves is then what the tar, which the diff_id covers, holds."""
+    mine, theirs = toc.table.members, table.members
+    if len(mine) != len(theirs):
+        return f"the TOC lists {len(mine)} members, the tar holds {len(theirs)}"
+    for a, b in zip(mine, theirs, strict=True):
+        if replace(a, offset=0) != replace(b, offset=0):
+            return f"{b.name!r}: the TOC says {replace(a, offset=0)}, the tar {replace(b, offset=0)}"
+        for at in range(0, a.size, block):
+            n = min(block, a.size - at)
+            try:
+                if toc.source.pread(a.offset + at, n) != stream.pread(b.offset + at, n):
+                    return f"{a.name!r}: other bytes at {at} in the TOC's frames than in the tar"
+            except FileMismatch as e:
+                return str(e)
+    return None
 
 
 def _open(raw: Source, where: Position, what: str) -> Opened:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cache import blob_key
-from .chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, open_toc
+from .chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, differences, open_toc, read_toc
+from .chunked import Unusable as TocUnusable
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import Sources
@@ -452,7 +453,7 @@ def _notes(tables: Sequence[LayerTable], merged: Merged) -> list[Note]:
 class LayerProblem:
     """One thing ``fsck --layers`` found in a layer: a fsck finding code, the layer's digest, what."""
 
-    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped"
+    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped", "toc-mismatch", "toc-unused"
     digest: str
     message: str
 
@@ -497,6 +498,36 @@ def check_layers(layout: Layout) -> list[LayerProblem]:
     return problems
 
 
+def _check_toc(
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    table: LayerTable,
+    stream: Source,
+    problems: list[LayerProblem],
+) -> None:
+    """A zstd:chunked or eStargz layer's TOC, as a mount would use it, against the layer's tar."""
+    digest = str(desc.digest)
+    try:
+        toc = read_toc(layer_blob(layout, index, desc), desc.annotations, f"layer {digest}")
+    except TocUnusable as e:
+        message = f"its TOC is not used ({e}): a mount reads the layer in full"
+        problems.append(LayerProblem(code="toc-unused", digest=digest, message=message))
+        return
+    except LayerError as e:
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=str(e)))
+        return
+    if toc is None:
+        return
+    try:
+        found = differences(toc, table, stream)
+    finally:
+        toc.source.close()
+    if found is not None:
+        message = f"its TOC, which a mount serves, tells other than its tar: {found}"
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=message))
+
+
 def _check_layer(
     layout: Layout, index: int, desc: Descriptor, want: str, problems: list[LayerProblem]
 ) -> LayerTable | None:
@@ -519,6 +550,8 @@ def _check_layer(
         )
     try:
         table = scan.result() if scan.ran else LayerTable.scan(source, f"layer {digest}")
+        if _has_toc(desc):
+            _check_toc(layout, index, desc, table, source, problems)
     except OcifuseError as e:
         problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
         return None

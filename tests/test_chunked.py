@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyzstd
@@ -470,3 +472,85 @@ def test_any_toc_is_served_or_not_used_never_a_crash(entries: list[dict[str, obj
             assert member.offset + member.size <= opened.source.size
             with contextlib.suppress(FileMismatch):
                 assert len(opened.source.pread(member.offset, member.size)) == member.size
+
+
+# -- fsck --layers: the TOC against the tar ------------------------------------------------------
+
+
+def _retoc(layout: Path, dest: Path, edit: Callable[[list[dict[str, Any]]], None]) -> Path:
+    """A copy of ``layout`` whose first layer's TOC ``edit`` changed (its tar stream, and so its
+    diff_id, unchanged: the TOC is a skippable frame); blob, footer and manifest made to match,
+    as an author who wants a lazy mount to see other than the tar would write them."""
+    old_manifest, _ = _manifest(layout)
+    shutil.copytree(layout, dest)
+    manifest_path, manifest = _manifest(dest)
+    layer = manifest["layers"][0]  # type: ignore[index]
+    where = position(layer["annotations"])
+    assert where is not None
+    blob_path = dest / "blobs/sha256" / layer["digest"][7:]
+    blob = blob_path.read_bytes()
+    doc = json.loads(pyzstd.decompress(blob[where.offset : where.offset + where.length]))
+    edit(doc["entries"])
+    plain = json.dumps(doc).encode()
+    toc = pyzstd.compress(plain)
+    rest = bytearray(blob[where.offset + where.length :])
+    assert rest.endswith(b"GnUlInUx")  # podman's footer: the TOC's offset, lengths and type
+    footer = len(rest) - 40
+    rest[footer : footer + 24] = struct.pack("<QQQ", where.offset, len(toc), len(plain))
+    new = blob[: where.offset - 8] + b"\x50\x2a\x4d\x18" + struct.pack("<I", len(toc)) + toc + bytes(rest)
+    blob_path.unlink()
+    digest = hashlib.sha256(new).hexdigest()
+    (dest / "blobs/sha256" / digest).write_bytes(new)
+    annotations = layer["annotations"]
+    for key in CHECKSUM_KEYS:
+        if key in annotations:
+            annotations[key] = "sha256:" + hashlib.sha256(toc).hexdigest()
+    for key in POSITION_KEYS:
+        if key in annotations:
+            annotations[key] = f"{where.offset}:{len(toc)}:{len(plain)}:1"
+    layer.update(digest=f"sha256:{digest}", size=len(new))
+    data = json.dumps(manifest).encode()
+    manifest_path.unlink()
+    (dest / "blobs/sha256" / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    index = json.loads((dest / "index.json").read_bytes())
+    index["manifests"][0].update(digest=f"sha256:{hashlib.sha256(data).hexdigest()}", size=len(data))
+    (dest / "index.json").write_text(json.dumps(index))
+    assert old_manifest.exists()
+    return dest
+
+
+def _fsck(path: Path) -> list[tuple[str, str]]:
+    done = run_ocifuse("fsck", "--layers", "--json", path)
+    return [(f["code"], f["message"]) for f in json.loads(done.stdout)["findings"]]
+
+
+def test_fsck_layers_finds_no_toc_problem_in_real_images(chunked: Chunked, estargz: Estargz) -> None:
+    """podman's zstd:chunked and ctr-remote's eStargz layers: each TOC agrees with its tar."""
+    assert _fsck(chunked.archive) == []
+    assert _fsck(estargz.archive) == []
+
+
+def test_fsck_layers_finds_a_toc_that_tells_other_than_its_tar(
+    chunked: Chunked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TOC the manifest vouches for but that says other than the tar (here: a mode): the lazy mount
+    serves the TOC's, -o verify the tar's (SECURITY.md), and fsck --layers names the difference."""
+
+    def chmod(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            if entry["name"] == "etc/passwd":
+                entry["mode"] = 0o100600
+
+    layout = _retoc(chunked.layout, tmp_path / "ambiguous", chmod)
+    for verify, mode in [(False, 0o600), (True, 0o644)]:
+        root, _ = _open(layout, monkeypatch, verify=verify)
+        try:
+            meta = root.merged.entries["etc/passwd"].meta
+            assert meta is not None and meta.mode == mode
+        finally:
+            root.close()
+    found = _fsck(layout)
+    assert [code for code, _ in found] == ["toc-mismatch"]
+    assert "'etc/passwd'" in found[0][1]
+    forged = _edited(chunked.layout, tmp_path / "forged", lambda a: a.update({CHECKSUM_KEYS[1]: ZEROS}))
+    assert [code for code, _ in _fsck(forged)] == ["toc-mismatch", "toc-mismatch"]  # both layers
