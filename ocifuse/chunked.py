@@ -31,6 +31,7 @@ import struct
 import tarfile
 import threading
 import zlib
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +41,7 @@ from .errors import FileMismatch, InvalidDigest, LayerError
 from .layer import LayerTable
 from .readers import kept_frames
 from .source import Source
+from .store import Stale
 from .zstdsource import ZSTD_FRAME_INPLACE, ZSTD_WINDOW_LOG_MAX
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ SKIPPABLE = b"\x50\x2a\x4d\x18"
 # The footer: a last skippable frame ending with this magic, holding (little endian u64) the TOC's
 # offset, compressed and uncompressed lengths and type, then (64-byte form) the tar-split's three.
 FOOTER_MAGIC = b"GnUlInUx"
+MAP_FORMAT = 1  # TocLayer.to_bytes's own format field (store.TOC_MAP's version is the one to bump)
 # eStargz (stargz-snapshotter docs/estargz.md): the layer annotation with the sha256 of the TOC
 # JSON, the footer's size, and the TOC's name in the tar of its gzip member.
 ESTARGZ_KEY = "containerd.io/snapshot/stargz/toc.digest"
@@ -508,6 +511,83 @@ class TocLayer(Source):
     def close(self) -> None:
         kept_frames.drop(self._id)
 
+    def to_bytes(self) -> bytes:
+        """Where each file lies, as the index cache keeps it (TOC_MAP): a cached mount reads a file
+        of the layer without parsing its TOC again."""
+        files = self._files
+        head = {"format": MAP_FORMAT, "size": self.size, "blob": self.raw.size, "gzip": self._gzip}
+        columns = [
+            [f.start for f in files],
+            [f.size for f in files],
+            [f.first for f in files],
+            [f.count for f in files],
+            self._chunk_starts,
+            [begin for begin, _ in self._chunk_frames],
+            [end for _, end in self._chunk_frames],
+            self._chunk_skips,
+        ]
+        parts = [
+            json.dumps(head).encode(),
+            "\0".join(f.name for f in files).encode("utf-8", "surrogateescape"),
+            "\n".join(str(f.digest) for f in files).encode(),
+            *(array("Q", c).tobytes() for c in columns),
+        ]
+        return b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, raw: Source, name: str) -> TocLayer:
+        """A map from ``to_bytes`` for the blob ``raw``; ValueError (Stale: another blob) when it is
+        not one, or does not keep every file and chunk inside the stream and the blob."""
+        parts, at = [], 0
+        while at < len(payload):
+            (n,) = struct.unpack_from("<Q", payload, at)
+            parts.append(payload[at + 8 : at + 8 + n])
+            at += 8 + n
+        if len(parts) != 11 or at != len(payload):
+            raise ValueError("not a TOC map")
+        head = json.loads(parts[0])
+        if head["format"] != MAP_FORMAT or head["blob"] != raw.size:
+            raise Stale("for another blob or format")
+        size, gzip = head["size"], head["gzip"]
+        if type(size) is not int or type(gzip) is not bool:
+            raise ValueError("a head of the wrong shape")
+        columns = []
+        for part in parts[3:]:
+            column = array("Q")
+            column.frombytes(part)
+            columns.append(column.tolist())
+        starts, sizes, firsts, counts, chunk_starts, begins, ends, skips = columns
+        names = parts[1].decode("utf-8", "surrogateescape").split("\0") if parts[1] else []
+        digests = [Digest.parse(d) for d in parts[2].decode().split("\n")] if parts[2] else []
+        nfiles, nchunks = len(starts), len(chunk_starts)
+        if {len(sizes), len(firsts), len(counts), len(names), len(digests)} != {nfiles}:
+            raise ValueError("files of the wrong shape")
+        if {len(begins), len(ends), len(skips)} != {nchunks}:
+            raise ValueError("chunks of the wrong shape")
+        builder = _Builder(raw.size, gzip=gzip)
+        for i in range(nfiles):
+            first, count, start, length = firsts[i], counts[i], starts[i], sizes[i]
+            if start != builder.size or length <= 0 or first != len(builder.chunk_starts) or count <= 0:
+                raise ValueError(f"file {names[i]!r} does not follow the one before")
+            within = chunk_starts[first : first + count]
+            if (
+                len(within) != count
+                or within[0] != start
+                or within != sorted(within)
+                or within[-1] >= start + length
+            ):
+                raise ValueError(f"file {names[i]!r}: chunks outside it")
+            if not all(0 <= begins[j] < ends[j] <= raw.size for j in range(first, first + count)):
+                raise ValueError(f"file {names[i]!r}: frames outside the blob")
+            builder.files.append(_File(names[i], start, length, digests[i], first, count))
+            builder.chunk_starts.extend(within)
+            builder.size += length
+        if builder.size != size or len(builder.chunk_starts) != nchunks:
+            raise ValueError("files that do not make the stream")
+        builder.chunk_frames = list(zip(begins, ends, strict=True))
+        builder.chunk_skips = skips
+        return cls(raw, name, builder)
+
 
 _ids = itertools.count(1 << 40)  # apart from zstdsource's ids in kept_frames
 
@@ -533,6 +613,16 @@ def open_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened |
     except Unusable as e:
         log.warning("%s: its TOC is not used (%s): the layer is read in full", what, e)
         return None
+
+
+def toc_key(annotations: Mapping[str, str], blob: str, blob_size: int) -> str | None:
+    """The key of a layer's TOC map in the index cache: the TOC's digest as its annotation gives it
+    (the map is made only from a TOC that hashes to it), the blob's digest and size; None without
+    one. (Each file read through the map is still checked against its digest.)"""
+    digest = annotations.get(ESTARGZ_KEY) or next(
+        (annotations[k] for k in CHECKSUM_KEYS if k in annotations), None
+    )
+    return None if digest is None else f"toc:{digest}:{blob}:{blob_size}"
 
 
 def read_toc(raw: Source, annotations: Mapping[str, str], what: str) -> Opened | None:

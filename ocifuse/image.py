@@ -16,7 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .cache import blob_key
-from .chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, differences, open_toc, read_toc
+from .chunked import (
+    CHECKSUM_KEYS,
+    ESTARGZ_KEY,
+    POSITION_KEYS,
+    TocLayer,
+    differences,
+    open_toc,
+    read_toc,
+    toc_key,
+)
 from .chunked import Unusable as TocUnusable
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
@@ -40,7 +49,7 @@ from .model import MAX_LAYERS, Descriptor, Manifest, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
-from .store import LAYER_TABLE, TREE, Store, load_or_build
+from .store import LAYER_TABLE, TOC_MAP, TREE, Store, load_or_build
 from .streams import Limits
 
 log = logging.getLogger(__name__)
@@ -338,22 +347,15 @@ class LazyLayer(Source):
         """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
         raw = layer_blob(self.layout, self.index, self.desc)
         if self.toc:
-            lazy = open_toc(raw, self.desc.annotations, self.what)  # LayerError: not the manifest's TOC
-            if lazy is not None:
-                if self.size >= 0 and lazy.source.size != self.size:
-                    lazy.source.close()
+            toc = self._open_toc(raw, scan)  # LayerError: not the manifest's TOC
+            if toc is not None:
+                if self.size >= 0 and toc.size != self.size:
+                    toc.close()
                     raise LayerError(
-                        f"{self.what}: its TOC lists {lazy.source.size} bytes; the stored tree, {self.size}"
+                        f"{self.what}: its TOC lists {toc.size} bytes; the stored tree, {self.size}"
                     )
-                log.info(
-                    "%s: served from its TOC (%d entries); each file is checked against "
-                    "its digest on first read, the layer's diff_id is not (-o verify reads it in full)",
-                    self.what,
-                    lazy.entries,
-                )
-                self.size = lazy.source.size
-                self._toc_table = lazy.table
-                return lazy.source
+                self.size = toc.size
+                return toc
         gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
         gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
         # No scan in the pass when the table is stored: table() takes the stored one.
@@ -383,12 +385,43 @@ class LazyLayer(Source):
         self._scan = scanner if scanner is not None and scanner.ran else None
         return source
 
+    def _open_toc(self, raw: Source, scan: bool) -> TocLayer | None:
+        """The layer served from its TOC, or None (it has none that can be used: logged). Its file
+        map from the cache when the table is not needed (the tree is cached); else the TOC is
+        read and parsed, its table kept for ``table``, its map stored."""
+
+        def build() -> TocLayer | None:
+            lazy = open_toc(raw, self.desc.annotations, self.what)
+            if lazy is None:
+                return None
+            log.info(
+                "%s: served from its TOC (%d entries); each file is checked against its digest on "
+                "first read, the layer's diff_id is not (-o verify reads it in full)",
+                self.what,
+                lazy.entries,
+            )
+            self._toc_table = lazy.table
+            return lazy.source
+
+        return load_or_build(
+            self.options.cache,
+            TOC_MAP,
+            toc_key(self.desc.annotations, str(self.desc.digest), raw.size),
+            name=self.what,
+            decode=lambda payload: TocLayer.from_bytes(payload, raw, self.what),
+            build=build,
+            encode=lambda toc: None if toc is None else toc.to_bytes(),
+            rebuild=scan,  # the table is asked for: the TOC is parsed, whatever is stored
+        )
+
     def table(self) -> LayerTable:
         """The layer's table: from the cache, else as the layer's first pass built it, else scanned
         (and stored once the blob is its digest)."""
         source = self.open(scan=True)
-        if self._toc_table is not None:
-            return self._toc_table  # never stored under the layer's digest: its offsets are the TOC's
+        if isinstance(source, TocLayer):  # its table: never stored under the layer's digest (TOC offsets)
+            if self._toc_table is None:
+                raise LayerError(f"{self.what}: opened from its stored file map, its TOC not read")
+            return self._toc_table
         scanned, self._scan = self._scan, None
         return LayerTable.load_or_scan(
             source, self.what, key=blob_key(self.desc.digest), cache=self._gate, scanned=scanned

@@ -33,6 +33,8 @@ from peers import containerd, isolated_store, require_tools, run
 from rootfs_images import _change, _populate, snapshot, umoci_unpack
 
 from ocifuse import ViewOptions, image, open_rootfs
+from ocifuse import chunked as chunked_module
+from ocifuse.cache import IndexCache
 from ocifuse.chunked import CHECKSUM_KEYS, ESTARGZ_KEY, POSITION_KEYS, TocLayer, open_toc, position
 from ocifuse.errors import FileMismatch, LayerError
 from ocifuse.rootfs import merge
@@ -554,3 +556,35 @@ def test_fsck_layers_finds_a_toc_that_tells_other_than_its_tar(
     assert "'etc/passwd'" in found[0][1]
     forged = _edited(chunked.layout, tmp_path / "forged", lambda a: a.update({CHECKSUM_KEYS[1]: ZEROS}))
     assert [code for code, _ in _fsck(forged)] == ["toc-mismatch", "toc-mismatch"]  # both layers
+
+
+def test_a_cached_mount_reads_a_file_through_the_stored_map(
+    chunked: Chunked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the tree cached, a layer opens on its first read from its stored file map: its TOC is
+    not parsed again. A damaged map is not used: the TOC is parsed again."""
+    cache = IndexCache(str(tmp_path / "cache"))
+    open_rootfs(chunked.archive, ViewOptions(rootfs=True, cache=cache)).close()
+    parsed: list[object] = []
+    real = chunked_module.open_toc
+
+    def counted(*args: Any) -> Any:
+        parsed.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(image, "open_toc", counted)
+    want = (chunked.unpacked / "bin/busybox").read_bytes()
+    for damage in (False, True):
+        if damage:
+            for stored in (tmp_path / "cache").rglob("toc-map*"):
+                data = bytearray(stored.read_bytes())
+                data[len(data) // 2] ^= 1
+                stored.write_bytes(data)
+        root = open_rootfs(chunked.archive, ViewOptions(rootfs=True, cache=cache))
+        try:
+            entry = root.merged.entries["bin/busybox"]
+            assert root.sources.pread(entry, 0, entry.size) == want
+            assert _kinds(root)[0] is TocLayer
+        finally:
+            root.close()
+        assert len(parsed) == (1 if damage else 0)
