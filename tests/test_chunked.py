@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from mounting import mounted, run_ocifuse, skip_or_fail
 from peers import containerd, isolated_store, require_tools, run
 from rootfs_images import _change, _populate, snapshot, umoci_unpack
+from servers import nginx
 
 from ocifuse import ViewOptions, image, open_rootfs
 from ocifuse import chunked as chunked_module
@@ -588,3 +589,20 @@ def test_a_cached_mount_reads_a_file_through_the_stored_map(
         finally:
             root.close()
         assert len(parsed) == (1 if damage else 0)
+
+
+@pytest.mark.fuse
+def test_a_toc_mount_over_http_equals_umoci_unpack(chunked: Chunked, tmp_path: Path) -> None:
+    """The archive on an nginx of the test's own (127.0.0.1): the layers served from their TOCs
+    through HTTP ranges give the same tree."""
+    require_tools("nginx")
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(chunked.archive, www / "zc.tar")
+    expected, groups = snapshot(chunked.unpacked)
+    args = ["--rootfs", "--no-cache"]
+    with nginx(tmp_path / "nginx", www) as web, mounted(web.url("zc.tar"), tmp_path / "mnt", args=args) as m:
+        served, served_groups = snapshot(m.mountpoint)
+        log = m.stderr()
+    assert served == expected and served_groups == groups
+    assert log.count("served from its TOC") == 2
