@@ -59,9 +59,14 @@ TREE = Artifact("rootfs-tree", 2, "merged tree")
 DOCKER_DIGESTS = Artifact("docker-digests", 2, "docker-archive member digests")
 # A block of a remote object (remote.py), under the object's identity (URL, ETag, size) and its index.
 REMOTE_BLOCK = Artifact("remote-block", 2, "remote block", durable=False)
+# Where each file of a layer served from its TOC lies (chunked.py), under the TOC's digest.
+TOC_MAP = Artifact("toc-map", 2, "TOC file map")
 # Spill files are the store's too (``Store.spill_path``); the zstd-index entry that names one says
 # which file it was and what it holds, so a spill is found, checked and replaced through it.
-KINDS = {a.kind: a for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE, DOCKER_DIGESTS, REMOTE_BLOCK)}
+KINDS = {
+    a.kind: a
+    for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE, DOCKER_DIGESTS, REMOTE_BLOCK, TOC_MAP)
+}
 
 
 # What a decoder raises for a payload it cannot use: it parses stored bytes as untrusted input, and

@@ -40,8 +40,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "cache",
         "remote",
     ),
-    # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers
-    "tar": ("entries", "tarscan", "tablecodec", "archive", "layer"),
+    # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers, TOCs
+    "tar": ("entries", "tarscan", "tablecodec", "archive", "layer", "chunked"),
     # what the tools see: layouts, docker-archives, resolution, the rootfs merge, the front door
     "views": ("layout", "dockerarchive", "resolve", "rootfs", "image", "tree", "views"),
     # the commands' own logic, FUSE-free
