@@ -21,7 +21,7 @@ from .digest import Digest
 from .errors import OcifuseError
 from .image import LazyLayer, open_image
 from .layout import Layout, TableLayout, ViewOptions
-from .model import Manifest
+from .model import CONFIG_TYPES, Manifest
 from .portable import ARCHIVE, RecordingStore
 from .resolve import walk
 from .store import TABLE
@@ -57,12 +57,18 @@ def build_index(path: str, options: ViewOptions | None = None) -> tuple[Recordin
 
 
 def _images(layout: Layout) -> list[str]:
-    """The digest of every image manifest reachable from index.json (each platform of each index)."""
+    """The digest of every image manifest reachable from index.json (each platform of each index).
+
+    Artifacts (a signature, an SBOM: a manifest whose config is no image config) have no root
+    filesystem: they are left out.
+    """
     found: list[str] = []
     seen: set[Digest] = set()
     for top in layout.index().manifests:
         try:
-            found += [str(d.digest) for d, doc in walk(layout, top, _seen=seen) if isinstance(doc, Manifest)]
+            for desc, doc in walk(layout, top, _seen=seen):
+                if isinstance(doc, Manifest) and doc.config.media_type in CONFIG_TYPES:
+                    found.append(str(desc.digest))
         except OcifuseError as e:
             log.warning("not indexed: what %s leads to: %s", top.digest, e)
     return list(dict.fromkeys(found))
