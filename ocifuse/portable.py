@@ -100,10 +100,9 @@ class PortableIndex:
     """An index file, checked whole (size bound, magic, version, checksum); records read on demand."""
 
     def __init__(self, fd: int, name: str) -> None:
-        """Check the index file open at ``fd`` (which it then owns); UnusableIndex says why it is unusable."""
+        """Check the index file open at ``fd``, owned once this returns; UnusableIndex says why not."""
         self.name = name
         self._fd = fd
-        weakref.finalize(self, _close_quietly, fd)
         self._broken = False
         size = os.fstat(fd).st_size
         if size > MAX_SIZE:
@@ -147,7 +146,7 @@ class PortableIndex:
                     stale += 1  # a kind this ocifuse does not know, or of another format version
                     continue
                 self._records[(kind, key)] = _Record(offset, rsize, bytes.fromhex(_str(digest)))
-        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:  # JSON nested deep
             raise UnusableIndex(f"unusable directory ({e})") from e
         if stale:
             log.warning(
@@ -155,6 +154,7 @@ class PortableIndex:
                 name,
                 stale,
             )
+        weakref.finalize(self, _close_quietly, fd)  # the fd is the index's from here on
 
     def __len__(self) -> int:
         return len(self._records)

@@ -7,9 +7,11 @@ by a spy on the first passes (gzip and zstd) in process, and by the mount's debu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -194,6 +196,37 @@ def test_a_damaged_index_is_refused_with_one_warning(
     [warning] = _warnings(caplog)
     assert f"index {index} not used: " in warning
     assert passes
+
+
+def _forged(directory: bytes, payload: bytes = b"") -> bytes:
+    """An index of this directory and payload with a right checksum: only its content is wrong."""
+    head = struct.pack("<8sII", portable.MAGIC, portable.FORMAT, len(directory)) + directory + payload
+    return head + hashlib.sha256(head).digest()
+
+
+_ARCHIVE = '{"archive":{"size":1,"ends":"00","name":"x"},"records":'
+FORGED = {
+    "JSON nested deep": b"[" * 100_000 + b"]" * 100_000,
+    "not JSON": b"\xff\xfe",
+    "a list": b"[]",
+    "a record past the end": (_ARCHIVE + '[["table",2,"archive",0,5,"00"]]}').encode(),
+    "a negative size": (_ARCHIVE + '[["table",2,"archive",0,-1,"00"]]}').encode(),
+    "a size that is no number": (_ARCHIVE + '[["table",2,"archive",0,"1","00"]]}').encode(),
+    "a short record": (_ARCHIVE + '[["table",2]]}').encode(),
+    "a checksum that is no hex": (_ARCHIVE + '[["table",2,"archive",0,1,"zz"]]}').encode(),
+}
+
+
+@pytest.mark.parametrize("forged", sorted(FORGED))
+def test_a_forged_directory_is_refused_with_one_warning(
+    forged: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    index = tmp_path / "forged.idx"
+    index.write_bytes(_forged(FORGED[forged], b"x"))
+    with caplog.at_level(logging.WARNING):
+        assert portable.open_index(str(index)) is None
+    [warning] = _warnings(caplog)
+    assert "unusable directory" in warning
 
 
 def test_an_index_too_large_is_not_read(
