@@ -375,10 +375,18 @@ class RemoteObject(Origin):
         return f"url:{self._place}:etag={self.etag}:{self.size}" if self.strong_etag else None
 
     def store(self) -> S3Store | HTTPStore:
-        """The client, made again in a forked child (a background mount): the parent's runtime is gone."""
+        """The client; RemoteError in a process forked after it was used (a background mount's daemon).
+
+        obstore runs its requests on a tokio runtime whose threads a fork does not copy, and a
+        client made again in the child still uses that runtime: every request would wait forever
+        (tokio-rs/tokio#4301; obstore is not fork-safe), so daemon.py forks before a URL is opened;
+        should anything fork after, a read fails at once (EIO), never hangs the process that reads.
+        """
         if os.getpid() != self._pid:
-            self._store, self._path, _ = _open_store(self.url, self.options, self._auth)
-            self._pid = os.getpid()
+            raise RemoteError(
+                f"{self.name}: cannot fetch from a process forked after its client started "
+                "(obstore is not fork-safe; a background mount forks before it opens a URL)"
+            )
         return self._store
 
     def fetch(self, start: int, end: int) -> memoryview:
@@ -448,6 +456,7 @@ class RemoteSource(Source):
         self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        self._pid = os.getpid()  # whose fetches ``_pending`` waits for (see _forked)
         self._closed = False
         self.fetched = 0  # bytes fetched (tests and logs)
 
@@ -466,6 +475,7 @@ class RemoteSource(Source):
         with self._lock:
             if self._closed:
                 raise RemoteError(f"{self.obj.name}: closed")
+            self._forked()
             window = self._advance(offset, size)
             for b in range(first, last + 1):
                 data = self._blocks.get(b)
@@ -504,6 +514,7 @@ class RemoteSource(Source):
         with self._lock:
             if self._closed:
                 return None
+            self._forked()
             pieces = []
             for b in range(first, last + 1):
                 data = self._blocks.get(b)
@@ -519,6 +530,16 @@ class RemoteSource(Source):
         for piece in _cut(pieces, offset - first * BLOCK, size):
             out += piece
         return out
+
+    def _forked(self) -> None:
+        """In a forked child (a background mount), forget the fetches in flight (lock held).
+
+        They were the parent's threads', which the child does not have: their blocks would stay
+        pending for good, and every read of them would wait out its timeout and fail.
+        """
+        if self._pid != os.getpid():
+            self._pending.clear()
+            self._pid = os.getpid()
 
     # -- read-ahead ------------------------------------------------------------------------------
 
