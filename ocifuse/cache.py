@@ -35,7 +35,7 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .digest import Digest
@@ -630,16 +630,22 @@ def file_key(file: OpenFile) -> str:
     size and mtime kept (``touch -r``), unless the change lies wholly between the two ends.
     """
     st = file.stat
-    h = hashlib.sha256()
     try:
-        head = os.pread(file.fd, min(KEY_SPAN, st.st_size), 0)
-        h.update(head)
-        tail_start = max(len(head), st.st_size - KEY_SPAN)
-        if tail_start < st.st_size:
-            h.update(os.pread(file.fd, st.st_size - tail_start, tail_start))
+        ends = ends_sha256(lambda offset, size: os.pread(file.fd, size, offset), st.st_size)
     except OSError as e:
         raise LayoutOpenError(file.path, f"cannot read the archive ({e.strerror or e})") from e
-    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{ends}"
+
+
+def ends_sha256(pread: Callable[[int, int], bytes], size: int) -> str:
+    """sha256 (hex) of an object's first and last KEY_SPAN bytes (once each when they overlap)."""
+    h = hashlib.sha256()
+    head = pread(0, min(KEY_SPAN, size))
+    h.update(head)
+    tail_start = max(len(head), size - KEY_SPAN)
+    if tail_start < size:
+        h.update(pread(tail_start, size - tail_start))
+    return h.hexdigest()
 
 
 def blob_key(digest: Digest) -> str:

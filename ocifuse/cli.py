@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from . import __version__, journal
 from .errors import OcifuseError
 
-COMMANDS = ("fsck", "inspect", "mount", "umount", "cache")
+COMMANDS = ("fsck", "inspect", "mount", "umount", "cache", "index")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
         "--layers", action="store_true", help="also check each image's layers as mount --rootfs reads them"
     )
     _cache_arguments(fsck)
+    fsck.add_argument(
+        "--index",
+        metavar="FILE|URL",
+        help="a portable index (ocifuse index): checked to be for PATH; fsck rebuilds all the same",
+    )
 
     insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
     insp.add_argument("path", metavar="PATH", help="an archive (a file or a URL) or an OCI layout directory")
@@ -38,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--json", action="store_true", help="print one JSON object")
     _cache_arguments(insp)
+    insp.add_argument(
+        "--index",
+        metavar="FILE|URL",
+        help="a portable index (ocifuse index) to take the table from",
+    )
 
     mnt = sub.add_parser(
         "mount",
@@ -47,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
         "Returns once the mount is live; ocifuse umount MOUNTPOINT removes it. See man ocifuse.",
     )
     _mount_arguments(mnt)
+
+    idx = sub.add_parser(
+        "index",
+        help="write a portable index of an archive, for machines that mount it with -o index=",
+        description="Write FILE: what the index cache would hold for ARCHIVE (its entry table, gzip "
+        "seek points or zstd frame table, and for every image in it each layer's index and table and "
+        "the merged tree of --rootfs), so that a machine with an empty cache mounts it without "
+        "decompressing anything first (mount -o index=FILE|URL). See man ocifuse.",
+    )
+    idx.add_argument("path", metavar="ARCHIVE", help="an archive (a file or a URL)")
+    idx.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the index")
 
     um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")
     um.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -234,7 +255,7 @@ def _log_to_stderr() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("fsck", "inspect", "cache"):
+    if args.command in ("fsck", "inspect", "cache", "index"):
         _log_to_stderr()
     if args.command == "fsck":
         from .cache import open_cache
@@ -245,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
             as_json=args.json,
             layers=args.layers,
             cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
+            index=args.index,
         )
     if args.command == "inspect":
         from .cache import open_cache
@@ -256,7 +278,12 @@ def _run(args: argparse.Namespace) -> int:
             platform=args.platform,
             as_json=args.json,
             cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
+            index=args.index,
         )
+    if args.command == "index":
+        from .makeindex import main as index_main
+
+        return index_main(args.path, args.output)
     if args.command == "cache":
         from .cache import cache_main
 

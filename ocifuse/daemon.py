@@ -387,6 +387,7 @@ def view_options(opts: mount_options.MountOptions) -> ViewOptions:
         platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
+        index=opts.index if opts.index is None or is_url(opts.index) else os.path.abspath(opts.index),
         remote=RemoteOptions(
             timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT, cafile=opts.cafile
         ),

@@ -28,13 +28,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "compressed",
         "cache",
         "remote",
+        "portable",
     ),
     # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers
     "tar": ("entries", "tarscan", "tablecodec", "archive", "layer"),
     # what the tools see: layouts, docker-archives, resolution, the rootfs merge, the front door
     "views": ("layout", "dockerarchive", "resolve", "rootfs", "image", "tree", "views"),
     # the commands' own logic, FUSE-free
-    "commands": ("validate", "fsck", "inspect", "options", "umount"),
+    "commands": ("validate", "fsck", "inspect", "options", "umount", "makeindex"),
     # the FUSE shell: the only modules that import pyfuse3 or trio
     "fuse": ("fs", "daemon"),
     # the command line and the package's lazy public API
