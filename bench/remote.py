@@ -19,13 +19,17 @@ same the remote tests start; bench/proxy.py in front of them to count bytes or a
      (``curl -o``) + ``tar -x`` + ``umoci unpack`` against a first mount (empty cache: every layer
      fetched and decompressed), and against a mount with a portable index (``ocifuse index``,
      ``-o index=FILE``) on an empty cache, when this ocifuse has the ``index`` command.
-3. Once: ``--reads`` cold random 64 KiB reads of the blob (``-o nocache``, each in a MiB of its
-   own, the mount's page cache dropped first): p50, p99; then, through the proxy with ``--rtt`` ms
-   added to every round trip, the requests (nginx's log) and seconds of a mount, a ``skopeo
-   inspect``, and a ``--rootfs`` mount and a small file's first byte (with the index too);
-   then ``--nodes`` daemons with caches of their own ``cat`` the same blob from moto's S3 server at
-   once: the bytes served, counted by the proxy in front of moto (moto logs no sizes).
+3. Once, ``--reads`` cold random 64 KiB reads of the blob (``-o nocache``, each in a MiB of its
+   own, the mount's page cache dropped first): p50, p99; ``--runs`` times, through the proxy with
+   nothing added and with ``--rtt`` ms added to every round trip, the requests (nginx's log) and
+   seconds of a mount, a ``skopeo inspect``, and a ``--rootfs`` mount and a small file's first
+   byte (with the index too); once, ``--nodes`` daemons with caches of their own ``cat`` the
+   same blob from moto's S3 server at once: the bytes served, counted by the proxy in front of
+   moto (moto logs no sizes).
 4. Writes the results between the ``remote`` markers of bench/results.md (other sections kept).
+
+Every mount is ``ocifuse mount -f``: a background mount forks after it opens the URL, and
+obstore's client does not survive the fork (bench/README.md).
 
 Run as root: ``.venv/bin/python -m bench.remote [--quick] [--mib M] [--runs R] [--no-write]``
 (``--quick``: small sizes and one round, about a minute). Needs the test extras (nginx, moto):
@@ -383,7 +387,9 @@ def bench(args: argparse.Namespace, scratch: Path) -> str:
                 index, note = None, f"n/a (`ocifuse index` failed: {str(e).strip().splitlines()[-1][:80]})"
         small = rounds(s, web, b, scratch, args.runs, index)
         random_64k(s, web, b, scratch, args.reads)
-        round_trips(s, web, b, scratch, args.rtt, small, index)
+        for r in range(args.runs):
+            log(f"round trips, round {r + 1}/{args.runs}")
+            round_trips(s, web, b, scratch, args.rtt, small, index)
     nodes(s, b, scratch, args.nodes)
     return report(s, b, args, note)
 
