@@ -15,7 +15,9 @@ FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
 # nonempty: mount over a directory that has files in it (hidden while mounted), as fusermount did.
 OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache", "nonempty"})
-OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache", "timeout", "cafile", "credentials", "index"})
+OWN_VALUES = frozenset(
+    {"readahead_kb", "ref", "platform", "cache", "timeout", "cafile", "credentials", "index"}
+)
 # Sizes (K/M/G/T suffixes): bounds of the decompression of a compressed archive (compressed.Limits),
 # and cache_max, the bound of the index cache's directory (cache.IndexCache).
 OWN_SIZES = frozenset({"max_size", "spill_max", "cache_max"})
