@@ -261,6 +261,12 @@ def mount_main(args: argparse.Namespace) -> int:
     check_source(archive_path, rootfs=opts.rootfs)
     check_allow_other(opts.fuse, euid=os.geteuid())
     check_mountpoint(mountpoint, nonempty=opts.nonempty)
+    # A URL's client (obstore) runs a tokio runtime whose threads do not survive a fork: a child
+    # forked after the open would wait for ever on its first fetch. So a background mount of a URL
+    # forks before the open, and the child keeps the terminal (progress, its one error line) until
+    # the mount is made; a local archive is opened in the parent and forks once mounted.
+    fork_early = not args.foreground and is_url(archive_path)
+    notify_parent: Callable[[str], None] = _daemonize(early=True) if fork_early else _no_parent
     view = _open_interruptible(archive_path, mountpoint, opts)
     tree = view.tree
     try:
@@ -276,9 +282,11 @@ def mount_main(args: argparse.Namespace) -> int:
             raise MountError(f"cannot mount {shown} on {mountpoint} ({e})") from e
         # Which mount is ours, for the unmount at the end (see _still_ours).
         ours = None if _DEV_FD.fullmatch(mountpoint) else visible_mount(mountpoint)
-        notify_parent: Callable[[str], None] = _no_parent
-        if not args.foreground:
+        if fork_early:
+            _detach()
+        elif not args.foreground:
             notify_parent = _daemonize()
+        if not args.foreground:
             setup_logging(foreground=False, debug=opts.debug)
         log.info("serving %s on %s: %d files, %d bytes", shown, mountpoint, tree.files, tree.total_size)
         status = view.status
@@ -387,8 +395,11 @@ def view_options(opts: mount_options.MountOptions) -> ViewOptions:
         platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
+        index=opts.index if opts.index is None or is_url(opts.index) else os.path.abspath(opts.index),
         remote=RemoteOptions(
-            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT, cafile=opts.cafile
+            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT,
+            cafile=opts.cafile,
+            credentials=opts.credentials,
         ),
     )
 
@@ -406,23 +417,22 @@ def _no_parent(message: str) -> None:
     """Foreground: there is no waiting parent."""
 
 
-def _daemonize() -> Callable[[str], None]:
+def _daemonize(*, early: bool = False) -> Callable[[str], None]:
     """Fork; the parent waits until the child reports the mount live, then exits with ``os._exit``.
 
     Returns the child's reporter: "ok" for live, anything else is an error line for the parent.
+    ``early``: forked before the view opens; the child stays attached to the terminal until
+    ``_detach``, and one that exits before it reports (a refusal, said on the shared stderr)
+    makes the parent exit with its status; the parent waits as long as the open takes.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
-        os._exit(_wait_for_child(read_end))
+        os._exit(_wait_for_child(read_end, pid if early else None))
     os.close(read_end)
-    os.setsid()
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    if not early:
+        _detach()
 
     def report(message: str) -> None:
         nonlocal write_end
@@ -435,14 +445,35 @@ def _daemonize() -> Callable[[str], None]:
     return report
 
 
-def _wait_for_child(read_end: int) -> int:
-    """In the parent: 0 when the child says "ok", else print its reason and return 1."""
+def _detach() -> None:
+    """The daemon leaves the terminal and the session of the command that started it."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _wait_for_child(read_end: int, early_pid: int | None = None) -> int:
+    """In the parent: 0 when the child says "ok", else print its reason and return 1.
+
+    ``early_pid``: a child forked before the open, waited for without a time limit; if it exits
+    without a word, it said why on stderr itself: its exit status is returned, nothing printed.
+    """
     import select
 
-    ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+    ready, _, _ = select.select([read_end], [], [], None if early_pid else READY_TIMEOUT)
     message = os.read(read_end, 4096).decode(errors="replace").strip() if ready else "timed out"
     if message == "ok":
         return 0
+    if not message and early_pid:
+        _, status = os.waitpid(early_pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code > 0:
+            return code
+        if code < 0:
+            return 128 - code  # killed by a signal, as a shell reports it
     print(f"ocifuse: mount failed: {message or 'the daemon exited'}", file=sys.stderr)
     return 1
 
