@@ -183,6 +183,13 @@ def unknown_command(args: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any point, the parsing of the arguments too: no traceback
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in args_list if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and "--version" not in args_list:
@@ -204,8 +211,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``ocifuse inspect ... | head``): stop quietly, as SIGPIPE would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
-        return 130
 
 
 def _log_to_stderr() -> None:
