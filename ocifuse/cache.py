@@ -313,6 +313,10 @@ class IndexCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
                 return
+            except BaseException:  # a mount stopped (daemon._Stopped) while it stored: no part stays
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
             log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
             # A spill file is linked just before the zstd-index entry that names it is stored, under
             # the same key: this counts it too, and keeps it with its entry.
