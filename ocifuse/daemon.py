@@ -465,7 +465,13 @@ def _daemonize(stops: _Stops) -> Callable[[str], None]:
     Returns the child's reporter: "ok" for live, anything else is an error line for the parent.
     """
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    # Blocked across the fork: Python forgets in the child a signal that arrives before os.fork
+    # returns there (PyOS_AfterFork_Child), and one the parent passes on at once must not be lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops.watched)
+    try:
+        pid = os.fork()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops.watched)  # a pending one is delivered now
     if pid > 0:
         os.close(write_end)
         os._exit(_wait_for_child(read_end, pid, stops))
