@@ -242,13 +242,14 @@ def _python_startup(err: str) -> bool:
     """Whether ``err`` is Python's own KeyboardInterrupt while the interpreter starts (site, imports).
 
     Until ``ocifuse`` runs a function of its own (cli.main), SIGINT is Python's: it prints a
-    traceback and exits (docs/mount.md); nothing is mounted or written yet. Every frame then is a
-    module's top level or the import machinery.
+    traceback and exits (docs/mount.md); nothing is mounted or written yet. No frame of the
+    traceback is then in a function of ocifuse's (only in the top level of its modules).
     """
     frames = _FRAME.findall(err)
     if not err.rstrip().endswith("KeyboardInterrupt") or not frames:
         return False
-    return all(func == "<module>" or file.startswith("<") for file, func in frames)
+    package = os.path.dirname(model.__file__)
+    return all(func == "<module>" for file, func in frames if file.startswith(package + os.sep))
 
 
 def _moments(took: float) -> list[float | str]:
