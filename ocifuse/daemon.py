@@ -528,7 +528,7 @@ def _wait_for_child(read_end: int, pid: int, stops: _Stops) -> int:
     if stops.signum is not None and gone:
         return _die_of(stops.signum)
     if not gone:
-        message = f"the daemon (pid {pid}) did not stop after its mount failed"
+        message = f"the daemon (pid {pid}) did not stop when told to"
     print(f"ocifuse: mount failed: {message or 'the daemon exited'}", file=sys.stderr)
     return 1
 
@@ -574,6 +574,8 @@ async def _serve(startup: _Startup) -> None:
 async def _watch_signals(startup: _Startup) -> None:
     """Unmount on the first stop signal, also one that came before the loop took them (startup.stops)."""
     stops = startup.stops
+    if not stops.watched:
+        return  # every one ignored since the command started: only an unmount ends the mount
     with trio.open_signal_receiver(*stops.watched) as signals:
         signum = stops.signum
         if signum is None:
