@@ -608,6 +608,9 @@ async def _announce_ready(startup: _Startup) -> None:
 _PROBE = "import os, sys; print(os.stat(sys.argv[1]).st_dev)"
 
 
+_PROBE_TRIES = 3
+
+
 def _probe(mountpoint: str) -> int:
     """Stat the mount's root from a child process (blocking); its st_dev once the mount answers.
 
@@ -616,12 +619,19 @@ def _probe(mountpoint: str) -> int:
     (SIGKILL, the OOM killer) at that moment would keep the connection open for ever, a zombie
     that only an abort in /sys/fs/fuse/connections ends. The child holds no /dev/fuse fd
     (close_fds), so the connection aborts with the daemon and the child's stat fails at once.
+
+    The child has a session of its own: Ctrl-C at the terminal of a foreground mount is the
+    daemon's to handle (it unmounts), not a failed probe's. A child killed by a signal all the
+    same (systemd stops a unit by signalling every process of its cgroup) is asked again, a few
+    times: the daemon got the signal too, and its stop abandons this probe.
     """
     import subprocess
 
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _PROBE, mountpoint], capture_output=True, text=True, check=False
-    )
+    argv = [sys.executable, "-I", "-S", "-c", _PROBE, mountpoint]
+    for _ in range(_PROBE_TRIES):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, start_new_session=True)
+        if done.returncode >= 0:
+            break
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         why = lines[-1] if lines else f"exit {done.returncode}"
