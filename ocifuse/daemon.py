@@ -15,6 +15,7 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
@@ -361,7 +362,7 @@ class _Stops:
         self.signum: int | None = None
         self.interrupting = False
         self.mounted = False  # the kernel has the mount: the serving loop unmounts it on a stop
-        self._previous: dict[int, signal._HANDLER] = {}
+        self._previous: dict[int, Callable[[int, types.FrameType | None], Any] | int | None] = {}
 
     @property
     def watched(self) -> tuple[int, ...]:
