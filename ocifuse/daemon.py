@@ -291,6 +291,12 @@ def _mount(args: argparse.Namespace, stops: _Stops) -> bool:
         check_source(archive_path, rootfs=opts.rootfs)
         check_allow_other(opts.fuse, euid=os.geteuid())
         check_mountpoint(mountpoint, nonempty=opts.nonempty)
+        # A URL's client (obstore) runs a tokio runtime whose threads do not survive a fork: a child
+        # forked after the open would wait for ever on its first fetch. So a background mount of a URL
+        # forks before the open, and the child keeps the terminal (progress, its one error line) until
+        # the mount is made; a local archive is opened in the parent and forks once mounted.
+        fork_early = not args.foreground and is_url(archive_path)
+        notify_parent: Callable[[str], None] = _daemonize(stops, early=True) if fork_early else _no_parent
         # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
         # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
         view = open_mount(archive_path, mountpoint, view_options(opts))
@@ -315,9 +321,11 @@ def _mount(args: argparse.Namespace, stops: _Stops) -> bool:
         stops.mounted = True
         # Which mount is ours, for the unmount at the end (see _still_ours).
         ours = None if _DEV_FD.fullmatch(mountpoint) else visible_mount(mountpoint)
-        notify_parent: Callable[[str], None] = _no_parent
-        if not args.foreground:
+        if fork_early:
+            _detach()
+        elif not args.foreground:
             notify_parent = _daemonize(stops)
+        if not args.foreground:
             setup_logging(foreground=False, debug=opts.debug)
         log.info("serving %s on %s: %d files, %d bytes", shown, mountpoint, tree.files, tree.total_size)
         status = view.status
@@ -441,8 +449,11 @@ def view_options(opts: mount_options.MountOptions) -> ViewOptions:
         platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
+        index=opts.index if opts.index is None or is_url(opts.index) else os.path.abspath(opts.index),
         remote=RemoteOptions(
-            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT, cafile=opts.cafile
+            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT,
+            cafile=opts.cafile,
+            credentials=opts.credentials,
         ),
     )
 
@@ -460,29 +471,32 @@ def _no_parent(message: str) -> None:
     """Foreground: there is no waiting parent."""
 
 
-def _daemonize(stops: _Stops) -> Callable[[str], None]:
+def _daemonize(stops: _Stops, *, early: bool = False) -> Callable[[str], None]:
     """Fork; the parent waits until the child reports the mount live, then exits with ``os._exit``.
 
     Returns the child's reporter: "ok" for live, anything else is an error line for the parent.
+    ``early``: forked before the view opens; the child stays attached to the terminal until
+    ``_detach``, and one that exits before it reports (a refusal, said on the shared stderr)
+    makes the parent exit with its status; the parent waits as long as the open takes.
     """
     read_end, write_end = os.pipe()
     # Blocked across the fork: Python forgets in the child a signal that arrives before os.fork
     # returns there (PyOS_AfterFork_Child), and one the parent passes on at once must not be lost.
+    # The waiting parent is never unwound (_Stopped); an early child goes on opening, and is.
+    interrupting, stops.interrupting = stops.interrupting, False
     signal.pthread_sigmask(signal.SIG_BLOCK, stops.watched)
     try:
         pid = os.fork()
+        if pid == 0:
+            stops.interrupting = interrupting
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops.watched)  # a pending one is delivered now
     if pid > 0:
         os.close(write_end)
-        os._exit(_wait_for_child(read_end, pid, stops))
+        os._exit(_wait_for_child(read_end, pid, stops, early=early))
     os.close(read_end)
-    os.setsid()
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    if not early:
+        _detach()
 
     def report(message: str) -> None:
         nonlocal write_end
@@ -495,25 +509,38 @@ def _daemonize(stops: _Stops) -> Callable[[str], None]:
     return report
 
 
-def _wait_for_child(read_end: int, pid: int, stops: _Stops) -> int:
+def _detach() -> None:
+    """The daemon leaves the terminal and the session of the command that started it."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _wait_for_child(read_end: int, pid: int, stops: _Stops, *, early: bool = False) -> int:
     """In the parent: 0 when the child says "ok", else print its reason and return 1.
 
     A stop signal the parent gets before it exits (the user's Ctrl-C, a service manager) is passed
     on to the child, which unmounts and exits; then the parent dies of it. A child that does not
     answer in READY_TIMEOUT is stopped the same way: no mount stays behind that the command did
-    not report.
+    not report. ``early``: a child forked before the open, waited for without a time limit; if it
+    exits without a word, it said why on stderr itself: its exit status is returned, nothing printed.
     """
     import select
     import time
 
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write)  # a signal wakes the select (PEP 475 would retry it unseen)
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = None if early else time.monotonic() + READY_TIMEOUT
     message: str | None = None
+    timed_out = False
     while message is None and stops.signum is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
             message = f"the mount did not answer within {READY_TIMEOUT:.0f}s"
+            timed_out = True
             break
         ready, _, _ = select.select([read_end, wake_read], [], [], left)
         if wake_read in ready:
@@ -523,31 +550,34 @@ def _wait_for_child(read_end: int, pid: int, stops: _Stops) -> int:
             message = os.read(read_end, 4096).decode(errors="replace").strip()
     if message == "ok" and stops.signum is None:
         return 0
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, stops.signum or signal.SIGTERM)  # the child unmounts what it mounted
-    gone = _reap(pid)
-    if stops.signum is not None and gone:
-        return _die_of(stops.signum)
-    if not gone:
+    if stops.signum is not None or timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, stops.signum or signal.SIGTERM)  # the child unmounts what it mounted
+    code = _reap(pid)
+    if code is None:
         message = f"the daemon (pid {pid}) did not stop when told to"
+    elif stops.signum is not None:
+        return _die_of(stops.signum)
+    elif not message and early and code != 0:
+        return code if code > 0 else 128 - code  # killed by a signal: as a shell reports it
     print(f"ocifuse: mount failed: {message or 'the daemon exited'}", file=sys.stderr)
     return 1
 
 
-def _reap(pid: int) -> bool:
-    """Wait up to READY_TIMEOUT for the child ``pid`` to exit; False if it is still running."""
+def _reap(pid: int) -> int | None:
+    """Wait up to READY_TIMEOUT for the child ``pid`` to exit: its exit code (-N: signal N), or None."""
     import time
 
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return True
+            return 0  # already reaped: nothing more is known
         if done:
-            return True
+            return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
-            return False
+            return None
         time.sleep(0.01)
 
 

@@ -9,13 +9,26 @@ the archive (one pread per read), a compressed one a decompressing source.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .cache import blob_key
+from .chunked import (
+    CHECKSUM_KEYS,
+    ESTARGZ_KEY,
+    POSITION_KEYS,
+    TocLayer,
+    differences,
+    open_toc,
+    read_toc,
+    toc_key,
+)
+from .chunked import Unusable as TocUnusable
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import Sources
@@ -38,7 +51,7 @@ from .model import MAX_LAYERS, Descriptor, Manifest, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
-from .store import LAYER_TABLE, TREE, Store, load_or_build
+from .store import LAYER_TABLE, TOC_MAP, TREE, Store, load_or_build
 from .streams import Limits
 
 log = logging.getLogger(__name__)
@@ -196,6 +209,12 @@ class VerifiedStore:
             return None
         return self._cache.spill_path(key)
 
+    def lock(self, kind: str, key: str) -> AbstractContextManager[bool]:
+        """The cache's lock for (kind, key): of the processes opening this layer, one builds."""
+        if self._cache is None or not self._cache.enabled:
+            return contextlib.nullcontext(False)
+        return self._cache.lock(kind, key)
+
     def finish(self) -> None:
         """Raise LayerError if something was built from a blob that is not its digest."""
         if self.built and self._digest.verifiable and not self.verified():
@@ -260,7 +279,9 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
 
             # The merged tree of this image from the cache, when it is there: no layer read at all.
             # A tree served with ignore_diff_ids is kept apart: a mount that checks them must open.
+            # So is one made from TOCs: its offsets are in the TOC layers' own streams.
             key = str(resolved.descriptor.digest) + ("+ignore-diff-ids" if ignore_diff_ids else "")
+            key += "+toc" if any(layer.toc for layer in layers) else ""
             merged = load_or_build(
                 options.cache,
                 TREE,
@@ -306,6 +327,10 @@ class LazyLayer(Source):
         self._failed: OcifuseError | None = None  # why the layer cannot be served, once known
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
+        self._toc_table: LayerTable | None = None
+        # A zstd:chunked or eStargz layer is served from its TOC, unless -o verify asks for the full
+        # pass (the blob hashed, the diff_id checked): see SECURITY.md, "zstd:chunked layers".
+        self.toc = not options.verify and _has_toc(desc)
 
     def open(self, *, scan: bool = False) -> Source:
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
@@ -329,6 +354,16 @@ class LazyLayer(Source):
     def _open(self, scan: bool) -> Source:
         """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
         raw = layer_blob(self.layout, self.index, self.desc)
+        if self.toc:
+            toc = self._open_toc(raw, scan)  # LayerError: not the manifest's TOC
+            if toc is not None:
+                if self.size >= 0 and toc.size != self.size:
+                    toc.close()
+                    raise LayerError(
+                        f"{self.what}: its TOC lists {toc.size} bytes; the stored tree, {self.size}"
+                    )
+                self.size = toc.size
+                return toc
         gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
         gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
         # No scan in the pass when the table is stored: table() takes the stored one.
@@ -358,10 +393,43 @@ class LazyLayer(Source):
         self._scan = scanner if scanner is not None and scanner.ran else None
         return source
 
+    def _open_toc(self, raw: Source, scan: bool) -> TocLayer | None:
+        """The layer served from its TOC, or None (it has none that can be used: logged). Its file
+        map from the cache when the table is not needed (the tree is cached); else the TOC is
+        read and parsed, its table kept for ``table``, its map stored."""
+
+        def build() -> TocLayer | None:
+            lazy = open_toc(raw, self.desc.annotations, self.what)
+            if lazy is None:
+                return None
+            log.info(
+                "%s: served from its TOC (%d entries); each file is checked against its digest on "
+                "first read, the layer's diff_id is not (-o verify reads it in full)",
+                self.what,
+                lazy.entries,
+            )
+            self._toc_table = lazy.table
+            return lazy.source
+
+        return load_or_build(
+            self.options.cache,
+            TOC_MAP,
+            toc_key(self.desc.annotations, str(self.desc.digest), raw.size),
+            name=self.what,
+            decode=lambda payload: TocLayer.from_bytes(payload, raw, self.what),
+            build=build,
+            encode=lambda toc: None if toc is None else toc.to_bytes(),
+            rebuild=scan,  # the table is asked for: the TOC is parsed, whatever is stored
+        )
+
     def table(self) -> LayerTable:
         """The layer's table: from the cache, else as the layer's first pass built it, else scanned
         (and stored once the blob is its digest)."""
         source = self.open(scan=True)
+        if isinstance(source, TocLayer):  # its table: never stored under the layer's digest (TOC offsets)
+            if self._toc_table is None:
+                raise LayerError(f"{self.what}: opened from its stored file map, its TOC not read")
+            return self._toc_table
         scanned, self._scan = self._scan, None
         return LayerTable.load_or_scan(
             source, self.what, key=blob_key(self.desc.digest), cache=self._gate, scanned=scanned
@@ -398,6 +466,15 @@ _LASTING = (
 )
 
 
+def _has_toc(desc: Descriptor) -> bool:
+    """Whether the layer's annotations name a TOC of its compression, zstd:chunked or eStargz
+    (usable or not: open_toc says, and logs why not)."""
+    keys = desc.annotations.keys()
+    if desc.media_type in ZSTD_LAYERS:
+        return any(k in keys for k in (*CHECKSUM_KEYS, *POSITION_KEYS))
+    return desc.media_type in GZIP_LAYERS and ESTARGZ_KEY in keys
+
+
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:
     want = expected[index] if index < len(expected) else "nothing"
     if want == found:
@@ -417,7 +494,7 @@ def _notes(tables: Sequence[LayerTable], merged: Merged) -> list[Note]:
 class LayerProblem:
     """One thing ``fsck --layers`` found in a layer: a fsck finding code, the layer's digest, what."""
 
-    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped"
+    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped", "toc-mismatch", "toc-unused"
     digest: str
     message: str
 
@@ -462,6 +539,36 @@ def check_layers(layout: Layout) -> list[LayerProblem]:
     return problems
 
 
+def _check_toc(
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    table: LayerTable,
+    stream: Source,
+    problems: list[LayerProblem],
+) -> None:
+    """A zstd:chunked or eStargz layer's TOC, as a mount would use it, against the layer's tar."""
+    digest = str(desc.digest)
+    try:
+        toc = read_toc(layer_blob(layout, index, desc), desc.annotations, f"layer {digest}")
+    except TocUnusable as e:
+        message = f"its TOC is not used ({e}): a mount reads the layer in full"
+        problems.append(LayerProblem(code="toc-unused", digest=digest, message=message))
+        return
+    except LayerError as e:
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=str(e)))
+        return
+    if toc is None:
+        return
+    try:
+        found = differences(toc, table, stream)
+    finally:
+        toc.source.close()
+    if found is not None:
+        message = f"its TOC, which a mount serves, tells other than its tar: {found}"
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=message))
+
+
 def _check_layer(
     layout: Layout, index: int, desc: Descriptor, want: str, problems: list[LayerProblem]
 ) -> LayerTable | None:
@@ -484,6 +591,8 @@ def _check_layer(
         )
     try:
         table = scan.result() if scan.ran else LayerTable.scan(source, f"layer {digest}")
+        if _has_toc(desc):
+            _check_toc(layout, index, desc, table, source, problems)
     except OcifuseError as e:
         problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
         return None
