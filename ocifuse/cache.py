@@ -346,6 +346,10 @@ class IndexCache:
                     self.directory,
                 )
                 return
+            except BaseException:  # a mount stopped (daemon._Stopped) while it stored: no part stays
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
             log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
             self._evict(dfd, len(data), keep=_key_hash(key))
 

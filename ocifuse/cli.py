@@ -204,6 +204,13 @@ def unknown_command(args: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any point, the parsing of the arguments too: no traceback
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if argv is None:
         hide_url_secrets()
@@ -227,8 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``ocifuse inspect ... | head``): stop quietly, as SIGPIPE would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
-        return 130
 
 
 def hide_url_secrets() -> bool:
