@@ -600,21 +600,26 @@ def test_mount8_type_fuse_ocifuse(archive: Path, mnt: Path) -> None:
         unmount_and_wait(archive, mnt)
 
 
+def mount_fstab_line(tmp_path: Path, line: str, mnt: Path) -> None:
+    """``mount --fstab FILE MNT`` with ``line`` as FILE's one line, as mount(8) reads /etc/fstab."""
+    fstab = tmp_path / "fstab"
+    fstab.write_text(line + "\n")
+    done = subprocess.run(
+        ["mount", "--fstab", os.fspath(fstab), os.fspath(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.usefixtures("ocifuse_on_default_path")
 def test_fstab_line(archive: Path, mnt: Path, tmp_path: Path) -> None:
     """The same as an fstab line (``mount --fstab FILE MNT``)."""
     require_fuse()
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"{archive} {mnt} fuse.ocifuse ro,nodev,nosuid,{IGNORABLE} 0 0\n")
     with cleanup(archive, mnt):
-        done = subprocess.run(
-            ["mount", "--fstab", os.fspath(fstab), os.fspath(mnt)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        mount_fstab_line(tmp_path, f"{archive} {mnt} fuse.ocifuse ro,nodev,nosuid,{IGNORABLE} 0 0", mnt)
         assert_served(mnt)
         unmount_and_wait(archive, mnt)
 
@@ -655,18 +660,9 @@ def test_mount8_and_fstab_with_a_url(archive: Path, mnt: Path, tmp_path: Path) -
             assert "hunter2" not in ps, "a process (mount, sh, ocifuse) still shows the secret"
             assert assert_blobs_hash_to_their_names(mnt) >= 3  # fetched by the background daemon
             unmount_and_wait(url, mnt)
-        fstab = tmp_path / "fstab"
         options = "ro,nodev,nosuid,_netdev,nofail,x-systemd.requires=network-online.target"
-        fstab.write_text(f"{url} {mnt} fuse.ocifuse {options} 0 0\n")
         with cleanup(url, mnt):
-            done = subprocess.run(
-                ["mount", "--fstab", os.fspath(fstab), os.fspath(mnt)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            assert done.returncode == 0, done.stderr
+            mount_fstab_line(tmp_path, f"{url} {mnt} fuse.ocifuse {options} 0 0", mnt)
             assert_served(mnt)
             assert_blobs_hash_to_their_names(mnt)
             unmount_and_wait(url, mnt)
