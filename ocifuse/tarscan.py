@@ -8,14 +8,17 @@ oci-archive table (``scan_table``) and a layer's full-member table (layer.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
 import tarfile
+from array import array
 from collections.abc import Callable
 from typing import IO, Protocol
+from zlib import adler32
 
-from .entries import ArchiveTable, Entry, Kind, Skipped
+from .entries import _KIND_CODES, ArchiveTable, Columns, Kind, Names, Skipped
 from .errors import LayoutOpenError, NotAnArchive, TruncatedArchive
 from .source import sniff
 
@@ -134,8 +137,8 @@ def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
     if size == 0:
         raise NotAnArchive(path, "empty file, not a tar archive")
     builder = _TableBuilder()
-    end = walk(fileobj, path, size, builder.add)
-    return ArchiveTable(builder.finish(), builder.skipped, end, builder.symlinks)
+    end = walk(fileobj, path, size, builder.add, plain=builder.add_plain)
+    return ArchiveTable.from_columns(builder.finish(), builder.skipped, end, builder.symlinks)
 
 
 def walk(
@@ -145,6 +148,7 @@ def walk(
     add: Callable[[tarfile.TarInfo], None],
     *,
     layer: bool = False,
+    plain: Callable[[list[PlainMember]], None] | None = None,
 ) -> int:
     """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
 
@@ -155,7 +159,9 @@ def walk(
     reading (every seek goes forward but for a header block or two). ``layer``: accept what Go's
     archive/tar accepts and real layer tars hold (``umoci insert`` writes them): no end-of-archive
     blocks, the last member's padding cut short, an empty file or an all-zero first block (an
-    empty layer). Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
+    empty layer). ``plain``: a builder's fast door, given runs of canonical plain headers (files and
+    directories, ``_plain_run``) instead of one TarInfo each (``size`` must then be known).
+    Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
     """
     if layer:
         fileobj.seek(0)
@@ -175,6 +181,12 @@ def walk(
     try:
         while True:
             reader.budget = MAX_MEMBER_HEADERS
+            # (a global PAX header may rename what follows: tarfile's then)
+            if plain and size is not None and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
+                run: list[PlainMember] = []
+                tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, run)
+                if run:
+                    plain(run)
             may_end = layer and getattr(tf, "firstmember", None) is None
             if may_end and not _holds(fileobj, size, tf.offset + 1):
                 # the last member ended at (or its padding past) the end: no end blocks
@@ -300,16 +312,116 @@ def _plain_header(
     return info
 
 
+# A member of a run of canonical plain headers: name (as tarfile decodes it), whether it is a
+# directory, where its data starts, its size (0 for a directory) and its mtime.
+PlainMember = tuple[str, bool, int, int, int]
+
+# The plain ustar header as GNU tar, Go's archive/tar and Python's tarfile write it (POSIX.1-2001
+# "ustar Interchange Format"): every number zero-padded octal ending in NUL (mode, uid, gid,
+# devmajor and devminor may be all NUL), the checksum as "%06o\0 ", magic "ustar\0" version "00", a
+# regular file ("0") or a directory ("5"). Groups: name, size, mtime, checksum, type, prefix.
+_CANONICAL = re.compile(
+    rb"(?s)(.{100})(?:[0-7]{7}\0|\0{8}){3}([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ([05]).{100}"
+    rb"ustar\x0000.{64}(?:[0-7]{7}\0|\0{8}){2}(.{155}).{12}"
+)
+# How much of the tar a run reads at once, at most (a run of small members grows to it).
+RUN_CHUNK = 1 << 20
+
+
+def _plain_run(
+    fileobj: TarFile, pos: int, size: int, encoding: str, errors: str, out: list[PlainMember]
+) -> int:
+    """Append the members of the canonical plain headers from ``pos`` on to ``out``; return where
+    the first header not taken starts (tarfile's then: anything else, a bad checksum, the end).
+
+    The fast path of a million-member archive: no TarInfo, no call per member, headers read many at a
+    time; what it takes is exactly what tarfile (and ``_plain_header``) read from the same blocks.
+    The checksum is tarfile's unsigned sum, the field as spaces: two adler32 sums of 256 bytes each
+    (adler32's low half is 1 + the byte sum mod 65521, and 256 bytes sum to at most 65280).
+    """
+    want = BLOCK * 16
+    match = _CANONICAL.match
+    while pos + BLOCK <= size:
+        fileobj.seek(pos)
+        chunk = fileobj.read(min(want, size - pos))
+        view = memoryview(chunk)
+        at, n = 0, len(chunk)
+        while at + BLOCK <= n:
+            m = match(chunk, at, at + BLOCK)
+            if m is None:
+                return pos + at
+            raw_name, raw_size, raw_mtime, raw_sum, kind, prefix = m.groups()
+            found = (
+                (adler32(view[at : at + 256]) & 0xFFFF)
+                + (adler32(view[at + 256 : at + BLOCK]) & 0xFFFF)
+                - 2
+                - sum(view[at + 148 : at + 156])
+                + 256
+            )
+            length = int(raw_size, 8)
+            padded = -(-length // BLOCK) * BLOCK
+            if found != int(raw_sum, 8) or pos + at + BLOCK + padded > size:
+                return pos + at  # tarfile says what is wrong (and reads a signed checksum)
+            name = raw_name.split(b"\0", 1)[0].decode(encoding, errors)
+            if prefix[0]:  # decoded apart and joined, as tarfile does
+                name = prefix.split(b"\0", 1)[0].decode(encoding, errors) + "/" + name
+            data = pos + at + BLOCK
+            if kind == b"5":
+                out.append((name.rstrip("/"), True, data, 0, int(raw_mtime, 8)))
+                at += BLOCK  # tarfile skips no data after a directory, whatever its size says
+            else:
+                out.append((name, False, data, length, int(raw_mtime, 8)))
+                at += BLOCK + padded
+        # a run of small members reads more at a time; a jump over data starts small again
+        want = min(want * 2, RUN_CHUNK) if at - n < want else BLOCK * 16
+        pos += at
+    return pos
+
+
+_FILE, _DIR = _KIND_CODES[Kind.FILE], _KIND_CODES[Kind.DIR]
+
+
+def _rows(names: list[str]) -> dict[str, int]:
+    """Each name's last row."""
+    return dict(zip(names, range(len(names)), strict=True))
+
+
 class _TableBuilder:
-    """Applies the name policy member by member; duplicate names: the last one wins."""
+    """Applies the name policy member by member, into columns; duplicate names: the last one wins.
+
+    Rows are kept in archive order, one per member taken (no Entry object, no dict of every
+    entry while scanning: a million members); ``finish`` keeps the last row of each name, adds
+    the implied directories and sorts them into Columns.
+    """
 
     def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
+        self.names: list[str] = []
+        self.kinds = bytearray()
+        self.offsets: array[int] = array("Q")
+        self.sizes: array[int] = array("Q")
+        self.mtimes: array[int] = array("q")
         self.skipped: list[Skipped] = []
         self.symlinks: dict[str, str] = {}
+        # name -> its last row, kept from the first hardlink on (which looks its target up)
+        self._where: dict[str, int] | None = None
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, reason))
+
+    def _put(self, name: str, kind: int, offset: int, size: int, mtime: int) -> None:
+        if self._where is not None:
+            self._where[name] = len(self.names)
+        self.names.append(name)
+        self.kinds.append(kind)
+        self.offsets.append(offset)
+        self.sizes.append(size)
+        self.mtimes.append(mtime)
+
+    def _row(self, name: str) -> int | None:
+        """The last row of ``name`` so far, or None."""
+        if self._where is None:
+            self._where = _rows(self.names)
+        return self._where.get(name)
 
     def add(self, info: tarfile.TarInfo) -> None:
         """Enter one member into the table, or note why it is skipped."""
@@ -322,41 +434,71 @@ class _TableBuilder:
         if self.symlinks and not info.issym():
             self.symlinks.pop(name, None)  # duplicate names: the last member wins
         if info.isdir():
-            self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
+            self._put(name, _DIR, 0, 0, mtime)
         elif info.isreg():
             if info.sparse is not None:
                 self.skip(info.name, "GNU sparse member (not supported)")
                 return
-            self.entries[name] = Entry(Kind.FILE, info.offset_data, info.size, mtime)
+            self._put(name, _FILE, info.offset_data, info.size, mtime)
         elif info.islnk():
             target = normalize(info.linkname)
-            found = self.entries.get(target) if target is not None else None
-            if found is None or found.kind is not Kind.FILE:
+            row = self._row(target) if target is not None else None
+            if row is None or self.kinds[row] != _FILE:
                 self.skip(info.name, f"hardlink to {info.linkname!r}, not a regular member before it")
                 return
-            self.entries[name] = Entry(Kind.FILE, found.offset, found.size, mtime)
+            self._put(name, _FILE, self.offsets[row], self.sizes[row], mtime)
         elif info.issym():
             self.symlinks[name] = info.linkname
             self.skip(info.name, f"symlink to {info.linkname!r} (symlinks are not served)")
         else:
             self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
 
-    def finish(self) -> dict[str, Entry]:
-        """Add implied directories; a path that has children is a directory, never a file."""
+    def add_plain(self, run: list[PlainMember]) -> None:
+        """Enter a run of plain files and directories (``_plain_run``), as ``add`` would one by one."""
+        for name, is_dir, offset, size, mtime in run:
+            served = normalize(name)
+            if served is None:
+                if not is_root(name):
+                    self.skip(name, refusal(name))
+                continue
+            if self.symlinks:
+                self.symlinks.pop(served, None)
+            if is_dir:
+                self._put(served, _DIR, 0, 0, mtime)
+            else:
+                self._put(served, _FILE, offset, size, mtime)
+
+    def finish(self) -> Columns:
+        """The columns: the last row of each name, and implied directories; a path that has children
+        is a directory, never a file."""
+        where = self._where if self._where is not None else _rows(self.names)
+        self._where = None
         dirs: set[str] = set()
-        for name in self.entries:
-            parent = name.rpartition("/")[0]
+        for name in {p for p, _, _ in map(str.rpartition, where, itertools.repeat("/"))}:
+            parent = name
             while parent and parent not in dirs:
                 dirs.add(parent)
                 parent = parent.rpartition("/")[0]
         for d in sorted(dirs):
-            found = self.entries.get(d)
-            if found is not None and found.kind is Kind.FILE:
+            row = where.get(d)
+            if row is not None and self.kinds[row] == _FILE:
                 self.skip(d, "file replaced by a directory of the same name")
-                found = None
-            if found is None:
-                self.entries[d] = Entry(Kind.DIR, 0, 0, 0)
-        return self.entries
+                row = None
+            if row is None:
+                where[d] = len(self.names)
+                self._put(d, _DIR, 0, 0, 0)
+        order = sorted(where)
+        rows = list(map(where.__getitem__, order))
+        del where
+        self.names.clear()
+        return Columns(
+            Names.of(order),
+            bytes(map(self.kinds.__getitem__, rows)),
+            array("Q", map(self.offsets.__getitem__, rows)),
+            array("Q", map(self.sizes.__getitem__, rows)),
+            array("q", map(self.mtimes.__getitem__, rows)),
+            array("I", bytes(4 * len(rows))),
+        )
 
 
 def _data_skipped(info: tarfile.TarInfo) -> bool:
