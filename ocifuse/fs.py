@@ -156,7 +156,7 @@ class Operations(pyfuse3.Operations):
         size = node.entry.size
         if node.children is not None:
             attr.st_mode = pyfuse3.ModeT(DIR_MODE)
-            attr.st_nlink = 2 + sum(1 for _, i in node.children if self._is_dir(i))
+            attr.st_nlink = 2 + self.tree.subdirs(node.inode)
         else:
             attr.st_mode = pyfuse3.ModeT(FILE_MODE)
             attr.st_nlink = 1
@@ -188,10 +188,6 @@ class Operations(pyfuse3.Operations):
             attr.st_uid = meta.uid
             attr.st_gid = meta.gid
         attr.st_rdev = meta.rdev
-
-    def _is_dir(self, inode: int) -> bool:
-        node = self.tree.node(inode)
-        return node is not None and node.is_dir
 
     def read_node(
         self, node: Node, off: int, size: int, cached_only: bool = False
