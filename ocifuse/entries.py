@@ -104,9 +104,9 @@ class Names(Sequence[str]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def raw(self, i: int) -> bytes:
-        """The bytes of row ``i`` (0 <= i < len): the name as the kernel sees it."""
-        return bytes(self._blob[self._ends[i - 1] if i else 0 : self._ends[i]])
+    def raw(self, i: int, start: int = 0) -> bytes:
+        """The bytes of row ``i`` (0 <= i < len) from byte ``start`` on: the name as the kernel sees it."""
+        return bytes(self._blob[(self._ends[i - 1] if i else 0) + start : self._ends[i]])
 
     @overload
     def __getitem__(self, i: int) -> str: ...
@@ -180,6 +180,18 @@ class Columns:
         meta = None if self.metas is None else self.metas[i]
         kind = _KINDS[self.kinds[i]]
         return Entry(kind, self.offsets[i], self.sizes[i], self.mtimes[i], self.sources[i], meta)
+
+    def fields(self, i: int) -> tuple[Kind, int, int, Meta | None]:
+        """What a stat of row ``i`` shows (its kind, size, mtime and Meta), with no Entry made."""
+        if self.rows is not None:
+            e = self.rows[i]
+            return e.kind, e.size, e.mtime, e.meta
+        return (
+            _KINDS[self.kinds[i]],
+            self.sizes[i],
+            self.mtimes[i],
+            None if self.metas is None else self.metas[i],
+        )
 
     def is_dir(self, i: int) -> bool:
         """True when row ``i`` is a directory."""

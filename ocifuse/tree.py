@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple, overload
 
-from .entries import ArchiveTable, Columns, Entry, Kind, Names
+from .entries import ArchiveTable, Columns, Entry, Kind, Meta, Names
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)
@@ -44,7 +44,7 @@ class Children(Sequence[tuple[bytes, int]]):
 
     def name(self, i: int) -> bytes:
         """The name of child ``i`` (0 <= i < len), as the kernel sees it."""
-        return self._names.raw(self._rows[i])[self._start :]
+        return self._names.raw(self._rows[i], self._start)
 
     def inode(self, i: int) -> int:
         """The inode of child ``i``."""
@@ -169,6 +169,13 @@ class Tree:
             self._files[inode] = node
         return node
 
+    def fields(self, inode: int) -> tuple[Kind, int, int, Meta | None]:
+        """What a stat of existing ``inode`` shows: kind, size, mtime and Meta (no node made)."""
+        if inode == ROOT:
+            e = self._root_entry
+            return e.kind, e.size, e.mtime, e.meta
+        return self._columns.fields(self._row(inode))
+
     def is_dir(self, inode: int) -> bool:
         """True when ``inode`` is a directory (no node made)."""
         if inode == ROOT:
@@ -229,16 +236,21 @@ class Tree:
             start = len(_fsencode(path)) + 1
         else:
             lo, hi, start = 0, len(names), 0
-        out: list[tuple[bytes, int]] = []
+        rows = array("Q")
+        last = b""
+        ordered = True  # rows come in str order; by bytes, the kernel's order, unless a name is undecodable
         row = lo
         while row < hi:
-            raw = names.raw(row)
-            slash = raw.find(b"/", start)
+            raw = names.raw(row, start)
+            slash = raw.find(b"/")
             if slash < 0:
-                out.append((raw[start:], row))
+                ordered = ordered and last < raw
+                last = raw
+                rows.append(row)
                 row += 1
             else:  # under a child directory: skip that directory's whole run
-                row = bisect_left(names, str(raw[:slash], "utf-8", "surrogateescape") + "0", row, hi)
-        out.sort()  # by the bytes (the rows are in str order, which differs for undecodable names)
-        rows = array("Q", [r for _, r in out])
+                prefix = names.raw(row)[: start + slash]
+                row = bisect_left(names, str(prefix, "utf-8", "surrogateescape") + "0", row, hi)
+        if not ordered:
+            rows = array("Q", sorted(rows, key=lambda r: names.raw(r, start)))
         return Children(names, start, rows, array("Q", map(self._inode, rows)))
