@@ -74,6 +74,7 @@ class Skipped:
 # A table's kinds as held in Columns.kinds and stored: one byte per entry (1 is a directory).
 _KINDS = (Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK, Kind.FIFO)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+KIND_ORDER = _KINDS  # what each code of a stored kinds column means
 _DIR_CODE = _KIND_CODES[Kind.DIR]
 # What the columns hold of an Entry: adding a field to Entry means holding it here too, and
 # storing it (with a new cache.CACHE_VERSION) or refusing to store it as ``meta`` is refused;
@@ -196,6 +197,27 @@ class Columns:
     def is_dir(self, i: int) -> bool:
         """True when row ``i`` is a directory."""
         return self.kinds[i] == _DIR_CODE
+
+
+class ColumnEntries(Mapping[str, Entry]):
+    """Columns seen as a mapping of path -> Entry (an Entry made per lookup; no dict of them)."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns: Columns) -> None:
+        self.columns = columns
+
+    def __getitem__(self, name: str) -> Entry:
+        i = self.columns.index(name)
+        if i < 0:
+            raise KeyError(name)
+        return self.columns.entry(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns.names)
+
+    def __len__(self) -> int:
+        return len(self.columns)
 
 
 class ArchiveTable:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .cache import blob_key
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
-from .entries import Sources
+from .entries import ColumnEntries, Columns, Sources
 from .errors import (
     ArchiveChanged,
     BlobNotFound,
@@ -248,7 +248,9 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
                     layer.finish()  # nothing built from a layer is kept unless the layer is its digest
                 merged = merge(tables)
                 notes = _notes(tables, merged)
-                return Merged(entries=merged.entries, root=merged.root, notes=notes, sizes=sources.sizes())
+                # as columns: the Tree and the stored tree read them, sorted once
+                entries = ColumnEntries(Columns.of(merged.entries))
+                return Merged(entries=entries, root=merged.root, notes=notes, sizes=sources.sizes())
 
             def decode(payload: bytes) -> Merged:
                 merged = Merged.from_bytes(payload)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple, overload
 
-from .entries import ArchiveTable, Columns, Entry, Kind, Meta, Names
+from .entries import ArchiveTable, ColumnEntries, Columns, Entry, Kind, Meta, Names
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)
@@ -110,7 +110,10 @@ class Tree:
     def __init__(
         self, entries: Mapping[str, Entry] | ArchiveTable, root_mtime: int = 0, root: Entry | None = None
     ) -> None:
-        columns = entries.columns if isinstance(entries, ArchiveTable) else Columns.of(entries)
+        if isinstance(entries, ArchiveTable | ColumnEntries):
+            columns = entries.columns
+        else:
+            columns = Columns.of(entries)
         self._columns = columns
         self._root_entry = Entry(Kind.DIR, 0, 0, root_mtime) if root is None else root
         # Without hardlink groups (the layout view, always) inode = row + 2 and these stay None.
