@@ -15,7 +15,7 @@ import struct
 import tarfile
 from array import array
 from collections.abc import Callable
-from typing import IO, Protocol
+from typing import IO, NamedTuple, Protocol
 from zlib import adler32
 
 from .entries import _KIND_CODES, ArchiveTable, Columns, Kind, Names, Skipped
@@ -160,7 +160,7 @@ def walk(
     archive/tar accepts and real layer tars hold (``umoci insert`` writes them): no end-of-archive
     blocks, the last member's padding cut short, an empty file or an all-zero first block (an
     empty layer). ``plain``: a builder's fast door, given runs of canonical plain headers (files and
-    directories, ``_plain_run``) instead of one TarInfo each (``size`` must then be known).
+    directories, links, devices: ``_plain_run``) instead of one TarInfo each.
     Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
     """
     if layer:
@@ -182,7 +182,7 @@ def walk(
         while True:
             reader.budget = MAX_MEMBER_HEADERS
             # (a global PAX header may rename what follows: tarfile's then)
-            if plain and size is not None and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
+            if plain and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
                 run: list[PlainMember] = []
                 tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, run)
                 if run:
@@ -312,24 +312,53 @@ def _plain_header(
     return info
 
 
-# A member of a run of canonical plain headers: name (as tarfile decodes it), whether it is a
-# directory, where its data starts, its size (0 for a directory) and its mtime.
-PlainMember = tuple[str, bool, int, int, int]
+class PlainMember(NamedTuple):
+    """A member of a run of canonical plain headers, as tarfile reads it (its TarInfo's fields)."""
+
+    name: str  # a directory's without its trailing slashes
+    type: bytes  # tarfile.REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE or FIFOTYPE
+    offset_data: int
+    size: int
+    mtime: int
+    mode: int
+    uid: int
+    gid: int
+    linkname: str
+    devmajor: int
+    devminor: int
+
+    def info(self) -> tarfile.TarInfo:
+        """The TarInfo tarfile makes of the same header (for what a builder leaves to its ``add``)."""
+        info = tarfile.TarInfo(self.name)
+        info.type, info.size, info.mtime, info.mode = self.type, self.size, self.mtime, self.mode
+        info.uid, info.gid, info.linkname = self.uid, self.gid, self.linkname
+        info.devmajor, info.devminor = self.devmajor, self.devminor
+        info.uname = info.gname = ""
+        info.offset, info.offset_data = self.offset_data - BLOCK, self.offset_data
+        return info
+
 
 # The plain ustar header as GNU tar, Go's archive/tar and Python's tarfile write it (POSIX.1-2001
 # "ustar Interchange Format"): every number zero-padded octal ending in NUL (mode, uid, gid,
-# devmajor and devminor may be all NUL), the checksum as "%06o\0 ", magic "ustar\0" version "00", a
-# regular file ("0") or a directory ("5"). Groups: name, size, mtime, checksum, type, prefix.
+# devmajor and devminor may be all NUL), the checksum as "%06o\0 ", magic "ustar\0" version "00", and
+# a type _plain_header takes. Groups: name mode uid gid size mtime checksum type link major minor prefix.
+_NUMBER = rb"([0-7]{7}\0|\0{8})"
 _CANONICAL = re.compile(
-    rb"(?s)(.{100})(?:[0-7]{7}\0|\0{8}){3}([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ([05]).{100}"
-    rb"ustar\x0000.{64}(?:[0-7]{7}\0|\0{8}){2}(.{155}).{12}"
+    rb"(?s)(.{100})" + _NUMBER * 3 + rb"([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ([0-6])(.{100})"
+    rb"ustar\x0000.{64}" + _NUMBER * 2 + rb"(.{155}).{12}"
 )
-# How much of the tar a run reads at once, at most (a run of small members grows to it).
+# How much of the tar a run reads at once, at most (a run of small members grows to it); a stream
+# read forward keeps FORWARD_KEEP bytes behind its position: a run never reads further ahead.
 RUN_CHUNK = 1 << 20
+RUN_CHUNK_FORWARD = 64 << 10
+
+
+def _number(field: bytes) -> int:
+    return int(field[:7], 8) if field[0] else 0
 
 
 def _plain_run(
-    fileobj: TarFile, pos: int, size: int, encoding: str, errors: str, out: list[PlainMember]
+    fileobj: TarFile, pos: int, size: int | None, encoding: str, errors: str, out: list[PlainMember]
 ) -> int:
     """Append the members of the canonical plain headers from ``pos`` on to ``out``; return where
     the first header not taken starts (tarfile's then: anything else, a bad checksum, the end).
@@ -338,19 +367,21 @@ def _plain_run(
     time; what it takes is exactly what tarfile (and ``_plain_header``) read from the same blocks.
     The checksum is tarfile's unsigned sum, the field as spaces: two adler32 sums of 256 bytes each
     (adler32's low half is 1 + the byte sum mod 65521, and 256 bytes sum to at most 65280).
+    ``size`` None: a stream read forward (a layer's first pass): a file is taken only when its data
+    was read with its header (the walk checks the rest: a stream cut short, its end).
     """
-    want = BLOCK * 16
+    want, most = BLOCK * 16, RUN_CHUNK if size is not None else RUN_CHUNK_FORWARD
     match = _CANONICAL.match
-    while pos + BLOCK <= size:
+    while size is None or pos + BLOCK <= size:
         fileobj.seek(pos)
-        chunk = fileobj.read(min(want, size - pos))
+        chunk = fileobj.read(want if size is None else min(want, size - pos))
         view = memoryview(chunk)
         at, n = 0, len(chunk)
         while at + BLOCK <= n:
             m = match(chunk, at, at + BLOCK)
             if m is None:
                 return pos + at
-            raw_name, raw_size, raw_mtime, raw_sum, kind, prefix = m.groups()
+            name_f, mode, uid, gid, size_f, mtime, chksum, kind, link, major, minor, prefix = m.groups()
             found = (
                 (adler32(view[at : at + 256]) & 0xFFFF)
                 + (adler32(view[at + 256 : at + BLOCK]) & 0xFFFF)
@@ -358,22 +389,30 @@ def _plain_run(
                 - sum(view[at + 148 : at + 156])
                 + 256
             )
-            length = int(raw_size, 8)
+            length = int(size_f, 8)
             padded = -(-length // BLOCK) * BLOCK
-            if found != int(raw_sum, 8) or pos + at + BLOCK + padded > size:
+            skip = padded if kind == b"0" else 0  # tarfile skips data after a regular file only
+            if found != int(chksum, 8) or (
+                pos + at + BLOCK + padded > size if size is not None else at + BLOCK + skip > n
+            ):
                 return pos + at  # tarfile says what is wrong (and reads a signed checksum)
-            name = raw_name.split(b"\0", 1)[0].decode(encoding, errors)
+            name = name_f.split(b"\0", 1)[0].decode(encoding, errors)
             if prefix[0]:  # decoded apart and joined, as tarfile does
                 name = prefix.split(b"\0", 1)[0].decode(encoding, errors) + "/" + name
-            data = pos + at + BLOCK
             if kind == b"5":
-                out.append((name.rstrip("/"), True, data, 0, int(raw_mtime, 8)))
-                at += BLOCK  # tarfile skips no data after a directory, whatever its size says
-            else:
-                out.append((name, False, data, length, int(raw_mtime, 8)))
-                at += BLOCK + padded
+                name = name.rstrip("/")
+            out.append(
+                PlainMember(
+                    name, kind, pos + at + BLOCK, length, int(mtime, 8), _number(mode), _number(uid),
+                    _number(gid), link.split(b"\0", 1)[0].decode(encoding, errors), _number(major),
+                    _number(minor),
+                )
+            )  # fmt: skip
+            at += BLOCK + skip
         # a run of small members reads more at a time; a jump over data starts small again
-        want = min(want * 2, RUN_CHUNK) if at - n < want else BLOCK * 16
+        want = min(want * 2, most) if at - n < want else BLOCK * 16
+        if n < BLOCK:
+            return pos  # the end of a stream: the walk's
         pos += at
     return pos
 
@@ -454,19 +493,22 @@ class _TableBuilder:
             self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
 
     def add_plain(self, run: list[PlainMember]) -> None:
-        """Enter a run of plain files and directories (``_plain_run``), as ``add`` would one by one."""
-        for name, is_dir, offset, size, mtime in run:
-            served = normalize(name)
-            if served is None:
-                if not is_root(name):
-                    self.skip(name, refusal(name))
-                continue
-            if self.symlinks:
-                self.symlinks.pop(served, None)
-            if is_dir:
-                self._put(served, _DIR, 0, 0, mtime)
+        """Enter a run of plain members (``_plain_run``), as ``add`` would one by one."""
+        for m in run:
+            if m.type == tarfile.REGTYPE or m.type == tarfile.DIRTYPE:
+                served = normalize(m.name)
+                if served is None:
+                    if not is_root(m.name):
+                        self.skip(m.name, refusal(m.name))
+                    continue
+                if self.symlinks:
+                    self.symlinks.pop(served, None)
+                if m.type == tarfile.DIRTYPE:
+                    self._put(served, _DIR, 0, 0, m.mtime)
+                else:
+                    self._put(served, _FILE, m.offset_data, m.size, m.mtime)
             else:
-                self._put(served, _FILE, offset, size, mtime)
+                self.add(m.info())  # links, devices, fifos: rare in an image archive
 
     def finish(self) -> Columns:
         """The columns: the last row of each name, and implied directories; a path that has children

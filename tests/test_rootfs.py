@@ -157,7 +157,8 @@ def test_scan_keeps_every_type_and_its_metadata() -> None:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain headers of every type read by the struct fast path give the members tarfile's parse gives."""
+    """Plain headers of every type read by the fast paths (one header, runs of them, from a file or a
+    stream read forward) give the members tarfile's parse gives."""
     from ocifuse import tarscan as archive
 
     members = [
@@ -170,13 +171,15 @@ def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.Monkey
         special("a/p", tarfile.FIFOTYPE),
         file_member("a/g", b"y"),
     ]
-    data = tar_bytes(members, fmt=fmt)
-    fast = scan(data)
+    data = tar_bytes(members * 40, fmt=fmt)  # runs of plain headers (tarscan._plain_run) too
+
+    fast = scan(data)  # from a file, and (scan checks it) from streams read forward
     with monkeypatch.context() as m:
         m.setattr(archive, "_plain_header", lambda *args: None)
+        m.setattr(archive, "_plain_run", lambda fileobj, pos, *args: pos)
         slow = scan(data)
     assert fast.members == slow.members and fast.end == slow.end
-    assert len(fast.members) == len(members)
+    assert len(fast.members) == len(members) * 40
 
 
 def test_scan_accepts_tars_without_end_blocks_even_mid_block() -> None:
