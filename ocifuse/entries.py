@@ -98,7 +98,14 @@ class Names(Sequence[str]):
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Names:
-        """Names from strs (already sorted)."""
+        """Names from strs (already sorted): encoded as one string, without a bytes object per name."""
+        names = names if isinstance(names, list) else list(names)
+        joined = "".join(names)
+        blob = joined.encode("utf-8", "surrogateescape")
+        if len(blob) == len(joined):  # every character one byte (ASCII, or an undecodable byte kept)
+            del joined
+            return cls(blob, array("Q", itertools.accumulate(map(len, names))))
+        del joined, blob
         raw = [n.encode("utf-8", "surrogateescape") for n in names]
         return cls(b"".join(raw), array("Q", itertools.accumulate(map(len, raw))))
 

@@ -183,10 +183,7 @@ def walk(
             reader.budget = MAX_MEMBER_HEADERS
             # (a global PAX header may rename what follows: tarfile's then)
             if plain and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
-                run: list[PlainMember] = []
-                tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, run)
-                if run:
-                    plain(run)
+                tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, plain)
             may_end = layer and getattr(tf, "firstmember", None) is None
             if may_end and not _holds(fileobj, size, tf.offset + 1):
                 # the last member ended at (or its padding past) the end: no end blocks
@@ -358,10 +355,16 @@ def _number(field: bytes) -> int:
 
 
 def _plain_run(
-    fileobj: TarFile, pos: int, size: int | None, encoding: str, errors: str, out: list[PlainMember]
+    fileobj: TarFile,
+    pos: int,
+    size: int | None,
+    encoding: str,
+    errors: str,
+    take: Callable[[list[PlainMember]], None],
 ) -> int:
-    """Append the members of the canonical plain headers from ``pos`` on to ``out``; return where
-    the first header not taken starts (tarfile's then: anything else, a bad checksum, the end).
+    """Hand the members of the canonical plain headers from ``pos`` on to ``take``, a list per chunk
+    read; return where the first header not taken starts (tarfile's then: anything else, a bad
+    checksum, the end).
 
     The fast path of a million-member archive: no TarInfo, no call per member, headers read many at a
     time; what it takes is exactly what tarfile (and ``_plain_header``) read from the same blocks.
@@ -370,9 +373,30 @@ def _plain_run(
     ``size`` None: a stream read forward (a layer's first pass): a file is taken only when its data
     was read with its header (the walk checks the rest: a stream cut short, its end).
     """
+    out: list[PlainMember] = []
+    try:
+        return _run(fileobj, pos, size, encoding, errors, take, out)
+    finally:
+        if out:
+            take(out)
+
+
+def _run(
+    fileobj: TarFile,
+    pos: int,
+    size: int | None,
+    encoding: str,
+    errors: str,
+    take: Callable[[list[PlainMember]], None],
+    out: list[PlainMember],
+) -> int:
+    """``_plain_run``'s loop: ``out`` holds the members of the chunk read last (handed on after it)."""
     want, most = BLOCK * 16, RUN_CHUNK if size is not None else RUN_CHUNK_FORWARD
     match = _CANONICAL.match
     while size is None or pos + BLOCK <= size:
+        if out:
+            take(out[:])
+            out.clear()
         fileobj.seek(pos)
         chunk = fileobj.read(want if size is None else min(want, size - pos))
         view = memoryview(chunk)
@@ -533,14 +557,15 @@ class _TableBuilder:
         rows = list(map(where.__getitem__, order))
         del where
         self.names.clear()
-        return Columns(
-            Names.of(order),
-            bytes(map(self.kinds.__getitem__, rows)),
-            array("Q", map(self.offsets.__getitem__, rows)),
-            array("Q", map(self.sizes.__getitem__, rows)),
-            array("q", map(self.mtimes.__getitem__, rows)),
-            array("I", bytes(4 * len(rows))),
-        )
+        # what is no longer needed is let go before the next big thing is made (a million rows)
+        kinds = bytes(map(self.kinds.__getitem__, rows))
+        offsets = array("Q", map(self.offsets.__getitem__, rows))
+        sizes = array("Q", map(self.sizes.__getitem__, rows))
+        mtimes = array("q", map(self.mtimes.__getitem__, rows))
+        del rows
+        self.kinds, self.offsets, self.sizes, self.mtimes = bytearray(), array("Q"), array("Q"), array("q")
+        names = Names.of(order)
+        return Columns(names, kinds, offsets, sizes, mtimes, array("I", bytes(4 * len(kinds))))
 
 
 def _data_skipped(info: tarfile.TarInfo) -> bool:

@@ -488,11 +488,8 @@ def test_runs_of_plain_headers_match_tarfile(tmp_path: Path, monkeypatch: pytest
     plain_run = archive_module._plain_run
 
     def counting(*args: Any) -> int:
-        out = args[-1]
-        before = len(out)
-        end = plain_run(*args)
-        runs.append(len(out) - before)
-        return end
+        *head, take = args
+        return plain_run(*head, lambda run: (runs.append(len(run)), take(run)))
 
     monkeypatch.setattr(archive_module, "_plain_run", counting)
     fast = _scan_outcome(path)
