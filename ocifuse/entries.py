@@ -157,8 +157,8 @@ class Columns:
     rows: list[Entry] | None = None
 
     @classmethod
-    def of(cls, entries: Mapping[str, Entry]) -> Columns:
-        """The columns of an entry dict."""
+    def of(cls, entries: Mapping[str, Entry], *, keep_rows: bool = True) -> Columns:
+        """The columns of an entry dict (``keep_rows``: its Entry objects kept too, see ``rows``)."""
         names = sorted(entries)
         ordered = [entries[n] for n in names]
         metas = [e.meta for e in ordered]
@@ -170,7 +170,7 @@ class Columns:
             array("q", [e.mtime for e in ordered]),
             array("I", [e.source for e in ordered]),
             metas if any(m is not None for m in metas) else None,
-            ordered,
+            ordered if keep_rows else None,
         )
 
     def __len__(self) -> int:

@@ -248,8 +248,9 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
                     layer.finish()  # nothing built from a layer is kept unless the layer is its digest
                 merged = merge(tables)
                 notes = _notes(tables, merged)
-                # as columns: the Tree and the stored tree read them, sorted once
-                entries = ColumnEntries(Columns.of(merged.entries))
+                # as columns: the Tree and the stored tree read them, sorted once; no Entry object
+                # of the merge is kept for the mount's life (500,000 files: ~90 MB)
+                entries = ColumnEntries(Columns.of(merged.entries, keep_rows=False))
                 return Merged(entries=entries, root=merged.root, notes=notes, sizes=sources.sizes())
 
             def decode(payload: bytes) -> Merged:
