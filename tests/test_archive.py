@@ -485,11 +485,16 @@ def test_runs_of_plain_headers_match_tarfile(tmp_path: Path, monkeypatch: pytest
         add("sym", None, tarfile.SYMTYPE, "d4/f4")
         add("after/f", b"after")
     runs: list[int] = []
-    plain_run = archive_module._plain_run
+    plain_run: Callable[..., int] = archive_module._plain_run
 
     def counting(*args: Any) -> int:
         *head, take = args
-        return plain_run(*head, lambda run: (runs.append(len(run)), take(run)))
+
+        def counted(run: list[archive_module.PlainMember]) -> None:
+            runs.append(len(run))
+            take(run)
+
+        return plain_run(*head, counted)
 
     monkeypatch.setattr(archive_module, "_plain_run", counting)
     fast = _scan_outcome(path)
