@@ -36,7 +36,7 @@ from .layer import LayerTable, Member, Type
 from .model import load_value
 from .store import Stale
 from .tablecodec import from_le, le_bytes
-from .tarscan import normalize
+from .tarscan import NAME_MAX, normalize, plain_name
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
 TREE_FORMAT = 3  # 2: a hardlink to a file its own layer whites out is kept; 3: stored as columns
@@ -206,11 +206,17 @@ def _check_rows(
     the scan and under a directory; files inside their layers; no directory in a hardlink group."""
     dirs = {""}
     previous = None
-    for i, name in enumerate(names):
+    blob, ends = names.blob()
+    text = str(blob, "utf-8", "surrogateescape")
+    # every character one byte (ASCII, or an undecodable byte kept): a name's byte offsets are its
+    # character offsets, and one decoding serves every name
+    one_byte = len(text) == len(blob)
+    rows = map(text.__getitem__, map(slice, itertools.chain((0,), ends), ends)) if one_byte else iter(names)
+    for i, name in enumerate(rows):
         if previous is not None and not previous < name:
             raise ValueError(f"entry {name!r} out of order")
         previous = name
-        if normalize(name) != name:
+        if not (one_byte and plain_name(name) and len(name) <= NAME_MAX) and normalize(name) != name:
             raise ValueError(f"entry {name!r} has a name the scan refuses")
         if name.rpartition("/")[0] not in dirs:
             raise ValueError(f"entry {name!r} has no directory above it")

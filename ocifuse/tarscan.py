@@ -73,6 +73,11 @@ class _CappedReader:
 _PLAIN_NAME = re.compile(r"[^/\0.][^/\0]*(?:/[^/\0.][^/\0]*)*")
 
 
+def plain_name(name: str) -> bool:
+    """True for a name ``normalize`` keeps as it is if its bytes are few enough (its fast path)."""
+    return _PLAIN_NAME.fullmatch(name) is not None
+
+
 def normalize(name: str) -> str | None:
     """The path a member is served at, or None when the name policy refuses it.
 
@@ -80,7 +85,7 @@ def normalize(name: str) -> str | None:
     Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
     names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
     """
-    if _PLAIN_NAME.fullmatch(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+    if plain_name(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
         return name  # already normal: no "", "." or ".." component, no NUL, short (the common case)
     if name.startswith("/") or "\0" in name:
         return None
