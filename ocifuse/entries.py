@@ -261,6 +261,12 @@ class ArchiveTable:
         table._columns = columns
         return table
 
+    def adopt(self, same: ArchiveTable) -> None:
+        """Read the columns of ``same``, this very table held elsewhere (decoded from its stored bytes)."""
+        if len(same) != len(self) or same.end != self.end:
+            raise ValueError("not the same table")
+        self._columns, self._entries = same.columns, None
+
     @property
     def entries(self) -> dict[str, Entry]:
         """Every entry by path (built from the columns on first use for a loaded table)."""
