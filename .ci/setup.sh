@@ -26,6 +26,8 @@ PKGS="$PKGS gzip pigz zstd xz-utils bzip2"
 PKGS="$PKGS man-db bash-completion"
 # The tests run the zsh completion in a zsh.
 [ -z "$extra" ] || PKGS="$PKGS zsh"
+# The eStargz tests convert an image with stargz-snapshotter's ctr-remote, through a containerd of their own.
+[ -z "$extra" ] || PKGS="$PKGS containerd stargz-snapshotter"
 # The remote tests serve archives over HTTP with an nginx of their own (127.0.0.1 only).
 [ -z "$extra" ] || PKGS="$PKGS nginx"
 missing=""

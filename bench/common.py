@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,22 +173,63 @@ def unmount(mountpoint: Path, pid: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mounted(archive: Path, mnt: Path, *args: str) -> Iterator[tuple[float, int]]:
-    """``ocifuse mount ARGS ARCHIVE MNT`` (it returns once live): the seconds it took, the daemon's pid.
+def mounted(
+    archive: Path | str,
+    mnt: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    foreground: bool = False,
+    command: Sequence[str | Path] = (OCIFUSE,),
+) -> Iterator[tuple[float, int]]:
+    """``ocifuse mount ARGS ARCHIVE MNT`` (it returns once live; ``archive`` a path or a URL, the
+    daemon started with ``env`` if given): the seconds it took, the daemon's pid.
 
-    Always unmounted afterwards.
+    With ``foreground``, ``ocifuse mount -f`` is started and the time is until the mount answers.
+    ``command``: what runs as ``ocifuse`` in the background (bench/variant.py with a variant, say).
+    Always unmounted afterwards, and the daemon waited for: it has finished (its cache written)
+    before the next measurement starts.
     """
     mnt.mkdir(exist_ok=True)
+    if foreground:
+        with _foreground(archive, mnt, args, env) as mount:
+            yield mount
+        return
     start = time.perf_counter()
-    run(OCIFUSE, "mount", *args, archive, mnt)
+    run(*command, "mount", *args, archive, mnt, env=env)
     took = time.perf_counter() - start
+    pid = daemon_pid(mnt)
     try:
-        pid = daemon_pid(mnt)
         if pid is None:
             raise RuntimeError(f"no daemon serves {mnt}")
         yield took, pid
     finally:
-        unmount(mnt)
+        unmount(mnt, pid)
+
+
+@contextlib.contextmanager
+def _foreground(
+    archive: Path | str, mnt: Path, args: tuple[str, ...], env: dict[str, str] | None
+) -> Iterator[tuple[float, int]]:
+    """``ocifuse mount -f``: (seconds until ``MNT`` is a mount that answers, the daemon's pid)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [str(OCIFUSE), "mount", "-f", *args, str(archive), str(mnt)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+        deadline = start + 600  # a first --rootfs mount over a slow link decompresses every layer
+        try:
+            while not os.path.ismount(mnt):  # a stat of the root: answered once the daemon serves
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"{mnt}: not mounted after 600 s")
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise RuntimeError(f"ocifuse mount -f exited {proc.returncode}: {err.read().decode()}")
+                time.sleep(0.002)
+            yield time.perf_counter() - start, proc.pid
+        finally:
+            unmount(mnt, proc.pid)
+            proc.wait()
 
 
 # -- the scratch directory ---------------------------------------------------------------------

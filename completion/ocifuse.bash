@@ -3,18 +3,19 @@
 # its completions directory; or source this file). The lists are checked against ocifuse's own
 # (tests/test_completion.py), so keep them in step with ocifuse/cli.py and ocifuse/options.py.
 
-_ocifuse_commands="fsck inspect mount umount cache"
+_ocifuse_commands="fsck inspect mount umount cache index"
 _ocifuse_global_options="-h --help --version"
-_ocifuse_fsck_options="-h --help --json --layers --cache --no-cache --cache-max"
-_ocifuse_inspect_options="-h --help --ref --platform --json --cache --no-cache --cache-max"
+_ocifuse_fsck_options="-h --help --json --layers --cache --no-cache --cache-max --index"
+_ocifuse_inspect_options="-h --help --ref --platform --json --cache --no-cache --cache-max --index"
 _ocifuse_mount_options="-h --help -f --foreground -o --verify --rootfs --ref --platform --rootless --ignore-diff-ids -d --debug --cache --no-cache --cache-max"
 _ocifuse_umount_options="-h --help -z --lazy"
 _ocifuse_cache_options="-h --help --cache --max --older-than"
+_ocifuse_index_options="-h --help -o --output"
 _ocifuse_cache_verbs="list prune clear"
 # Options that take the next word as their value (or after '=').
-_ocifuse_value_options="-o --ref --platform --cache --cache-max --max --older-than"
+_ocifuse_value_options="-o --ref --platform --cache --cache-max --max --older-than --index --output"
 # -o: ocifuse's own, those passed to FUSE and those always on (options.py); not the ones it ignores.
-_ocifuse_o_options="ro nodev nosuid default_permissions verify debug nonempty rootfs rootless ignore_diff_ids nocache readahead_kb= timeout= cafile= ref= platform= cache= max_size= spill_max= cache_max= allow_other allow_root auto_unmount noexec exec noatime atime async sync dirsync fsname= context= fscontext= defcontext= rootcontext="
+_ocifuse_o_options="ro nodev nosuid default_permissions verify debug nonempty rootfs rootless ignore_diff_ids nocache readahead_kb= timeout= cafile= credentials= index= ref= platform= cache= max_size= spill_max= cache_max= allow_other allow_root auto_unmount noexec exec noatime atime async sync dirsync fsname= context= fscontext= defcontext= rootcontext="
 _ocifuse_platforms="linux/amd64 linux/arm64 linux/arm64/v8 linux/arm/v7 linux/arm/v6 linux/386 linux/ppc64le linux/s390x linux/riscv64"
 
 # The mountpoints of the ocifuse mounts in /proc/self/mountinfo (proc(5)), one a line.
@@ -45,6 +46,11 @@ _ocifuse_o() {
         last=${1##*,}
     fi
     case $last in
+        index=* | cafile=*)
+            local f
+            while IFS= read -r f; do COMPREPLY+=("${done}${last%%=*}=$f"); done < <(compgen -f -- "${last#*=}")
+            compopt -o nospace 2>/dev/null
+            ;;
         cache=*)
             local d
             while IFS= read -r d; do COMPREPLY+=("${done}cache=$d/"); done < <(compgen -d -- "${last#cache=}")
@@ -98,6 +104,7 @@ _ocifuse() {
             -o) _ocifuse_o "$cur" ;;
             --platform) _ocifuse_add "$_ocifuse_platforms" "$cur" "" ;;
             --cache) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -d -- "$cur") ;;
+            -o | --output | --index) [[ $cmd != mount ]] && { compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur"); } ;;
         esac
     elif [[ $cur == --*=* ]]; then # --cache=DIR, --platform=P
         local opt=${cur%%=*} value=${cur#*=}
@@ -126,7 +133,7 @@ _ocifuse() {
                     [[ ${#COMPREPLY[@]} -eq 0 ]] && mapfile -t COMPREPLY < <(compgen -d -- "$cur")
                 fi
                 ;;
-            fsck | inspect)
+            fsck | inspect | index)
                 if ((positional == 0)); then
                     compopt -o filenames 2>/dev/null
                     mapfile -t COMPREPLY < <(compgen -f -- "$cur")

@@ -15,7 +15,7 @@ from .errors import NotAnArchive, TruncatedArchive
 from .progress import reporting
 from .source import FileRange, OpenFile, Origin, Source, SourceFile
 from .store import TABLE, Store, load_or_build
-from .streams import Limits, Progress
+from .streams import Limits, Progress, available_cpus, split_cpus
 from .tablecodec import decode_table, encode_table
 from .tarscan import BLOCK, scan_table
 
@@ -41,6 +41,7 @@ class Archive(Sources):
         rescan: bool = False,
         limits: Limits | None = None,
         progress: Progress | None = None,
+        key: str | None = None,
     ) -> None:
         """Open ``path`` and scan its headers, or load its table from ``cache`` when one is stored.
 
@@ -49,8 +50,10 @@ class Archive(Sources):
         A gzip- or zstd-compressed archive is decompressed once to index it (or its index is loaded
         from ``cache``): ``sources[0]`` is then the decompressed stream (compressed.py), bounded by
         ``limits`` and reported to ``progress``. ``rescan`` (fsck): scan and index again even when
-        stored, and store the fresh ones. Raises LayoutOpenError (NotAnArchive, TruncatedArchive,
-        CompressedDataError, DecompressionLimit) naming ``path``.
+        stored, and store the fresh ones. ``key``: what the archive's artifacts are kept under in
+        ``cache`` (a portable index's key, portable.py); by default the origin's identity. Raises
+        LayoutOpenError (NotAnArchive, TruncatedArchive, CompressedDataError, DecompressionLimit)
+        naming ``path``.
         """
         origin = FileOrigin(path) if isinstance(path, str) else path
         self.origin = origin
@@ -60,7 +63,8 @@ class Archive(Sources):
         try:
             # Where what is derived from this archive is kept (a view's too), under its identity.
             self.cache, self.rescan = cache, rescan
-            key = origin.identity() if cache is not None and cache.enabled else None
+            if key is None and cache is not None and cache.enabled:
+                key = origin.identity()
             self.key = key
             stream = open_decompressed(
                 origin.source(),
@@ -71,6 +75,7 @@ class Archive(Sources):
                 progress=progress,
                 rebuild=rescan,
                 digest=False,  # no one asks for an outer archive's uncompressed digest
+                threads=split_cpus(available_cpus(), [1], 1, [True])[0],  # one stream: every CPU (3 up)
             )
             super().__init__([stream])
             try:
@@ -167,13 +172,18 @@ class FileOrigin(Origin):
 
 
 def open_archive(
-    path: str | Origin, cache: Store | None, *, rescan: bool = False, limits: Limits | None = None
+    path: str | Origin,
+    cache: Store | None,
+    *,
+    rescan: bool = False,
+    limits: Limits | None = None,
+    key: str | None = None,
 ) -> Archive:
     """Open the archive at ``path``, showing progress while a compressed one is indexed (TTY or log)."""
     name = path if isinstance(path, str) else path.name
     total = file_size(path) if isinstance(path, str) else path.size
     with reporting(f"indexing {name}", total) as progress:
-        return Archive(path, cache, rescan=rescan, limits=limits, progress=progress)
+        return Archive(path, cache, rescan=rescan, limits=limits, progress=progress, key=key)
 
 
 def file_size(path: str) -> int:

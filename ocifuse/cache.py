@@ -5,8 +5,11 @@ stored here once and loaded on the next open. An entry is never trusted beyond w
 its file is read with ``O_NOFOLLOW`` from a directory this user owns and no one else may write,
 it must be a regular file owned by this user, carry this version, this kind and this key, and its
 checksum must match. Anything else is logged, removed and rebuilt. Writes are atomic (a temp file
-in the same directory, fsync, rename), so two processes building one entry at once leave one
-whole entry, never a mix; a failing disk is a warning, never an error of the mount.
+in the same directory, fsync for the kinds worth it, rename), so two processes storing one entry
+at once leave one whole entry, never a mix; a failing disk is one warning, after which the process
+stores nothing more, never an error of the mount. An absent entry is built under a lock file of
+its own (``lock``, flock): of the processes opening one new archive at once, one builds it and the
+others wait, then load it.
 
 The directory is bounded (``-o cache_max=SIZE``; by default the smaller of 10 GiB and 10% of its
 filesystem): after each store, the least recently used keys go, each with all its files (its
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -35,7 +39,7 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .digest import Digest
@@ -62,6 +66,12 @@ _KIND = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _ENTRY_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\.[0-9a-f]{32}")
 _TMP_PREFIX = ".tmp."
 _SPILL_PREFIX = "spill."
+# The lock file of an entry being built: ".lock.<kind>.<hash>" (IndexCache.lock).
+_LOCK_PREFIX = ".lock."
+# What a lock's holder writes in it when it leaves with its entry unstored (IndexCache.lock).
+_UNSTORED = b"built, not stored\n"
+# What ``clear`` removes besides entries (never a name not ours).
+_OURS = (_TMP_PREFIX, _SPILL_PREFIX, _LOCK_PREFIX)
 # The writer's pid in a temp file's name: ".tmp.<kind>.<hash>.<pid>.<hex>" (store), ".tmp.spill-<pid>-..."
 _TMP_PID = re.compile(r"\.tmp\.(?:spill-(\d+)-.*|.*\.(\d+)\.[0-9a-f]{8})")
 # A temp file is left over when its writer is dead, or unchanged this long (a writer writes on;
@@ -71,6 +81,11 @@ STALE_TEMP_AGE = 24 * 3600
 # filesystem (docs/cache.md says why).
 DEFAULT_MAX = 10 << 30
 DEFAULT_MAX_SHARE = 10
+# A process counts the directory again (listdir and a stat per file) once it has stored this share
+# of the bound since it last counted, and whenever its running total passes the bound: not on
+# every store (thousands of remote blocks per GiB read). Others' stores since the count are unseen
+# until then, so N writers at once can hold the directory over its bound by about N/16 of it.
+_RECOUNT_SHARE = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +157,11 @@ class IndexCache:
         self.max_size = max_size  # the bound in bytes (-o cache_max); None: default_bound()
         self._warned = False
         self._swept = False
+        # Why this process stores nothing more here (a full or read-only disk): said once, as a warning.
+        self._no_store: str | None = None
+        # The directory's total as last counted, plus what this process stored since (None: count it).
+        self._total: int | None = None
+        self._uncounted = 0  # bytes stored since the last count
 
     @classmethod
     def default(cls, max_size: int | None = None) -> IndexCache:
@@ -286,6 +306,8 @@ class IndexCache:
     def store(self, kind: str, key: str, payload: bytes) -> None:
         """Store ``payload`` under (kind, key): atomically, mode 0600; errors are logged, never raised."""
         name = _name(_check_kind(kind), key)
+        if self._no_store is not None:
+            return
         data = encode(kind, key, payload)
         with self._open_dir(create=True) as dfd:
             if dfd is None:
@@ -302,29 +324,53 @@ class IndexCache:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view) :]
-                    os.fsync(fd)
+                    if KINDS[kind].durable:  # store.Artifact.durable says which kinds are worth it
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 # rename(2) is atomic: readers see the old entry or the new one, never part of one,
                 # and of two writers the last rename wins with a whole entry.
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except OSError as e:
-                log.warning("index cache entry %s %s not stored: %s", kind, key, e.strerror or e)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)  # nothing half-written stays behind
+                # A full, read-only or failing disk stays so for a while: one warning, and this
+                # process goes on without storing (what it loads still serves; damaged is refused).
+                self._no_store = str(e.strerror or e)
+                log.warning(
+                    "index cache entry %s %s not stored: %s; nothing more is stored in %s by this "
+                    "process, which works on without it",
+                    kind,
+                    key,
+                    self._no_store,
+                    self.directory,
+                )
+                return
+            except BaseException:  # a mount stopped (daemon._Stopped) while it stored: no part stays
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
-                return
+                raise
             log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
-            # A spill file is linked just before the zstd-index entry that names it is stored, under
-            # the same key: this counts it too, and keeps it with its entry.
-            self._evict(dfd, keep=_key_hash(key))
+            self._evict(dfd, len(data), keep=_key_hash(key))
 
-    def _evict(self, dfd: int, *, keep: str) -> None:
-        """Remove the least recently used keys until the directory is within its bound; never ``keep``."""
+    def _evict(self, dfd: int, added: int, *, keep: str) -> None:
+        """Remove the least recently used keys until the directory is within its bound; never ``keep``.
+
+        ``added``: the bytes just stored. The directory is counted again only when the running
+        total passes the bound or a share of it was stored since the last count (_RECOUNT_SHARE).
+        """
         try:
             bound = self.max_size if self.max_size is not None else default_bound(os.fstatvfs(dfd))
         except OSError:
             return
-        count, freed = _prune(dfd, _files(dfd), bound=bound, keep=keep)
+        if self._total is not None:
+            self._total += added
+            self._uncounted += added
+            if self._total <= bound and self._uncounted <= bound // _RECOUNT_SHARE:
+                return
+        files = _files(dfd)
+        count, freed = _prune(dfd, files, bound=bound, keep=keep)
+        self._total, self._uncounted = sum(f.size for f in files) - freed, 0
         if count:
             log.info(
                 "index cache: %d least recently used files removed (%s) to stay within %s",
@@ -338,10 +384,47 @@ class IndexCache:
 
         The directory is checked (ours, private) and created; open the path with O_NOFOLLOW.
         """
+        if self._no_store is not None:
+            return None
         with self._open_dir(create=True) as dfd:
             if dfd is None or self.directory is None:
                 return None
+        # A spill is linked into the directory outside ``store``, just before the zstd-index entry
+        # naming it is stored under the same key: that store counts the directory again, spill and all.
+        self._total = None
         return os.path.join(self.directory, _SPILL_PREFIX + _key_hash(key))
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str) -> Iterator[bool]:
+        """Held while (kind, key) is built; gives True when the holder before built it and stored nothing.
+
+        A lock file per entry, ``flock``ed: the kernel releases it when its holder dies, however it
+        dies, and the next waiter then builds it while the others wait on. A holder that leaves
+        with the entry still absent (not worth storing, a full disk, a build that failed) says so
+        in the file: its waiters then build at once, side by side, rather than one after another
+        for nothing. The holder removes the file; a waiter that then holds a removed file (and no
+        such word) takes the one there now. Without a usable directory (or one this process no
+        longer writes) nothing is locked.
+        """
+        entry = _name(_check_kind(kind), key)
+        name = _LOCK_PREFIX + entry
+        with self._open_dir(create=True) as dfd:
+            held = None if dfd is None or self._no_store is not None else _acquire(dfd, name, kind, key)
+            if dfd is None or held is None:
+                yield False
+                return
+            fd, unstored = held
+            try:
+                yield unstored
+            finally:
+                try:
+                    os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    with contextlib.suppress(OSError):
+                        os.pwrite(fd, _UNSTORED, 0)
+                except OSError:
+                    pass
+                _release(dfd, name, fd)
 
     def entries(self) -> list[CacheEntryInfo]:
         """Every entry and spill file in the directory (``ocifuse cache list``), least recently used first."""
@@ -383,7 +466,7 @@ class IndexCache:
             if dfd is None:
                 return 0
             for name in os.listdir(dfd):
-                if not (name.startswith((_TMP_PREFIX, _SPILL_PREFIX)) or _ENTRY_NAME.fullmatch(name)):
+                if not (name.startswith(_OURS) or _ENTRY_NAME.fullmatch(name)):
                     continue  # not ours
                 try:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -476,6 +559,8 @@ def _sweep(dfd: int) -> None:
     """Remove temp files left by writers that died (a mount stopped while it indexed, a crash)."""
     now = time.time()
     for name in os.listdir(dfd):
+        if name.startswith(_LOCK_PREFIX):
+            _sweep_lock(dfd, name)
         if not name.startswith(_TMP_PREFIX):
             continue
         try:
@@ -489,6 +574,72 @@ def _sweep(dfd: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dfd)
             log.info("index cache: removed %s, left by a writer that stopped (%d bytes)", name, st.st_size)
+
+
+def _sweep_lock(dfd: int, name: str) -> None:
+    """Remove a lock file its holder left (it died while building): one no one holds."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _release(dfd, name, fd)
+    except OSError:  # held: being built
+        os.close(fd)
+
+
+def _acquire(dfd: int, name: str, kind: str, key: str) -> tuple[int, bool] | None:
+    """Lock file ``name``, waiting for its holder; None when it cannot be made.
+
+    Returns its fd and whether the holder before left it built and not stored (IndexCache.lock).
+
+    ``flock`` (not ``fcntl`` record locks): it locks an open file description, so two threads of one
+    process, each with its own open, exclude each other as two processes do.
+    """
+    waited = False
+    while True:
+        try:
+            fd = os.open(
+                name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dfd
+            )
+        except OSError as e:  # a read-only or full disk: built without a lock (the store will say why)
+            log.debug("index cache: no lock for %s %s: %s", kind, key, e.strerror or e)
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    log.info("index cache: %s %s being built by another process: waiting for it", kind, key)
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.pread(fd, len(_UNSTORED), 0) == _UNSTORED:
+                return fd, True
+            st = os.fstat(fd)
+            try:
+                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            return fd, False
+        os.close(fd)  # its holder removed it when done: lock the one there now (or a new one)
+
+
+def _release(dfd: int, name: str, fd: int) -> None:
+    """Remove lock file ``name`` (when it is still the one ``fd`` holds), then unlock it."""
+    try:
+        st = os.fstat(fd)
+        now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int | None) -> bool:
@@ -630,16 +781,22 @@ def file_key(file: OpenFile) -> str:
     size and mtime kept (``touch -r``), unless the change lies wholly between the two ends.
     """
     st = file.stat
-    h = hashlib.sha256()
     try:
-        head = os.pread(file.fd, min(KEY_SPAN, st.st_size), 0)
-        h.update(head)
-        tail_start = max(len(head), st.st_size - KEY_SPAN)
-        if tail_start < st.st_size:
-            h.update(os.pread(file.fd, st.st_size - tail_start, tail_start))
+        ends = ends_sha256(lambda offset, size: os.pread(file.fd, size, offset), st.st_size)
     except OSError as e:
         raise LayoutOpenError(file.path, f"cannot read the archive ({e.strerror or e})") from e
-    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{ends}"
+
+
+def ends_sha256(pread: Callable[[int, int], bytes], size: int) -> str:
+    """sha256 (hex) of an object's first and last KEY_SPAN bytes (once each when they overlap)."""
+    h = hashlib.sha256()
+    head = pread(0, min(KEY_SPAN, size))
+    h.update(head)
+    tail_start = max(len(head), size - KEY_SPAN)
+    if tail_start < size:
+        h.update(pread(tail_start, size - tail_start))
+    return h.hexdigest()
 
 
 def blob_key(digest: Digest) -> str:

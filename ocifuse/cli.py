@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from . import __version__, journal
 from .errors import OcifuseError
 
-COMMANDS = ("fsck", "inspect", "mount", "umount", "cache")
+COMMANDS = ("fsck", "inspect", "mount", "umount", "cache", "index")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
         "--layers", action="store_true", help="also check each image's layers as mount --rootfs reads them"
     )
     _cache_arguments(fsck)
+    fsck.add_argument(
+        "--index",
+        metavar="FILE|URL",
+        help="a portable index (ocifuse index): checked to be for PATH; fsck rebuilds all the same",
+    )
 
     insp = sub.add_parser("inspect", help="show the refs, platforms and images of a layout")
     insp.add_argument("path", metavar="PATH", help="an archive (a file or a URL) or an OCI layout directory")
@@ -38,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--json", action="store_true", help="print one JSON object")
     _cache_arguments(insp)
+    insp.add_argument(
+        "--index",
+        metavar="FILE|URL",
+        help="a portable index (ocifuse index) to take the table from",
+    )
 
     mnt = sub.add_parser(
         "mount",
@@ -47,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
         "Returns once the mount is live; ocifuse umount MOUNTPOINT removes it. See man ocifuse.",
     )
     _mount_arguments(mnt)
+
+    idx = sub.add_parser(
+        "index",
+        help="write a portable index of an archive, for machines that mount it with -o index=",
+        description="Write FILE: what the index cache would hold for ARCHIVE (its entry table, gzip "
+        "seek points or zstd frame table, and for every image in it each layer's index and table and "
+        "the merged tree of --rootfs), so that a machine with an empty cache mounts it without "
+        "decompressing anything first (mount -o index=FILE|URL). See man ocifuse.",
+    )
+    idx.add_argument("path", metavar="ARCHIVE", help="an archive (a file or a URL)")
+    idx.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the index")
 
     um = sub.add_parser("umount", help="unmount an ocifuse mount (also one whose daemon died)")
     um.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -183,7 +204,16 @@ def unknown_command(args: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 findings or failure, 2 unusable input)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any point, the parsing of the arguments too: no traceback
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        hide_url_secrets()
     first = next((a for a in args_list if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS and "--version" not in args_list:
         unknown = unknown_command(args_list)
@@ -204,8 +234,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``ocifuse inspect ... | head``): stop quietly, as SIGPIPE would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
-        return 130
+
+
+def hide_url_secrets() -> bool:
+    """Show this process's URL arguments without userinfo or query in ``ps`` (/proc/PID/cmdline).
+
+    The kernel shows the argument strings in the process's own memory, [arg_start, arg_end)
+    (proc(5), /proc/PID/stat fields 48 and 49), to every user; a mount's daemon lives on with
+    them. They are overwritten in place, each URL by what ``redact`` shows of it, the rest padded
+    with NULs (as setproctitle does; Python keeps its own copy of argv, which is unchanged). True
+    when something was hidden. Linux only; elsewhere, or if anything is unexpected, nothing happens.
+    """
+    import ctypes
+
+    from .urls import is_url, redact
+
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            old = f.read()
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48 and 49; the list starts at field 3
+    except (OSError, IndexError, ValueError):
+        return False
+    args = old.split(b"\0")[:-1]
+    shown = [
+        redact(text).encode() if is_url(text := a.decode(errors="surrogateescape")) else a for a in args
+    ]
+    if shown == args or len(old) != end - start:
+        return False
+    new = b"\0".join(shown) + b"\0"
+    new += b"\0" * (end - start - len(new))
+    if len(new) != end - start:
+        return False
+    ctypes.memmove(start, new, len(new))
+    return True
 
 
 def _log_to_stderr() -> None:
@@ -234,7 +297,7 @@ def _log_to_stderr() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("fsck", "inspect", "cache"):
+    if args.command in ("fsck", "inspect", "cache", "index"):
         _log_to_stderr()
     if args.command == "fsck":
         from .cache import open_cache
@@ -245,6 +308,7 @@ def _run(args: argparse.Namespace) -> int:
             as_json=args.json,
             layers=args.layers,
             cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
+            index=args.index,
         )
     if args.command == "inspect":
         from .cache import open_cache
@@ -256,7 +320,12 @@ def _run(args: argparse.Namespace) -> int:
             platform=args.platform,
             as_json=args.json,
             cache=open_cache(args.cache, disabled=args.no_cache, max_size=args.cache_max),
+            index=args.index,
         )
+    if args.command == "index":
+        from .makeindex import main as index_main
+
+        return index_main(args.path, args.output)
     if args.command == "cache":
         from .cache import cache_main
 

@@ -30,6 +30,7 @@ def open_decompressed(
     rebuild: bool = False,
     digest: bool = True,
     consumer: Consumer | None = None,
+    threads: int = 1,
 ) -> Source:
     """A Source of the decompressed bytes of ``raw`` (``raw`` itself when it is not compressed).
 
@@ -40,6 +41,7 @@ def open_decompressed(
     ``digest=False`` (an outer archive, which needs none) skips hashing: 0.5-1 s less per GiB here.
     ``consumer`` reads the decompressed stream during the pass, if there is one (none for an
     uncompressed ``raw`` or a stored index): one decompression then serves the index and it.
+    ``threads``: the CPUs a gzip pass decodes on (streams.split_cpus; zstd's pass uses one).
 
     Raises CompressedDataError (damaged, truncated, trailing data, xz/bzip2) or DecompressionLimit.
     """
@@ -56,6 +58,7 @@ def open_decompressed(
         rebuild=rebuild,
         digest=digest,
         consumer=consumer,
+        threads=max(1, threads),
     )
     if kind == "gzip":
         from .gzipsource import GzipSource

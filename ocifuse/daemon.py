@@ -12,8 +12,10 @@ import signal
 import socket
 import stat
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
@@ -25,7 +27,7 @@ from .fs import Operations
 from .journal import stderr_is_journal
 from .umount import visible_mount
 from .urls import DEFAULT_TIMEOUT, RemoteOptions, is_url, redact
-from .views import MountView, ViewOptions, open_mount
+from .views import ViewOptions, open_mount
 
 log = logging.getLogger(__name__)
 
@@ -243,27 +245,67 @@ def _fsname(path: str) -> str:
 
 
 def mount_main(args: argparse.Namespace) -> int:
-    """``ocifuse mount``: returns 0 once the mount is live (foreground: once it is unmounted)."""
+    """``ocifuse mount``: returns 0 once the mount is live (foreground: once it is unmounted).
+
+    A stop signal before the kernel has the mount ends the process by that signal, once what the
+    opening wrote is removed; after, the mount is taken down first (see _Stops and docs/mount.md).
+    """
+    stops = _Stops()
+    stops.install()
+    try:
+        mounted = _mount(args, stops)
+    except BaseException as e:
+        if stops.signum is None or stops.mounted or isinstance(e, SystemExit):
+            raise  # once the kernel has the mount, the serving loop handles a stop: an error is one
+        # What the signal interrupted may have said it otherwise (an error of the code it stopped).
+        name = signal.Signals(stops.signum).name
+        log.debug("stopped by %s: %s", name, e if not isinstance(e, _Stopped) else "while opening")
+        mounted = False
+    finally:
+        stops.restore()
+    if not mounted and stops.signum is not None:
+        shown = redact(args.archive) if is_url(args.archive) else os.path.abspath(args.archive)
+        log.info("%s: stopped while opening %s", signal.Signals(stops.signum).name, shown)
+        return _die_of(stops.signum)
+    return 0
+
+
+def _mount(args: argparse.Namespace, stops: _Stops) -> bool:
+    """Check, open, mount, serve until unmounted; False when a stop signal came before the kernel mount."""
     # A URL is opened as given; what is shown of it (logs, errors, fsname) is ``shown``: no secrets.
     archive_path = args.archive if is_url(args.archive) else os.path.abspath(args.archive)
     shown = redact(archive_path) if is_url(archive_path) else archive_path
     mountpoint = args.mountpoint if _DEV_FD.fullmatch(args.mountpoint) else os.path.abspath(args.mountpoint)
-    opts = mount_options.parse(
-        [*args.options, *_rootfs_flags(args)],
-        fsname=_fsname(archive_path),
-        verify=args.verify,
-        debug=args.debug,
-        cache=args.cache,
-        nocache=args.no_cache,
-        cache_max=args.cache_max,
-    )
-    setup_logging(foreground=args.foreground, debug=opts.debug, detached=False)
-    check_source(archive_path, rootfs=opts.rootfs)
-    check_allow_other(opts.fuse, euid=os.geteuid())
-    check_mountpoint(mountpoint, nonempty=opts.nonempty)
-    view = _open_interruptible(archive_path, mountpoint, opts)
+    stops.interrupting = True  # until the view is open: indexing a large archive takes minutes
+    try:
+        opts = mount_options.parse(
+            [*args.options, *_rootfs_flags(args)],
+            fsname=_fsname(archive_path),
+            verify=args.verify,
+            debug=args.debug,
+            cache=args.cache,
+            nocache=args.no_cache,
+            cache_max=args.cache_max,
+        )
+        setup_logging(foreground=args.foreground, debug=opts.debug, detached=False)
+        check_source(archive_path, rootfs=opts.rootfs)
+        check_allow_other(opts.fuse, euid=os.geteuid())
+        check_mountpoint(mountpoint, nonempty=opts.nonempty)
+        # A URL's client (obstore) runs a tokio runtime whose threads do not survive a fork: a child
+        # forked after the open would wait for ever on its first fetch. So a background mount of a URL
+        # forks before the open, and the child keeps the terminal (progress, its one error line) until
+        # the mount is made; a local archive is opened in the parent and forks once mounted.
+        fork_early = not args.foreground and is_url(archive_path)
+        notify_parent: Callable[[str], None] = _daemonize(stops, early=True) if fork_early else _no_parent
+        # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
+        # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
+        view = open_mount(archive_path, mountpoint, view_options(opts))
+    finally:
+        stops.interrupting = False
     tree = view.tree
     try:
+        if stops.signum is not None:
+            return False  # one the opening swallowed (raised where a C library caught it)
         if opts.ignored:
             log.debug("ignored mount options: %s", ",".join(opts.ignored))
         # -o verify: the layout view hashes each blob on first read; the rootfs view hashed its layers
@@ -274,17 +316,22 @@ def mount_main(args: argparse.Namespace) -> int:
             pyfuse3.init(ops, mountpoint, set(opts.fuse))
         except RuntimeError as e:
             raise MountError(f"cannot mount {shown} on {mountpoint} ({e})") from e
+        # The kernel has the mount: from here on a stop signal is the serving loop's (_watch_signals),
+        # which unmounts; one that came before the loop runs is in stops.signum.
+        stops.mounted = True
         # Which mount is ours, for the unmount at the end (see _still_ours).
         ours = None if _DEV_FD.fullmatch(mountpoint) else visible_mount(mountpoint)
-        notify_parent: Callable[[str], None] = _no_parent
+        if fork_early:
+            _detach()
+        elif not args.foreground:
+            notify_parent = _daemonize(stops)
         if not args.foreground:
-            notify_parent = _daemonize()
             setup_logging(foreground=False, debug=opts.debug)
         log.info("serving %s on %s: %d files, %d bytes", shown, mountpoint, tree.files, tree.total_size)
         status = view.status
         clean = False
         try:
-            trio.run(_serve, _Startup(shown, mountpoint, opts.readahead_kb, status, notify_parent))
+            trio.run(_serve, _Startup(shown, mountpoint, opts.readahead_kb, status, notify_parent, stops))
             clean = True
         except Exception as e:  # trio wraps a task's error in an ExceptionGroup: say it in one line
             log.debug("the FUSE loop failed", exc_info=True)
@@ -295,9 +342,8 @@ def mount_main(args: argparse.Namespace) -> int:
                 notify_parent("the daemon failed before the mount was live")
     finally:
         view.close()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("unmounted %s", mountpoint)
-    return 0
+    return True
 
 
 class _Stopped(BaseException):
@@ -308,41 +354,57 @@ class _Stopped(BaseException):
         self.signum = signum
 
 
-def _raise_stopped(signum: int, frame: object) -> None:
-    raise _Stopped(signum)
+class _Stops:
+    """SIGTERM, SIGINT and SIGHUP from the start of ``mount`` until the serving loop takes them over.
 
-
-def _open_interruptible(archive_path: str, mountpoint: str, opts: mount_options.MountOptions) -> MountView:
-    """``views.open_mount``, which a stop signal interrupts: the process then dies of it, its files removed.
-
-    Indexing a large compressed archive takes minutes; killed by the signal's default action
-    (systemd's stop, a start timeout) it would leave a partial spill or cache temp file behind.
-    Returns with the stop signals blocked: from the mount on, one waits for the serving loop's
-    handler (_watch_signals), since dying of it would leave a dead mount ("Transport endpoint
-    is not connected").
+    The first one is kept (``signum``); while ``interrupting`` (the checks and the opening, which
+    indexes a large archive for minutes) it also raises _Stopped, which unwinds the opening and
+    removes what it wrote; later ones change nothing. Killed by the signal's default action instead
+    (systemd's stop, a start timeout), the process would leave a partial cache temp file, or once
+    the kernel has the mount a dead one ("Transport endpoint is not connected"). Python runs the
+    handler in the main thread whichever thread the kernel picked, so threads of the opening (layer
+    workers) need no mask. A signal ignored when the command started (nohup) stays ignored.
     """
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
-    view: MountView | None = None
-    try:
-        # A compressed archive is indexed here, before the fork: progress shows on the TTY the user
-        # waits at (or goes to the log under systemd), and a refusal is the command's one error line.
-        view = open_mount(archive_path, mountpoint, view_options(opts))
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        return view
-    except _Stopped as stopped:
-        if view is not None:  # the signal came after the open, before the mask
-            view.close()
-        signum = signal.Signals(stopped.signum)
-        name = signum.name
-        shown = redact(archive_path) if is_url(archive_path) else archive_path
-        log.info("%s: stopped while opening %s", name, shown)
-        signal.signal(signum, previous[signum])
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        os.kill(os.getpid(), signum)  # its own action now: the exit status says the signal
-        raise MountError(f"stopped by {name} while opening {shown}") from None  # if ignored
-    finally:
-        for signum, handler in previous.items():
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.interrupting = False
+        self.mounted = False  # the kernel has the mount: the serving loop unmounts it on a stop
+        self._previous: dict[int, Callable[[int, types.FrameType | None], Any] | int | None] = {}
+
+    @property
+    def watched(self) -> tuple[int, ...]:
+        """The stop signals this process takes (not those it started with ignored)."""
+        return tuple(self._previous)
+
+    def install(self) -> None:
+        """Take the stop signals that are not ignored."""
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Give the stop signals back to the handlers they had before ``install``."""
+        for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if self.interrupting:
+            self.interrupting = False
+            raise _Stopped(signum)
+
+
+def _die_of(signum: int) -> int:
+    """End the process by ``signum``'s default action: its exit status says the signal (128+N in a shell).
+
+    Returns 128+N in the odd case that the process outlives it.
+    """
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum
 
 
 def _still_ours(mountpoint: str, ours: tuple[str, str] | None) -> bool:
@@ -387,8 +449,11 @@ def view_options(opts: mount_options.MountOptions) -> ViewOptions:
         platform=opts.platform,
         verify=opts.verify,
         ignore_diff_ids=opts.ignore_diff_ids,
+        index=opts.index if opts.index is None or is_url(opts.index) else os.path.abspath(opts.index),
         remote=RemoteOptions(
-            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT, cafile=opts.cafile
+            timeout=opts.timeout if opts.timeout is not None else DEFAULT_TIMEOUT,
+            cafile=opts.cafile,
+            credentials=opts.credentials,
         ),
     )
 
@@ -406,23 +471,32 @@ def _no_parent(message: str) -> None:
     """Foreground: there is no waiting parent."""
 
 
-def _daemonize() -> Callable[[str], None]:
+def _daemonize(stops: _Stops, *, early: bool = False) -> Callable[[str], None]:
     """Fork; the parent waits until the child reports the mount live, then exits with ``os._exit``.
 
     Returns the child's reporter: "ok" for live, anything else is an error line for the parent.
+    ``early``: forked before the view opens; the child stays attached to the terminal until
+    ``_detach``, and one that exits before it reports (a refusal, said on the shared stderr)
+    makes the parent exit with its status; the parent waits as long as the open takes.
     """
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    # Blocked across the fork: Python forgets in the child a signal that arrives before os.fork
+    # returns there (PyOS_AfterFork_Child), and one the parent passes on at once must not be lost.
+    # The waiting parent is never unwound (_Stopped); an early child goes on opening, and is.
+    interrupting, stops.interrupting = stops.interrupting, False
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops.watched)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            stops.interrupting = interrupting
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops.watched)  # a pending one is delivered now
     if pid > 0:
         os.close(write_end)
-        os._exit(_wait_for_child(read_end))
+        os._exit(_wait_for_child(read_end, pid, stops, early=early))
     os.close(read_end)
-    os.setsid()
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    if not early:
+        _detach()
 
     def report(message: str) -> None:
         nonlocal write_end
@@ -435,16 +509,76 @@ def _daemonize() -> Callable[[str], None]:
     return report
 
 
-def _wait_for_child(read_end: int) -> int:
-    """In the parent: 0 when the child says "ok", else print its reason and return 1."""
-    import select
+def _detach() -> None:
+    """The daemon leaves the terminal and the session of the command that started it."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
-    ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
-    message = os.read(read_end, 4096).decode(errors="replace").strip() if ready else "timed out"
-    if message == "ok":
+
+def _wait_for_child(read_end: int, pid: int, stops: _Stops, *, early: bool = False) -> int:
+    """In the parent: 0 when the child says "ok", else print its reason and return 1.
+
+    A stop signal the parent gets before it exits (the user's Ctrl-C, a service manager) is passed
+    on to the child, which unmounts and exits; then the parent dies of it. A child that does not
+    answer in READY_TIMEOUT is stopped the same way: no mount stays behind that the command did
+    not report. ``early``: a child forked before the open, waited for without a time limit; if it
+    exits without a word, it said why on stderr itself: its exit status is returned, nothing printed.
+    """
+    import select
+    import time
+
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write)  # a signal wakes the select (PEP 475 would retry it unseen)
+    deadline = None if early else time.monotonic() + READY_TIMEOUT
+    message: str | None = None
+    timed_out = False
+    while message is None and stops.signum is None:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            message = f"the mount did not answer within {READY_TIMEOUT:.0f}s"
+            timed_out = True
+            break
+        ready, _, _ = select.select([read_end, wake_read], [], [], left)
+        if wake_read in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_read, 64)
+        if read_end in ready:
+            message = os.read(read_end, 4096).decode(errors="replace").strip()
+    if message == "ok" and stops.signum is None:
         return 0
+    if stops.signum is not None or timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, stops.signum or signal.SIGTERM)  # the child unmounts what it mounted
+    code = _reap(pid)
+    if code is None:
+        message = f"the daemon (pid {pid}) did not stop when told to"
+    elif stops.signum is not None:
+        return _die_of(stops.signum)
+    elif not message and early and code != 0:
+        return code if code > 0 else 128 - code  # killed by a signal: as a shell reports it
     print(f"ocifuse: mount failed: {message or 'the daemon exited'}", file=sys.stderr)
     return 1
+
+
+def _reap(pid: int) -> int | None:
+    """Wait up to READY_TIMEOUT for the child ``pid`` to exit: its exit code (-N: signal N), or None."""
+    import time
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0  # already reaped: nothing more is known
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,25 +590,36 @@ class _Startup:
     readahead_kb: int
     status: str  # systemd's STATUS= line
     notify_parent: Callable[[str], None]  # the waiting parent of a background mount
+    stops: _Stops  # the stop signal that came before the loop, if any
 
 
 async def _serve(startup: _Startup) -> None:
     """Run the FUSE loop; report readiness once the mount answers; SIGTERM/SIGINT end it cleanly."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals)
+        nursery.start_soon(_watch_signals, startup)
         nursery.start_soon(_announce_ready, startup)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _watch_signals() -> None:
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent during startup arrives now
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
-            pyfuse3.terminate()
+async def _watch_signals(startup: _Startup) -> None:
+    """Unmount on the first stop signal, also one that came before the loop took them (startup.stops)."""
+    stops = startup.stops
+    if not stops.watched:
+        return  # every one ignored since the command started: only an unmount ends the mount
+    with trio.open_signal_receiver(*stops.watched) as signals:
+        signum = stops.signum
+        if signum is None:
+            async for received in signals:
+                signum = received
+                break
+        if signum is None:
             return
+        name = signal.Signals(signum).name
+        log.info("%s: unmounting", name)
+        startup.notify_parent(f"stopped by {name} before the mount was live")
+        sd_notify("STOPPING=1")
+        pyfuse3.terminate()
 
 
 async def _announce_ready(startup: _Startup) -> None:
@@ -494,6 +639,9 @@ async def _announce_ready(startup: _Startup) -> None:
 _PROBE = "import os, sys; print(os.stat(sys.argv[1]).st_dev)"
 
 
+_PROBE_TRIES = 3
+
+
 def _probe(mountpoint: str) -> int:
     """Stat the mount's root from a child process (blocking); its st_dev once the mount answers.
 
@@ -502,12 +650,19 @@ def _probe(mountpoint: str) -> int:
     (SIGKILL, the OOM killer) at that moment would keep the connection open for ever, a zombie
     that only an abort in /sys/fs/fuse/connections ends. The child holds no /dev/fuse fd
     (close_fds), so the connection aborts with the daemon and the child's stat fails at once.
+
+    The child has a session of its own: Ctrl-C at the terminal of a foreground mount is the
+    daemon's to handle (it unmounts), not a failed probe's. A child killed by a signal all the
+    same (systemd stops a unit by signalling every process of its cgroup) is asked again, a few
+    times: the daemon got the signal too, and its stop abandons this probe.
     """
     import subprocess
 
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _PROBE, mountpoint], capture_output=True, text=True, check=False
-    )
+    argv = [sys.executable, "-I", "-S", "-c", _PROBE, mountpoint]
+    for _ in range(_PROBE_TRIES):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, start_new_session=True)
+        if done.returncode >= 0:
+            break
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         why = lines[-1] if lines else f"exit {done.returncode}"

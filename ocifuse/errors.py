@@ -128,6 +128,15 @@ class DigestMismatch(OcifuseError):
         self.found = found
 
 
+class FileMismatch(OcifuseError):
+    """A file of a layer served from its table of contents whose bytes are not the TOC's digest for it."""
+
+    def __init__(self, layer: str, name: str, reason: str) -> None:
+        super().__init__(f"{layer}: {name!r}: {reason}")
+        self.layer = layer
+        self.name = name
+
+
 class TooLarge(OcifuseError):
     """A document is larger than ocifuse will hold in memory to parse."""
 

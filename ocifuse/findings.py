@@ -47,6 +47,11 @@ code                        severity  meaning
                                       cut short, absent, a media type that is not a layer)
 ``layer-member-skipped``    warning   ``--layers``: a layer member the rootfs view does not apply
                                       (``..``, a whiteout of nothing, a hardlink to nothing, ...)
+``toc-mismatch``            error     ``--layers``: a zstd:chunked or eStargz layer whose TOC is not
+                                      the one its manifest's annotation names, or tells other than
+                                      its tar (members, metadata, bytes): a mount serves the TOC's
+``toc-unused``              warning   ``--layers``: a layer's TOC that a mount cannot use (malformed,
+                                      oversized, inconsistent): it reads the layer in full
 ``docker-manifest-invalid`` error     a docker-archive's ``manifest.json`` is not JSON, too large,
                                       not a list of images, or an image lacks Config or Layers
 ``docker-member-missing``   error     ``manifest.json`` names a config or layer the archive lacks
@@ -110,6 +115,8 @@ CODES: Mapping[str, Severity] = {
     "diffid-mismatch": _E,
     "layer-invalid": _E,
     "layer-member-skipped": _W,
+    "toc-mismatch": _E,
+    "toc-unused": _W,
     "docker-manifest-invalid": _E,
     "docker-member-missing": _E,
     "docker-path-invalid": _E,

@@ -366,7 +366,6 @@ class _Checker:
             code, why = "blob-missing", "blob"
         self.add(code, f"{why} referenced by {ref.where} is not in the layout", digest=desc.digest)
 
-
     def unreferenced(self) -> None:
         """Files under blobs/ that name no digest, or that nothing reachable refers to.
 
@@ -439,15 +438,24 @@ def _blob_bytes(layout: Layout) -> int:
     return total
 
 
-def main(path: str, *, as_json: bool, layers: bool = False, cache: IndexCache | None = None) -> int:
+def main(
+    path: str,
+    *,
+    as_json: bool,
+    layers: bool = False,
+    cache: IndexCache | None = None,
+    index: str | None = None,
+) -> int:
     """``ocifuse fsck PATH [--json] [--layers]``: 0 no error finding, 1 some error, 2 PATH is not a layout.
 
     fsck never takes a stored table on trust: it scans every header (a damaged header between
     the ends that ``file_key`` hashes must be found), then stores the fresh table in ``cache``.
+    A portable ``index`` is opened and checked to be for PATH (a warning when it is not, or is
+    damaged), and nothing of it is used: fsck builds everything again all the same.
     """
     start = time.monotonic()
     try:
-        layout = open_layout(path, ViewOptions(cache=cache, rescan=True))
+        layout = open_layout(path, ViewOptions(cache=cache, rescan=True, index=index))
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         if as_json:

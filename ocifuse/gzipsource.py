@@ -26,7 +26,19 @@ from .errors import CompressedDataError
 from .readers import ReaderPool
 from .source import Source, SourceFile, sub_range
 from .store import GZIP_INDEX, Stale, load_or_build
-from .streams import READ, U64, Consumer, Forward, Head, HighWater, Limits, Opening, Progress, unpack_head
+from .streams import (
+    READ,
+    U64,
+    Consumer,
+    Forward,
+    Head,
+    HighWater,
+    Limits,
+    Opening,
+    Progress,
+    ReadAhead,
+    unpack_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +62,17 @@ def _close_readers() -> None:
             reader.close()
 
 
-def _gzip_reader(raw: Source) -> rapidgzip.RapidgzipFile:
+def _gzip_reader(raw: Source, threads: int = 1) -> rapidgzip.RapidgzipFile:
     # SourceFile: rapidgzip reads from byte 0 of an object's fileno() when it has one; a blob
-    # inside an archive starts elsewhere. parallelization=1: faster than 2 on 2 CPUs (bench/README),
-    # and a reader with no thread of its own: one made before the mount daemon forks still reads in
-    # the child (with 2, rapidgzip's thread pool stays in the parent and the child's first read
-    # hangs; tests/test_compressed_archive.py mounts in the background to keep it so).
+    # inside an archive starts elsewhere. A reader that serves reads has parallelization=1: it
+    # decodes one chunk a read needs, and has no thread of its own, so one made before the mount
+    # daemon forks still reads in the child (with 2, rapidgzip's thread pool stays in the parent
+    # and the child's first read hangs; tests/test_compressed_archive.py mounts in the background
+    # to keep it so). A first pass given spare CPUs (``threads``) decodes its chunks in parallel,
+    # and is closed once its index is exported (GzipSource._pass).
     import rapidgzip
 
-    reader = rapidgzip.RapidgzipFile(SourceFile(raw), parallelization=1, chunk_size=GZIP_CHUNK)
+    reader = rapidgzip.RapidgzipFile(SourceFile(raw), parallelization=threads, chunk_size=GZIP_CHUNK)
     _open_readers.add(reader)
     return reader
 
@@ -279,7 +293,7 @@ class GzipSource(Source):
             o.key,
             name=name,
             decode=decode,
-            build=lambda: cls._build(raw, name, o.limits, o.progress, digest, o.consumer),
+            build=lambda: cls._build(raw, name, o.limits, o.progress, digest, o.consumer, o.threads),
             encode=lambda source: source.head.pack() + U64.pack(source.end) + source._index,
             rebuild=o.rebuild,
         )
@@ -293,6 +307,7 @@ class GzipSource(Source):
         progress: Progress | None,
         digest: bool,
         consumer: Consumer | None,
+        threads: int,
     ) -> GzipSource:
         # RFC 1952 2.2: nothing follows the last member; gzip(1) ignores zero bytes there (block
         # padding) and warns of anything else. rapidgzip refuses most runs of zeros and lets up to
@@ -306,10 +321,12 @@ class GzipSource(Source):
         for i, length in enumerate(tries):
             try:
                 stream = raw if length == raw.size else sub_range(raw, 0, length)
-                source = cls._pass(
-                    raw, stream, name, limits, progress if i == 0 else None, digest, padding, consumer
-                )
-                log.info("%s: gzip-compressed, %d bytes decompressed", name, source.size)
+                shown = progress if i == 0 else None
+                source = cls._pass(raw, stream, name, limits, shown, digest, padding, consumer, threads)
+                log.info(
+                    "%s: gzip-compressed, %d bytes decompressed on %d thread%s",
+                    name, source.size, threads, "" if threads == 1 else "s",
+                )  # fmt: skip
                 return source
             except CompressedDataError:
                 if i + 1 == len(tries):
@@ -328,9 +345,14 @@ class GzipSource(Source):
         digest: bool,
         padding: int,
         consumer: Consumer | None,
+        threads: int,
     ) -> GzipSource:
-        """One pass of rapidgzip over ``stream`` (``raw`` without all of its zero padding)."""
-        reader = _gzip_reader(stream)
+        """One pass of rapidgzip over ``stream`` (``raw`` without all of its zero padding), on ``threads``.
+
+        rapidgzip's index is the same whatever the threads: a seek point at each chunk's start
+        (every GZIP_CHUNK compressed bytes), each with its window (tests/test_parallel_gzip.py).
+        """
+        reader = _gzip_reader(stream, threads)
         high = None if progress is None else HighWater(progress)
 
         def chunks() -> Iterator[bytes]:
@@ -346,9 +368,15 @@ class GzipSource(Source):
                     high(reader.tell_compressed() // 8)
                 yield data
 
+        # rapidgzip decompresses in a thread of its own while this one hashes and scans: on one
+        # thread (a reader with threads=1 decodes in the thread that reads it) they take turns.
+        ahead = ReadAhead(chunks())
         try:
-            forward = Forward(chunks(), name=name, kind="gzip", limits=limits, digest=digest)
-            forward.run(consumer)
+            forward = Forward(ahead, name=name, kind="gzip", limits=limits, digest=digest)
+            try:
+                forward.run(consumer)
+            finally:
+                ahead.close()  # the reader is this thread's again
             size = forward.size
             # rapidgzip ends quietly at some truncations and trailing bytes: find the end ourselves.
             end = _gzip_end(raw, name, _last_checkpoint(reader.block_offsets(), size), limits, padding)
@@ -370,7 +398,10 @@ class GzipSource(Source):
             raise
         head = Head(_GZIP_MAGIC, size, raw.size, forward.sha256())
         source = cls(raw, name, out.getvalue(), head, end)
-        source._pool.add(reader)
+        if threads == 1:
+            source._pool.add(reader)  # it stands at the end: a reader less to make
+        else:
+            reader.close()  # its threads would not survive the daemon's fork; reads get readers of their own
         return source
 
     def pread(self, offset: int, size: int) -> bytes:

@@ -9,13 +9,25 @@ the archive (one pread per read), a compressed one a decompressing source.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
-import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .cache import blob_key
+from .chunked import (
+    CHECKSUM_KEYS,
+    ESTARGZ_KEY,
+    POSITION_KEYS,
+    TocLayer,
+    differences,
+    open_toc,
+    read_toc,
+    toc_key,
+)
+from .chunked import Unusable as TocUnusable
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
 from .entries import ColumnEntries, Columns, Sources
@@ -38,8 +50,8 @@ from .model import MAX_LAYERS, Descriptor, Manifest, loads, parse_diff_ids
 from .resolve import Resolved, resolve, walk
 from .rootfs import Merged, Note, merge
 from .source import Source
-from .store import LAYER_TABLE, TREE, Store, load_or_build
-from .streams import Limits
+from .store import LAYER_TABLE, TOC_MAP, TREE, Store, load_or_build
+from .streams import Limits, available_cpus, pass_order, split_cpus
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +135,7 @@ def layer_source(
     limits: Limits | None = None,
     raw: Source | None = None,
     scan: LayerScan | None = None,
+    threads: int = 1,
 ) -> tuple[Source, str]:
     """The layer's uncompressed stream as a source, and its diff_id (the digest of that stream).
 
@@ -132,12 +145,13 @@ def layer_source(
     The blob itself is not hashed here: pass a VerifiedStore as ``cache`` for that (the mount
     does; fsck hashes every blob in its own walk). ``raw``: the blob, if layer_blob already gave it.
     ``scan``: builds the layer's table in the same pass, when there is one (``scan.ran``).
+    ``threads``: the CPUs a gzip layer's pass may decode on (layer_threads).
     Raises LayerError (layer_blob) or CompressedDataError for damaged compressed data.
     """
     raw = layer_blob(layout, index, desc) if raw is None else raw
     what = f"layer {index} ({desc.digest})"
     source = open_decompressed(
-        raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits, consumer=scan
+        raw, key=blob_key(desc.digest), cache=cache, name=what, limits=limits, consumer=scan, threads=threads
     )
     found = source.uncompressed_digest
     # config.md: the diff_id is the digest of the uncompressed tar, which an uncompressed blob is.
@@ -163,6 +177,7 @@ class VerifiedStore:
         self._cache = cache
         self._lock = threading.Lock()
         self._found: Digest | None = None  # what the blob hashes to, once hashed
+        self._hashing: threading.Thread | None = None  # hash_soon's
         self.built = cache is None or not cache.enabled  # with no cache, every open builds
 
     @property
@@ -178,6 +193,19 @@ class VerifiedStore:
             if self._found is None:
                 self._found = hash_source(self._raw.pread, self._raw.size, self._digest.algorithm)
         return self._found == self._digest
+
+    def hash_soon(self) -> None:
+        """Hash the blob in a thread of its own now, for ``verified`` to find done: a layer's first
+        pass is about to build from it, and the hash then overlaps the pass (a CPU the pass leaves
+        over: the last layer's pass runs alone). A failure is left for ``verified`` to raise."""
+
+        def run() -> None:
+            with contextlib.suppress(Exception):
+                self.verified()
+
+        if self._digest.verifiable and self._found is None and self._hashing is None:
+            self._hashing = threading.Thread(target=run, name="blob-hash", daemon=True)
+            self._hashing.start()
 
     def load(self, kind: str, key: str) -> bytes | None:
         """What the cache holds for (kind, key); None with no cache."""
@@ -196,10 +224,18 @@ class VerifiedStore:
             return None
         return self._cache.spill_path(key)
 
+    def lock(self, kind: str, key: str) -> AbstractContextManager[bool]:
+        """The cache's lock for (kind, key): of the processes opening this layer, one builds."""
+        if self._cache is None or not self._cache.enabled:
+            return contextlib.nullcontext(False)
+        return self._cache.lock(kind, key)
+
     def finish(self) -> None:
         """Raise LayerError if something was built from a blob that is not its digest."""
         if self.built and self._digest.verifiable and not self.verified():
             raise LayerError(f"{self._what}: {DigestMismatch(str(self._digest), str(self._found))}")
+        if self._hashing is not None:
+            self._hashing.join()  # done hashing (verified waited for it): no thread left at the fork
 
 
 def open_image(layout: Layout, options: ViewOptions) -> RootImage:
@@ -229,15 +265,19 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
     sources = Sources(list(layers))
     try:
         # Layers are opened and scanned in parallel: a compressed layer's first pass (decompress,
-        # index, hash) runs in rapidgzip or pyzstd with the GIL released.
-        workers = max(1, min(len(layers), os.cpu_count() or 1, MAX_PARALLEL_LAYERS))
+        # index, hash) runs in rapidgzip or pyzstd with the GIL released. The largest start first,
+        # and the CPUs the layers leave over go to the largest gzip ones (layer_threads).
+        cpus = available_cpus()
+        workers = max(1, min(len(layers), cpus, MAX_PARALLEL_LAYERS))
+        order, threads = layer_threads(descs, cpus, workers)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
 
             def open_all(scan: bool = False) -> None:
                 """Open every layer (``scan``: its table built in the same pass); the first failing
                 layer's error, in layer order."""
-                for job in [pool.submit(layer.open, scan=scan) for layer in layers]:
-                    job.result()
+                jobs = {i: pool.submit(layers[i].open, scan=scan, threads=threads[i]) for i in order}
+                for i in range(len(layers)):
+                    jobs[i].result()
 
             def build() -> Merged:
                 """Open every layer, scan it (its table from the cache when there), merge them."""
@@ -263,7 +303,9 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
 
             # The merged tree of this image from the cache, when it is there: no layer read at all.
             # A tree served with ignore_diff_ids is kept apart: a mount that checks them must open.
+            # So is one made from TOCs: its offsets are in the TOC layers' own streams.
             key = str(resolved.descriptor.digest) + ("+ignore-diff-ids" if ignore_diff_ids else "")
+            key += "+toc" if any(layer.toc for layer in layers) else ""
             merged = load_or_build(
                 options.cache,
                 TREE,
@@ -279,6 +321,17 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
     except BaseException:
         sources.close()
         raise
+
+
+def layer_threads(descs: Sequence[Descriptor], cpus: int, at_once: int) -> tuple[list[int], list[int]]:
+    """The order to open layers in (the largest blob first) and each one's pass threads (streams.split_cpus).
+
+    A gzip layer (by its media type: the blob's magic bytes are not read yet) can decode on several
+    threads; ``at_once`` layers are opened at a time on ``cpus`` CPUs.
+    """
+    sizes = [d.size for d in descs]
+    gzip = [d.media_type in GZIP_LAYERS for d in descs]
+    return pass_order(sizes), split_cpus(cpus, sizes, at_once, gzip)
 
 
 class LazyLayer(Source):
@@ -309,34 +362,50 @@ class LazyLayer(Source):
         self._failed: OcifuseError | None = None  # why the layer cannot be served, once known
         self._gate: VerifiedStore | None = None
         self._scan: LayerScan | None = None
+        self._toc_table: LayerTable | None = None
+        # A zstd:chunked or eStargz layer is served from its TOC, unless -o verify asks for the full
+        # pass (the blob hashed, the diff_id checked): see SECURITY.md, "zstd:chunked layers".
+        self.toc = not options.verify and _has_toc(desc)
 
-    def open(self, *, scan: bool = False) -> Source:
+    def open(self, *, scan: bool = False, threads: int = 1) -> Source:
         """The layer's stream, opened once; LayerError (and the like) when it cannot be served.
 
         ``scan``: its table will be asked for (``table``): when it is not stored, the pass that
         builds the layer's index (if one must be built) builds the table too. A verdict on the
         layer's bytes (LayerError, damaged compressed data, ...) is kept and raised again: a read
-        does not open it anew.
+        does not open it anew. ``threads``: the CPUs its first pass may decode on, if it runs one.
         """
         with self._lock:
             if self._failed is not None:
                 raise self._failed  # a verdict on the layer's bytes: not tried again at every read
             if self._source is None:
                 try:
-                    self._source = self._open(scan)
+                    self._source = self._open(scan, threads)
                 except _LASTING as e:
                     self._failed = e
                     raise
             return self._source
 
-    def _open(self, scan: bool) -> Source:
+    def _open(self, scan: bool, threads: int) -> Source:
         """Open the layer (lock held): blob, index (its pass building the table too if ``scan``), checks."""
         raw = layer_blob(self.layout, self.index, self.desc)
+        if self.toc:
+            toc = self._open_toc(raw, scan)  # LayerError: not the manifest's TOC
+            if toc is not None:
+                if self.size >= 0 and toc.size != self.size:
+                    toc.close()
+                    raise LayerError(
+                        f"{self.what}: its TOC lists {toc.size} bytes; the stored tree, {self.size}"
+                    )
+                self.size = toc.size
+                return toc
         gate = VerifiedStore(raw, self.desc.digest, self.what, self.options.cache)
         gate.built = gate.built or self.options.verify  # -o verify: hashed even when nothing is built
         # No scan in the pass when the table is stored: table() takes the stored one.
         stored = gate.load(LAYER_TABLE.kind, blob_key(self.desc.digest)) is not None
         scanner = LayerScan(self.what) if scan and not stored else None
+        if scanner is not None or gate.built:
+            gate.hash_soon()  # the table (and, likely, the index) is built: its blob is hashed
         source, found = layer_source(
             self.layout,
             self.index,
@@ -345,6 +414,7 @@ class LazyLayer(Source):
             limits=self.options.limits,
             raw=raw,
             scan=scanner,
+            threads=threads,
         )
         try:
             gate.finish()
@@ -361,10 +431,43 @@ class LazyLayer(Source):
         self._scan = scanner if scanner is not None and scanner.ran else None
         return source
 
+    def _open_toc(self, raw: Source, scan: bool) -> TocLayer | None:
+        """The layer served from its TOC, or None (it has none that can be used: logged). Its file
+        map from the cache when the table is not needed (the tree is cached); else the TOC is
+        read and parsed, its table kept for ``table``, its map stored."""
+
+        def build() -> TocLayer | None:
+            lazy = open_toc(raw, self.desc.annotations, self.what)
+            if lazy is None:
+                return None
+            log.info(
+                "%s: served from its TOC (%d entries); each file is checked against its digest on "
+                "first read, the layer's diff_id is not (-o verify reads it in full)",
+                self.what,
+                lazy.entries,
+            )
+            self._toc_table = lazy.table
+            return lazy.source
+
+        return load_or_build(
+            self.options.cache,
+            TOC_MAP,
+            toc_key(self.desc.annotations, str(self.desc.digest), raw.size),
+            name=self.what,
+            decode=lambda payload: TocLayer.from_bytes(payload, raw, self.what),
+            build=build,
+            encode=lambda toc: None if toc is None else toc.to_bytes(),
+            rebuild=scan,  # the table is asked for: the TOC is parsed, whatever is stored
+        )
+
     def table(self) -> LayerTable:
         """The layer's table: from the cache, else as the layer's first pass built it, else scanned
         (and stored once the blob is its digest)."""
         source = self.open(scan=True)
+        if isinstance(source, TocLayer):  # its table: never stored under the layer's digest (TOC offsets)
+            if self._toc_table is None:
+                raise LayerError(f"{self.what}: opened from its stored file map, its TOC not read")
+            return self._toc_table
         scanned, self._scan = self._scan, None
         return LayerTable.load_or_scan(
             source, self.what, key=blob_key(self.desc.digest), cache=self._gate, scanned=scanned
@@ -401,6 +504,15 @@ _LASTING = (
 )
 
 
+def _has_toc(desc: Descriptor) -> bool:
+    """Whether the layer's annotations name a TOC of its compression, zstd:chunked or eStargz
+    (usable or not: open_toc says, and logs why not)."""
+    keys = desc.annotations.keys()
+    if desc.media_type in ZSTD_LAYERS:
+        return any(k in keys for k in (*CHECKSUM_KEYS, *POSITION_KEYS))
+    return desc.media_type in GZIP_LAYERS and ESTARGZ_KEY in keys
+
+
 def _check_diff_id(index: int, desc: Descriptor, expected: Sequence[str], found: str, ignore: bool) -> None:
     want = expected[index] if index < len(expected) else "nothing"
     if want == found:
@@ -420,7 +532,7 @@ def _notes(tables: Sequence[LayerTable], merged: Merged) -> list[Note]:
 class LayerProblem:
     """One thing ``fsck --layers`` found in a layer: a fsck finding code, the layer's digest, what."""
 
-    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped"
+    code: str  # "diffid-mismatch", "layer-invalid", "layer-member-skipped", "toc-mismatch", "toc-unused"
     digest: str
     message: str
 
@@ -465,6 +577,36 @@ def check_layers(layout: Layout) -> list[LayerProblem]:
     return problems
 
 
+def _check_toc(
+    layout: Layout,
+    index: int,
+    desc: Descriptor,
+    table: LayerTable,
+    stream: Source,
+    problems: list[LayerProblem],
+) -> None:
+    """A zstd:chunked or eStargz layer's TOC, as a mount would use it, against the layer's tar."""
+    digest = str(desc.digest)
+    try:
+        toc = read_toc(layer_blob(layout, index, desc), desc.annotations, f"layer {digest}")
+    except TocUnusable as e:
+        message = f"its TOC is not used ({e}): a mount reads the layer in full"
+        problems.append(LayerProblem(code="toc-unused", digest=digest, message=message))
+        return
+    except LayerError as e:
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=str(e)))
+        return
+    if toc is None:
+        return
+    try:
+        found = differences(toc, table, stream)
+    finally:
+        toc.source.close()
+    if found is not None:
+        message = f"its TOC, which a mount serves, tells other than its tar: {found}"
+        problems.append(LayerProblem(code="toc-mismatch", digest=digest, message=message))
+
+
 def _check_layer(
     layout: Layout, index: int, desc: Descriptor, want: str, problems: list[LayerProblem]
 ) -> LayerTable | None:
@@ -487,6 +629,8 @@ def _check_layer(
         )
     try:
         table = scan.result() if scan.ran else LayerTable.scan(source, f"layer {digest}")
+        if _has_toc(desc):
+            _check_toc(layout, index, desc, table, source, problems)
     except OcifuseError as e:
         problems.append(LayerProblem(code="layer-invalid", digest=digest, message=str(e)))
         return None

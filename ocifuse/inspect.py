@@ -443,11 +443,18 @@ def render_json(summary: Summary) -> str:
 
 
 def main(
-    path: str, *, ref: str | None, platform: str | None, as_json: bool, cache: IndexCache | None = None
+    path: str,
+    *,
+    ref: str | None,
+    platform: str | None,
+    as_json: bool,
+    cache: IndexCache | None = None,
+    index: str | None = None,
 ) -> int:
     """``ocifuse inspect``: 0 shown, 1 the ref or platform is not there, 2 PATH is not a usable layout.
 
-    The archive's table comes from ``cache`` when stored there (as a mount's does), else is stored.
+    The archive's table comes from ``cache`` when stored there (as a mount's does), else from a
+    portable ``index`` that is for this archive, else is scanned and stored.
     """
     try:
         want = None if platform is None else Platform.parse(platform)
@@ -455,7 +462,7 @@ def main(
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2
     try:
-        layout = open_layout(path, ViewOptions(cache=cache))
+        layout = open_layout(path, ViewOptions(cache=cache, index=index))
     except LayoutOpenError as e:
         print(f"ocifuse: {e}", file=sys.stderr)
         return 2

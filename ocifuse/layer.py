@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,15 @@ class LayerTable:
             raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
         builder = _LayerBuilder()
         end = walk(f, name, size, builder.add, layer=True, plain=builder.add_plain)
+        return cls(builder.members, builder.skipped, end)
+
+    @classmethod
+    def of_infos(cls, infos: Iterable[tarfile.TarInfo], end: int) -> LayerTable:
+        """The table of members described as TarInfos by something other than tar headers (a
+        zstd:chunked TOC), through the same policy as a scan; ``end``: the stream's size."""
+        builder = _LayerBuilder()
+        for info in infos:
+            builder.add(info)
         return cls(builder.members, builder.skipped, end)
 
     @classmethod

@@ -55,6 +55,7 @@ class ViewOptions:
     verify: bool = False  # rootfs: hash every layer's blob, even when all is cached
     ignore_diff_ids: bool = False  # rootfs: serve layers whose diff_id does not match the config
     remote: RemoteOptions = field(default_factory=RemoteOptions)  # a URL's timeout, CA file, memory
+    index: str | None = None  # a portable index (path or URL) consulted after the cache (portable.py)
 
 
 class Layout(ABC):

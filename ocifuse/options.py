@@ -15,7 +15,9 @@ FORCED = ("ro", "nodev", "nosuid", "default_permissions")
 # Options of ocifuse itself.
 # nonempty: mount over a directory that has files in it (hidden while mounted), as fusermount did.
 OWN_FLAGS = frozenset({"verify", "debug", "rootfs", "rootless", "ignore_diff_ids", "nocache", "nonempty"})
-OWN_VALUES = frozenset({"readahead_kb", "ref", "platform", "cache", "timeout", "cafile"})
+OWN_VALUES = frozenset(
+    {"readahead_kb", "ref", "platform", "cache", "timeout", "cafile", "credentials", "index"}
+)
 # Sizes (K/M/G/T suffixes): bounds of the decompression of a compressed archive (compressed.Limits),
 # and cache_max, the bound of the index cache's directory (cache.IndexCache).
 OWN_SIZES = frozenset({"max_size", "spill_max", "cache_max"})
@@ -96,6 +98,8 @@ class MountOptions:
     limits: Limits = field(default_factory=Limits)  # bounds of decompressing a compressed archive
     timeout: float | None = None  # timeout=SECONDS: a remote read's budget, retries included (remote.py)
     cafile: str | None = None  # cafile=PATH: CA certificates trusted for https besides the system's
+    credentials: str | None = None  # credentials=PATH: a file with USER:PASSWORD or Bearer TOKEN (http)
+    index: str | None = None  # index=PATH|URL: a portable index (ocifuse index), if for this archive
     fuse: tuple[str, ...] = ()
     ignored: tuple[str, ...] = field(default=())
 
@@ -201,6 +205,8 @@ def parse(
         limits=Limits(**sizes),
         timeout=float(values["timeout"]) if "timeout" in values else None,
         cafile=values.get("cafile"),
+        credentials=values.get("credentials"),
+        index=values.get("index"),
         fuse=tuple(flags),
         ignored=tuple(ignored),
     )

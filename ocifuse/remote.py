@@ -19,6 +19,11 @@ What a remote read promises (issue 16):
   mountpoint-s3's shape); fetched blocks stay in a bounded in-memory LRU, and concurrent readers
   of one block fetch it once.
 
+Redirects are resolved at open, by remote.py itself (``follow``): object_store's client (reqwest)
+follows up to 10 of them on every request, from https to http too, and cannot be told otherwise;
+resolved once, at most MAX_REDIRECTS and never from https to http, the ranges then go straight to
+the final URL (one round trip each, not two).
+
 URLs name the object; what is shown of one (``redact``: logs, /proc/mounts, inspect, fsck, cache
 keys) has no userinfo and no query string (presigned URLs carry their signature there).
 """
@@ -37,8 +42,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FetchTimeout  # the builtin's alias from 3.11 on
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from .credentials import authorization, aws_settings
 from .errors import ArchiveChanged, LayoutOpenError, OcifuseError
 from .source import Origin, Source
 from .store import REMOTE_BLOCK, Store
@@ -66,6 +72,9 @@ STREAMS = 16
 # writes them behind the reads: blocks waiting beyond WRITE_QUEUE are not kept (never a wait).
 DISK_MAX = 1024 * MiB
 WRITE_QUEUE = 64
+# Redirects followed at open (curl's default is 50, browsers' 20; an object is rarely more than one away).
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)  # RFC 9110 15.4
 
 
 class RemoteError(OcifuseError):
@@ -94,7 +103,7 @@ def _why(e: BaseException) -> str:
     tail = f", after {retries.group(1)} retries" if retries else ""
     lower = full.lower()
     if "169.254.169.254" in full or "169.254.170.2" in full:  # the credential chain's last resorts
-        return "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        return "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     if "dns error" in lower or "failed to lookup address" in lower:
         return f"the host name does not resolve{tail}"
     tls = re.search(r"InvalidCertificate\(\s*(\w+)", full)  # rustls: UnknownIssuer, NotValidForName, Expired
@@ -121,8 +130,16 @@ def _env(*names: str) -> str | None:
     return None
 
 
-def _client_options(scheme: str, options: RemoteOptions) -> ClientConfig:
-    """reqwest's settings: timeouts within ``options.timeout``, the proxy of the environment, a CA file."""
+def _proxy(scheme: str) -> str | None:
+    """The proxy for ``scheme`` as curl reads them: HTTPS_PROXY for https, HTTP_PROXY for http, ALL_PROXY."""
+    return _env("HTTPS_PROXY", "ALL_PROXY") if scheme in ("https", "s3") else _env("HTTP_PROXY", "ALL_PROXY")
+
+
+def _client_options(scheme: str, options: RemoteOptions, auth: str | None = None) -> ClientConfig:
+    """reqwest's settings: timeouts within ``options.timeout``, the proxy of the environment, a CA file.
+
+    ``auth``: the ``Authorization`` header every request carries (credentials.authorization).
+    """
     t = max(1.0, options.timeout)
     config: ClientConfig = {
         "allow_http": True,
@@ -131,8 +148,7 @@ def _client_options(scheme: str, options: RemoteOptions) -> ClientConfig:
         "connect_timeout": timedelta(seconds=min(5.0, t / 4)),
         "pool_max_idle_per_host": str(FETCHERS * 2),
     }
-    # Proxies as curl reads them: HTTPS_PROXY for https, HTTP_PROXY for http, ALL_PROXY for both.
-    proxy = _env("HTTPS_PROXY", "ALL_PROXY") if scheme in ("https", "s3") else _env("HTTP_PROXY", "ALL_PROXY")
+    proxy = _proxy(scheme)
     if proxy:
         config["proxy_url"] = proxy
         excludes = _env("NO_PROXY")
@@ -144,6 +160,8 @@ def _client_options(scheme: str, options: RemoteOptions) -> ClientConfig:
                 config["root_certificate"] = f.read()
         except OSError as e:
             raise OcifuseError(f"cafile {options.cafile}: {e.strerror or e}") from e
+    if auth is not None:
+        config["default_headers"] = {"Authorization": auth}
     return config
 
 
@@ -169,8 +187,98 @@ def _retry(options: RemoteOptions) -> RetryConfig:
     }
 
 
-def _open_store(url: str, options: RemoteOptions) -> tuple[S3Store | HTTPStore, str, str]:
-    """(an obstore store, the object's path in it, the object's identity's place) for ``url``."""
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (its credentials travel in the Authorization header)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def follow(url: str, options: RemoteOptions) -> tuple[str, str | None]:
+    """(the URL an http(s) object is at after its server's redirects, the Authorization sent there).
+
+    One ``HEAD`` per hop, redirects not followed by the client: at most MAX_REDIRECTS of them,
+    never from https to anything else (a downgrade would send the ranges, and any credentials,
+    in the clear). An answer that is no redirect (200, and 401 or 404 too) ends the walk: the
+    client's own ``HEAD`` then says what is wrong. Credentials go with each hop as
+    credentials.authorization decides (a credentials file to the named URL's origin only).
+    """
+    import http.client
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # urllib then raises HTTPError with the 3xx answer and its Location
+
+    context = ssl.create_default_context()
+    if options.cafile:
+        try:
+            context.load_verify_locations(cafile=options.cafile)
+        except (OSError, ssl.SSLError) as e:
+            raise OcifuseError(f"cafile {options.cafile}: {getattr(e, 'strerror', None) or e}") from e
+    origin, t = url, max(1.0, options.timeout)
+    for hop in range(MAX_REDIRECTS + 1):
+        scheme = urlsplit(url).scheme.lower()
+        proxy = _proxy(scheme)
+        opener = urllib.request.build_opener(
+            NoRedirect(),
+            urllib.request.ProxyHandler({scheme: proxy} if proxy else {}),
+            urllib.request.HTTPSHandler(context=context),
+        )
+        auth = authorization(url, credentials=options.credentials, origin=origin)
+        request = urllib.request.Request(
+            _without_userinfo(url), method="HEAD", headers={"Authorization": auth} if auth else {}
+        )
+        deadline, backoff = time.monotonic() + t / 2, 0.1
+        while True:
+            try:
+                with opener.open(request, timeout=t / 2):
+                    return url, auth
+            except urllib.error.HTTPError as e:
+                status, location = e.code, e.headers.get("Location")
+                e.close()
+                break
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                if isinstance(reason, ssl.SSLCertVerificationError):
+                    why = reason.verify_message or "certificate verify failed"
+                    raise OcifuseError(
+                        f"TLS: the server's certificate is not trusted ({why}; -o cafile= adds a CA)"
+                    ) from e
+                if isinstance(reason, ssl.SSLError):  # a handshake that failed fails again
+                    raise OcifuseError(f"TLS: {reason.reason or reason}") from e
+                if isinstance(reason, socket.gaierror):
+                    raise OcifuseError("the host name does not resolve") from e
+                # Refused, reset, timed out: retried with backoff, as the client retries.
+                if time.monotonic() + backoff > deadline:
+                    text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+                    text = _URL.sub(lambda m: redact(m.group(0)), text or type(reason).__name__)
+                    raise OcifuseError(text) from e
+                time.sleep(backoff)
+                backoff = min(4.0, backoff * 2)
+        if status not in _REDIRECTS or not location:
+            return url, auth
+        if hop == MAX_REDIRECTS:
+            raise OcifuseError(f"more than {MAX_REDIRECTS} redirects")
+        target = urljoin(url, location)
+        to = urlsplit(target).scheme.lower()
+        if to not in ("http", "https") or (scheme == "https" and to != "https"):
+            raise OcifuseError(f"redirected from {scheme} to {to or '?'}, refused ({redact(target)})")
+        log.debug("%s: redirected (%d) to %s", redact(url), status, redact(target))
+        url = target
+    raise AssertionError("unreachable")
+
+
+def _open_store(
+    url: str, options: RemoteOptions, auth: str | None = None
+) -> tuple[S3Store | HTTPStore, str, str]:
+    """(an obstore store, the object's path in it, the object's identity's place) for ``url``.
+
+    ``auth``: for http(s), the Authorization header (``follow``'s); ``url`` is then the final one.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "s3":
@@ -180,15 +288,20 @@ def _open_store(url: str, options: RemoteOptions) -> tuple[S3Store | HTTPStore, 
         key = parts.path.lstrip("/")
         if not bucket or not key:
             raise OcifuseError(f"{redact(url)}: an s3 URL is s3://BUCKET/KEY")
-        config: S3Config = {}
-        # The AWS tools' variables (object_store reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+        # The AWS tools' variables: object_store reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
         # AWS_SESSION_TOKEN, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL from the environment
-        # itself); the S3-specific endpoint variable wins, as in the AWS CLI. A custom endpoint is
-        # addressed path-style (object_store's default): MinIO, Ceph RGW and moto need it.
-        endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        # itself; AWS_PROFILE and the ~/.aws files it does not read (credentials.aws_settings). The
+        # S3-specific endpoint variable wins, as in the AWS CLI. A custom endpoint is addressed
+        # path-style (object_store's default): MinIO, Ceph RGW and moto need it.
+        config: S3Config = {}
+        settings = aws_settings()
+        for name in ("access_key_id", "secret_access_key", "session_token", "region"):
+            if name in settings:
+                config[name] = settings[name]
+        endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") or settings.get("endpoint")
         if endpoint:
             config["endpoint"] = endpoint
-        if not (_env("AWS_REGION", "AWS_DEFAULT_REGION")):
+        if not (_env("AWS_REGION", "AWS_DEFAULT_REGION") or "region" in config):
             config["region"] = "us-east-1"
         store = S3Store(
             bucket,
@@ -201,9 +314,11 @@ def _open_store(url: str, options: RemoteOptions) -> tuple[S3Store | HTTPStore, 
     from obstore.store import HTTPStore
 
     # The store's URL is the object's own (with its query string: a presigned URL's signature);
-    # the object is its empty path. reqwest sends userinfo as basic credentials.
+    # the object is its empty path. Credentials go in the Authorization header, never the URL.
     http = HTTPStore.from_url(
-        url, client_options=_client_options(scheme, options), retry_config=_retry(options)
+        _without_userinfo(url),
+        client_options=_client_options(scheme, options, auth),
+        retry_config=_retry(options),
     )
     return http, "", redact(url)
 
@@ -218,8 +333,12 @@ class RemoteObject(Origin):
         self.url = url
         self.name = redact(url)
         self.options = options or RemoteOptions()
+        self._auth: str | None = None
         try:
-            self._store, self._path, self._place = _open_store(url, self.options)
+            if urlsplit(url).scheme.lower() in ("http", "https"):
+                self.url, self._auth = follow(url, self.options)  # the ranges go to the final URL
+            self._store, self._path, place = _open_store(self.url, self.options, self._auth)
+            self._place = place if self.url == url else self.name  # the URL named: the cache's key
             meta = obstore.head(self._store, self._path)
         except OcifuseError as e:
             raise LayoutOpenError(self.name, str(e).removeprefix(f"{self.name}: ")) from e
@@ -256,10 +375,18 @@ class RemoteObject(Origin):
         return f"url:{self._place}:etag={self.etag}:{self.size}" if self.strong_etag else None
 
     def store(self) -> S3Store | HTTPStore:
-        """The client, made again in a forked child (a background mount): the parent's runtime is gone."""
+        """The client; RemoteError in a process forked after it was used (a background mount's daemon).
+
+        obstore runs its requests on a tokio runtime whose threads a fork does not copy, and a
+        client made again in the child still uses that runtime: every request would wait forever
+        (tokio-rs/tokio#4301; obstore is not fork-safe), so daemon.py forks before a URL is opened;
+        should anything fork after, a read fails at once (EIO), never hangs the process that reads.
+        """
         if os.getpid() != self._pid:
-            self._store, self._path, _ = _open_store(self.url, self.options)
-            self._pid = os.getpid()
+            raise RemoteError(
+                f"{self.name}: cannot fetch from a process forked after its client started "
+                "(obstore is not fork-safe; a background mount forks before it opens a URL)"
+            )
         return self._store
 
     def fetch(self, start: int, end: int) -> memoryview:
@@ -329,6 +456,7 @@ class RemoteSource(Source):
         self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        self._pid = os.getpid()  # whose fetches ``_pending`` waits for (see _forked)
         self._closed = False
         self.fetched = 0  # bytes fetched (tests and logs)
 
@@ -347,6 +475,7 @@ class RemoteSource(Source):
         with self._lock:
             if self._closed:
                 raise RemoteError(f"{self.obj.name}: closed")
+            self._forked()
             window = self._advance(offset, size)
             for b in range(first, last + 1):
                 data = self._blocks.get(b)
@@ -385,6 +514,7 @@ class RemoteSource(Source):
         with self._lock:
             if self._closed:
                 return None
+            self._forked()
             pieces = []
             for b in range(first, last + 1):
                 data = self._blocks.get(b)
@@ -400,6 +530,16 @@ class RemoteSource(Source):
         for piece in _cut(pieces, offset - first * BLOCK, size):
             out += piece
         return out
+
+    def _forked(self) -> None:
+        """In a forked child (a background mount), forget the fetches in flight (lock held).
+
+        They were the parent's threads', which the child does not have: their blocks would stay
+        pending for good, and every read of them would wait out its timeout and fail.
+        """
+        if self._pid != os.getpid():
+            self._pending.clear()
+            self._pid = os.getpid()
 
     # -- read-ahead ------------------------------------------------------------------------------
 
@@ -439,21 +579,26 @@ class RemoteSource(Source):
         return parts
 
     def _start_ahead(self, parts: list[list[int]]) -> None:
+        """Fetch claimed parts in the pool; nothing once closed (close() failed their futures)."""
         if not parts:
             return
-        pool = self._executor()
-        for part in parts:
-            pool.submit(self._fetch_run, part)
-
-    def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
+            if self._closed:  # closed since the parts were claimed: no pool made again, nothing fetched
+                return
             if self._pool is None or self._pool_pid != os.getpid():  # threads do not survive a fork
                 self._pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="ocifuse-fetch")
                 self._pool_pid = os.getpid()
-            return self._pool
+            pool = self._pool
+            for part in parts:
+                pool.submit(self._fetch_run, part)
 
     def _fetch_run(self, run: list[int]) -> None:
         """Get consecutive pending blocks (claimed by the caller): from the disk cache, else one request."""
+        with self._lock:
+            if self._closed:  # close() failed their futures: nothing to fetch for anyone
+                for b in run:
+                    self._pending.pop(b, None)
+                return
         blocks: dict[int, bytes] = {}
         if self._disk is not None:
             for b in run:
@@ -504,15 +649,23 @@ class RemoteSource(Source):
         return data if data is not None and len(data) == want else None
 
     def _write_behind(self, b: int, block: bytes) -> None:
-        """Queue a fetched block for the disk cache; dropped when the queue is full or the budget spent."""
-        if self._disk is None or self._disk_left < len(block):
+        """Queue a fetched block for the disk cache; dropped when the queue is full or the budget spent.
+
+        Fetchers run in several threads: the budget is taken under the lock, and given back if the
+        queue is full.
+        """
+        if self._disk is None:
             return
+        with self._lock:
+            if self._disk_left < len(block):
+                return
+            self._disk_left -= len(block)
         self._start_writer()
         try:
             self._writes.put_nowait((b, block))
         except queue.Full:
-            return
-        self._disk_left -= len(block)
+            with self._lock:
+                self._disk_left += len(block)
 
     def _start_writer(self) -> None:
         with self._lock:

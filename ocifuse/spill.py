@@ -8,6 +8,7 @@ writes it). Bounded by ``Limits.spill_max`` and the free space; kept in the cach
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -38,19 +39,62 @@ class Spill:
         self.path = path
         self.name = name
         self.limits = limits
-        directory = os.path.dirname(path) if path else spill_directory()
-        self.directory = directory
+        self.directory = os.path.dirname(path) if path else spill_directory()
         self.temp: str | None = None
-        try:
-            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError:  # a filesystem without O_TMPFILE
-            if path is not None:
-                prefix = f"{SPILL_TEMP_PREFIX}{os.getpid()}-"
-                self.fd, self.temp = tempfile.mkstemp(dir=directory, prefix=prefix)
-            else:
-                with tempfile.TemporaryFile(dir=directory) as f:
-                    self.fd = os.dup(f.fileno())
         self._next_check = 0
+        if path is None:
+            self.fd = self._open()
+            return
+        try:
+            self.fd = self._open()
+        except OSError as e:  # a read-only cache directory
+            self._elsewhere(str(e.strerror or e))
+
+    def _open(self) -> int:
+        """A new file in ``directory``: nameless (O_TMPFILE), else a temp file (named if it is to be kept)."""
+        try:
+            return os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:  # a filesystem without O_TMPFILE
+            if self.path is not None:
+                prefix = f"{SPILL_TEMP_PREFIX}{os.getpid()}-"
+                fd, self.temp = tempfile.mkstemp(dir=self.directory, prefix=prefix)
+                return fd
+            with tempfile.TemporaryFile(dir=self.directory) as f:
+                return os.dup(f.fileno())
+
+    def _elsewhere(self, reason: str, old: int | None = None, size: int = 0) -> None:
+        """Go on in a nameless file where a spill goes without a cache: the cache directory failed.
+
+        ``old``: the spill so far (``size`` bytes), copied over, then closed (and its temp name removed).
+        """
+        log.warning(
+            "%s: spill file not kept in the cache (%s: %s): spilled to %s instead, for this open only",
+            self.name,
+            self.directory,
+            reason,
+            spill_directory(),
+        )
+        temp, self.path, self.temp = self.temp, None, None
+        self.directory, self._next_check = spill_directory(), 0
+        try:
+            self.fd = self._open()
+            if old is not None:
+                done = 0
+                while done < size:
+                    n = os.sendfile(self.fd, old, done, size - done)
+                    if n == 0:
+                        raise OSError(errno.EIO, "the spill file ended early")
+                    done += n
+        except OSError as e:
+            raise DecompressionLimit(
+                self.name, f"zstd: cannot write the spill file in {self.directory}: {e.strerror}", "cache"
+            ) from e
+        finally:
+            if old is not None:
+                os.close(old)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
 
     def write(self, data: bytes, written: int) -> None:
         """Append ``data`` (``written`` bytes in all, with it), within spill_max and the free space."""
@@ -66,6 +110,10 @@ class Spill:
             self._next_check = written + _CHECK_FREE_EVERY
             st = os.statvfs(self.directory)
             reserve = min(SPILL_RESERVE, st.f_blocks * st.f_frsize // 10)
+            if st.f_bavail * st.f_frsize < _CHECK_FREE_EVERY + reserve and self.path is not None:
+                self._elsewhere("no room left for it", self.fd, written - len(data))
+                self.write(data, written)
+                return
             if st.f_bavail * st.f_frsize < _CHECK_FREE_EVERY + reserve:
                 raise DecompressionLimit(
                     self.name,
@@ -78,6 +126,10 @@ class Spill:
             try:
                 n = os.write(self.fd, view)
             except OSError as e:
+                if self.path is not None:  # the cache's disk is full (or failing): spill elsewhere
+                    self._elsewhere(str(e.strerror or e), self.fd, written - len(data))
+                    self.write(data, written)
+                    return
                 raise DecompressionLimit(
                     self.name, f"zstd: cannot write the spill file in {self.directory}: {e.strerror}", "cache"
                 ) from e

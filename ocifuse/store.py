@@ -11,6 +11,12 @@ through ``load_or_build``, so that every artifact follows the same rule for what
 - damaged (the decoder raises ValueError; cache.py has already dropped entries whose checksum,
   owner or framing is wrong): logged as a warning, built again, replaced.
 
+An absent (or unusable) artifact is built under the store's lock for its kind and key
+(``Store.lock``): of the processes (and threads) that open the same new bytes at once, one builds
+and stores it while the others wait, then load it. Locks nest only from an artifact to what it is
+built from (a merged tree, a layer's table, its gzip index), in that one order everywhere, so waits
+never go round in a circle.
+
 A stored artifact is never trusted beyond what its decoder checks: every read still checks its
 entry against its source's size (entries.Sources).
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -34,6 +41,11 @@ class Artifact:
     kind: str  # lowercase words joined by dashes: an entry's file name starts with it
     version: int  # bump when the payload's format changes: older entries are then stale
     what: str  # how log lines name it
+    # Whether a store waits for the entry to be on disk (fsync) before naming it. Every entry is
+    # checksummed, so one cut short by a power loss is refused and rebuilt either way: durable
+    # spares a rebuild (and its warning) of what took seconds; a remote block, stored many times
+    # per read and fetched again in milliseconds, is not worth a disk flush each.
+    durable: bool = True
 
 
 # The registry: every kind the store holds, and the version of its format. Version 2 is the one
@@ -46,10 +58,15 @@ LAYER_TABLE = Artifact("layer-table", 2, "layer table")
 TREE = Artifact("rootfs-tree", 3, "merged tree")  # 3: stored as columns (rootfs.TREE_FORMAT 3)
 DOCKER_DIGESTS = Artifact("docker-digests", 2, "docker-archive member digests")
 # A block of a remote object (remote.py), under the object's identity (URL, ETag, size) and its index.
-REMOTE_BLOCK = Artifact("remote-block", 2, "remote block")
+REMOTE_BLOCK = Artifact("remote-block", 2, "remote block", durable=False)
+# Where each file of a layer served from its TOC lies (chunked.py), under the TOC's digest.
+TOC_MAP = Artifact("toc-map", 2, "TOC file map")
 # Spill files are the store's too (``Store.spill_path``); the zstd-index entry that names one says
 # which file it was and what it holds, so a spill is found, checked and replaced through it.
-KINDS = {a.kind: a for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE, DOCKER_DIGESTS, REMOTE_BLOCK)}
+KINDS = {
+    a.kind: a
+    for a in (TABLE, GZIP_INDEX, ZSTD_INDEX, LAYER_TABLE, TREE, DOCKER_DIGESTS, REMOTE_BLOCK, TOC_MAP)
+}
 
 
 # What a decoder raises for a payload it cannot use: it parses stored bytes as untrusted input, and
@@ -77,6 +94,14 @@ class Store(Protocol):
     def spill_path(self, key: str) -> str | None:
         """Where a large derived file for ``key`` may live; None when there is no such place."""
 
+    def lock(self, kind: str, key: str) -> AbstractContextManager[bool]:
+        """Held while (kind, key) is built, so that of processes opening one archive, one builds it.
+
+        Exclusive between processes and between threads; entering waits for another holder. It
+        gives True when that holder built the artifact and stored nothing: then build without
+        it. A store that cannot lock (no directory, read-only) gives False at once.
+        """
+
 
 def load_or_build(
     store: Store | None,
@@ -97,22 +122,68 @@ def load_or_build(
     ``name`` names what the artifact is of, in log lines. With no store or no key, only builds.
     """
     keep = store is not None and key is not None and store.enabled
-    if keep and not rebuild:
-        assert store is not None and key is not None
-        payload = store.load(artifact.kind, key)
-        if payload is not None:
-            try:
-                value = decode(payload)
-            except Stale as e:
-                log.debug("%s: stored %s out of date (%s): building it again", name, artifact.what, e)
-            except DAMAGED as e:
-                log.warning("%s: stored %s unusable (%s): building it again", name, artifact.what, e)
-            else:
-                log.debug("%s: %s from the cache", name, artifact.what)
-                return value
+    if not keep or rebuild:
+        return _build_and_store(store if keep else None, artifact, key, name=name, build=build, encode=encode)
+    assert store is not None and key is not None
+    found, absent = _load(store, artifact, key, name, decode)
+    if found is not None:
+        return found[0]
+    # Absent or unusable: one process builds it while the others opening the same bytes wait, then
+    # load what it stored (N mounts of one new archive at once decompress it once, not N times).
+    with store.lock(artifact.kind, key) as unstored:
+        # Stored while this one looked or waited? (An unusable entry found again is not said again.)
+        found, _ = _load(store, artifact, key, name, decode, quiet=not absent)
+        if found is not None:
+            return found[0]
+        if not unstored:
+            return _build_and_store(store, artifact, key, name=name, build=build, encode=encode)
+    # The one before built it and stored nothing (a value not worth keeping, a full disk, an error):
+    # the others would not store it either, so each builds its own at once instead of in turn.
+    return _build_and_store(store, artifact, key, name=name, build=build, encode=encode)
+
+
+def _load(
+    store: Store,
+    artifact: Artifact,
+    key: str,
+    name: str,
+    decode: Callable[[bytes], T],
+    *,
+    quiet: bool = False,
+) -> tuple[tuple[T] | None, bool]:
+    """(``(value,)`` when stored and usable, else None; whether nothing at all was stored).
+
+    ``quiet``: an unusable entry is a debug line, not a warning (it was said already).
+    """
+    payload = store.load(artifact.kind, key)
+    if payload is None:
+        return None, True
+    try:
+        value = decode(payload)
+    except Stale as e:
+        log.debug("%s: stored %s out of date (%s): building it again", name, artifact.what, e)
+    except DAMAGED as e:
+        (log.debug if quiet else log.warning)(
+            "%s: stored %s unusable (%s): building it again", name, artifact.what, e
+        )
+    else:
+        log.debug("%s: %s from the cache", name, artifact.what)
+        return (value,), False
+    return None, False
+
+
+def _build_and_store(
+    store: Store | None,
+    artifact: Artifact,
+    key: str | None,
+    *,
+    name: str,
+    build: Callable[[], T],
+    encode: Callable[[T], bytes | None],
+) -> T:
+    """``build()``, stored in ``store`` (when there is one) as ``encode`` gives it."""
     value = build()
-    if keep:
-        assert store is not None and key is not None
+    if store is not None and key is not None:
         try:
             data = encode(value)
         except (ValueError, OverflowError) as e:  # a lone surrogate in a name, a value too large

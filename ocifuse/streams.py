@@ -13,8 +13,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import os
+import queue
 import struct
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .digest import Digest
@@ -62,11 +65,71 @@ class Opening:
     rebuild: bool = False
     digest: bool = True
     consumer: Consumer | None = None  # reads the decompressed stream in the pass, if there is one
+    threads: int = 1  # CPUs the pass may decompress on (split_cpus); gzip only
 
     @property
     def spill_path(self) -> str | None:
         """Where a spill of these bytes is kept, if anywhere (Store.spill_path)."""
         return self.cache.spill_path(self.key) if self.cache is not None and self.key is not None else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as taskset and cgroups' cpusets set it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pass_order(sizes: Sequence[int]) -> list[int]:
+    """The order to start first passes in: the largest stream first (the earlier of equal ones).
+
+    Run a few at a time, a big stream started last would run alone at the end, the other CPUs idle.
+    """
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
+
+
+# The fewest threads a gzip pass decodes on in parallel. rapidgzip's parallel decoding starts each
+# chunk without its window (the chunk is decoded with markers, then resolved): with 1 MiB chunks
+# (gzipsource.GZIP_CHUNK) that spends about twice the CPU of decoding in order (bench/README.md),
+# so 2 threads decode no faster than 1, and 3 or more do. One thread, beside the thread that
+# hashes and scans (ReadAhead), already uses more than one CPU.
+PARALLEL_MIN = 3
+# The most threads one pass decodes on: each holds chunks in flight (a 400 MiB pass's peak RSS here:
+# 61 MB on 1 thread, 128 MB on 2, 202 MB on 8, docs/compressed.md), about 18 MB a thread.
+PARALLEL_MAX = 16
+
+
+def split_cpus(cpus: int, sizes: Sequence[int], at_once: int, parallel: Sequence[bool]) -> list[int]:
+    """How many threads each stream's first pass decompresses on; ``sizes``: their compressed sizes.
+
+    The passes run ``at_once`` at a time at most, in ``pass_order``. A stream whose ``parallel``
+    flag is set can decompress on several threads (gzip: rapidgzip decodes its chunks in
+    parallel); the others use one (zstd, plain) whatever they are given. Every pass gets one
+    thread; the CPUs that the first passes to start leave over (``cpus`` less the passes running
+    at once) go to the largest parallel ones among them, in proportion to their size, largest
+    remainder first, as many of them as each get PARALLEL_MIN threads (or none), PARALLEL_MAX at
+    most (memory). So the
+    decompressing threads never outnumber ``cpus``: a pass that starts when another ends gets one
+    thread, no more than the one it replaces had.
+    """
+    n = len(sizes)
+    running = min(n, max(1, cpus), max(1, at_once))
+    spare = cpus - running
+    first = [i for i in pass_order(sizes)[:running] if parallel[i] and sizes[i] > 0]
+    while first:
+        threads = [1] * n
+        total = sum(sizes[i] for i in first)
+        shares = {i: spare * sizes[i] / total for i in first}
+        for i in first:
+            threads[i] += int(shares[i])
+        left = spare - sum(int(shares[i]) for i in first)
+        for i in sorted(first, key=lambda i: int(shares[i]) - shares[i])[:left]:  # stable: larger first
+            threads[i] += 1
+        if all(threads[i] >= PARALLEL_MIN for i in first):
+            return [min(t, PARALLEL_MAX) for t in threads]
+        first.pop()  # the smallest one's share goes to the larger ones
+    return [1] * n
 
 
 def too_large(name: str, kind: str, limits: Limits) -> DecompressionLimit:
@@ -198,6 +261,71 @@ class Forward:
         self._pos = max(self._pos, self.size)
         while self._pull():
             self._pos = max(self._pos, self.size)
+
+
+class ReadAhead:
+    """An iterator run in a thread of its own, up to ``depth`` items ahead of its reader.
+
+    A pass's decompressor (rapidgzip releases the GIL) then runs while the thread that reads the
+    stream hashes it and walks its tar headers (Python, holding the GIL): the two overlap on two
+    CPUs where one thread would do them in turn. The items come out in order; an exception the
+    iterator raises comes out where it stood. ``close`` stops the thread and waits for it (before
+    the decompressor it uses is closed).
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[bytes], depth: int = 4) -> None:
+        self._items = items
+        self._queue: queue.Queue[object] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # the reader's to raise
+            self._put(_Raised(e))
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._done = True
+            raise item.error
+        assert isinstance(item, bytes)
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it ends at its next item) and wait for it."""
+        self._stop.set()  # a put waiting on a full queue sees it within 0.1 s
+        self._thread.join()
+
+
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    error: BaseException
 
 
 class HighWater:

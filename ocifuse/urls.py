@@ -17,10 +17,11 @@ MEMORY = 64 << 20
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RemoteOptions:
-    """How remote objects are reached (mount ``-o timeout=``, ``-o cafile=``)."""
+    """How remote objects are reached (mount ``-o timeout=``, ``-o cafile=``, ``-o credentials=``)."""
 
     timeout: float = DEFAULT_TIMEOUT  # seconds a read may take, retries included, before EIO
     cafile: str | None = None  # a PEM file of CA certificates trusted besides the system's
+    credentials: str | None = None  # a file with USER:PASSWORD or Bearer TOKEN for http(s) (credentials.py)
     memory: int = MEMORY  # bytes of fetched blocks kept in memory
 
 

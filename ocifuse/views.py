@@ -11,8 +11,10 @@ path is, is decided here and only here:
 - anything else: ``NotAnImage``;
 - a URL (http://, https://, s3://): the archive it names, read by range (remote.py), as a file;
 
-and, with ``rootfs``, the merged root filesystem of one image of that layout (image.py).
-``open_mount`` gives the daemon what it serves: a tree and the reader of its entries.
+and, with ``rootfs``, the merged root filesystem of one image of that layout (image.py). An
+archive's artifacts are asked of ``options.cache``, behind which ``options.index`` adds a
+portable index when it is for this archive (portable.py). ``open_mount`` gives the daemon what
+it serves: a tree and the reader of its entries.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .archive import Archive, open_archive
+from .archive import Archive, FileOrigin, open_archive
 from .dockerarchive import DOCKER_ARCHIVE, MANIFEST_JSON, DockerLayout, archive_format
 from .entries import Sources
 from .errors import LayoutOpenError, NotAnImage, OcifuseError
 from .layout import INDEX_JSON, OCI_LAYOUT, ArchiveLayout, DirectoryLayout, Layout, TableLayout, ViewOptions
+from .portable import RecordingStore, open_index, with_index
 from .source import Origin
+from .store import Store
 from .tree import Tree
 from .urls import is_url, redact
 
@@ -47,26 +51,56 @@ def open_layout(path: str | os.PathLike[str], options: ViewOptions | None = None
 
     Raises LayoutOpenError (NotAnImage for a tar that holds no image) with a one-line reason.
     """
-    path = os.fspath(path)
-    options = options or ViewOptions()
-    origin: str | Origin = path
+    return _open(os.fspath(path), options or ViewOptions())[0]
+
+
+def _open(path: str, options: ViewOptions) -> tuple[Layout, ViewOptions]:
+    """The layout at ``path``, and the options its views open with (``cache``: with the index, if any)."""
+    origin: Origin
     if is_url(path):  # an archive on a server (remote.py): read by range, never downloaded whole
         from .remote import RemoteObject  # the client (obstore, its threads) only for a URL
 
-        origin = RemoteObject(path, options.remote, options.cache)
+        blocks = None if isinstance(options.cache, RecordingStore) else options.cache  # blocks stay local
+        origin = RemoteObject(path, options.remote, blocks)
     else:
         try:
             st = os.stat(path)
         except OSError as e:
             raise LayoutOpenError(path, e.strerror or str(e)) from e
         if stat.S_ISDIR(st.st_mode):
-            return DirectoryLayout(path)
-    archive = open_archive(origin, options.cache, rescan=options.rescan, limits=options.limits)
+            if options.index is not None:
+                log.warning("index %s not used: %s is a layout directory", options.index, path)
+            return DirectoryLayout(path), options
+        origin = FileOrigin(path)
     try:
-        return _archive_view(archive)
+        cache, key = _archive_store(origin, options)
+    except BaseException:
+        origin.close()
+        raise
+    archive = open_archive(origin, cache, rescan=options.rescan, limits=options.limits, key=key)
+    try:
+        return _archive_view(archive), replace(options, cache=cache)
     except BaseException:
         archive.close()
         raise
+
+
+def _archive_store(origin: Origin, options: ViewOptions) -> tuple[Store | None, str | None]:
+    """Where an archive's artifacts are loaded from and stored, and under which key (None: its identity).
+
+    ``ocifuse index`` records them (portable.RecordingStore); ``options.index`` adds a portable
+    index behind the cache when it is for this archive (else one warning, and it is not used).
+    """
+    cache = options.cache
+    if isinstance(cache, RecordingStore):
+        return cache, cache.bind(origin)
+    if options.index is None:
+        return cache, None
+    index = open_index(options.index, options.remote)
+    found = with_index(origin, cache, index) if index is not None else None
+    if found is None:
+        return cache, None
+    return found
 
 
 def _archive_view(archive: Archive) -> TableLayout:
@@ -85,8 +119,7 @@ def open_rootfs(path: str | os.PathLike[str], options: ViewOptions | None = None
     """The merged root filesystem of the image at ``path`` that ``options.ref``/``platform`` name."""
     from .image import open_image
 
-    options = options or ViewOptions()
-    layout = open_layout(path, options)
+    layout, options = _open(os.fspath(path), options or ViewOptions())
     try:
         return open_image(layout, options)
     except BaseException:

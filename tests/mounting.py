@@ -383,7 +383,9 @@ def _own_mounts(root: StrPath | None) -> set[str]:
     return {p for p in ocifuse_mounts() if p in _STARTED or (prefix is not None and p.startswith(prefix))}
 
 
-def run_ocifuse(*argv: StrPath, timeout: float = MOUNT_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run_ocifuse(
+    *argv: StrPath, timeout: float = MOUNT_TIMEOUT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed ``ocifuse`` with ``argv``; output captured as text, never raises on failure."""
     return subprocess.run(
         [os.fspath(OCIFUSE), *(os.fspath(a) for a in argv)],
@@ -392,6 +394,7 @@ def run_ocifuse(*argv: StrPath, timeout: float = MOUNT_TIMEOUT) -> subprocess.Co
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         check=False,
+        env=env,
     )
 
 

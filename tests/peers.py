@@ -21,7 +21,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,42 @@ def isolated_store(parent: Path) -> Iterator[Store]:
                 subprocess.run(cmd, capture_output=True, check=False, env=store.env)
         shutil.rmtree(store.root, ignore_errors=True)
         shutil.rmtree(store.runroot, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def containerd() -> Iterator[Callable[..., str]]:
+    """A containerd of the test's own (root, state and socket in a fresh /tmp directory: a socket
+    path must be short), for stargz-snapshotter's ``ctr-remote``: yields a function that runs
+    ``ctr-remote ARGS`` against it. Always stopped, its directory removed."""
+    require_tools("containerd", "ctr-remote")
+    base = Path(tempfile.mkdtemp(prefix="ocifuse-ctd-"))
+    socket = base / "sock"
+    config = base / "config.toml"
+    config.write_text(
+        f'version = 2\nroot = "{base / "root"}"\nstate = "{base / "state"}"\n'
+        f'[grpc]\n  address = "{socket}"\n[plugins."io.containerd.grpc.v1.cri"]\n  disable = true\n'
+    )
+    with open(base / "log", "wb") as log:
+        proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"containerd did not start: {(base / 'log').read_text()[-2000:]}")
+            time.sleep(0.05)
+
+        def ctr(*argv: StrPath) -> str:
+            return run("ctr-remote", "--address", socket, "--namespace", "ocifuse", *argv)
+
+        yield ctr
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def busybox() -> Path:

@@ -1,7 +1,8 @@
 """Real servers on 127.0.0.1 for the remote tests: nginx, moto's S3 server, python3 -m http.server.
 
 Each is started by the test that needs it and always stopped (context managers); nothing but the
-loopback interface is used.
+loopback interface is used. The remote bench (bench/remote.py) starts the same servers from here:
+nothing of pytest is imported unless a server is missing.
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
-from mounting import skip_or_fail
+if TYPE_CHECKING:
+    import pytest
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
+
+
+def _missing(message: str) -> None:
+    """A server's program is not installed: skip the test (fail with ``CI=true``); in the bench, stop."""
+    from mounting import skip_or_fail  # imports pytest: only when something is missing
+
+    skip_or_fail(message)
 
 
 def free_port() -> int:
@@ -55,6 +64,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One request of nginx's access log: method, status, body bytes, and bytes sent with headers."""
+
+    method: str
+    status: int
+    body_bytes: int
+    bytes_sent: int
+
+
 _NGINX_CONF = """\
 daemon off;
 {user}
@@ -63,17 +82,19 @@ pid {d}/nginx.pid;
 error_log {d}/error.log;
 events {{ worker_connections 256; }}
 http {{
-  access_log {d}/access.log;
+  log_format bytes '$remote_addr [$time_local] "$request" $status $body_bytes_sent $bytes_sent';
+  access_log {d}/access.log bytes;
   client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
   uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
   types {{ }}
   default_type application/octet-stream;
-  server {{ listen {host}:{port}; root {www}; }}
+  server {{ listen {host}:{port}; root {www}; {extra} }}
   {tls}
 }}
 """
 _TLS_SERVER = (
-    "server {{ listen {host}:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {www}; }}"
+    "server {{ listen {host}:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key}; root {www};"
+    " {extra} }}"
 )
 
 
@@ -138,9 +159,12 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
 class Nginx:
     """An nginx of the test's own (``nginx -p DIR -c CONF``, ``daemon off``) serving ``www`` on a port."""
 
-    def __init__(self, directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, directory: Path, www: Path, tls: tuple[Path, Path] | None = None, extra: str = ""
+    ) -> None:
+        """``extra``: nginx directives added to each server block (``locations`` with auth, redirects)."""
         if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
-            skip_or_fail("nginx is not installed (apt-get install nginx; .ci/setup.sh test does)")
+            _missing("nginx is not installed (apt-get install nginx; .ci/setup.sh test does)")
         self.directory = directory
         self.www = www
         self.port = free_port()
@@ -151,11 +175,17 @@ class Nginx:
         user = "user root root;" if os.geteuid() == 0 else ""
         # With ``tls`` (cert, key): https on a second port as well.
         self.tls_port = free_port() if tls else 0
+        # ``{port}`` and ``{tls_port}`` in ``extra`` name the server's own ports (for redirects).
+        extra = extra.replace("{port}", str(self.port)).replace("{tls_port}", str(self.tls_port))
         server = (
-            _TLS_SERVER.format(host=HOST, port=self.tls_port, cert=tls[0], key=tls[1], www=www) if tls else ""
+            _TLS_SERVER.format(host=HOST, port=self.tls_port, cert=tls[0], key=tls[1], www=www, extra=extra)
+            if tls
+            else ""
         )
         self.conf.write_text(
-            _NGINX_CONF.format(d=directory, host=HOST, port=self.port, www=www, user=user, tls=server)
+            _NGINX_CONF.format(
+                d=directory, host=HOST, port=self.port, www=www, user=user, tls=server, extra=extra
+            )
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -180,25 +210,29 @@ class Nginx:
             _stop(self.proc)
             self.proc = None
 
-    def served_bytes(self) -> int:
-        """Body bytes nginx sent, from its access log (the combined format's 10th field)."""
+    def served(self) -> list[Served]:
+        """Every request nginx has answered so far, in order, from its access log."""
         log = self.directory / "access.log"
         if not log.exists():
-            return 0
-        total = 0
+            return []
+        out = []
         for line in log.read_text().splitlines():
-            fields = line.split('"')
-            if len(fields) > 2:
-                status_size = fields[2].split()
-                if len(status_size) >= 2 and status_size[1].isdigit():
-                    total += int(status_size[1])
-        return total
+            fields = line.split('"')  # address [time] "request" status body_bytes_sent bytes_sent
+            if len(fields) == 3 and len(counts := fields[2].split()) == 3 and all(map(str.isdigit, counts)):
+                out.append(Served(fields[1].split(" ", 1)[0], int(counts[0]), int(counts[1]), int(counts[2])))
+        return out
+
+    def served_bytes(self) -> int:
+        """Body bytes nginx has sent so far (headers not counted: a HEAD is 0)."""
+        return sum(s.body_bytes for s in self.served())
 
 
 @contextlib.contextmanager
-def nginx(directory: Path, www: Path, tls: tuple[Path, Path] | None = None) -> Iterator[Nginx]:
+def nginx(
+    directory: Path, www: Path, tls: tuple[Path, Path] | None = None, extra: str = ""
+) -> Iterator[Nginx]:
     """An nginx serving ``www`` (and over https with ``tls``), stopped on the way out whatever happens."""
-    server = Nginx(directory, www, tls)
+    server = Nginx(directory, www, tls, extra)
     try:
         server.start()
         yield server
@@ -238,7 +272,7 @@ class S3:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
-            skip_or_fail("moto[server] is not installed (pip install -e '.[test]')")
+            _missing("moto[server] is not installed (pip install -e '.[test]')")
         self.port = free_port()
         self.server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
         self.endpoint = f"http://{HOST}:{self.port}"

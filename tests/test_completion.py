@@ -99,7 +99,8 @@ def bash_complete(line: str, cwd: Path | None = None) -> list[str]:
 
 def test_bash_commands_and_global_options() -> None:
     assert set(bash_complete("ocifuse ")) == set(cli.COMMANDS)
-    assert bash_complete("ocifuse in") == ["inspect"]
+    assert bash_complete("ocifuse ins") == ["inspect"]
+    assert set(bash_complete("ocifuse in")) == {"inspect", "index"}
     assert set(bash_complete("ocifuse -")) == _flags(cli._parser())
 
 

@@ -520,9 +520,9 @@ def test_a_sequential_read_keeps_its_reader_among_many_sources(monkeypatch: pyte
     made: list[Source] = []
     real = gzipsource._gzip_reader
 
-    def counted(raw: Source) -> object:
+    def counted(raw: Source, threads: int = 1) -> object:
         made.append(raw)
-        return real(raw)
+        return real(raw, threads)
 
     monkeypatch.setattr(gzipsource, "_gzip_reader", counted)
     sources = [open_decompressed(MemorySource(blob), key=None, cache=None, name=f"s{i}") for i in range(6)]

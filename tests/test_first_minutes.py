@@ -88,7 +88,7 @@ def _one_line(done: subprocess.CompletedProcess[str]) -> str:
         (["fsk", "a.tar", "--json"], "unknown command 'fsk' (did you mean fsck?)"),
         (["umuont", "/mnt/x"], "unknown command 'umuont' (did you mean umount?)"),
         (["mnt"], "unknown command 'mnt' (did you mean mount?)"),
-        (["xyzzy"], "unknown command 'xyzzy' (the commands: fsck, inspect, mount, umount, cache; "
+        (["xyzzy"], "unknown command 'xyzzy' (the commands: fsck, inspect, mount, umount, cache, index; "
          "see ocifuse --help)"),
     ],
 )  # fmt: skip

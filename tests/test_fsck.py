@@ -457,6 +457,7 @@ def test_every_code_has_a_test() -> None:
         "not-an-image",  # tests/test_docker_mount.py: a root filesystem tar, from every command
     }
     layers_only = {"diffid-mismatch", "layer-invalid", "layer-member-skipped"}  # fsck --layers: test_image.py
+    layers_only |= {"toc-mismatch", "toc-unused"}  # tests/test_chunked.py
     archive_only |= {c for c in fsck.CODES if c.startswith("docker-")}  # tests/test_docker.py
     assert set(CASES) | archive_only | layers_only == set(fsck.CODES)
     assert set(CASES).isdisjoint(archive_only | layers_only)

@@ -545,7 +545,9 @@ class _Decompressed:
             counter.total += len(out)
             return out
 
-        monkeypatch.setattr(gzipsource, "_gzip_reader", lambda raw: Counting(real_reader(raw)))
+        monkeypatch.setattr(
+            gzipsource, "_gzip_reader", lambda raw, threads=1: Counting(real_reader(raw, threads))
+        )
         monkeypatch.setattr(pyzstd, "ZstdDecompressor", lambda **kw: Counting(real_decompressor(**kw)))
         monkeypatch.setattr(pyzstd, "decompress", decompress)
 

@@ -16,7 +16,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ocifuse"
 
 LAYERS: dict[str, tuple[str, ...]] = {
     # values every layer shares: errors, digests, the JSON model, sizes, the cache seam's interface
-    "base": ("errors", "units", "digest", "model", "findings", "store", "journal", "progress", "urls"),
+    "base": (
+        "errors",
+        "units",
+        "digest",
+        "model",
+        "findings",
+        "store",
+        "journal",
+        "progress",
+        "urls",
+        "credentials",
+    ),
     # where bytes come from: files, ranges, decompressing sources, the index cache on disk
     "bytes": (
         "source",
@@ -28,13 +39,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "compressed",
         "cache",
         "remote",
+        "portable",
     ),
-    # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers
-    "tar": ("entries", "tarscan", "tablecodec", "archive", "layer"),
+    # what tar bytes hold: entry tables, the header walk, the stored table, open archives, layers, TOCs
+    "tar": ("entries", "tarscan", "tablecodec", "archive", "layer", "chunked"),
     # what the tools see: layouts, docker-archives, resolution, the rootfs merge, the front door
     "views": ("layout", "dockerarchive", "resolve", "rootfs", "image", "tree", "views"),
     # the commands' own logic, FUSE-free
-    "commands": ("validate", "fsck", "inspect", "options", "umount"),
+    "commands": ("validate", "fsck", "inspect", "options", "umount", "makeindex"),
     # the FUSE shell: the only modules that import pyfuse3 or trio
     "fuse": ("fs", "daemon"),
     # the command line and the package's lazy public API

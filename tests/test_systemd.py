@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from mounting import (
     wait_until,
 )
 from oci import LayoutBuilder
+from servers import nginx
 
 from ocifuse import journal
 
@@ -43,7 +45,9 @@ UNITS = {
     "system": SYSTEMD / "ocifuse@.service",
     "user": SYSTEMD / "user" / "ocifuse@.service",
     "mount": SYSTEMD / "examples" / "mnt-app.mount",
+    "remote-mount": SYSTEMD / "examples" / "mnt-remote.mount",
 }
+NETWORK_DROP_IN = SYSTEMD / "examples" / "ocifuse@.service.d" / "network-online.conf"
 # What mount(8) leaves of PATH for a helper: none (util-linux sanitizes it away); /bin/sh's default.
 SCRUBBED_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 IGNORABLE = "nofail,_netdev,x-systemd.automount,comment=foo"
@@ -116,13 +120,13 @@ def _no_leaks(tmp_path: Path) -> Iterator[None]:
         pytest.fail(f"the test left ocifuse mount(s) behind: {', '.join(leaked)}")
 
 
-def archive_daemons(archive: Path) -> list[int]:
+def archive_daemons(archive: Path | str) -> list[int]:
     """Pids of processes whose command line names ``archive`` (helper-form and /dev/fd/N daemons too)."""
     return pids_naming(archive, ocifuse_mount=False)
 
 
 @contextlib.contextmanager
-def cleanup(archive: Path, mountpoint: Path) -> Iterator[None]:
+def cleanup(archive: Path | str, mountpoint: Path) -> Iterator[None]:
     """Whatever happens: unmount, wait for the archive's daemons to exit, kill any that do not."""
     try:
         yield
@@ -153,7 +157,7 @@ def assert_served(mountpoint: Path) -> None:
     assert sorted(os.listdir(mountpoint)) == ["blobs", "index.json", "oci-layout"]
 
 
-def unmount_and_wait(archive: Path, mountpoint: Path) -> None:
+def unmount_and_wait(archive: Path | str, mountpoint: Path) -> None:
     """``umount`` as a user would; the background daemon then exits by itself."""
     done = subprocess.run(["umount", os.fspath(mountpoint)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
@@ -276,7 +280,40 @@ def test_fstab_example_through_the_generator(tmp_path: Path) -> None:
     assert settings["Type"] == ["fuse.ocifuse"]
     assert settings["RequiresMountsFor"] == ["/srv/img"]
     assert (out[0] / "mnt-tools.automount").exists()
-    verify([app, out[0] / "mnt-tools.mount", out[0] / "mnt-tools.automount"], tmp_path)
+    # The URL line: _netdev makes it a network mount, wanted by remote-fs.target, after the network.
+    remote = out[0] / "mnt-remote.mount"
+    settings = unit_settings(remote)
+    assert settings["What"] == ["https://mirror.example.com/images/app.tar"]
+    assert "network-online.target" in settings["After"] and "network-online.target" in settings["Requires"]
+    assert (out[0] / "remote-fs.target.wants" / "mnt-remote.mount").exists()
+    assert not (out[0] / "local-fs.target.wants" / "mnt-remote.mount").exists()
+    verify([app, out[0] / "mnt-tools.mount", out[0] / "mnt-tools.automount", remote], tmp_path)
+
+
+def test_remote_mount_unit_waits_for_the_network(tmp_path: Path) -> None:
+    """The URL .mount example: ordered after network-online.target, which it pulls in; _netdev; verifies."""
+    s = unit_settings(UNITS["remote-mount"])
+    assert s["What"][0].startswith("https://") and s["Type"] == ["fuse.ocifuse"]
+    assert s["Wants"] == ["network-online.target"] and s["After"] == ["network-online.target"]
+    options = s["Options"][0].split(",")
+    assert {"ro", "nodev", "nosuid", "_netdev"} <= set(options)
+    assert any(o.startswith("credentials=/") for o in options)  # a file, never the secret itself
+    assert s["WantedBy"] == ["remote-fs.target"]
+    verify([installed_copy(UNITS["remote-mount"], tmp_path / "units")], tmp_path)
+
+
+def test_service_drop_in_for_urls_verifies(tmp_path: Path) -> None:
+    """The network-online drop-in: an instance of the template with it passes verify."""
+    s = unit_settings(NETWORK_DROP_IN)
+    assert s == {"Wants": ["network-online.target"], "After": ["network-online.target"]}
+    units = tmp_path / "units"
+    template = installed_copy(UNITS["system"], units)
+    instance = units / "ocifuse@mnt-remote.service"
+    instance.symlink_to(template.name)
+    drop_in = units / "ocifuse@mnt-remote.service.d"
+    drop_in.mkdir()
+    shutil.copy(NETWORK_DROP_IN, drop_in / NETWORK_DROP_IN.name)
+    verify([template, instance], tmp_path)
 
 
 # -- journald priorities -----------------------------------------------------------------------------
@@ -563,23 +600,72 @@ def test_mount8_type_fuse_ocifuse(archive: Path, mnt: Path) -> None:
         unmount_and_wait(archive, mnt)
 
 
+def mount_fstab_line(tmp_path: Path, line: str, mnt: Path) -> None:
+    """``mount --fstab FILE MNT`` with ``line`` as FILE's one line, as mount(8) reads /etc/fstab."""
+    fstab = tmp_path / "fstab"
+    fstab.write_text(line + "\n")
+    done = subprocess.run(
+        ["mount", "--fstab", os.fspath(fstab), os.fspath(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.usefixtures("ocifuse_on_default_path")
 def test_fstab_line(archive: Path, mnt: Path, tmp_path: Path) -> None:
     """The same as an fstab line (``mount --fstab FILE MNT``)."""
     require_fuse()
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"{archive} {mnt} fuse.ocifuse ro,nodev,nosuid,{IGNORABLE} 0 0\n")
     with cleanup(archive, mnt):
-        done = subprocess.run(
-            ["mount", "--fstab", os.fspath(fstab), os.fspath(mnt)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        mount_fstab_line(tmp_path, f"{archive} {mnt} fuse.ocifuse ro,nodev,nosuid,{IGNORABLE} 0 0", mnt)
         assert_served(mnt)
         unmount_and_wait(archive, mnt)
+
+
+def assert_blobs_hash_to_their_names(mountpoint: Path) -> int:
+    """Every blob under the mount reads whole and hashes to its name; how many there are."""
+    blobs = sorted((mountpoint / "blobs" / "sha256").iterdir())
+    for blob in blobs:
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    return len(blobs)
+
+
+@pytest.mark.usefixtures("ocifuse_on_default_path")
+def test_mount8_and_fstab_with_a_url(archive: Path, mnt: Path, tmp_path: Path) -> None:
+    """``mount -t fuse.ocifuse http://...`` and an fstab line with _netdev: the source is a URL.
+
+    Its userinfo and query (secrets) show neither in /proc/mounts nor in the daemon's command line.
+    """
+    require_fuse()
+    require(shutil.which("mount.fuse", path=SCRUBBED_PATH) is not None, "no /sbin/mount.fuse (fuse3)")
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(archive, www / "app.tar")
+    with nginx(tmp_path / "nginx", www) as server:
+        url = server.url("app.tar")
+        secret = url.replace("http://", "http://someone:hunter2@") + "?X-Amz-Signature=sig-0ff1ce"
+        with cleanup(url, mnt):
+            argv = ["mount", "-t", "fuse.ocifuse", secret, os.fspath(mnt)]
+            argv += ["-o", f"ro,nodev,nosuid,{IGNORABLE}"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            assert_served(mnt)
+            assert [src for point, _, src in mounts() if point == os.fspath(mnt)] == [url]
+            (pid,) = archive_daemons(url)  # the URL in its command line is the one without secrets
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"hunter2" not in cmdline and b"sig-0ff1ce" not in cmdline, cmdline
+            ps = subprocess.run(["ps", "-ww", "-eo", "args="], capture_output=True, text=True).stdout
+            assert "hunter2" not in ps, "a process (mount, sh, ocifuse) still shows the secret"
+            assert assert_blobs_hash_to_their_names(mnt) >= 3  # fetched by the background daemon
+            unmount_and_wait(url, mnt)
+        options = "ro,nodev,nosuid,_netdev,nofail,x-systemd.requires=network-online.target"
+        with cleanup(url, mnt):
+            mount_fstab_line(tmp_path, f"{url} {mnt} fuse.ocifuse {options} 0 0", mnt)
+            assert_served(mnt)
+            assert_blobs_hash_to_their_names(mnt)
+            unmount_and_wait(url, mnt)
 
 
 def scrubbed_env(**extra: str) -> dict[str, str]:
