@@ -131,7 +131,7 @@ def encode(kind: str, key: str, payload: bytes) -> bytes:
     head = _HEADER.pack(MAGIC, version_of(kind), len(kind_b), len(key_b), len(payload)) + kind_b + key_b
     h = hashlib.sha256(head)
     h.update(payload)
-    return head + payload + h.digest()
+    return b"".join((head, payload, h.digest()))  # one copy of the payload (head + payload + digest: two)
 
 
 def _head(head: bytes, kind: str | None = None) -> tuple[int, int, int]:

@@ -74,6 +74,7 @@ class Skipped:
 # A table's kinds as held in Columns.kinds and stored: one byte per entry (1 is a directory).
 _KINDS = (Kind.FILE, Kind.DIR, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK, Kind.FIFO)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+KIND_ORDER = _KINDS  # what each code of a stored kinds column means
 _DIR_CODE = _KIND_CODES[Kind.DIR]
 # What the columns hold of an Entry: adding a field to Entry means holding it here too, and
 # storing it (with a new cache.CACHE_VERSION) or refusing to store it as ``meta`` is refused;
@@ -97,16 +98,23 @@ class Names(Sequence[str]):
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Names:
-        """Names from strs (already sorted)."""
+        """Names from strs (already sorted): encoded as one string, without a bytes object per name."""
+        names = names if isinstance(names, list) else list(names)
+        joined = "".join(names)
+        blob = joined.encode("utf-8", "surrogateescape")
+        if len(blob) == len(joined):  # every character one byte (ASCII, or an undecodable byte kept)
+            del joined
+            return cls(blob, array("Q", itertools.accumulate(map(len, names))))
+        del joined, blob
         raw = [n.encode("utf-8", "surrogateescape") for n in names]
         return cls(b"".join(raw), array("Q", itertools.accumulate(map(len, raw))))
 
     def __len__(self) -> int:
         return len(self._ends)
 
-    def raw(self, i: int) -> bytes:
-        """The bytes of row ``i`` (0 <= i < len): the name as the kernel sees it."""
-        return bytes(self._blob[self._ends[i - 1] if i else 0 : self._ends[i]])
+    def raw(self, i: int, start: int = 0) -> bytes:
+        """The bytes of row ``i`` (0 <= i < len) from byte ``start`` on: the name as the kernel sees it."""
+        return bytes(self._blob[(self._ends[i - 1] if i else 0) + start : self._ends[i]])
 
     @overload
     def __getitem__(self, i: int) -> str: ...
@@ -149,8 +157,8 @@ class Columns:
     rows: list[Entry] | None = None
 
     @classmethod
-    def of(cls, entries: Mapping[str, Entry]) -> Columns:
-        """The columns of an entry dict."""
+    def of(cls, entries: Mapping[str, Entry], *, keep_rows: bool = True) -> Columns:
+        """The columns of an entry dict (``keep_rows``: its Entry objects kept too, see ``rows``)."""
         names = sorted(entries)
         ordered = [entries[n] for n in names]
         metas = [e.meta for e in ordered]
@@ -162,7 +170,7 @@ class Columns:
             array("q", [e.mtime for e in ordered]),
             array("I", [e.source for e in ordered]),
             metas if any(m is not None for m in metas) else None,
-            ordered,
+            ordered if keep_rows else None,
         )
 
     def __len__(self) -> int:
@@ -181,9 +189,42 @@ class Columns:
         kind = _KINDS[self.kinds[i]]
         return Entry(kind, self.offsets[i], self.sizes[i], self.mtimes[i], self.sources[i], meta)
 
+    def fields(self, i: int) -> tuple[Kind, int, int, Meta | None]:
+        """What a stat of row ``i`` shows (its kind, size, mtime and Meta), with no Entry made."""
+        if self.rows is not None:
+            e = self.rows[i]
+            return e.kind, e.size, e.mtime, e.meta
+        return (
+            _KINDS[self.kinds[i]],
+            self.sizes[i],
+            self.mtimes[i],
+            None if self.metas is None else self.metas[i],
+        )
+
     def is_dir(self, i: int) -> bool:
         """True when row ``i`` is a directory."""
         return self.kinds[i] == _DIR_CODE
+
+
+class ColumnEntries(Mapping[str, Entry]):
+    """Columns seen as a mapping of path -> Entry (an Entry made per lookup; no dict of them)."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns: Columns) -> None:
+        self.columns = columns
+
+    def __getitem__(self, name: str) -> Entry:
+        i = self.columns.index(name)
+        if i < 0:
+            raise KeyError(name)
+        return self.columns.entry(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns.names)
+
+    def __len__(self) -> int:
+        return len(self.columns)
 
 
 class ArchiveTable:
@@ -219,6 +260,12 @@ class ArchiveTable:
         table._entries = None
         table._columns = columns
         return table
+
+    def adopt(self, same: ArchiveTable) -> None:
+        """Read the columns of ``same``, this very table held elsewhere (decoded from its stored bytes)."""
+        if len(same) != len(self) or same.end != self.end:
+            raise ValueError("not the same table")
+        self._columns, self._entries = same.columns, None
 
     @property
     def entries(self) -> dict[str, Entry]:

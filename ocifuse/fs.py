@@ -148,15 +148,21 @@ class Operations(pyfuse3.Operations):
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         """The stat of ``node``: 0555 dirs, 0444 files, the mounting user's, mtime from the tar header."""
+        e = node.entry
+        return self.attributes_of(node.inode, e.kind, e.size, e.mtime, e.meta)
+
+    def attributes_of(
+        self, inode: int, kind: Kind, size: int, mtime: int, meta: Meta | None
+    ) -> pyfuse3.EntryAttributes:
+        """The stat of ``inode`` from its entry's fields (Tree.fields: readdir makes no node per child)."""
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.InodeT(node.inode)
+        attr.st_ino = pyfuse3.InodeT(inode)
         attr.generation = 0
         attr.entry_timeout = TIMEOUT
         attr.attr_timeout = TIMEOUT
-        size = node.entry.size
-        if node.children is not None:
+        if kind is Kind.DIR:
             attr.st_mode = pyfuse3.ModeT(DIR_MODE)
-            attr.st_nlink = 2 + sum(1 for _, i in node.children if self._is_dir(i))
+            attr.st_nlink = 2 + self.tree.subdirs(inode)
         else:
             attr.st_mode = pyfuse3.ModeT(FILE_MODE)
             attr.st_nlink = 1
@@ -166,32 +172,27 @@ class Operations(pyfuse3.Operations):
         attr.st_size = size
         attr.st_blksize = 128 * 1024
         attr.st_blocks = (size + 511) // 512  # st_blocks counts 512-byte units
-        mtime_ns = max(0, min(node.entry.mtime, 2**62 // 10**9)) * 10**9
+        mtime_ns = max(0, min(mtime, 2**62 // 10**9)) * 10**9
         attr.st_atime_ns = mtime_ns
         attr.st_mtime_ns = mtime_ns
         attr.st_ctime_ns = mtime_ns
-        meta = node.entry.meta
         if meta is not None:
-            self._rich_attributes(attr, node, meta)
+            self._rich_attributes(attr, kind, meta)
         return attr
 
-    def _rich_attributes(self, attr: pyfuse3.EntryAttributes, node: Node, meta: Meta) -> None:
+    def _rich_attributes(self, attr: pyfuse3.EntryAttributes, kind: Kind, meta: Meta) -> None:
         """The rootfs view: the image's type and mode bits, owner, link count and device number.
 
         setuid, setgid and devices are shown as the image has them and are inert: the mount is
         always nosuid,nodev (options.FORCED).
         """
-        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[node.entry.kind] | meta.mode)
-        if node.children is None:
+        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[kind] | meta.mode)
+        if kind is not Kind.DIR:
             attr.st_nlink = meta.nlink
         if not self.own_all:
             attr.st_uid = meta.uid
             attr.st_gid = meta.gid
         attr.st_rdev = meta.rdev
-
-    def _is_dir(self, inode: int) -> bool:
-        node = self.tree.node(inode)
-        return node is not None and node.is_dir
 
     def read_node(
         self, node: Node, off: int, size: int, cached_only: bool = False
@@ -325,11 +326,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(fh)
         children = node.children or ()
         dots = ((b".", node.inode), (b"..", node.parent))
+        tree = self.tree
         for index in range(start_id, len(children) + 2):
             name, inode = dots[index] if index < 2 else children[index - 2]
-            entry = self.tree.node(inode)
-            assert entry is not None
-            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), self.attributes(entry), index + 1):
+            attr = self.attributes_of(inode, *tree.fields(inode))
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), attr, index + 1):
                 break
 
     @handler

@@ -30,7 +30,7 @@ from .chunked import (
 from .chunked import Unusable as TocUnusable
 from .compressed import open_decompressed
 from .digest import Digest, hash_source
-from .entries import Sources
+from .entries import ColumnEntries, Columns, Sources
 from .errors import (
     ArchiveChanged,
     BlobNotFound,
@@ -288,7 +288,10 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
                     layer.finish()  # nothing built from a layer is kept unless the layer is its digest
                 merged = merge(tables)
                 notes = _notes(tables, merged)
-                return Merged(entries=merged.entries, root=merged.root, notes=notes, sizes=sources.sizes())
+                # as columns: the Tree and the stored tree read them, sorted once; no Entry object
+                # of the merge is kept for the mount's life (500,000 files: ~90 MB)
+                entries = ColumnEntries(Columns.of(merged.entries, keep_rows=False))
+                return Merged(entries=entries, root=merged.root, notes=notes, sizes=sources.sizes())
 
             def decode(payload: bytes) -> Merged:
                 merged = Merged.from_bytes(payload)

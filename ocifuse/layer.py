@@ -26,7 +26,7 @@ from .model import load_value
 from .source import Source, SourceFile, sniff
 from .store import LAYER_TABLE, Store, load_or_build
 from .streams import Forward
-from .tarscan import BLOCK, TarFile, header_mtime, is_root, normalize, refusal, walk
+from .tarscan import BLOCK, PlainMember, TarFile, header_mtime, is_root, normalize, refusal, walk
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # that tables stored before the registry of kinds still load.
 TABLE_FORMAT = 1
 
+# Members a stored table encodes at once (to_bytes).
+TO_BYTES_ROWS = 10_000
 # How much of a compressed layer the scan reads at once (30,000 small files: ~0.75 -> ~0.45 s a layer).
 COMPRESSED_READ_AHEAD = 256 << 10
 # PAX extended attributes as GNU tar, bsdtar, Go's archive/tar and umoci write them.
@@ -124,7 +126,7 @@ class LayerTable:
         if kind is not None:
             raise NotAnArchive(name, f"{kind}-compressed data where an uncompressed tar layer was expected")
         builder = _LayerBuilder()
-        end = walk(f, name, size, builder.add, layer=True)
+        end = walk(f, name, size, builder.add, layer=True, plain=builder.add_plain)
         return cls(builder.members, builder.skipped, end)
 
     @classmethod
@@ -164,20 +166,29 @@ class LayerTable:
         )
 
     def to_bytes(self, size: int) -> bytes:
-        """The table as the cache stores it (JSON), for a layer stream of ``size`` bytes."""
-        members = [
-            [m.name, m.type.value, m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,
-             m.devmajor, m.devminor, [[_b64(k), _b64(v)] for k, v in m.xattrs]]
-            for m in self.members
-        ]  # fmt: skip
+        """The table as the cache stores it (JSON), for a layer stream of ``size`` bytes.
+
+        The members are encoded TO_BYTES_ROWS at a time: a layer of 300,000 files makes no list of
+        300,000 lists at once (the document is the one ``json.dumps`` would write of them all).
+        """
         doc = {
             "format": TABLE_FORMAT,
             "size": size,
             "end": self.end,
-            "members": members,
+            "members": [],
             "skipped": [[s.name, s.reason] for s in self.skipped],
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        head, tail = json.dumps(doc, separators=(",", ":")).split('"members":[]', 1)
+        parts = [head, '"members":[']
+        for at in range(0, len(self.members), TO_BYTES_ROWS):
+            rows = [
+                [m.name, m.type.value, m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,
+                 m.devmajor, m.devminor, [[_b64(k), _b64(v)] for k, v in m.xattrs]]
+                for m in self.members[at : at + TO_BYTES_ROWS]
+            ]  # fmt: skip
+            parts.append(("," if at else "") + json.dumps(rows, separators=(",", ":"))[1:-1])
+        parts += ["]", tail]
+        return "".join(parts).encode()
 
     @classmethod
     def from_bytes(cls, payload: bytes, size: int) -> LayerTable:
@@ -272,59 +283,76 @@ class _LayerBuilder:
         self.members: list[Member] = []
         self.skipped: list[Skipped] = []
 
-    def skip(self, info: tarfile.TarInfo, reason: str) -> None:
-        self.skipped.append(Skipped(info.name, reason))
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(Skipped(name, reason))
 
     def add(self, info: tarfile.TarInfo) -> None:
         """Record one member, or why it is skipped."""
         kind = _TYPES.get(info.type)
         if kind is None or info.sparse is not None:
             what = "GNU sparse member" if info.sparse is not None else f"member of tar type {info.type!r}"
-            self.skip(info, f"{what} (not supported)")
+            self.skip(info.name, f"{what} (not supported)")
             return
-        name = normalize(info.name)
+        self._add(
+            info.name, kind, info.mode, info.uid, info.gid, header_mtime(info), info.offset_data, info.size,
+            info.linkname, info.devmajor, info.devminor, info,
+        )  # fmt: skip
+
+    def add_plain(self, run: list[PlainMember]) -> None:
+        """Record a run of plain members (tarscan's ``_plain_run``: no PAX, no xattrs), as ``add`` would."""
+        for m in run:
+            self._add(
+                m.name, _TYPES[m.type], m.mode, m.uid, m.gid, m.mtime, m.offset_data, m.size,
+                m.linkname, m.devmajor, m.devminor, None,
+            )  # fmt: skip
+
+    def _add(
+        self, raw: str, kind: Type, mode: int, uid: int, gid: int, mtime: int, offset: int, size: int,
+        linkname: str, devmajor: int, devminor: int, info: tarfile.TarInfo | None,
+    ) -> None:  # fmt: skip
+        """Record one member (``info``: its PAX headers' xattrs, if it has any), or why it is skipped."""
+        name = normalize(raw)
         if name is None:
-            if not is_root(info.name):
-                self.skip(info, refusal(info.name))
+            if not is_root(raw):
+                self.skip(raw, refusal(raw))
                 return
             if kind is not Type.DIR:
-                self.skip(info, "the layer's root is not a directory")
+                self.skip(raw, "the layer's root is not a directory")
                 return
             name = ""
-        if not (0 <= info.uid <= MAX_ID and 0 <= info.gid <= MAX_ID):
-            self.skip(info, f"owner {info.uid}:{info.gid} out of range")
+        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+            self.skip(raw, f"owner {uid}:{gid} out of range")
             return
-        mtime = header_mtime(info)
-        linkname = info.linkname
         if kind is Type.HARDLINK:
             target = normalize(linkname)
             if target is None:
-                self.skip(info, f"hardlink to {linkname!r}: {refusal(linkname)}")
+                self.skip(raw, f"hardlink to {linkname!r}: {refusal(linkname)}")
                 return
             linkname = target
         elif kind is Type.SYMLINK:
             if not linkname or "\0" in linkname:
-                self.skip(info, "symlink with an empty target or a NUL byte in it")
+                self.skip(raw, "symlink with an empty target or a NUL byte in it")
                 return
         elif kind in (Type.CHAR, Type.BLOCK) and not (
-            0 <= info.devmajor <= MAX_MAJOR and 0 <= info.devminor <= MAX_MINOR
+            0 <= devmajor <= MAX_MAJOR and 0 <= devminor <= MAX_MINOR
         ):
-            self.skip(info, f"device {info.devmajor}:{info.devminor} out of range")
+            self.skip(raw, f"device {devmajor}:{devminor} out of range")
             return
-        xattrs = _xattrs(info)
+        device = kind in (Type.CHAR, Type.BLOCK)
+        xattrs = _xattrs(info) if info is not None else ()
         self.members.append(
             Member(
                 name,
                 kind,
-                info.mode & 0o7777,
-                info.uid,
-                info.gid,
+                mode & 0o7777,
+                uid,
+                gid,
                 mtime,
-                info.offset_data if kind is Type.FILE else 0,
-                info.size if kind is Type.FILE else 0,
+                offset if kind is Type.FILE else 0,
+                size if kind is Type.FILE else 0,
                 linkname if kind in (Type.SYMLINK, Type.HARDLINK) else "",
-                info.devmajor if kind in (Type.CHAR, Type.BLOCK) else 0,
-                info.devminor if kind in (Type.CHAR, Type.BLOCK) else 0,
+                devmajor if device else 0,
+                devminor if device else 0,
                 xattrs,
             )
         )

@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 import json
 import os
-from collections.abc import Sequence
+import struct
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .entries import Entry, Kind, Meta
+from .entries import KIND_ORDER, ColumnEntries, Columns, Entry, Kind, Meta, Names
 from .errors import InvalidDocument
 from .layer import LayerTable, Member, Type
 from .model import load_value
-from .tarscan import normalize
+from .store import Stale
+from .tablecodec import from_le, le_bytes
+from .tarscan import NAME_MAX, normalize, plain_name
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
-TREE_FORMAT = 2  # 2: a hardlink to a file its own layer whites out is kept
+TREE_FORMAT = 3  # 2: a hardlink to a file its own layer whites out is kept; 3: stored as columns
+_LENGTH = struct.Struct("<Q")
+_FILE, _DIR = KIND_ORDER.index(Kind.FILE), KIND_ORDER.index(Kind.DIR)
 # Symlinks followed in one path before giving up (securejoin's limit, as umoci unpack uses it).
 MAX_SYMLINKS = 255
 WHITEOUT = ".wh."
@@ -64,15 +71,29 @@ class Note:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Merged:
-    """The merged tree: every path (root excluded) to its entry, the root's entry, and the notes."""
+    """The merged tree: every path (root excluded) to its entry, the root's entry, and the notes.
 
-    entries: dict[str, Entry]
+    ``entries`` is a dict as the merge makes it, or ColumnEntries (a tree loaded from the cache,
+    or stored: its columns are what the Tree reads, with no dict and no sort).
+    """
+
+    entries: Mapping[str, Entry]
     root: Entry
     notes: list[Note]
     sizes: tuple[int, ...] = ()  # the layer streams' sizes it was made for (once merged from them)
 
+    def columns(self) -> Columns:
+        """The entries in path order, column by column."""
+        if isinstance(self.entries, ColumnEntries):
+            return self.entries.columns
+        return Columns.of(self.entries)
+
     def to_bytes(self, sizes: Sequence[int]) -> bytes:
-        """The tree as the index cache stores it (JSON), for layer streams of these ``sizes``."""
+        """The tree as the index cache stores it, for layer streams of these ``sizes``:
+        u64 len(head) | head (JSON: format, sizes, root, metas, notes, counts) | the columns
+        (names blob, name ends u64, kinds u8, offsets u64, sizes u64, mtimes i64, layers u32,
+        Meta indexes u32; little endian)."""
+        c = self.columns()
         metas: dict[int, int] = {}
         rows: list[list[object]] = []
 
@@ -87,34 +108,52 @@ class Merged:
                 )  # fmt: skip
             return found
 
-        def entry(path: str, e: Entry) -> list[object]:
-            return [path, e.kind.value, e.offset, e.size, e.mtime, e.source, meta_index(e.meta)]
-
-        doc = {
+        root = self.root
+        indexes = array("I", map(meta_index, c.metas if c.metas is not None else [None] * len(c)))
+        blob, ends = c.names.blob()
+        head = {
             "format": TREE_FORMAT,
             "sizes": list(sizes),
-            "root": entry("", self.root),
-            "entries": [entry(p, e) for p, e in self.entries.items()],
+            "root": [root.kind.value, root.offset, root.size, root.mtime, root.source, meta_index(root.meta)],
             "metas": rows,
             "notes": [[n.layer, n.name, n.reason] for n in self.notes],
+            "count": len(c),
+            "names": len(blob),
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        encoded = json.dumps(head, separators=(",", ":")).encode()
+        columns = (ends, c.offsets, c.sizes, c.mtimes, c.sources, indexes)
+        return b"".join(
+            [_LENGTH.pack(len(encoded)), encoded, blob, le_bytes(ends), c.kinds, *map(le_bytes, columns[1:])]
+        )
 
     @classmethod
     def from_bytes(cls, payload: bytes, sizes: Sequence[int] | None = None) -> Merged:
         """A tree from ``to_bytes``; ValueError (or TypeError, ...) unless it is a whole, consistent one
         for layer streams of exactly these ``sizes`` (None: the sizes it says, each an int >= 0):
-        every file inside its layer, every name one the scan accepts, every parent a directory."""
+        every file inside its layer, every name one the scan accepts, in order, every parent a directory."""
+        view = memoryview(payload)
+        pos = 0
+
+        def take(size: int) -> memoryview:
+            nonlocal pos
+            if size < 0 or pos + size > len(view):
+                raise ValueError("tree payload cut short")
+            pos += size
+            return view[pos - size : pos]
+
+        (head_len,) = _LENGTH.unpack(take(_LENGTH.size))
         try:
-            doc: Any = load_value("cached tree", payload)
+            doc: Any = load_value("cached tree", bytes(take(head_len)))
         except InvalidDocument as e:
             raise ValueError(e.reason) from e
+        if doc["format"] != TREE_FORMAT:
+            raise Stale("a tree of another format")
         if sizes is None:
             sizes = doc["sizes"]
             if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
                 raise ValueError("layer sizes that are not sizes")
-        if doc["format"] != TREE_FORMAT or doc["sizes"] != list(sizes):
-            raise ValueError("for another format or other layers")
+        if doc["sizes"] != list(sizes):
+            raise ValueError("for other layers")
         metas = []
         for mode, uid, gid, link, rdev, xattrs, nlink, group in doc["metas"]:
             mode | uid | gid | rdev | nlink | group  # noqa: B018  TypeError unless ints
@@ -125,38 +164,69 @@ class Merged:
                     mode=mode, uid=uid, gid=gid, link=link, rdev=rdev, xattrs=pairs, nlink=nlink, group=group
                 )
             )
-        made: dict[int, Entry] = {}
-
-        def entry(row: list[Any]) -> tuple[str, Entry]:
-            path, kind, offset, size, mtime, source, meta = row
-            offset | size | mtime | source | meta  # noqa: B018  TypeError unless ints
-            kind = Kind(kind)
-            if not (0 <= source < len(sizes) and offset >= 0 and size >= 0 and 0 <= meta < len(metas)):
-                raise ValueError(f"entry {path!r} out of range")
-            if kind is Kind.FILE and offset + size > sizes[source]:
-                raise ValueError(f"file {path!r} lies outside its layer")
-            if kind is Kind.DIR and metas[meta].group:
-                raise ValueError(f"directory {path!r} in a hardlink group")
-            # hardlinked paths share one Entry, as merge makes them (a group's Meta is its own)
-            e = made.get(meta) if metas[meta].group else None
-            if e is None:
-                e = Entry(kind, offset, size, mtime, source, metas[meta])
-                if metas[meta].group:
-                    made[meta] = e
-            return path, e
-
-        root_path, root = entry(doc["root"])
-        entries = dict(entry(row) for row in doc["entries"])
-        if root_path != "" or root.kind is not Kind.DIR or "" in entries:
+        n, names_len = doc["count"], doc["names"]
+        n | names_len  # noqa: B018  TypeError unless ints
+        blob = take(names_len)
+        ends = from_le("Q", take(8 * n))
+        kinds = bytes(take(n))
+        offsets, lengths, mtimes, sources, indexes = (
+            from_le(t, take(n * array(t).itemsize)) for t in ("Q", "Q", "q", "I", "I")
+        )
+        if pos != len(view):
+            raise ValueError("trailing bytes after the tree")
+        if (ends[-1] if n else 0) != names_len or any(a > b for a, b in itertools.pairwise(ends)):
+            raise ValueError("tree names do not add up")
+        if kinds.translate(None, bytes(range(len(KIND_ORDER)))):
+            raise ValueError("unknown entry kind in the tree")
+        if (n and (max(sources) >= len(sizes) or max(indexes) >= len(metas))) or not metas:
+            raise ValueError("an entry out of range")
+        names = Names(blob, ends)
+        _check_rows(names, kinds, offsets, lengths, sources, [metas[i] for i in indexes], sizes)
+        kind, offset, size, mtime, source, meta = doc["root"]
+        offset | size | mtime | source | meta  # noqa: B018  TypeError unless ints
+        if Kind(kind) is not Kind.DIR or not 0 <= meta < len(metas) or metas[meta].group:
             raise ValueError("the root is not a directory")
-        for path in entries:
-            if normalize(path) != path:
-                raise ValueError(f"entry {path!r} has a name the scan refuses")
-            parent = path.rpartition("/")[0]
-            if parent and (parent not in entries or entries[parent].kind is not Kind.DIR):
-                raise ValueError(f"entry {path!r} has no directory above it")
+        root = Entry(Kind.DIR, offset, size, mtime, source, metas[meta])
+        row_metas: list[Meta | None] = [metas[i] for i in indexes]
+        columns = Columns(names, kinds, offsets, lengths, mtimes, sources, row_metas)
         notes = [Note(int(layer), str(name), str(reason)) for layer, name, reason in doc["notes"]]
-        return cls(entries=entries, root=root, notes=notes, sizes=tuple(sizes))
+        return cls(entries=ColumnEntries(columns), root=root, notes=notes, sizes=tuple(sizes))
+
+
+def _check_rows(
+    names: Names,
+    kinds: bytes,
+    offsets: array[int],
+    lengths: array[int],
+    sources: array[int],
+    metas: list[Meta],
+    sizes: Sequence[int],
+) -> None:
+    """ValueError unless every row is one the merge could have made: names sorted, each accepted by
+    the scan and under a directory; files inside their layers; no directory in a hardlink group."""
+    dirs = {""}
+    previous = None
+    blob, ends = names.blob()
+    text = str(blob, "utf-8", "surrogateescape")
+    # every character one byte (ASCII, or an undecodable byte kept): a name's byte offsets are its
+    # character offsets, and one decoding serves every name
+    one_byte = len(text) == len(blob)
+    rows = map(text.__getitem__, map(slice, itertools.chain((0,), ends), ends)) if one_byte else iter(names)
+    for i, name in enumerate(rows):
+        if previous is not None and not previous < name:
+            raise ValueError(f"entry {name!r} out of order")
+        previous = name
+        if not (one_byte and plain_name(name) and len(name) <= NAME_MAX) and normalize(name) != name:
+            raise ValueError(f"entry {name!r} has a name the scan refuses")
+        if name.rpartition("/")[0] not in dirs:
+            raise ValueError(f"entry {name!r} has no directory above it")
+        kind = kinds[i]
+        if kind == _DIR:
+            if metas[i].group:
+                raise ValueError(f"directory {name!r} in a hardlink group")
+            dirs.add(name)
+        elif kind == _FILE and offsets[i] + lengths[i] > sizes[sources[i]]:
+            raise ValueError(f"file {name!r} lies outside its layer")
 
 
 class _Leaf:

@@ -55,7 +55,7 @@ TABLE = Artifact("table", 2, "entry table")
 GZIP_INDEX = Artifact("gzip-index", 2, "gzip index")
 ZSTD_INDEX = Artifact("zstd-index", 2, "zstd frame table")
 LAYER_TABLE = Artifact("layer-table", 2, "layer table")
-TREE = Artifact("rootfs-tree", 2, "merged tree")
+TREE = Artifact("rootfs-tree", 3, "merged tree")  # 3: stored as columns (rootfs.TREE_FORMAT 3)
 DOCKER_DIGESTS = Artifact("docker-digests", 2, "docker-archive member digests")
 # A block of a remote object (remote.py), under the object's identity (URL, ETag, size) and its index.
 REMOTE_BLOCK = Artifact("remote-block", 2, "remote block", durable=False)

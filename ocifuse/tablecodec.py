@@ -22,10 +22,10 @@ assert [array(t).itemsize for t in _COLUMN_TYPES] == [8, 8, 8, 4]
 def _pack_strings(texts: list[str]) -> list[bytes]:
     """u32 byte lengths of ``texts``, then the texts themselves (UTF-8, surrogateescape)."""
     raw = [t.encode("utf-8", "surrogateescape") for t in texts]
-    return [_le(array("I", map(len, raw))), *raw]
+    return [le_bytes(array("I", map(len, raw))), *raw]
 
 
-def _le(a: array[int]) -> bytes:
+def le_bytes(a: array[int]) -> bytes:
     """An array's bytes, little endian (the cache's byte order on every machine)."""
     if sys.byteorder == "big":
         a = array(a.typecode, a)
@@ -33,7 +33,8 @@ def _le(a: array[int]) -> bytes:
     return a.tobytes()
 
 
-def _from_le(typecode: str, data: memoryview) -> array[int]:
+def from_le(typecode: str, data: memoryview) -> array[int]:
+    """An array of ``typecode`` from little-endian bytes."""
     a = array(typecode)
     a.frombytes(data)
     if sys.byteorder == "big":
@@ -53,9 +54,9 @@ def encode_table(table: ArchiveTable) -> bytes:
         [
             _TABLE_HEAD.pack(len(c.names), len(table.skipped), len(table.symlinks), len(names), table.end),
             names,
-            _le(ends),
+            le_bytes(ends),
             c.kinds,
-            *(_le(a) for a in (c.offsets, c.sizes, c.mtimes, c.sources)),
+            *(le_bytes(a) for a in (c.offsets, c.sizes, c.mtimes, c.sources)),
             *_pack_strings(skipped),
             *_pack_strings(symlinks),
         ]
@@ -78,16 +79,16 @@ def decode_table(payload: bytes) -> ArchiveTable:
         return view[pos - size : pos]
 
     blob = take(names_len)
-    ends = _from_le("Q", take(8 * n))
+    ends = from_le("Q", take(8 * n))
     if (ends[-1] if n else 0) != names_len:
         raise ValueError("table names do not add up")
     kinds = bytes(take(n))
     if kinds.translate(None, bytes(range(len(_KINDS)))):
         raise ValueError("unknown entry kind in table")
-    offsets, sizes, mtimes, sources = (_from_le(t, take(n * array(t).itemsize)) for t in _COLUMN_TYPES)
+    offsets, sizes, mtimes, sources = (from_le(t, take(n * array(t).itemsize)) for t in _COLUMN_TYPES)
     texts = []
     for count in (k, m):
-        lengths = _from_le("I", take(8 * count))
+        lengths = from_le("I", take(8 * count))
         texts.append([str(take(length), "utf-8", "surrogateescape") for length in lengths])
     if pos != len(view):
         raise ValueError("trailing bytes after the table")

@@ -8,14 +8,17 @@ oci-archive table (``scan_table``) and a layer's full-member table (layer.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
 import tarfile
+from array import array
 from collections.abc import Callable
-from typing import IO, Protocol
+from typing import IO, NamedTuple, Protocol
+from zlib import adler32
 
-from .entries import ArchiveTable, Entry, Kind, Skipped
+from .entries import _KIND_CODES, ArchiveTable, Columns, Kind, Names, Skipped
 from .errors import LayoutOpenError, NotAnArchive, TruncatedArchive
 from .source import sniff
 
@@ -70,6 +73,11 @@ class _CappedReader:
 _PLAIN_NAME = re.compile(r"[^/\0.][^/\0]*(?:/[^/\0.][^/\0]*)*")
 
 
+def plain_name(name: str) -> bool:
+    """True for a name ``normalize`` keeps as it is if its bytes are few enough (its fast path)."""
+    return _PLAIN_NAME.fullmatch(name) is not None
+
+
 def normalize(name: str) -> str | None:
     """The path a member is served at, or None when the name policy refuses it.
 
@@ -77,7 +85,7 @@ def normalize(name: str) -> str | None:
     Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
     names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
     """
-    if _PLAIN_NAME.fullmatch(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+    if plain_name(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
         return name  # already normal: no "", "." or ".." component, no NUL, short (the common case)
     if name.startswith("/") or "\0" in name:
         return None
@@ -134,8 +142,8 @@ def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
     if size == 0:
         raise NotAnArchive(path, "empty file, not a tar archive")
     builder = _TableBuilder()
-    end = walk(fileobj, path, size, builder.add)
-    return ArchiveTable(builder.finish(), builder.skipped, end, builder.symlinks)
+    end = walk(fileobj, path, size, builder.add, plain=builder.add_plain)
+    return ArchiveTable.from_columns(builder.finish(), builder.skipped, end, builder.symlinks)
 
 
 def walk(
@@ -145,6 +153,7 @@ def walk(
     add: Callable[[tarfile.TarInfo], None],
     *,
     layer: bool = False,
+    plain: Callable[[list[PlainMember]], None] | None = None,
 ) -> int:
     """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
 
@@ -155,7 +164,9 @@ def walk(
     reading (every seek goes forward but for a header block or two). ``layer``: accept what Go's
     archive/tar accepts and real layer tars hold (``umoci insert`` writes them): no end-of-archive
     blocks, the last member's padding cut short, an empty file or an all-zero first block (an
-    empty layer). Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
+    empty layer). ``plain``: a builder's fast door, given runs of canonical plain headers (files and
+    directories, links, devices: ``_plain_run``) instead of one TarInfo each.
+    Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
     """
     if layer:
         fileobj.seek(0)
@@ -175,6 +186,9 @@ def walk(
     try:
         while True:
             reader.budget = MAX_MEMBER_HEADERS
+            # (a global PAX header may rename what follows: tarfile's then)
+            if plain and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
+                tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, plain)
             may_end = layer and getattr(tf, "firstmember", None) is None
             if may_end and not _holds(fileobj, size, tf.offset + 1):
                 # the last member ended at (or its padding past) the end: no end blocks
@@ -300,16 +314,182 @@ def _plain_header(
     return info
 
 
+class PlainMember(NamedTuple):
+    """A member of a run of canonical plain headers, as tarfile reads it (its TarInfo's fields)."""
+
+    name: str  # a directory's without its trailing slashes
+    type: bytes  # tarfile.REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE or FIFOTYPE
+    offset_data: int
+    size: int
+    mtime: int
+    mode: int
+    uid: int
+    gid: int
+    linkname: str
+    devmajor: int
+    devminor: int
+
+    def info(self) -> tarfile.TarInfo:
+        """The TarInfo tarfile makes of the same header (for what a builder leaves to its ``add``)."""
+        info = tarfile.TarInfo(self.name)
+        info.type, info.size, info.mtime, info.mode = self.type, self.size, self.mtime, self.mode
+        info.uid, info.gid, info.linkname = self.uid, self.gid, self.linkname
+        info.devmajor, info.devminor = self.devmajor, self.devminor
+        info.uname = info.gname = ""
+        info.offset, info.offset_data = self.offset_data - BLOCK, self.offset_data
+        return info
+
+
+# The plain ustar header as GNU tar, Go's archive/tar and Python's tarfile write it (POSIX.1-2001
+# "ustar Interchange Format"): every number zero-padded octal ending in NUL (mode, uid, gid,
+# devmajor and devminor may be all NUL), the checksum as "%06o\0 ", magic "ustar\0" version "00", and
+# a type _plain_header takes. Groups: name mode uid gid size mtime checksum type link major minor prefix.
+_NUMBER = rb"([0-7]{7}\0|\0{8})"
+_CANONICAL = re.compile(
+    rb"(?s)(.{100})" + _NUMBER * 3 + rb"([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ([0-6])(.{100})"
+    rb"ustar\x0000.{64}" + _NUMBER * 2 + rb"(.{155}).{12}"
+)
+# How much of the tar a run reads at once, at most (a run of small members grows to it); a stream
+# read forward keeps FORWARD_KEEP bytes behind its position: a run never reads further ahead.
+RUN_CHUNK = 1 << 20
+RUN_CHUNK_FORWARD = 64 << 10
+
+
+def _number(field: bytes) -> int:
+    return int(field[:7], 8) if field[0] else 0
+
+
+def _plain_run(
+    fileobj: TarFile,
+    pos: int,
+    size: int | None,
+    encoding: str,
+    errors: str,
+    take: Callable[[list[PlainMember]], None],
+) -> int:
+    """Hand the members of the canonical plain headers from ``pos`` on to ``take``, a list per chunk
+    read; return where the first header not taken starts (tarfile's then: anything else, a bad
+    checksum, the end).
+
+    The fast path of a million-member archive: no TarInfo, no call per member, headers read many at a
+    time; what it takes is exactly what tarfile (and ``_plain_header``) read from the same blocks.
+    The checksum is tarfile's unsigned sum, the field as spaces: two adler32 sums of 256 bytes each
+    (adler32's low half is 1 + the byte sum mod 65521, and 256 bytes sum to at most 65280).
+    ``size`` None: a stream read forward (a layer's first pass): a file is taken only when its data
+    was read with its header (the walk checks the rest: a stream cut short, its end).
+    """
+    out: list[PlainMember] = []
+    try:
+        return _run(fileobj, pos, size, encoding, errors, take, out)
+    finally:
+        if out:
+            take(out)
+
+
+def _run(
+    fileobj: TarFile,
+    pos: int,
+    size: int | None,
+    encoding: str,
+    errors: str,
+    take: Callable[[list[PlainMember]], None],
+    out: list[PlainMember],
+) -> int:
+    """``_plain_run``'s loop: ``out`` holds the members of the chunk read last (handed on after it)."""
+    want, most = BLOCK * 16, RUN_CHUNK if size is not None else RUN_CHUNK_FORWARD
+    match = _CANONICAL.match
+    while size is None or pos + BLOCK <= size:
+        if out:
+            take(out[:])
+            out.clear()
+        fileobj.seek(pos)
+        chunk = fileobj.read(want if size is None else min(want, size - pos))
+        view = memoryview(chunk)
+        at, n = 0, len(chunk)
+        while at + BLOCK <= n:
+            m = match(chunk, at, at + BLOCK)
+            if m is None:
+                return pos + at
+            name_f, mode, uid, gid, size_f, mtime, chksum, kind, link, major, minor, prefix = m.groups()
+            found = (
+                (adler32(view[at : at + 256]) & 0xFFFF)
+                + (adler32(view[at + 256 : at + BLOCK]) & 0xFFFF)
+                - 2
+                - sum(view[at + 148 : at + 156])
+                + 256
+            )
+            length = int(size_f, 8)
+            padded = -(-length // BLOCK) * BLOCK
+            skip = padded if kind == b"0" else 0  # tarfile skips data after a regular file only
+            if found != int(chksum, 8) or (
+                pos + at + BLOCK + padded > size if size is not None else at + BLOCK + skip > n
+            ):
+                return pos + at  # tarfile says what is wrong (and reads a signed checksum)
+            name = name_f.split(b"\0", 1)[0].decode(encoding, errors)
+            if prefix[0]:  # decoded apart and joined, as tarfile does
+                name = prefix.split(b"\0", 1)[0].decode(encoding, errors) + "/" + name
+            if kind == b"5":
+                name = name.rstrip("/")
+            out.append(
+                PlainMember(
+                    name, kind, pos + at + BLOCK, length, int(mtime, 8), _number(mode), _number(uid),
+                    _number(gid), link.split(b"\0", 1)[0].decode(encoding, errors), _number(major),
+                    _number(minor),
+                )
+            )  # fmt: skip
+            at += BLOCK + skip
+        # a run of small members reads more at a time; a jump over data starts small again
+        want = min(want * 2, most) if at - n < want else BLOCK * 16
+        if n < BLOCK:
+            return pos  # the end of a stream: the walk's
+        pos += at
+    return pos
+
+
+_FILE, _DIR = _KIND_CODES[Kind.FILE], _KIND_CODES[Kind.DIR]
+
+
+def _rows(names: list[str]) -> dict[str, int]:
+    """Each name's last row."""
+    return dict(zip(names, range(len(names)), strict=True))
+
+
 class _TableBuilder:
-    """Applies the name policy member by member; duplicate names: the last one wins."""
+    """Applies the name policy member by member, into columns; duplicate names: the last one wins.
+
+    Rows are kept in archive order, one per member taken (no Entry object, no dict of every
+    entry while scanning: a million members); ``finish`` keeps the last row of each name, adds
+    the implied directories and sorts them into Columns.
+    """
 
     def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
+        self.names: list[str] = []
+        self.kinds = bytearray()
+        self.offsets: array[int] = array("Q")
+        self.sizes: array[int] = array("Q")
+        self.mtimes: array[int] = array("q")
         self.skipped: list[Skipped] = []
         self.symlinks: dict[str, str] = {}
+        # name -> its last row, kept from the first hardlink on (which looks its target up)
+        self._where: dict[str, int] | None = None
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, reason))
+
+    def _put(self, name: str, kind: int, offset: int, size: int, mtime: int) -> None:
+        if self._where is not None:
+            self._where[name] = len(self.names)
+        self.names.append(name)
+        self.kinds.append(kind)
+        self.offsets.append(offset)
+        self.sizes.append(size)
+        self.mtimes.append(mtime)
+
+    def _row(self, name: str) -> int | None:
+        """The last row of ``name`` so far, or None."""
+        if self._where is None:
+            self._where = _rows(self.names)
+        return self._where.get(name)
 
     def add(self, info: tarfile.TarInfo) -> None:
         """Enter one member into the table, or note why it is skipped."""
@@ -322,41 +502,75 @@ class _TableBuilder:
         if self.symlinks and not info.issym():
             self.symlinks.pop(name, None)  # duplicate names: the last member wins
         if info.isdir():
-            self.entries[name] = Entry(Kind.DIR, 0, 0, mtime)
+            self._put(name, _DIR, 0, 0, mtime)
         elif info.isreg():
             if info.sparse is not None:
                 self.skip(info.name, "GNU sparse member (not supported)")
                 return
-            self.entries[name] = Entry(Kind.FILE, info.offset_data, info.size, mtime)
+            self._put(name, _FILE, info.offset_data, info.size, mtime)
         elif info.islnk():
             target = normalize(info.linkname)
-            found = self.entries.get(target) if target is not None else None
-            if found is None or found.kind is not Kind.FILE:
+            row = self._row(target) if target is not None else None
+            if row is None or self.kinds[row] != _FILE:
                 self.skip(info.name, f"hardlink to {info.linkname!r}, not a regular member before it")
                 return
-            self.entries[name] = Entry(Kind.FILE, found.offset, found.size, mtime)
+            self._put(name, _FILE, self.offsets[row], self.sizes[row], mtime)
         elif info.issym():
             self.symlinks[name] = info.linkname
             self.skip(info.name, f"symlink to {info.linkname!r} (symlinks are not served)")
         else:
             self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
 
-    def finish(self) -> dict[str, Entry]:
-        """Add implied directories; a path that has children is a directory, never a file."""
+    def add_plain(self, run: list[PlainMember]) -> None:
+        """Enter a run of plain members (``_plain_run``), as ``add`` would one by one."""
+        for m in run:
+            if m.type == tarfile.REGTYPE or m.type == tarfile.DIRTYPE:
+                served = normalize(m.name)
+                if served is None:
+                    if not is_root(m.name):
+                        self.skip(m.name, refusal(m.name))
+                    continue
+                if self.symlinks:
+                    self.symlinks.pop(served, None)
+                if m.type == tarfile.DIRTYPE:
+                    self._put(served, _DIR, 0, 0, m.mtime)
+                else:
+                    self._put(served, _FILE, m.offset_data, m.size, m.mtime)
+            else:
+                self.add(m.info())  # links, devices, fifos: rare in an image archive
+
+    def finish(self) -> Columns:
+        """The columns: the last row of each name, and implied directories; a path that has children
+        is a directory, never a file."""
+        where = self._where if self._where is not None else _rows(self.names)
+        self._where = None
         dirs: set[str] = set()
-        for name in self.entries:
-            parent = name.rpartition("/")[0]
+        for name in {p for p, _, _ in map(str.rpartition, where, itertools.repeat("/"))}:
+            parent = name
             while parent and parent not in dirs:
                 dirs.add(parent)
                 parent = parent.rpartition("/")[0]
         for d in sorted(dirs):
-            found = self.entries.get(d)
-            if found is not None and found.kind is Kind.FILE:
+            row = where.get(d)
+            if row is not None and self.kinds[row] == _FILE:
                 self.skip(d, "file replaced by a directory of the same name")
-                found = None
-            if found is None:
-                self.entries[d] = Entry(Kind.DIR, 0, 0, 0)
-        return self.entries
+                row = None
+            if row is None:
+                where[d] = len(self.names)
+                self._put(d, _DIR, 0, 0, 0)
+        order = sorted(where)
+        rows = list(map(where.__getitem__, order))
+        del where
+        self.names.clear()
+        # what is no longer needed is let go before the next big thing is made (a million rows)
+        kinds = bytes(map(self.kinds.__getitem__, rows))
+        offsets = array("Q", map(self.offsets.__getitem__, rows))
+        sizes = array("Q", map(self.sizes.__getitem__, rows))
+        mtimes = array("q", map(self.mtimes.__getitem__, rows))
+        del rows
+        self.kinds, self.offsets, self.sizes, self.mtimes = bytearray(), array("Q"), array("Q"), array("q")
+        names = Names.of(order)
+        return Columns(names, kinds, offsets, sizes, mtimes, array("I", bytes(4 * len(kinds))))
 
 
 def _data_skipped(info: tarfile.TarInfo) -> bool:

@@ -11,14 +11,78 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import compress
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
-from .entries import ArchiveTable, Columns, Entry, Kind
+from .entries import ArchiveTable, ColumnEntries, Columns, Entry, Kind, Meta, Names
 
 ROOT = 1  # pyfuse3.ROOT_INODE; the root is allocated first.
 _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)
+
+
+# File nodes kept at once (directories are kept for the mount's life): a million files walked by
+# ``find`` cost no million Node objects; the kernel caches their attributes anyway (fs.TIMEOUT).
+RECENT_FILES = 4096
+
+
+class Children(Sequence[tuple[bytes, int]]):
+    """A directory's (name, inode) pairs sorted by name, held as two arrays of row and inode.
+
+    A name is read from the table's Names when asked for (8 + 8 bytes a child, not a tuple, a bytes
+    and an int: a directory of a million blobs takes 16 MB, not ~200 MB and a dict); ``find`` bisects.
+    Equal to any sequence of the same pairs (a tuple of them).
+    """
+
+    __slots__ = ("_names", "_start", "_rows", "_inodes")
+
+    def __init__(self, names: Names, start: int, rows: array[int], inodes: array[int]) -> None:
+        self._names, self._start, self._rows, self._inodes = names, start, rows, inodes
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def name(self, i: int) -> bytes:
+        """The name of child ``i`` (0 <= i < len), as the kernel sees it."""
+        return self._names.raw(self._rows[i], self._start)
+
+    def inode(self, i: int) -> int:
+        """The inode of child ``i``."""
+        return self._inodes[i]
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[bytes, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[bytes, int]]: ...
+    def __getitem__(self, i: int | slice) -> tuple[bytes, int] | list[tuple[bytes, int]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self._rows)
+        if not 0 <= i < len(self._rows):
+            raise IndexError(i)
+        return self.name(i), self._inodes[i]
+
+    def find(self, name: bytes) -> int | None:
+        """The inode of the child ``name``, or None."""
+        lo, hi = 0, len(self._rows)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.name(mid) < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self._inodes[lo] if lo < len(self._rows) and self.name(lo) == name else None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Children({list(self)!r})"
 
 
 class Node(NamedTuple):
@@ -27,7 +91,7 @@ class Node(NamedTuple):
     inode: int
     parent: int
     entry: Entry  # a directory's entry has offset 0 and size 0
-    children: tuple[tuple[bytes, int], ...] | None
+    children: Children | tuple[tuple[bytes, int], ...] | None
 
     @property
     def is_dir(self) -> bool:
@@ -46,10 +110,12 @@ class Tree:
     def __init__(
         self, entries: Mapping[str, Entry] | ArchiveTable, root_mtime: int = 0, root: Entry | None = None
     ) -> None:
-        columns = entries.columns if isinstance(entries, ArchiveTable) else Columns.of(entries)
+        if isinstance(entries, ArchiveTable | ColumnEntries):
+            columns = entries.columns
+        else:
+            columns = Columns.of(entries)
         self._columns = columns
         self._root_entry = Entry(Kind.DIR, 0, 0, root_mtime) if root is None else root
-        self._lookup: dict[int, dict[bytes, int]] = {}
         # Without hardlink groups (the layout view, always) inode = row + 2 and these stay None.
         self._inode_of_row: array[int] | None = None
         self._row_of_inode: array[int] | None = None
@@ -59,8 +125,11 @@ class Tree:
         else:
             self.files = is_file.count(1)
             self.total_size = sum(compress(columns.sizes, is_file))
-        count = len(columns) if self._row_of_inode is None else len(self._row_of_inode) - _FIRST
-        self._nodes: list[Node | None] = [None] * (count + _FIRST)
+        self._count = (len(columns) if self._row_of_inode is None else len(self._row_of_inode) - _FIRST) + 1
+        self._dirs: dict[int, Node] = {}  # every directory node made, for the mount's life
+        self._dir_inodes: dict[str, int] = {"": ROOT}  # their paths
+        self._files: dict[int, Node] = {}  # file nodes made lately (RECENT_FILES at most)
+        self._subdirs: dict[int, int] = {}
 
     def _group(self, is_file: bytes) -> None:
         """Number the inodes of a table with hardlink groups: one per group, at its first path."""
@@ -84,26 +153,54 @@ class Tree:
         self.files, self.total_size = files, total
 
     def __len__(self) -> int:
-        return len(self._nodes) - 1
+        return self._count
 
     def node(self, inode: int) -> Node | None:
         """The node of ``inode``, or None if there is no such inode."""
-        if not 0 < inode < len(self._nodes):
+        node = self._dirs.get(inode) or self._files.get(inode)
+        if node is not None:
+            return node
+        if not 0 < inode <= self._count:
             return None
-        node = self._nodes[inode]
-        if node is None:
-            node = self._nodes[inode] = self._make(inode)
+        node = self._make(inode)
+        if node.children is not None:
+            self._dirs[inode] = node
+            self._dir_inodes[self.path_of(inode)] = inode
+        else:
+            if len(self._files) >= RECENT_FILES:
+                self._files.clear()
+            self._files[inode] = node
         return node
+
+    def fields(self, inode: int) -> tuple[Kind, int, int, Meta | None]:
+        """What a stat of existing ``inode`` shows: kind, size, mtime and Meta (no node made)."""
+        if inode == ROOT:
+            e = self._root_entry
+            return e.kind, e.size, e.mtime, e.meta
+        return self._columns.fields(self._row(inode))
+
+    def is_dir(self, inode: int) -> bool:
+        """True when ``inode`` is a directory (no node made)."""
+        if inode == ROOT:
+            return True
+        return 0 < inode <= self._count and self._columns.is_dir(self._row(inode))
+
+    def subdirs(self, inode: int) -> int:
+        """How many directories directory ``inode`` holds (its link count is 2 more)."""
+        count = self._subdirs.get(inode)
+        if count is None:
+            node = self.node(inode)
+            children = node.children if node is not None else None
+            count = self._subdirs[inode] = sum(1 for _, i in children or () if self.is_dir(i))
+        return count
 
     def child(self, parent: int, name: bytes) -> Node | None:
         """The node named ``name`` in directory ``parent``, or None."""
-        children = self._lookup.get(parent)
-        if children is None:
-            node = self.node(parent)
-            if node is None or node.children is None:
-                return None
-            children = self._lookup[parent] = dict(node.children)
-        inode = children.get(name)
+        node = self.node(parent)
+        if node is None or node.children is None:
+            return None
+        children = node.children
+        inode = children.find(name) if isinstance(children, Children) else dict(children).get(name)
         return None if inode is None else self.node(inode)
 
     def path_of(self, inode: int) -> str:
@@ -122,11 +219,13 @@ class Tree:
         row = self._row(inode)
         path = self._columns.names[row]
         parent_path = path.rpartition("/")[0]
-        parent = ROOT if not parent_path else self._inode(self._columns.index(parent_path))
+        parent = self._dir_inodes.get(parent_path)
+        if parent is None:
+            parent = self._inode(self._columns.index(parent_path))
         children = self._children(path) if self._columns.is_dir(row) else None
         return Node(inode, parent, self._columns.entry(row), children)
 
-    def _children(self, path: str) -> tuple[tuple[bytes, int], ...]:
+    def _children(self, path: str) -> Children:
         """The (name, inode) pairs directly under directory ``path``, sorted by name.
 
         The paths under ``path/`` are one run of the sorted names; a child directory's own run
@@ -140,15 +239,21 @@ class Tree:
             start = len(_fsencode(path)) + 1
         else:
             lo, hi, start = 0, len(names), 0
-        out: list[tuple[bytes, int]] = []
+        rows = array("Q")
+        last = b""
+        ordered = True  # rows come in str order; by bytes, the kernel's order, unless a name is undecodable
         row = lo
         while row < hi:
-            raw = names.raw(row)
-            slash = raw.find(b"/", start)
+            raw = names.raw(row, start)
+            slash = raw.find(b"/")
             if slash < 0:
-                out.append((raw[start:], self._inode(row)))
+                ordered = ordered and last < raw
+                last = raw
+                rows.append(row)
                 row += 1
             else:  # under a child directory: skip that directory's whole run
-                row = bisect_left(names, str(raw[:slash], "utf-8", "surrogateescape") + "0", row, hi)
-        out.sort()
-        return tuple(out)
+                prefix = names.raw(row)[: start + slash]
+                row = bisect_left(names, str(prefix, "utf-8", "surrogateescape") + "0", row, hi)
+        if not ordered:
+            rows = array("Q", sorted(rows, key=lambda r: names.raw(r, start)))
+        return Children(names, start, rows, array("Q", map(self._inode, rows)))

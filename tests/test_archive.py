@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Callable
 from contextlib import closing, suppress
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 import tarbuild
@@ -402,10 +404,12 @@ def _scan_outcome(path: Path) -> object:
 
 
 def _both_ways(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
-    """The scan with the plain-header fast path, then with every header left to tarfile."""
+    """The scan with the plain-header fast paths (one header, a run of them), then with every header
+    left to tarfile."""
     fast = _scan_outcome(path)
     with monkeypatch.context() as m:
         m.setattr(archive_module, "_plain_header", lambda *args: None)
+        m.setattr(archive_module, "_plain_run", lambda fileobj, pos, *args: pos)  # the runs too
         slow = _scan_outcome(path)
     return fast, slow
 
@@ -451,3 +455,55 @@ def test_normalize_matches_the_spelled_out_policy(parts: list[str]) -> None:
     """normalize's shortcut for already-normal names never changes what the policy decides."""
     name = "/".join(parts)
     assert normalize(name) == _reference_normalize(name)
+
+
+def test_runs_of_plain_headers_match_tarfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of plain headers (``_plain_run``: many members, no TarInfo each) between members tarfile
+    reads give exactly the table tarfile's parse gives: duplicates, a file under a file, refused
+    names, a prefix-field name, a hardlink to a member of a run, implied directories."""
+    path = tmp_path / "runs.tar"
+    long_dir = "p" * 90 + "/" + "q" * 60  # a name ustar splits into prefix and name
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+
+        def add(name: str, data: bytes | None = b"x", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime = kind, link, 1234567
+            if data is not None and kind == tarfile.REGTYPE:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data or b""))
+
+        add("first")
+        for i in range(300):
+            add(f"d{i % 7}/f{i}", b"y" * (i % 700))
+        add("d1/", None, tarfile.DIRTYPE)
+        add("d1/f1", b"again")  # a duplicate: the last one wins
+        add("d2/f2/under", b"z")  # a file under a file: the file gives way to a directory
+        add("../escape", b"no")
+        add("./", None, tarfile.DIRTYPE)
+        add(f"{long_dir}/file", b"long")
+        add("link", None, tarfile.LNKTYPE, "d3/f3")  # tarfile's, to a member of a run
+        add("sym", None, tarfile.SYMTYPE, "d4/f4")
+        add("after/f", b"after")
+    runs: list[int] = []
+    plain_run: Callable[..., int] = archive_module._plain_run
+
+    def counting(*args: Any) -> int:
+        *head, take = args
+
+        def counted(run: list[archive_module.PlainMember]) -> None:
+            runs.append(len(run))
+            take(run)
+
+        return plain_run(*head, counted)
+
+    monkeypatch.setattr(archive_module, "_plain_run", counting)
+    fast = _scan_outcome(path)
+    assert sum(runs) >= 300  # the runs took most members
+    monkeypatch.setattr(archive_module, "_plain_run", plain_run)
+    assert fast == _both_ways(path, monkeypatch)[1]
+    assert isinstance(fast, tuple)
+    entries = fast[0]
+    assert isinstance(entries, dict)
+    assert entries["link"].offset == entries["d3/f3"].offset
+    assert entries["d1/f1"].size == 5 and entries["d2/f2"].kind is Kind.DIR
+    assert f"{long_dir}/file" in entries and "escape" not in entries

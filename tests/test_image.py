@@ -106,7 +106,8 @@ def test_open_rootfs_merges_layers_and_reads_bytes(tmp_path: Path, form: str) ->
         entries = img.merged.entries
         assert sorted(entries) == ["etc", "etc/a", "etc/c"]
         a = entries["etc/a"]
-        assert img.sources.pread(a, 0, 100) == b"upper a" and entries["etc/c"] is a
+        assert img.sources.pread(a, 0, 100) == b"upper a" and entries["etc/c"] == a
+        assert a.meta is not None and a.meta.group and entries["etc/c"].meta is a.meta  # one inode
         assert img.merged.notes == []
     finally:
         img.close()

@@ -6,8 +6,10 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import stat
+import struct
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,7 +158,8 @@ def test_scan_keeps_every_type_and_its_metadata() -> None:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain headers of every type read by the struct fast path give the members tarfile's parse gives."""
+    """Plain headers of every type read by the fast paths (one header, runs of them, from a file or a
+    stream read forward) give the members tarfile's parse gives."""
     from ocifuse import tarscan as archive
 
     members = [
@@ -169,13 +172,15 @@ def test_scan_fast_path_agrees_with_tarfile(fmt: int, monkeypatch: pytest.Monkey
         special("a/p", tarfile.FIFOTYPE),
         file_member("a/g", b"y"),
     ]
-    data = tar_bytes(members, fmt=fmt)
-    fast = scan(data)
+    data = tar_bytes(members * 40, fmt=fmt)  # runs of plain headers (tarscan._plain_run) too
+
+    fast = scan(data)  # from a file, and (scan checks it) from streams read forward
     with monkeypatch.context() as m:
         m.setattr(archive, "_plain_header", lambda *args: None)
+        m.setattr(archive, "_plain_run", lambda fileobj, pos, *args: pos)
         slow = scan(data)
     assert fast.members == slow.members and fast.end == slow.end
-    assert len(fast.members) == len(members)
+    assert len(fast.members) == len(members) * 40
 
 
 def test_scan_accepts_tars_without_end_blocks_even_mid_block() -> None:
@@ -492,33 +497,62 @@ def _hardlinked_tree() -> tuple[Merged, list[int]]:
 
 
 def test_merged_tree_round_trips_through_the_cache() -> None:
-    """A cached tree is the merge's: every entry, hardlinks still one Entry, the root, the notes."""
+    """A cached tree is the merge's: every entry, hardlinks still one Meta, the root, the notes."""
     merged, sizes = _hardlinked_tree()
     again = Merged.from_bytes(merged.to_bytes(sizes), sizes)
     assert again.entries == merged.entries and again.root == merged.root and again.notes == merged.notes
-    assert again.entries["d/a"] is again.entries["d/b"] is again.entries["c2"]
-    assert again.entries["d/a"].meta is not None and again.entries["d/a"].meta.nlink == 3
+    assert again.entries["d/a"] == again.entries["d/b"] == again.entries["c2"]
+    meta = again.entries["d/a"].meta
+    assert meta is not None and meta.nlink == 3 and meta is again.entries["c2"].meta
+    assert sorted(again.entries) == list(again.entries)  # stored in path order
 
 
+def _damaged(data: bytes, column: str, row: int, value: bytes) -> bytes:
+    """``data`` (a stored tree) with one row of one column overwritten by ``value``."""
+    (head_len,) = struct.unpack_from("<Q", data)
+    head = json.loads(data[8 : 8 + head_len])
+    n, at = head["count"], 8 + head_len
+    starts = {"names": at}
+    at += head["names"]
+    for name, width in (("ends", 8), ("kinds", 1), ("offsets", 8), ("sizes", 8), ("mtimes", 8)):
+        starts[name] = at
+        at += width * n
+    width = len(value)
+    where = starts[column] + row * (1 if column == "names" else width)
+    return data[:where] + value + data[where + width :]
+
+
+# names in path order: c c2 d d/a d/b s; the names blob is b"cc2dd/ad/bs"
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda d: d.replace(b'"sizes":[', b'"sizes":[1,'),  # cached for other layers
-        lambda d: d.replace(b'["d/a","file",', b'["../a","file",'),  # a refused name
-        lambda d: d.replace(b'["d","dir",', b'["e","dir",'),  # a parent that is not there
-        lambda d: d.replace(b'"file",1024,6,', b'"file",1024,99999,'),  # a file outside its layer
-        lambda d: d.replace(b'"format":2', b'"format":0'),
+        lambda d: d.replace(b'"format":3', b'"format":0'),
         lambda d: d[:-3],
+        lambda d: d + b"\0",
+        lambda d: d.replace(b"cc2dd/ad/bs", b"cc2dd/.d/bs"),  # a refused name, in order
+        lambda d: d.replace(b"cc2dd/ad/bs", b"c2cdd/ad/bs"),  # out of order
+        lambda d: _damaged(d, "kinds", 2, b"\0"),  # d a file: d/a has no directory above it
+        lambda d: _damaged(d, "kinds", 3, b"\x09"),  # no such kind
+        lambda d: _damaged(d, "sizes", 3, struct.pack("<Q", 99999)),  # a file outside its layer
+        lambda d: _damaged(d, "ends", 5, struct.pack("<Q", 99)),  # names that do not add up
     ],
 )
 def test_a_bad_cached_tree_is_refused(damage: Callable[[bytes], bytes]) -> None:
-    """A cached tree that is not whole, for other layers, or inconsistent: ValueError (then merged again)."""
+    """A cached tree that is not whole, or inconsistent: ValueError (then merged again)."""
     merged, sizes = _hardlinked_tree()
     good = merged.to_bytes(sizes)
     bad = damage(good)
     assert bad != good
     with pytest.raises(ValueError):
         Merged.from_bytes(bad, sizes)
+    Merged.from_bytes(good, sizes)
+
+
+def test_a_cached_tree_for_other_layers_is_refused() -> None:
+    """A tree stored for layer streams of other sizes is not used for these."""
+    merged, sizes = _hardlinked_tree()
+    with pytest.raises(ValueError):
+        Merged.from_bytes(merged.to_bytes(sizes), [sizes[0], sizes[1] + 512])
 
 
 # -- the rootfs view's operations, without a mount (pyfuse3 handlers under trio) -------------------
