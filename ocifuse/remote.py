@@ -76,10 +76,15 @@ CHUNK_BLOCKS = CHUNK // BLOCK
 # unkept); a read's own fetch never waits, and what finds no room is not kept.
 DISK_MAX = 1024 * MiB
 WRITE_BEHIND = 64 * MiB
-WRITE_WAIT = 2.0
+WRITE_WAIT = 1.0
 # Redirects followed at open (curl's default is 50, browsers' 20; an object is rarely more than one away).
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)  # RFC 9110 15.4
+
+
+# A block: a view of the buffer it was fetched or loaded in (a part of up to PART bytes, a
+# chunk's entry), never a copy of its own; the memory bound counts the buffers (RemoteSource._keep).
+Block = memoryview
 
 
 class RemoteError(OcifuseError):
@@ -451,16 +456,17 @@ class RemoteSource(Source):
         self._disk = disk if key is not None else None  # no strong ETag: blocks kept in memory only
         self._disk_key = key or ""
         self._disk_left = DISK_MAX
-        self._writes: deque[tuple[int, dict[int, bytes]] | None] = deque()  # (chunk, its blocks); None: stop
+        self._writes: deque[tuple[int, dict[int, Block]] | None] = deque()  # (chunk, its blocks); None: stop
         self._queued = 0  # bytes in ``_writes``
         self._entering = 0  # fetchers on their way into ``_writes`` (close's sentinel waits for them)
         self._room = threading.Condition(threading.Lock())  # guards _writes and _queued
         self._writer_pid = 0
         self._writer_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()  # block index -> bytes (LRU order)
-        self._held = 0
-        self._pending: dict[int, Future[bytes]] = {}  # block index -> its fetch in flight
+        self._blocks: OrderedDict[int, Block] = OrderedDict()  # block index -> its bytes (LRU order)
+        self._held = 0  # bytes of the buffers that blocks in ``_blocks`` are views of
+        self._buffers: dict[int, int] = {}  # id of such a buffer -> how many of those blocks view it
+        self._pending: dict[int, Future[Block]] = {}  # block index -> its fetch in flight
         self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -478,7 +484,7 @@ class RemoteSource(Source):
         # fetch in flight it waits for (read-ahead started earlier, another reader's).
         deadline = time.monotonic() + self.obj.options.timeout
         first, last = offset // BLOCK, (offset + size - 1) // BLOCK
-        waits: dict[int, Future[bytes]] = {}
+        waits: dict[int, Future[Block]] = {}
         mine: list[int] = []
         with self._lock:
             if self._closed:
@@ -493,7 +499,7 @@ class RemoteSource(Source):
                 elif b in self._pending:
                     waits[b] = self._pending[b]
                 else:
-                    future: Future[bytes] = Future()
+                    future: Future[Block] = Future()
                     self._pending[b] = future
                     waits[b] = future
                     mine.append(b)
@@ -510,7 +516,7 @@ class RemoteSource(Source):
             ) from None
         if len(pieces) == 1:
             start = offset - first * BLOCK
-            return pieces[0][start : start + size]
+            return bytes(pieces[0][start : start + size])
         return b"".join(_cut(pieces, offset - first * BLOCK, size))
 
     def pread_cached(self, offset: int, size: int) -> bytearray | None:
@@ -573,14 +579,15 @@ class RemoteSource(Source):
     def _claim_ahead(self, start_block: int, window: int) -> list[list[int]]:
         """Mark the missing blocks of the window after ``start_block`` as pending (lock held); their parts.
 
-        The window's end is rounded up to a step of half the window (at most PART): each read moves
-        the window on by its own size, but what is claimed grows a step at a time, so that read-ahead
-        asks for large aligned parts (8 MiB once the window is 16 MiB), not a block per read.
+        The window's end is rounded down to a step of half the window (at most PART): each read
+        moves the window on by its own size, but what is claimed grows a step at a time, so that
+        read-ahead asks for large aligned parts (8 MiB once the window is 16 MiB), not a block per
+        read, and never more than the window ahead (the memory LRU holds the window).
         """
         if window <= 0:
             return []
         step = min(PART, window // 2) // BLOCK or 1
-        end_block = -(-(start_block + window // BLOCK) // step) * step
+        end_block = (start_block + window // BLOCK) // step * step
         end_block = min((self.size + BLOCK - 1) // BLOCK, end_block)
         missing = []
         for b in range(start_block, end_block):
@@ -620,7 +627,7 @@ class RemoteSource(Source):
                 for b in run:
                     self._pending.pop(b, None)
                 return
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, Block] = {}
         if self._disk is not None:
             for c in range(run[0] // CHUNK_BLOCKS, run[-1] // CHUNK_BLOCKS + 1):
                 found = self._load_chunk(c)
@@ -629,7 +636,7 @@ class RemoteSource(Source):
                     for b, block in found.items():
                         if not self._closed and b not in self._blocks and b not in self._pending:
                             self._keep(b, block)
-        fetched: dict[int, bytes] = {}
+        fetched: dict[int, Block] = {}
         for missing in _runs([b for b in run if b not in blocks]):
             start = missing[0] * BLOCK
             end = min(self.size, (missing[-1] + 1) * BLOCK)
@@ -647,7 +654,7 @@ class RemoteSource(Source):
                 log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
                 return
             for i, b in enumerate(missing):
-                fetched[b] = blocks[b] = bytes(data[i * BLOCK : (i + 1) * BLOCK])  # the one copy
+                fetched[b] = blocks[b] = data[i * BLOCK : (i + 1) * BLOCK]  # views of the answer: no copy
             with self._lock:
                 self.fetched += len(data)
         settled = []
@@ -683,7 +690,7 @@ class RemoteSource(Source):
     def _block_size(self, b: int) -> int:
         return min(BLOCK, self.size - b * BLOCK)
 
-    def _load_chunk(self, c: int) -> dict[int, bytes]:
+    def _load_chunk(self, c: int) -> dict[int, Block]:
         """The blocks of chunk ``c`` the index cache holds (cache.py checked its checksum); {} if none."""
         assert self._disk is not None
         payload = self._disk.load(REMOTE_BLOCK.kind, self._chunk_key(c))
@@ -695,17 +702,17 @@ class RemoteSource(Source):
             log.warning("%s: stored chunk %d unusable (%s): fetching it again", self.obj.name, c, e)
             return {}
 
-    def _load_block(self, b: int) -> bytes | None:
+    def _load_block(self, b: int) -> Block | None:
         """Block ``b`` from the index cache, if it is there."""
         return self._load_chunk(b // CHUNK_BLOCKS).get(b)
 
-    def _write_behind(self, fetched: dict[int, bytes], *, wait: bool) -> None:
+    def _write_behind(self, fetched: dict[int, Block], *, wait: bool) -> None:
         """Queue fetched blocks for the disk cache by chunk, within WRITE_BEHIND (DISK_MAX: taken already).
 
         ``wait``: wait up to WRITE_WAIT for room in the queue (read-ahead); else what finds no room
         is not kept, and its budget is given back.
         """
-        by_chunk: dict[int, dict[int, bytes]] = {}
+        by_chunk: dict[int, dict[int, Block]] = {}
         for b, block in fetched.items():
             by_chunk.setdefault(b // CHUNK_BLOCKS, {})[b] = block
         deadline = time.monotonic() + (WRITE_WAIT if wait else 0.0)
@@ -774,21 +781,39 @@ class RemoteSource(Source):
                     self._queued -= taken
                     self._room.notify_all()
 
-    def _keep(self, b: int, block: bytes) -> None:
-        """Keep a block (lock held), dropping the least recently used beyond the memory bound."""
-        old = self._blocks.pop(b, None)
-        if old is not None:
-            self._held -= len(old)
+    def _keep(self, b: int, block: Block) -> None:
+        """Keep a block (lock held), dropping the least recently used beyond the memory bound.
+
+        The bound counts the buffers blocks are views of, each once and whole: a buffer is let go
+        when the last block viewing it is dropped.
+        """
+        self._drop(self._blocks.pop(b, None))
         self._blocks[b] = block
-        self._held += len(block)
+        owner = id(block.obj)
+        seen = self._buffers.get(owner, 0)
+        if not seen:
+            self._held += _nbytes(block)
+        self._buffers[owner] = seen + 1
         while self._held > self.obj.options.memory and len(self._blocks) > 1:
             _, dropped = self._blocks.popitem(last=False)
-            self._held -= len(dropped)
+            self._drop(dropped)
+
+    def _drop(self, block: Block | None) -> None:
+        """Count a block out of the memory bound (lock held)."""
+        if block is None:
+            return
+        owner = id(block.obj)
+        left = self._buffers.pop(owner) - 1
+        if left:
+            self._buffers[owner] = left
+        else:
+            self._held -= _nbytes(block)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._blocks.clear()
+            self._buffers.clear()
             self._held = 0
             pool, self._pool = self._pool, None
             waiting = list(self._pending.values())
@@ -805,13 +830,19 @@ class RemoteSource(Source):
                 self._writer_thread.join(10)
 
 
-def _done(data: bytes) -> Future[bytes]:
-    f: Future[bytes] = Future()
+def _nbytes(block: Block) -> int:
+    """The size of the whole buffer a block is a view of."""
+    with memoryview(block.obj) as whole:
+        return whole.nbytes
+
+
+def _done(data: Block) -> Future[Block]:
+    f: Future[Block] = Future()
     f.set_result(data)
     return f
 
 
-def _cut(pieces: list[bytes], start: int, size: int) -> list[memoryview]:
+def _cut(pieces: list[Block], start: int, size: int) -> list[memoryview]:
     """``size`` bytes from ``start`` of the blocks ``pieces`` laid end to end, as views (no copy)."""
     out = []
     for piece in pieces:
@@ -833,13 +864,13 @@ def _runs(blocks: list[int]) -> list[list[int]]:
     return runs
 
 
-def _encode_chunk(blocks: dict[int, bytes], every: range) -> bytes:
+def _encode_chunk(blocks: dict[int, Block], every: range) -> bytes:
     """A chunk's entry: a u64 bitmap of the blocks it holds (bit i: block ``every[i]``), then those blocks."""
     bits = sum(1 << i for i, b in enumerate(every) if b in blocks)
     return b"".join([bits.to_bytes(8, "little"), *(blocks[b] for b in every if b in blocks)])
 
 
-def _decode_chunk(payload: bytes, sizes: list[tuple[int, int]]) -> dict[int, bytes]:
+def _decode_chunk(payload: bytes, sizes: list[tuple[int, int]]) -> dict[int, Block]:
     """The blocks of a chunk's entry; ``sizes``: (block, its size) of every block of the chunk.
 
     ValueError for an entry of another shape (bits beyond the chunk, a length that does not add up).
@@ -848,11 +879,11 @@ def _decode_chunk(payload: bytes, sizes: list[tuple[int, int]]) -> dict[int, byt
     if len(payload) < 8 or bits >> len(sizes):
         raise ValueError("a bitmap beyond the chunk")
     view = memoryview(payload)
-    out: dict[int, bytes] = {}
+    out: dict[int, Block] = {}
     at = 8
     for i, (b, size) in enumerate(sizes):
         if bits >> i & 1:
-            out[b] = bytes(view[at : at + size])
+            out[b] = view[at : at + size]  # views of the payload: no copy
             at += size
     if at != len(payload):
         raise ValueError(f"{len(payload)} bytes, the bitmap says {at}")
