@@ -17,7 +17,8 @@ What a remote read promises (issue 16):
 - only what is read is fetched: random reads fetch small blocks, sequential reads widen a
   read-ahead window (1 MiB doubling to 32 MiB, in parts of up to 8 MiB fetched concurrently:
   mountpoint-s3's shape); fetched blocks stay in a bounded in-memory LRU, and concurrent readers
-  of one block fetch it once.
+  of one block fetch it once; with the index cache, blocks are written behind the reads in
+  entries of one aligned 4 MiB chunk each (a bitmap of the blocks held, then those blocks).
 
 Redirects are resolved at open, by remote.py itself (``follow``): object_store's client (reqwest)
 follows up to 10 of them on every request, from https to http too, and cannot be told otherwise;
