@@ -127,11 +127,16 @@ def version_of(kind: str) -> int:
 
 def encode(kind: str, key: str, payload: bytes) -> bytes:
     """The bytes of one entry file (what ``store`` writes)."""
+    return b"".join(_framed(kind, key, payload))
+
+
+def _framed(kind: str, key: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """An entry file's bytes in three pieces (head, payload, checksum): written as they are, no copy."""
     kind_b, key_b = kind.encode(), key.encode()
     head = _HEADER.pack(MAGIC, version_of(kind), len(kind_b), len(key_b), len(payload)) + kind_b + key_b
     h = hashlib.sha256(head)
     h.update(payload)
-    return b"".join((head, payload, h.digest()))  # one copy of the payload (head + payload + digest: two)
+    return head, payload, h.digest()
 
 
 def _head(head: bytes, kind: str | None = None) -> tuple[int, int, int]:
@@ -308,7 +313,8 @@ class IndexCache:
         name = _name(_check_kind(kind), key)
         if self._no_store is not None:
             return
-        data = encode(kind, key, payload)
+        pieces = _framed(kind, key, payload)
+        size = sum(len(piece) for piece in pieces)
         with self._open_dir(create=True) as dfd:
             if dfd is None:
                 return
@@ -321,9 +327,10 @@ class IndexCache:
                     dir_fd=dfd,
                 )
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    for piece in pieces:
+                        view = memoryview(piece)
+                        while view:
+                            view = view[os.write(fd, view) :]
                     if KINDS[kind].durable:  # store.Artifact.durable says which kinds are worth it
                         os.fsync(fd)
                 finally:
@@ -351,7 +358,7 @@ class IndexCache:
                     os.unlink(tmp, dir_fd=dfd)
                 raise
             log.debug("index cache stored: %s %s (%d bytes)", kind, key, len(payload))
-            self._evict(dfd, len(data), keep=_key_hash(key))
+            self._evict(dfd, size, keep=_key_hash(key))
 
     def _evict(self, dfd: int, added: int, *, keep: str) -> None:
         """Remove the least recently used keys until the directory is within its bound; never ``keep``.

@@ -17,7 +17,8 @@ What a remote read promises (issue 16):
 - only what is read is fetched: random reads fetch small blocks, sequential reads widen a
   read-ahead window (1 MiB doubling to 32 MiB, in parts of up to 8 MiB fetched concurrently:
   mountpoint-s3's shape); fetched blocks stay in a bounded in-memory LRU, and concurrent readers
-  of one block fetch it once.
+  of one block fetch it once; with the index cache, blocks are written behind the reads in
+  entries of one aligned 4 MiB chunk each (a bitmap of the blocks held, then those blocks).
 
 Redirects are resolved at open, by remote.py itself (``follow``): object_store's client (reqwest)
 follows up to 10 of them on every request, from https to http too, and cannot be told otherwise;
@@ -30,14 +31,12 @@ keys) has no userinfo and no query string (presigned URLs carry their signature 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FetchTimeout  # the builtin's alias from 3.11 on
 from datetime import datetime, timedelta
@@ -64,17 +63,29 @@ BLOCK = 256 * KiB
 WINDOW_START = 1 * MiB
 # ... up to this, fetched in parts of at most PART bytes, FETCHERS of them at a time.
 WINDOW_MAX = 32 * MiB
-PART = 8 * MiB
+PART = 8 * MiB  # a multiple of CHUNK
 FETCHERS = 4
 # How many sequential streams are followed at once (readers of different files).
 STREAMS = 16
-# The index cache keeps at most this many bytes of blocks written by one open of an object, and
-# writes them behind the reads: blocks waiting beyond WRITE_QUEUE are not kept (never a wait).
+# The index cache keeps blocks in entries of one aligned CHUNK each (the blocks of it that were
+# fetched, which later stores of the chunk add to): one file, one checksum per 4 MiB, not per 256 KiB.
+CHUNK = 4 * MiB
+CHUNK_BLOCKS = CHUNK // BLOCK
+# At most this many bytes of blocks are written by one open of an object, behind the reads: up to
+# WRITE_BEHIND bytes wait for the writer. Read-ahead waits up to WRITE_WAIT seconds for room there
+# (a fast sequential read is slowed to what the disk takes rather than leaving its blocks
+# unkept); a read's own fetch never waits, and what finds no room is not kept.
 DISK_MAX = 1024 * MiB
-WRITE_QUEUE = 64
+WRITE_BEHIND = 64 * MiB
+WRITE_WAIT = 1.0
 # Redirects followed at open (curl's default is 50, browsers' 20; an object is rarely more than one away).
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)  # RFC 9110 15.4
+
+
+# A block: a view of the buffer it was fetched or loaded in (a part of up to PART bytes, a
+# chunk's entry), never a copy of its own; the memory bound counts the buffers (RemoteSource._keep).
+Block = memoryview
 
 
 class RemoteError(OcifuseError):
@@ -446,13 +457,17 @@ class RemoteSource(Source):
         self._disk = disk if key is not None else None  # no strong ETag: blocks kept in memory only
         self._disk_key = key or ""
         self._disk_left = DISK_MAX
-        self._writes: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_QUEUE)
+        self._writes: deque[tuple[int, dict[int, Block]] | None] = deque()  # (chunk, its blocks); None: stop
+        self._queued = 0  # bytes in ``_writes``
+        self._entering = 0  # fetchers on their way into ``_writes`` (close's sentinel waits for them)
+        self._room = threading.Condition(threading.Lock())  # guards _writes and _queued
         self._writer_pid = 0
         self._writer_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()  # block index -> bytes (LRU order)
-        self._held = 0
-        self._pending: dict[int, Future[bytes]] = {}  # block index -> its fetch in flight
+        self._blocks: OrderedDict[int, Block] = OrderedDict()  # block index -> its bytes (LRU order)
+        self._held = 0  # bytes of the buffers that blocks in ``_blocks`` are views of
+        self._buffers: dict[int, int] = {}  # id of such a buffer -> how many of those blocks view it
+        self._pending: dict[int, Future[Block]] = {}  # block index -> its fetch in flight
         self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -470,7 +485,7 @@ class RemoteSource(Source):
         # fetch in flight it waits for (read-ahead started earlier, another reader's).
         deadline = time.monotonic() + self.obj.options.timeout
         first, last = offset // BLOCK, (offset + size - 1) // BLOCK
-        waits: dict[int, Future[bytes]] = {}
+        waits: dict[int, Future[Block]] = {}
         mine: list[int] = []
         with self._lock:
             if self._closed:
@@ -485,7 +500,7 @@ class RemoteSource(Source):
                 elif b in self._pending:
                     waits[b] = self._pending[b]
                 else:
-                    future: Future[bytes] = Future()
+                    future: Future[Block] = Future()
                     self._pending[b] = future
                     waits[b] = future
                     mine.append(b)
@@ -502,7 +517,7 @@ class RemoteSource(Source):
             ) from None
         if len(pieces) == 1:
             start = offset - first * BLOCK
-            return pieces[0][start : start + size]
+            return bytes(pieces[0][start : start + size])
         return b"".join(_cut(pieces, offset - first * BLOCK, size))
 
     def pread_cached(self, offset: int, size: int) -> bytearray | None:
@@ -563,19 +578,30 @@ class RemoteSource(Source):
         return window
 
     def _claim_ahead(self, start_block: int, window: int) -> list[list[int]]:
-        """Mark the missing blocks of the window after ``start_block`` as pending (lock held); their parts."""
+        """Mark the missing blocks of the window after ``start_block`` as pending (lock held); their parts.
+
+        The window's end is rounded down to a step of half the window (at most PART): each read
+        moves the window on by its own size, but what is claimed grows a step at a time, so that
+        read-ahead asks for large aligned parts (8 MiB once the window is 16 MiB), not a block per
+        read, and never more than the window ahead (the memory LRU holds the window).
+        """
         if window <= 0:
             return []
-        end_block = min((self.size + BLOCK - 1) // BLOCK, start_block + window // BLOCK)
+        step = min(PART, window // 2) // BLOCK or 1
+        end_block = (start_block + window // BLOCK) // step * step
+        end_block = min((self.size + BLOCK - 1) // BLOCK, end_block)
         missing = []
         for b in range(start_block, end_block):
             if b not in self._blocks and b not in self._pending:
                 self._pending[b] = Future()
                 missing.append(b)
-        parts = []
-        for run in _runs(missing):
-            for i in range(0, len(run), PART // BLOCK):
-                parts.append(run[i : i + PART // BLOCK])
+        # Parts end on PART boundaries: whole chunks of the disk cache, stored without a merge.
+        parts: list[list[int]] = []
+        for b in missing:
+            if parts and parts[-1][-1] == b - 1 and b % (PART // BLOCK):
+                parts[-1].append(b)
+            else:
+                parts.append([b])
         return parts
 
     def _start_ahead(self, parts: list[list[int]]) -> None:
@@ -590,21 +616,28 @@ class RemoteSource(Source):
                 self._pool_pid = os.getpid()
             pool = self._pool
             for part in parts:
-                pool.submit(self._fetch_run, part)
+                pool.submit(self._fetch_run, part, True)
 
-    def _fetch_run(self, run: list[int]) -> None:
-        """Get consecutive pending blocks (claimed by the caller): from the disk cache, else one request."""
+    def _fetch_run(self, run: list[int], ahead: bool = False) -> None:
+        """Get consecutive pending blocks (claimed by the caller): from the disk cache, else one request.
+
+        ``ahead``: read-ahead (a pool thread, which may wait for room to keep what it fetched).
+        """
         with self._lock:
             if self._closed:  # close() failed their futures: nothing to fetch for anyone
                 for b in run:
                     self._pending.pop(b, None)
                 return
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, Block] = {}
         if self._disk is not None:
-            for b in run:
-                found = self._load_block(b)
-                if found is not None:
-                    blocks[b] = found
+            for c in range(run[0] // CHUNK_BLOCKS, run[-1] // CHUNK_BLOCKS + 1):
+                found = self._load_chunk(c)
+                blocks.update((b, found.pop(b)) for b in run if b in found)
+                with self._lock:  # the chunk's other blocks too: the next reads of it are in memory
+                    for b, block in found.items():
+                        if not self._closed and b not in self._blocks and b not in self._pending:
+                            self._keep(b, block)
+        fetched: dict[int, Block] = {}
         for missing in _runs([b for b in run if b not in blocks]):
             start = missing[0] * BLOCK
             end = min(self.size, (missing[-1] + 1) * BLOCK)
@@ -622,84 +655,166 @@ class RemoteSource(Source):
                 log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
                 return
             for i, b in enumerate(missing):
-                blocks[b] = bytes(data[i * BLOCK : (i + 1) * BLOCK])  # the one copy
-                self._write_behind(b, blocks[b])
+                fetched[b] = blocks[b] = data[i * BLOCK : (i + 1) * BLOCK]  # views of the answer: no copy
             with self._lock:
                 self.fetched += len(data)
         settled = []
+        keep = 0  # bytes of ``fetched`` to keep on disk: the budget is taken with the blocks settled
         with self._lock:
             for b in run:
                 settled.append((self._pending.pop(b), blocks[b]))
                 if not self._closed:
                     self._keep(b, blocks[b])
+            if fetched and self._disk is not None and not self._closed:
+                keep = sum(len(block) for block in fetched.values())
+                if keep <= self._disk_left:
+                    self._disk_left -= keep
+                    self._entering += 1  # close() waits for these blocks to be queued
+                    self._start_writer()
+                else:
+                    keep = 0
         for f, block in settled:
             if not f.done():  # close() failed it already
                 f.set_result(block)
+        if keep:  # the readers have their blocks: now keep them on disk
+            self._write_behind(fetched, wait=ahead)
 
     # -- the disk cache ----------------------------------------------------------------------------
 
-    def _block_key(self, b: int) -> str:
-        return f"{self._disk_key}#{b}"
+    def _chunk_key(self, c: int) -> str:
+        return f"{self._disk_key}#{c}"
 
-    def _load_block(self, b: int) -> bytes | None:
-        """Block ``b`` from the index cache, if it is there whole (cache.py checked its checksum)."""
+    def _chunk_blocks(self, c: int) -> range:
+        """The blocks of chunk ``c`` (the object's last chunk may hold fewer)."""
+        return range(c * CHUNK_BLOCKS, min((self.size + BLOCK - 1) // BLOCK, (c + 1) * CHUNK_BLOCKS))
+
+    def _block_size(self, b: int) -> int:
+        return min(BLOCK, self.size - b * BLOCK)
+
+    def _load_chunk(self, c: int) -> dict[int, Block]:
+        """The blocks of chunk ``c`` the index cache holds (cache.py checked its checksum); {} if none."""
         assert self._disk is not None
-        data = self._disk.load(REMOTE_BLOCK.kind, self._block_key(b))
-        want = min(BLOCK, self.size - b * BLOCK)
-        return data if data is not None and len(data) == want else None
-
-    def _write_behind(self, b: int, block: bytes) -> None:
-        """Queue a fetched block for the disk cache; dropped when the queue is full or the budget spent.
-
-        Fetchers run in several threads: the budget is taken under the lock, and given back if the
-        queue is full.
-        """
-        if self._disk is None:
-            return
-        with self._lock:
-            if self._disk_left < len(block):
-                return
-            self._disk_left -= len(block)
-        self._start_writer()
+        payload = self._disk.load(REMOTE_BLOCK.kind, self._chunk_key(c))
+        if payload is None:
+            return {}
         try:
-            self._writes.put_nowait((b, block))
-        except queue.Full:
+            return _decode_chunk(payload, [(b, self._block_size(b)) for b in self._chunk_blocks(c)])
+        except ValueError as e:  # whole (its checksum matched) but not of this object's shape
+            log.warning("%s: stored chunk %d unusable (%s): fetching it again", self.obj.name, c, e)
+            return {}
+
+    def _load_block(self, b: int) -> Block | None:
+        """Block ``b`` from the index cache, if it is there."""
+        return self._load_chunk(b // CHUNK_BLOCKS).get(b)
+
+    def _write_behind(self, fetched: dict[int, Block], *, wait: bool) -> None:
+        """Queue fetched blocks for the disk cache by chunk, within WRITE_BEHIND (DISK_MAX: taken already).
+
+        ``wait``: wait up to WRITE_WAIT for room in the queue (read-ahead); else what finds no room
+        is not kept, and its budget is given back.
+        """
+        by_chunk: dict[int, dict[int, Block]] = {}
+        for b, block in fetched.items():
+            by_chunk.setdefault(b // CHUNK_BLOCKS, {})[b] = block
+        deadline = time.monotonic() + (WRITE_WAIT if wait else 0.0)
+        try:
+            for c, blocks in by_chunk.items():
+                size = sum(len(block) for block in blocks.values())
+                with self._room:
+                    while self._queued and self._queued + size > WRITE_BEHIND:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not self._room.wait(left):
+                            break
+                    if not self._queued or self._queued + size <= WRITE_BEHIND:
+                        self._writes.append((c, blocks))
+                        self._queued += size
+                        self._room.notify_all()
+                        continue
+                log.debug("%s: chunk %d not kept (no room behind the reads)", self.obj.name, c)
+                with self._lock:
+                    self._disk_left += size
+        finally:
             with self._lock:
-                self._disk_left += len(block)
+                self._entering -= 1
+            with self._room:
+                self._room.notify_all()
 
     def _start_writer(self) -> None:
-        with self._lock:
-            if self._writer_pid == os.getpid():
-                return
-            self._writer_pid = os.getpid()
-        self._writer_thread = threading.Thread(target=self._writer, name="ocifuse-block-writer", daemon=True)
-        self._writer_thread.start()
+        """Start this process's writer thread, once (lock held: close() never sees it made, not started)."""
+        if self._writer_pid == os.getpid():
+            return
+        self._writer_pid = os.getpid()
+        writer = threading.Thread(target=self._writer, name="ocifuse-block-writer", daemon=True)
+        writer.start()
+        self._writer_thread = writer
 
     def _writer(self) -> None:
+        """Store queued chunks: each chunk's queued blocks at once, added to what it already holds."""
         disk = self._disk
         assert disk is not None
         while True:
-            item = self._writes.get()
-            if item is None:  # close's sentinel
-                return
-            b, block = item
-            disk.store(REMOTE_BLOCK.kind, self._block_key(b), block)
+            with self._room:
+                while not self._writes:
+                    self._room.wait()
+                item = self._writes.popleft()
+                if item is None:  # close's sentinel: the writer stops once the last fetcher is in
+                    with self._lock:
+                        entering = self._entering
+                    if not self._writes and not entering:
+                        return
+                    self._writes.append(None)
+                    if not entering:
+                        continue
+                    self._room.wait(0.05)
+                    continue
+                c, blocks = item
+                for other in [i for i in self._writes if i is not None and i[0] == c]:
+                    self._writes.remove(other)
+                    blocks = {**blocks, **other[1]}
+                taken = sum(len(block) for block in blocks.values())
+            try:
+                every = self._chunk_blocks(c)
+                if len(blocks) < len(every):  # a part of the chunk: keep what the entry holds too
+                    blocks = {**self._load_chunk(c), **blocks}
+                disk.store(REMOTE_BLOCK.kind, self._chunk_key(c), _encode_chunk(blocks, every))
+            finally:
+                with self._room:
+                    self._queued -= taken
+                    self._room.notify_all()
 
-    def _keep(self, b: int, block: bytes) -> None:
-        """Keep a block (lock held), dropping the least recently used beyond the memory bound."""
-        old = self._blocks.pop(b, None)
-        if old is not None:
-            self._held -= len(old)
+    def _keep(self, b: int, block: Block) -> None:
+        """Keep a block (lock held), dropping the least recently used beyond the memory bound.
+
+        The bound counts the buffers blocks are views of, each once and whole: a buffer is let go
+        when the last block viewing it is dropped.
+        """
+        self._drop(self._blocks.pop(b, None))
         self._blocks[b] = block
-        self._held += len(block)
+        owner = id(block.obj)
+        seen = self._buffers.get(owner, 0)
+        if not seen:
+            self._held += _nbytes(block)
+        self._buffers[owner] = seen + 1
         while self._held > self.obj.options.memory and len(self._blocks) > 1:
             _, dropped = self._blocks.popitem(last=False)
-            self._held -= len(dropped)
+            self._drop(dropped)
+
+    def _drop(self, block: Block | None) -> None:
+        """Count a block out of the memory bound (lock held)."""
+        if block is None:
+            return
+        owner = id(block.obj)
+        left = self._buffers.pop(owner) - 1
+        if left:
+            self._buffers[owner] = left
+        else:
+            self._held -= _nbytes(block)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._blocks.clear()
+            self._buffers.clear()
             self._held = 0
             pool, self._pool = self._pool, None
             waiting = list(self._pending.values())
@@ -709,19 +824,26 @@ class RemoteSource(Source):
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=False, cancel_futures=True)
         if self._writer_pid == os.getpid():  # the writer finishes what is queued, then stops
-            with contextlib.suppress(queue.Full):
-                self._writes.put(None, timeout=5)
+            with self._room:
+                self._writes.append(None)
+                self._room.notify_all()
             if self._writer_thread is not None:
                 self._writer_thread.join(10)
 
 
-def _done(data: bytes) -> Future[bytes]:
-    f: Future[bytes] = Future()
+def _nbytes(block: Block) -> int:
+    """The size of the whole buffer a block is a view of."""
+    with memoryview(block.obj) as whole:
+        return whole.nbytes
+
+
+def _done(data: Block) -> Future[Block]:
+    f: Future[Block] = Future()
     f.set_result(data)
     return f
 
 
-def _cut(pieces: list[bytes], start: int, size: int) -> list[memoryview]:
+def _cut(pieces: list[Block], start: int, size: int) -> list[memoryview]:
     """``size`` bytes from ``start`` of the blocks ``pieces`` laid end to end, as views (no copy)."""
     out = []
     for piece in pieces:
@@ -741,3 +863,29 @@ def _runs(blocks: list[int]) -> list[list[int]]:
         else:
             runs.append([b])
     return runs
+
+
+def _encode_chunk(blocks: dict[int, Block], every: range) -> bytes:
+    """A chunk's entry: a u64 bitmap of the blocks it holds (bit i: block ``every[i]``), then those blocks."""
+    bits = sum(1 << i for i, b in enumerate(every) if b in blocks)
+    return b"".join([bits.to_bytes(8, "little"), *(blocks[b] for b in every if b in blocks)])
+
+
+def _decode_chunk(payload: bytes, sizes: list[tuple[int, int]]) -> dict[int, Block]:
+    """The blocks of a chunk's entry; ``sizes``: (block, its size) of every block of the chunk.
+
+    ValueError for an entry of another shape (bits beyond the chunk, a length that does not add up).
+    """
+    bits = int.from_bytes(payload[:8], "little")
+    if len(payload) < 8 or bits >> len(sizes):
+        raise ValueError("a bitmap beyond the chunk")
+    view = memoryview(payload)
+    out: dict[int, Block] = {}
+    at = 8
+    for i, (b, size) in enumerate(sizes):
+        if bits >> i & 1:
+            out[b] = view[at : at + size]  # views of the payload: no copy
+            at += size
+    if at != len(payload):
+        raise ValueError(f"{len(payload)} bytes, the bitmap says {at}")
+    return out

@@ -57,8 +57,9 @@ ZSTD_INDEX = Artifact("zstd-index", 2, "zstd frame table")
 LAYER_TABLE = Artifact("layer-table", 2, "layer table")
 TREE = Artifact("rootfs-tree", 3, "merged tree")  # 3: stored as columns (rootfs.TREE_FORMAT 3)
 DOCKER_DIGESTS = Artifact("docker-digests", 2, "docker-archive member digests")
-# A block of a remote object (remote.py), under the object's identity (URL, ETag, size) and its index.
-REMOTE_BLOCK = Artifact("remote-block", 2, "remote block", durable=False)
+# The fetched blocks of one chunk of a remote object (remote.py), under the object's identity (URL, ETag,
+# size) and the chunk's index.
+REMOTE_BLOCK = Artifact("remote-block", 3, "remote blocks", durable=False)  # 3: a chunk per entry
 # Where each file of a layer served from its TOC lies (chunked.py), under the TOC's digest.
 TOC_MAP = Artifact("toc-map", 2, "TOC file map")
 # Spill files are the store's too (``Store.spill_path``); the zstd-index entry that names one says

@@ -332,6 +332,106 @@ def test_blocks_are_kept_in_the_index_cache_across_opens(
         assert web.served_bytes() - served == 0, name  # a HEAD, no body
 
 
+@pytest.fixture(scope="module")
+def big(www: Path) -> bytes:
+    """An object of three chunks of the block cache, the last one short (www/big.bin)."""
+    data = os.urandom(2 * remote.CHUNK + 5 * remote.BLOCK + 12345)
+    (www / "big.bin").write_bytes(data)
+    return data
+
+
+def _read_all(src: remote.RemoteSource, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        got += src.pread(len(got), 128 * 1024)  # the FUSE read size
+    return bytes(got)
+
+
+def test_a_whole_object_read_once_is_read_again_from_the_cache_alone(
+    web: Nginx, big: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential read faster than the disk cache's writer still leaves every block kept."""
+    # Room for one chunk behind the reads: read-ahead waits for the writer rather than drop.
+    monkeypatch.setattr(remote, "WRITE_BEHIND", remote.BLOCK)
+    cache = IndexCache(str(tmp_path / "cache"))
+    obj = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    try:
+        assert _read_all(obj.whole, len(big)) == big
+        assert obj.whole.fetched == len(big)  # each byte fetched once
+    finally:
+        obj.close()
+    served = web.served_bytes()
+    again = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    try:
+        assert _read_all(again.whole, len(big)) == big
+        assert again.whole.fetched == 0
+    finally:
+        again.close()
+    assert web.served_bytes() == served  # a HEAD, no body
+    entries = [e for e in cache.entries() if e.kind == "remote-block"]
+    assert len(entries) == 3  # one entry per chunk, not one per block
+
+
+def test_blocks_of_one_chunk_fetched_apart_are_kept_together(web: Nginx, big: bytes, tmp_path: Path) -> None:
+    """Random reads of one chunk, each its own fetch: the chunk's entry gains each block, loses none."""
+    cache = IndexCache(str(tmp_path / "cache"))
+    obj = remote.RemoteObject(web.url("big.bin"), cache=cache)  # fetches block 0
+    picks = [remote.CHUNK_BLOCKS + 7, remote.CHUNK_BLOCKS + 2, remote.CHUNK_BLOCKS + 9]
+    try:
+        for b in picks:  # backwards and apart: no read-ahead
+            assert obj.whole.pread(b * remote.BLOCK + 10, 100) == big[b * remote.BLOCK + 10 :][:100]
+    finally:
+        obj.close()
+    again = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    try:
+        held = again.whole._load_chunk(1)
+        assert sorted(held) == sorted(picks)
+        for b in picks:
+            assert bytes(held[b]) == big[b * remote.BLOCK : (b + 1) * remote.BLOCK]
+        before = again.whole.fetched
+        for b in picks:
+            assert again.whole.pread(b * remote.BLOCK, 3) == big[b * remote.BLOCK :][:3]
+        assert again.whole.fetched == before == 0  # block 0 too came from the cache
+    finally:
+        again.close()
+
+
+def test_a_chunk_entry_of_another_shape_is_fetched_again(
+    web: Nginx, big: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole entry (its checksum good) whose bitmap or length does not fit the chunk: not served."""
+    cache = IndexCache(str(tmp_path / "cache"))
+    obj = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    obj.close()
+    src = obj.whole
+    last = len(big) // remote.CHUNK
+    cache.store("remote-block", src._chunk_key(last), (1 << 40).to_bytes(8, "little") + b"x" * 10)
+    cache.store("remote-block", src._chunk_key(1), (1).to_bytes(8, "little") + b"x" * 10)
+    again = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    try:
+        for b in (remote.CHUNK_BLOCKS, last * remote.CHUNK_BLOCKS):
+            assert again.whole.pread(b * remote.BLOCK, 50) == big[b * remote.BLOCK :][:50]
+        assert again.whole.fetched == 2 * remote.BLOCK
+    finally:
+        again.close()
+    assert "unusable" in caplog.text
+
+
+def test_the_memory_bound_counts_each_buffer_once(web: Nginx, big: bytes) -> None:
+    """Blocks are views of the answers they came in: the bound counts those answers, whole."""
+    obj = remote.RemoteObject(web.url("big.bin"), urls.RemoteOptions(memory=3 * remote.BLOCK))
+    try:
+        src = obj.whole
+        assert _read_all(src, len(big)) == big
+        for b in (20, 3, 40):  # and random reads
+            assert src.pread(b * remote.BLOCK, 10) == big[b * remote.BLOCK :][:10]
+        buffers = {id(block.obj): block.obj for block in src._blocks.values()}
+        assert src._held == sum(len(memoryview(buf)) for buf in buffers.values())
+        assert src._held <= 3 * remote.BLOCK or len(src._blocks) == 1
+    finally:
+        obj.close()
+
+
 def test_an_s3_object_replaced_answers_eio(
     www: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
