@@ -57,6 +57,18 @@ def timed(*cmd: str | Path) -> float:
     return seconds(lambda: run(*cmd))
 
 
+def piped_count(cmd: Sequence[str], wc_flag: str) -> tuple[float, int]:
+    """``CMD | wc WC_FLAG``: wall seconds, and the count wc printed (RuntimeError if CMD fails)."""
+    start = time.perf_counter()
+    producer = subprocess.Popen(list(cmd), stdout=subprocess.PIPE)
+    wc = subprocess.run(["wc", wc_flag], stdin=producer.stdout, capture_output=True, text=True, check=True)
+    assert producer.stdout is not None
+    producer.stdout.close()
+    if producer.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return time.perf_counter() - start, int(wc.stdout.split()[0])
+
+
 def cat(*paths: Path) -> float:
     """Wall time of one ``cat`` per path, all started together, until the last one ends."""
     start = time.perf_counter()

@@ -46,7 +46,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import MIB, OCIFUSE, PYTHON, REPO, PeakRss, cold_pread, logger, mounted, run, timed, warm
+from bench.common import (
+    MIB,
+    OCIFUSE,
+    PYTHON,
+    REPO,
+    PeakRss,
+    cold_pread,
+    logger,
+    mounted,
+    piped_count,
+    run,
+    timed,
+    warm,
+)
 from bench.sections import Samples, met, module_main, round_options, stamp, with_table
 from ocifuse.image import MAX_PARALLEL_LAYERS
 from ocifuse.streams import available_cpus, pass_order, split_cpus
@@ -187,14 +200,7 @@ def unpack(layout: Path, dest: Path) -> float:
 
 def read_all(root: Path) -> tuple[float, int]:
     """``tar -cf - -C ROOT . | wc -c``: seconds, and the bytes tar wrote."""
-    start = time.perf_counter()
-    tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(root), "."], stdout=subprocess.PIPE)
-    wc = subprocess.run(["wc", "-c"], stdin=tar.stdout, capture_output=True, text=True, check=True)
-    assert tar.stdout is not None
-    tar.stdout.close()
-    if tar.wait() != 0:
-        raise RuntimeError(f"tar failed on {root}")
-    return time.perf_counter() - start, int(wc.stdout.split()[0])
+    return piped_count(["tar", "-cf", "-", "-C", str(root), "."], "-c")
 
 
 def first_byte(path: Path) -> float:

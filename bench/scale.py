@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from bench.common import MIB, OCIFUSE, alive, logger, run, status_kib, timed, unmount, warm
+from bench.common import MIB, OCIFUSE, alive, logger, piped_count, run, status_kib, timed, unmount, warm
 from bench.sections import Samples, met, stamp, with_table, write_section
 
 log = logger("scale bench")
@@ -278,14 +278,7 @@ def foreground(archive: Path, mnt: Path, *args: str) -> Iterator[tuple[float, in
 
 def find_count(root: Path) -> tuple[float, int]:
     """``find ROOT | wc -l``: seconds, and the count."""
-    start = time.perf_counter()
-    find = subprocess.Popen(["find", str(root)], stdout=subprocess.PIPE)
-    wc = subprocess.run(["wc", "-l"], stdin=find.stdout, capture_output=True, text=True, check=True)
-    assert find.stdout is not None
-    find.stdout.close()
-    if find.wait() != 0:
-        raise RuntimeError(f"find failed on {root}")
-    return time.perf_counter() - start, int(wc.stdout.split()[0])
+    return piped_count(["find", str(root)], "-l")
 
 
 def ls_lr(root: Path) -> float:

@@ -35,7 +35,7 @@ from .errors import InvalidDocument
 from .layer import LayerTable, Member, Type
 from .model import load_value
 from .store import Stale
-from .tablecodec import from_le, le_bytes
+from .tablecodec import Cursor, from_le, le_bytes
 from .tarscan import NAME_MAX, normalize, plain_name
 
 # The persistent cache's kind for a merged tree (keyed by the image manifest's digest).
@@ -131,16 +131,8 @@ class Merged:
         """A tree from ``to_bytes``; ValueError (or TypeError, ...) unless it is a whole, consistent one
         for layer streams of exactly these ``sizes`` (None: the sizes it says, each an int >= 0):
         every file inside its layer, every name one the scan accepts, in order, every parent a directory."""
-        view = memoryview(payload)
-        pos = 0
-
-        def take(size: int) -> memoryview:
-            nonlocal pos
-            if size < 0 or pos + size > len(view):
-                raise ValueError("tree payload cut short")
-            pos += size
-            return view[pos - size : pos]
-
+        cursor = Cursor(payload, "tree")
+        take = cursor.take
         (head_len,) = _LENGTH.unpack(take(_LENGTH.size))
         try:
             doc: Any = load_value("cached tree", bytes(take(head_len)))
@@ -172,7 +164,7 @@ class Merged:
         offsets, lengths, mtimes, sources, indexes = (
             from_le(t, take(n * array(t).itemsize)) for t in ("Q", "Q", "q", "I", "I")
         )
-        if pos != len(view):
+        if not cursor.at_end():
             raise ValueError("trailing bytes after the tree")
         if (ends[-1] if n else 0) != names_len or any(a > b for a, b in itertools.pairwise(ends)):
             raise ValueError("tree names do not add up")

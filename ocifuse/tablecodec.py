@@ -33,6 +33,26 @@ def le_bytes(a: array[int]) -> bytes:
     return a.tobytes()
 
 
+class Cursor:
+    """Bounds-checked slices of a stored payload, front to back (untrusted: ValueError when cut short)."""
+
+    def __init__(self, payload: bytes | memoryview, what: str, pos: int = 0) -> None:
+        self.view = memoryview(payload)
+        self.pos = pos
+        self.what = what  # how the error names the payload: "table", "tree"
+
+    def take(self, size: int) -> memoryview:
+        """The next ``size`` bytes."""
+        if size < 0 or self.pos + size > len(self.view):
+            raise ValueError(f"{self.what} payload cut short")
+        self.pos += size
+        return self.view[self.pos - size : self.pos]
+
+    def at_end(self) -> bool:
+        """Whether every byte was taken."""
+        return self.pos == len(self.view)
+
+
 def from_le(typecode: str, data: memoryview) -> array[int]:
     """An array of ``typecode`` from little-endian bytes."""
     a = array(typecode)
@@ -69,15 +89,8 @@ def decode_table(payload: bytes) -> ArchiveTable:
     if len(view) < _TABLE_HEAD.size:
         raise ValueError("table payload cut short")
     n, k, m, names_len, end = _TABLE_HEAD.unpack_from(view)
-    pos = _TABLE_HEAD.size
-
-    def take(size: int) -> memoryview:
-        nonlocal pos
-        if size < 0 or pos + size > len(view):
-            raise ValueError("table payload cut short")
-        pos += size
-        return view[pos - size : pos]
-
+    cursor = Cursor(view, "table", _TABLE_HEAD.size)
+    take = cursor.take
     blob = take(names_len)
     ends = from_le("Q", take(8 * n))
     if (ends[-1] if n else 0) != names_len:
@@ -90,7 +103,7 @@ def decode_table(payload: bytes) -> ArchiveTable:
     for count in (k, m):
         lengths = from_le("I", take(8 * count))
         texts.append([str(take(length), "utf-8", "surrogateescape") for length in lengths])
-    if pos != len(view):
+    if not cursor.at_end():
         raise ValueError("trailing bytes after the table")
     skipped = [Skipped(name, reason) for name, reason in zip(texts[0][::2], texts[0][1::2], strict=True)]
     symlinks = dict(zip(texts[1][::2], texts[1][1::2], strict=True))
