@@ -7,7 +7,7 @@
 - Shared machines: root's daemon never uses a directory another user owns or can write; another
   user's daemon never writes into root's.
 
-The tmpfs and other-user cases need root (CI runs as root); elsewhere they skip.
+The tmpfs and other-user cases need root (CI runs as root); elsewhere they skip, and fail with CI=true.
 """
 
 from __future__ import annotations
@@ -34,7 +34,17 @@ from typing import Any
 
 import pytest
 from cachebuild import archive_key
-from mounting import Mount, MountSpec, is_mounted, mounted, run_ocifuse, start, teardown, wait_live
+from mounting import (
+    Mount,
+    MountSpec,
+    is_mounted,
+    mounted,
+    run_ocifuse,
+    skip_or_fail,
+    start,
+    teardown,
+    wait_live,
+)
 from oci import LayoutBuilder
 from tarbuild import tar_extract, tree_of
 from test_cache_bound import zstd_layout
@@ -55,8 +65,9 @@ PATIENCE = 120.0
 
 
 def root_only() -> None:
+    """Skip without root (a tmpfs to mount, another user to act as); fail in CI, which runs as root."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (mounting a tmpfs, acting as another user)")
+        skip_or_fail("needs root (mounting a tmpfs, acting as another user)")
 
 
 @contextlib.contextmanager
