@@ -686,6 +686,7 @@ def test_a_layer_whose_index_or_table_is_stored_is_opened_as_before(
 
 _OPEN = tar_bytes([file_member("etc/a", os.urandom(50_000)), file_member("etc/b", b"b" * 3000)], end=False)
 _TAR = _OPEN + bytes(1024)
+_GZ = gzip.compress(_TAR, mtime=0)  # one stream: two compress calls a second apart differ in MTIME
 
 
 @pytest.mark.parametrize(
@@ -697,7 +698,7 @@ _TAR = _OPEN + bytes(1024)
         (gzip.compress(_TAR[:30_000]), _TAR[:30_000], TruncatedArchive, "etc/a runs past the end"),
         (gzip.compress(_OPEN + b"x" * 512), _OPEN + b"x" * 512, NotAnArchive, "invalid tar header"),
         (pyzstd.compress(b"no tar " * 500), b"no tar " * 500, NotAnArchive, "not a tar"),
-        (gzip.compress(gzip.compress(_TAR)), gzip.compress(_TAR), NotAnArchive, "gzip-compressed data"),
+        (gzip.compress(_GZ), _GZ, NotAnArchive, "gzip-compressed data"),
         (gzip.compress(_TAR), _TAR, DecompressionLimit, "max_size"),
     ],
     ids=[
