@@ -431,6 +431,23 @@ def test_entries_of_the_framing_before_kinds_had_versions_still_load(tmp_path: P
     assert store.KINDS["remote-block"].version == 4  # a crc32 since, not a sha256
 
 
+def test_remote_blocks_of_the_sha256_format_go_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote-block entry of version 3 (a sha256 where a crc32 now is): out of date, not damaged.
+
+    Every chunk a remote archive had in the cache is one: a warning each would be hundreds."""
+    cache, _ = stored(tmp_path)
+    path = entry_file(tmp_path / "cache", "remote-block")
+    path.write_bytes(_framed("remote-block", KEY, PAYLOAD, 3))
+    os.chmod(path, 0o600)
+    with caplog.at_level(logging.DEBUG):
+        assert cache.load("remote-block", KEY) is None
+    assert not path.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "out of date" in caplog.text
+
+
 def test_each_kind_names_a_checksum_the_cache_takes() -> None:
     """A remote block's entry ends in a crc32 (4 bytes), every other kind's in a sha256."""
     assert {a.kind: a.checksum for a in store.KINDS.values() if a.checksum != "sha256"} == {
