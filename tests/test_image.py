@@ -737,6 +737,7 @@ def test_a_layer_that_cannot_be_served_is_judged_once(
     img = open_rootfs(str(image(tmp_path / "gone", [layer], drop={0})), cache=cache)  # the tree cached
     opened: list[tuple[Any, ...]] = []
     real = image_module.layer_blob
+
     def counted(*args: Any) -> Any:
         opened.append(args)
         return real(*args)
@@ -750,3 +751,26 @@ def test_a_layer_that_cannot_be_served_is_judged_once(
         assert len(opened) == 1
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("media_type", [TAR, GZIP])
+def test_every_layer_open_verdict_comes_before_a_refused_table(tmp_path: Path, media_type: str) -> None:
+    """Each layer's table is built right after its own pass, while the others' run; the verdicts keep
+    their order: a later layer's diff_id mismatch is raised before an earlier layer's tar refusal."""
+    garbage = b"this is not a tar archive at all" * 40
+    blob = garbage if media_type == TAR else gzip.compress(garbage)
+    good = tar_bytes([file_member("b", b"2")])
+    path = image(
+        tmp_path / "order",
+        [blob, good],
+        diff_ids=[_sha(garbage), _sha(b"another")],
+        media_types=[media_type, TAR],
+    )
+    with pytest.raises(DiffIdMismatch) as caught:
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")))
+    assert caught.value.index == 1
+    path = image(
+        tmp_path / "tar", [blob, good], diff_ids=[_sha(garbage), _sha(good)], media_types=[media_type, TAR]
+    )
+    with pytest.raises(NotAnArchive, match="layer 0"):
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")))
