@@ -545,7 +545,14 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
     while walk:
         prefix, directory = walk.pop()
         for name, child in directory.children.items():
-            path = f"{prefix}{name}"
+            member = child.member
+            held = "" if member is None else member.name
+            # the member's own name where it is the path (the common case): no second str of it
+            path = (
+                held
+                if len(held) == len(prefix) + len(name) and held.endswith(name) and held.startswith(prefix)
+                else f"{prefix}{name}"
+            )
             names.append(path)
             if isinstance(child, _Dir):
                 entry = metas.directory(child)
