@@ -185,7 +185,8 @@ class LayerTable:
         }
         head, tail = json.dumps(doc, separators=(",", ":")).split('"members":[]', 1)
         parts = [head, '"members":[']
-        value, none = _TYPE_VALUES.__getitem__, []  # (an enum's .value is a slow property)
+        value = _TYPE_VALUES.__getitem__  # (an enum's .value is a slow property)
+        none: list[list[str]] = []
         for at in range(0, len(self.members), TO_BYTES_ROWS):
             rows = [
                 [m.name, value(m.type), m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,

@@ -470,13 +470,13 @@ def _shape(merged: Merged) -> object:
 @given(st.lists(_ops, min_size=1, max_size=4))
 def test_merge_memo_never_changes_the_result(layer_ops: list[list[tuple[str, str]]]) -> None:
     """Random layers of files, dirs, links, whiteouts and opaque markers: the same tree with the
-    remembered parent directory as without it; and no path is ever both a file and under one."""
+    remembered parent directories as without them; and no path is ever both a file and under one."""
     tables = [scan(tar_bytes([_op(k, n, i) for i, (k, n) in enumerate(ops)])) for ops in layer_ops]
     fast = merge(tables)
     plain = rootfs_module._Merger.parent_dir
 
     def forgetful(self: rootfs_module._Merger, path: str, name: str) -> rootfs_module._Dir | None:
-        self._last = None
+        self._dirs.clear()
         return plain(self, path, name)
 
     with pytest.MonkeyPatch.context() as m:
