@@ -158,7 +158,10 @@ class Columns:
 
     @classmethod
     def of(cls, entries: Mapping[str, Entry], *, keep_rows: bool = True) -> Columns:
-        """The columns of an entry dict (``keep_rows``: its Entry objects kept too, see ``rows``)."""
+        """The columns of an entry dict (``keep_rows``: its Entry objects kept too, see ``rows``);
+        of ColumnEntries, their own columns."""
+        if isinstance(entries, ColumnEntries):
+            return entries.columns
         names = sorted(entries)
         ordered = [entries[n] for n in names]
         metas = [e.meta for e in ordered]

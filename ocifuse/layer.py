@@ -26,7 +26,7 @@ from .model import load_value
 from .source import Source, SourceFile, sniff
 from .store import LAYER_TABLE, Store, load_or_build
 from .streams import Forward
-from .tarscan import BLOCK, PlainMember, TarFile, header_mtime, is_root, normalize, refusal, walk
+from .tarscan import BLOCK, NAME_MAX, PlainMember, TarFile, header_mtime, is_root, normalize, refusal, walk
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ _TYPES = {
     tarfile.BLKTYPE: Type.BLOCK,
     tarfile.FIFOTYPE: Type.FIFO,
 }
+
+
+# Each Type's stored value, and the Type of each value (a dict look-up, not the enum's machinery).
+_TYPE_VALUES = {t: t.value for t in Type}
+_TYPE_OF = {t.value: t for t in Type}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +185,12 @@ class LayerTable:
         }
         head, tail = json.dumps(doc, separators=(",", ":")).split('"members":[]', 1)
         parts = [head, '"members":[']
+        value = _TYPE_VALUES.__getitem__  # (an enum's .value is a slow property)
+        none: list[list[str]] = []
         for at in range(0, len(self.members), TO_BYTES_ROWS):
             rows = [
-                [m.name, m.type.value, m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,
-                 m.devmajor, m.devminor, [[_b64(k), _b64(v)] for k, v in m.xattrs]]
+                [m.name, value(m.type), m.mode, m.uid, m.gid, m.mtime, m.offset, m.size, m.linkname,
+                 m.devmajor, m.devminor, [[_b64(k), _b64(v)] for k, v in m.xattrs] if m.xattrs else none]
                 for m in self.members[at : at + TO_BYTES_ROWS]
             ]  # fmt: skip
             parts.append(("," if at else "") + json.dumps(rows, separators=(",", ":"))[1:-1])
@@ -211,11 +218,18 @@ class LayerTable:
                 kind == Type.HARDLINK.value and normalize(linkname) != linkname
             ):
                 raise ValueError(f"member {name!r} has a name the scan refuses")
-            pairs = tuple(
-                (base64.b64decode(k, validate=True), base64.b64decode(v, validate=True)) for k, v in xattrs
+            pairs = (
+                tuple(
+                    (base64.b64decode(k, validate=True), base64.b64decode(v, validate=True))
+                    for k, v in xattrs
+                )
+                if xattrs
+                else ()
             )
             members.append(
-                Member(name, Type(kind), mode, uid, gid, mtime, offset, length, linkname, major, minor, pairs)
+                Member(
+                    name, _TYPE_OF[kind], mode, uid, gid, mtime, offset, length, linkname, major, minor, pairs
+                )
             )
         skipped = [Skipped(str(n), str(r)) for n, r in doc["skipped"]]
         return cls(members, skipped, doc["end"])
@@ -282,6 +296,7 @@ class _LayerBuilder:
     def __init__(self) -> None:
         self.members: list[Member] = []
         self.skipped: list[Skipped] = []
+        self._modes: dict[int, int] = {}
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, reason))
@@ -299,10 +314,35 @@ class _LayerBuilder:
         )  # fmt: skip
 
     def add_plain(self, run: list[PlainMember]) -> None:
-        """Record a run of plain members (tarscan's ``_plain_run``: no PAX, no xattrs), as ``add`` would."""
+        """Record a run of plain members (tarscan's ``_plain_run``: no PAX, no xattrs), as ``add`` would.
+
+        A file or directory with a plain name (``plain_name``) and owners in range is recorded here
+        with no call but its Member's; anything else goes through ``_add``.
+        """
+        append, modes = self.members.append, self._modes
         for m in run:
+            name, kind, uid, gid = m[0], m[1], m[6], m[7]
+            if (
+                (kind == b"0" or kind == b"5")
+                and name[:1] not in ("", ".", "/")  # plain_name, inline
+                and "/." not in name
+                and "//" not in name
+                and name[-1] != "/"
+                and len(name) <= NAME_MAX
+                and name.isascii()  # no NUL: the run cut the name at its first
+                and 0 <= uid <= MAX_ID
+                and 0 <= gid <= MAX_ID
+            ):
+                mode = modes.get(m[5])
+                if mode is None:
+                    mode = modes[m[5]] = m[5] & 0o7777  # one int object per mode (0o644 is no small int)
+                if kind == b"0":
+                    append(Member(name, Type.FILE, mode, uid, gid, m[4], m[2], m[3]))
+                else:
+                    append(Member(name, Type.DIR, mode, uid, gid, m[4]))
+                continue
             self._add(
-                m.name, _TYPES[m.type], m.mode, m.uid, m.gid, m.mtime, m.offset_data, m.size,
+                name, _TYPES[kind], m.mode, uid, gid, m.mtime, m.offset_data, m.size,
                 m.linkname, m.devmajor, m.devminor, None,
             )  # fmt: skip
 

@@ -242,6 +242,11 @@ class _Dir:
         self.children: dict[str, _Dir | _Leaf] = {}
 
 
+def _may_lead(node: _Dir | _Leaf | None) -> bool:
+    """Whether replacing ``node`` may change what a remembered directory path leads to."""
+    return isinstance(node, _Dir) or (node is not None and node.member.type is Type.SYMLINK)
+
+
 def _split(path: str) -> tuple[str, str]:
     parent, _, base = path.rpartition("/")
     return parent, base
@@ -253,9 +258,10 @@ class _Merger:
         self.notes: list[Note] = []
         self.layer = 0
         self.linked = False  # a hardlink was made
-        # The directory the last entry went into, by path: consecutive members share parents.
-        # Reset whenever a directory is replaced (only add and parent_dir replace anything).
-        self._last: tuple[str, _Dir] | None = None
+        # The directories entries went into, by path (a layer's members go to a few directories,
+        # not always one after another). Forgotten whenever a directory, or a symlink that may lead
+        # to one, is replaced or removed (only add, hide and parent_dir replace anything).
+        self._dirs: dict[str, _Dir] = {}
         # This layer's hardlinks to lower files that its own whiteouts hide, by the link's name.
         self._hidden_targets: dict[str, _Leaf] = {}
 
@@ -305,9 +311,9 @@ class _Merger:
         (``lib -> usr/lib``, then ``lib/x`` lands in ``usr/lib``); None, with a note, when it
         leads nowhere inside the image (dangling, a file, a loop): the member is not applied.
         """
-        last = self._last
-        if last is not None and last[0] == path:
-            return last[1]
+        known = self._dirs.get(path)
+        if known is not None:
+            return known
         node = self.root
         done: list[str] = []
         for part in path.split("/") if path else ():
@@ -323,14 +329,15 @@ class _Merger:
             elif not isinstance(child, _Dir):
                 if child is not None:
                     self.note(name, f"{path!r} is not a directory below it: replaced by a directory")
+                    self._dirs.clear()  # a symlink replaced: paths resolved through it are stale
                 child = node.children[part] = _Dir(None, self.layer)
             node = child
-        self._last = (path, node)
+        self._dirs[path] = node
         return node
 
     def apply(self, table: LayerTable) -> None:
         """Apply one layer: its whiteouts to the layers below, then its entries in order."""
-        self._last = None
+        self._dirs.clear()
         adds: list[Member] = []
         hides: list[tuple[Member, str, bool]] = []  # (member, path, opaque)
         for m in table.members:
@@ -362,13 +369,13 @@ class _Merger:
             made = {m.name: m.type for m in adds}
             for m, path, opaque in hides:
                 self.hide(m, path, opaque, made)
-            self._last = None
+            self._dirs.clear()
         for m in adds:
             self.add(m)
 
     def hide(self, m: Member, path: str, opaque: bool, made: dict[str, Type]) -> None:
         """Apply one whiteout (``path`` hidden) or opaque marker (``path``'s lower children hidden)."""
-        self._last = None  # a directory removed here may be the one remembered
+        self._dirs.clear()  # a directory removed here may be one remembered
         ancestor = _split(m.name)[0]
         while ancestor:
             kind = made.get(ancestor)
@@ -413,8 +420,8 @@ class _Merger:
             parent = self.parent_dir(parent_path, m.name)
             if parent is None:
                 return
-            if parent.children.get(base) is not None:
-                self._last = None  # what it replaces may be (or lead to) the directory remembered
+            if _may_lead(parent.children.get(base)):
+                self._dirs.clear()  # what it replaces may be (or lead to) a directory remembered
             parent.children[base] = target
             self.linked = True
             return
@@ -427,11 +434,11 @@ class _Merger:
                 existing.member, existing.layer = m, self.layer  # the lower children stay
             else:
                 if existing is not None:
-                    self._last = None
+                    self._dirs.clear()
                 parent.children[base] = _Dir(m, self.layer)
             return
-        if existing is not None:
-            self._last = None  # a directory, or a symlink followed to one, may be the one remembered
+        if _may_lead(existing):
+            self._dirs.clear()  # a directory, or a symlink followed to one, may be one remembered
         parent.children[base] = _Leaf(m, self.layer)
 
 
@@ -440,6 +447,7 @@ class _Metas:
 
     def __init__(self) -> None:
         self._made: dict[tuple[object, ...], Meta] = {}
+        self._files: dict[tuple[object, ...], Meta] = {}  # a file's with one name, by mode, owner, xattrs
 
     def get(
         self, mode: int, uid: int, gid: int, xattrs: tuple[tuple[bytes, bytes], ...], nlink: int = 1,
@@ -459,25 +467,65 @@ class _Metas:
             return Entry(Kind.DIR, 0, 0, 0, max(d.layer, 0), self.get(IMPLICIT_MODE, 0, 0, ()))
         return Entry(Kind.DIR, 0, 0, m.mtime, max(d.layer, 0), self.get(m.mode, m.uid, m.gid, m.xattrs))
 
-    def leaf(self, leaf: _Leaf, nlink: int, group: int) -> Entry:
+    def leaf(self, leaf: _Leaf, nlink: int, group: int) -> tuple[int, int, int, int, Meta]:
+        """A leaf's row: kind code, offset, size, mtime and Meta (its layer is ``leaf.layer``)."""
         m = leaf.member
         if m.type is Type.FILE:
-            meta = self.get(m.mode, m.uid, m.gid, m.xattrs, nlink, group)
-            return Entry(Kind.FILE, m.offset, m.size, m.mtime, leaf.layer, meta)
+            if nlink == 1:
+                key = (m.mode, m.uid, m.gid, m.xattrs)
+                meta = self._files.get(key)
+                if meta is None:
+                    meta = self._files[key] = self.get(m.mode, m.uid, m.gid, m.xattrs)
+                return _FILE, m.offset, m.size, m.mtime, meta
+            return _FILE, m.offset, m.size, m.mtime, self.get(m.mode, m.uid, m.gid, m.xattrs, nlink, group)
         kind = _KINDS[m.type]
         link = m.linkname.encode("utf-8", "surrogateescape") if kind is Kind.SYMLINK else b""
         rdev = os.makedev(m.devmajor, m.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
         meta = self.get(m.mode, m.uid, m.gid, m.xattrs, nlink, group, link, rdev)
-        return Entry(kind, 0, len(link), m.mtime, leaf.layer, meta)
+        return KIND_ORDER.index(kind), 0, len(link), m.mtime, meta
+
+
+class _Rows:
+    """The merged tree's rows as they are walked (any order), column by column: no Entry, no dict."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.kinds = bytearray()
+        self.offsets: array[int] = array("Q")
+        self.sizes: array[int] = array("Q")
+        self.mtimes: array[int] = array("q")
+        self.sources: array[int] = array("I")
+        self.metas: list[Meta | None] = []
+
+    def columns(self) -> Columns:
+        """The rows sorted by path (one sort of row numbers; each column permuted once)."""
+        names = self.names
+        rows = sorted(range(len(names)), key=names.__getitem__)
+        ordered = list(map(names.__getitem__, rows))
+        self.names = []
+        del names
+        return Columns(
+            Names.of(ordered),
+            bytes(map(self.kinds.__getitem__, rows)),
+            array("Q", map(self.offsets.__getitem__, rows)),
+            array("Q", map(self.sizes.__getitem__, rows)),
+            array("q", map(self.mtimes.__getitem__, rows)),
+            array("I", map(self.sources.__getitem__, rows)),
+            list(map(self.metas.__getitem__, rows)),
+        )
 
 
 def merge(layers: Sequence[LayerTable]) -> Merged:
-    """Apply ``layers`` (lowest first) as layer.md says; an entry's ``source`` is its layer's index."""
+    """Apply ``layers`` (lowest first) as layer.md says; an entry's ``source`` is its layer's index.
+
+    The entries come as columns sorted by path (ColumnEntries): 500,000 files make no Entry object
+    and no dict of paths; hardlinked paths have equal entries (one Meta, one ``group``).
+    """
     merger = _Merger()
     for index, table in enumerate(layers):
         merger.layer = index
         merger.apply(table)
-    # Count each inode's names in the final tree, then make one Entry per inode.
+    # Count each inode's names in the final tree, then make one row per path.
     links: dict[int, int] = {}
     stack = [merger.root] if merger.linked else []  # link counts matter only if there are hardlinks
     while stack:
@@ -486,27 +534,55 @@ def merge(layers: Sequence[LayerTable]) -> Merged:
                 stack.append(child)
             else:
                 links[id(child)] = links.get(id(child), 0) + 1
-    entries: dict[str, Entry] = {}
+    out = _Rows()
+    names, kinds, offsets, sizes, mtimes, sources, row_metas = (
+        out.names, out.kinds, out.offsets, out.sizes, out.mtimes, out.sources, out.metas
+    )  # fmt: skip
     metas = _Metas()
-    made: dict[int, Entry] = {}
+    made: dict[int, tuple[int, int, int, int, Meta]] = {}
     groups = 0
     walk: list[tuple[str, _Dir]] = [("", merger.root)]
     while walk:
         prefix, directory = walk.pop()
         for name, child in directory.children.items():
-            path = f"{prefix}{name}"
+            member = child.member
+            held = "" if member is None else member.name
+            # the member's own name where it is the path (the common case): no second str of it
+            path = (
+                held
+                if len(held) == len(prefix) + len(name) and held.endswith(name) and held.startswith(prefix)
+                else f"{prefix}{name}"
+            )
+            names.append(path)
             if isinstance(child, _Dir):
-                entries[path] = metas.directory(child)
+                entry = metas.directory(child)
+                kinds.append(_DIR)
+                offsets.append(0)
+                sizes.append(0)
+                mtimes.append(entry.mtime)
+                sources.append(entry.source)
+                row_metas.append(entry.meta)
                 walk.append((f"{path}/", child))
                 continue
-            entry = made.get(id(child))
-            if entry is None:
-                nlink = links.get(id(child), 1)
-                if nlink > 1:
-                    groups += 1
-                entry = made[id(child)] = metas.leaf(child, nlink, groups if nlink > 1 else 0)
-            entries[path] = entry
-    return Merged(entries=entries, root=metas.directory(merger.root), notes=merger.notes)
+            if links:
+                row = made.get(id(child))
+                if row is None:
+                    nlink = links.get(id(child), 1)
+                    if nlink > 1:
+                        groups += 1
+                    row = made[id(child)] = metas.leaf(child, nlink, groups if nlink > 1 else 0)
+            else:
+                row = metas.leaf(child, 1, 0)
+            kinds.append(row[0])
+            offsets.append(row[1])
+            sizes.append(row[2])
+            mtimes.append(row[3])
+            sources.append(child.layer)
+            row_metas.append(row[4])
+    root = metas.directory(merger.root)
+    merger.root.children = {}  # the merge's own tree (its nodes and members) is let go before the sort
+    del made, links
+    return Merged(entries=ColumnEntries(out.columns()), root=root, notes=merger.notes)
 
 
 def _b64(data: bytes) -> str:

@@ -14,7 +14,7 @@ import re
 import struct
 import tarfile
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, NamedTuple, Protocol
 from zlib import adler32
 
@@ -69,13 +69,19 @@ class _CappedReader:
         return self._raw.tell()
 
 
-# Relative names whose components are non-empty, start with no "." and hold no NUL.
-_PLAIN_NAME = re.compile(r"[^/\0.][^/\0]*(?:/[^/\0.][^/\0]*)*")
-
-
 def plain_name(name: str) -> bool:
-    """True for a name ``normalize`` keeps as it is if its bytes are few enough (its fast path)."""
-    return _PLAIN_NAME.fullmatch(name) is not None
+    """True for a name ``normalize`` keeps as it is if its bytes are few enough (its fast path).
+
+    A relative name whose components are non-empty, start with no "." and hold no NUL: five
+    substring tests (~0.2 us), not a regular expression (~0.8 us); a million names are a second.
+    """
+    return (
+        name[:1] not in ("", ".", "/")
+        and "/." not in name
+        and "//" not in name
+        and name[-1] != "/"
+        and "\0" not in name
+    )
 
 
 def normalize(name: str) -> str | None:
@@ -85,7 +91,9 @@ def normalize(name: str) -> str | None:
     Refused: absolute names, ``..`` components, empty names, components over NAME_MAX bytes, and
     names with a NUL byte (a PAX path may hold one; a Linux name cannot, and would read as a prefix).
     """
-    if plain_name(name) and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX:
+    if plain_name(name) and (
+        len(name) <= NAME_MAX if name.isascii() else len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+    ):
         return name  # already normal: no "", "." or ".." component, no NUL, short (the common case)
     if name.startswith("/") or "\0" in name:
         return None
@@ -142,7 +150,7 @@ def scan_table(fileobj: IO[bytes], path: str, size: int) -> ArchiveTable:
     if size == 0:
         raise NotAnArchive(path, "empty file, not a tar archive")
     builder = _TableBuilder()
-    end = walk(fileobj, path, size, builder.add, plain=builder.add_plain)
+    end = walk(fileobj, path, size, builder.add, plain=builder.add_plain, owners=False)
     return ArchiveTable.from_columns(builder.finish(), builder.skipped, end, builder.symlinks)
 
 
@@ -154,6 +162,7 @@ def walk(
     *,
     layer: bool = False,
     plain: Callable[[list[PlainMember]], None] | None = None,
+    owners: bool = True,
 ) -> int:
     """Call ``add`` with every member of the tar in ``fileobj`` (``size`` bytes), in order; return its end.
 
@@ -165,7 +174,8 @@ def walk(
     archive/tar accepts and real layer tars hold (``umoci insert`` writes them): no end-of-archive
     blocks, the last member's padding cut short, an empty file or an all-zero first block (an
     empty layer). ``plain``: a builder's fast door, given runs of canonical plain headers (files and
-    directories, links, devices: ``_plain_run``) instead of one TarInfo each.
+    directories, links, devices: ``_plain_run``) instead of one TarInfo each; ``owners`` False:
+    a builder that keeps no mode, owner or device number of them (they read as 0; mtime is read).
     Raises NotAnArchive, TruncatedArchive or LayoutOpenError, naming ``path``.
     """
     if layer:
@@ -188,7 +198,8 @@ def walk(
             reader.budget = MAX_MEMBER_HEADERS
             # (a global PAX header may rename what follows: tarfile's then)
             if plain and getattr(tf, "firstmember", None) is None and not tf.pax_headers:
-                tf.offset = _plain_run(fileobj, tf.offset, size, tf.encoding or "utf-8", tf.errors, plain)
+                encoding = tf.encoding or "utf-8"
+                tf.offset = _plain_run(fileobj, tf.offset, size, encoding, tf.errors, owners, plain)
             may_end = layer and getattr(tf, "firstmember", None) is None
             if may_end and not _holds(fileobj, size, tf.offset + 1):
                 # the last member ended at (or its padding past) the end: no end blocks
@@ -355,8 +366,22 @@ RUN_CHUNK = 1 << 20
 RUN_CHUNK_FORWARD = 64 << 10
 
 
-def _number(field: bytes) -> int:
-    return int(field[:7], 8) if field[0] else 0
+# Header numbers read by a run so far, by their field's bytes (most members share a mode, an owner, an
+# mtime): a dict look-up, not an int() each; emptied when it holds this many.
+_NUMBERS_KEPT = 4096
+
+
+def _numbers() -> dict[bytes, int]:
+    """A new memo of header numbers: the 8-byte fields of all NUL read as 0 (tarfile's nti of b"")."""
+    return {bytes(8): 0}
+
+
+def _number(numbers: dict[bytes, int], field: bytes) -> int:
+    """The value of an octal header field (digits, then NUL or nothing), kept in ``numbers``."""
+    value = numbers.get(field)
+    if value is None:
+        value = numbers[field] = int(field.rstrip(b"\0"), 8)
+    return value
 
 
 def _plain_run(
@@ -365,6 +390,7 @@ def _plain_run(
     size: int | None,
     encoding: str,
     errors: str,
+    owners: bool,
     take: Callable[[list[PlainMember]], None],
 ) -> int:
     """Hand the members of the canonical plain headers from ``pos`` on to ``take``, a list per chunk
@@ -376,11 +402,12 @@ def _plain_run(
     The checksum is tarfile's unsigned sum, the field as spaces: two adler32 sums of 256 bytes each
     (adler32's low half is 1 + the byte sum mod 65521, and 256 bytes sum to at most 65280).
     ``size`` None: a stream read forward (a layer's first pass): a file is taken only when its data
-    was read with its header (the walk checks the rest: a stream cut short, its end).
+    was read with its header (the walk checks the rest: a stream cut short, its end). ``owners``
+    False: mode, uid, gid and device numbers are not read (0); the match has checked them all the same.
     """
     out: list[PlainMember] = []
     try:
-        return _run(fileobj, pos, size, encoding, errors, take, out)
+        return _run(fileobj, pos, size, encoding, errors, take, out, owners)
     finally:
         if out:
             take(out)
@@ -394,14 +421,26 @@ def _run(
     errors: str,
     take: Callable[[list[PlainMember]], None],
     out: list[PlainMember],
+    owners: bool = True,
 ) -> int:
-    """``_plain_run``'s loop: ``out`` holds the members of the chunk read last (handed on after it)."""
+    """``_plain_run``'s loop: ``out`` holds the members of the chunk read last (handed on after it).
+
+    Per member (~2.5 us): one match, two adler32, a dict look-up per number (``_numbers``), the
+    name decoded, the link only when there is one, and the PlainMember made as the tuple it is.
+    """
     want, most = BLOCK * 16, RUN_CHUNK if size is not None else RUN_CHUNK_FORWARD
     match = _CANONICAL.match
+    numbers = _numbers()
+    number = numbers.get
+    member = tuple.__new__
+    append = out.append
     while size is None or pos + BLOCK <= size:
         if out:
             take(out[:])
             out.clear()
+        if len(numbers) > _NUMBERS_KEPT:
+            numbers.clear()
+            numbers.update(_numbers())
         fileobj.seek(pos)
         chunk = fileobj.read(want if size is None else min(want, size - pos))
         view = memoryview(chunk)
@@ -411,11 +450,13 @@ def _run(
             if m is None:
                 return pos + at
             name_f, mode, uid, gid, size_f, mtime, chksum, kind, link, major, minor, prefix = m.groups()
+            # the checksum field is "%06o\0 " (the match says so): its bytes sum to its digits' + 32
             found = (
                 (adler32(view[at : at + 256]) & 0xFFFF)
                 + (adler32(view[at + 256 : at + BLOCK]) & 0xFFFF)
                 - 2
-                - sum(view[at + 148 : at + 156])
+                - sum(chksum)
+                - 32
                 + 256
             )
             length = int(size_f, 8)
@@ -430,12 +471,20 @@ def _run(
                 name = prefix.split(b"\0", 1)[0].decode(encoding, errors) + "/" + name
             if kind == b"5":
                 name = name.rstrip("/")
-            out.append(
-                PlainMember(
-                    name, kind, pos + at + BLOCK, length, int(mtime, 8), _number(mode), _number(uid),
-                    _number(gid), link.split(b"\0", 1)[0].decode(encoding, errors), _number(major),
-                    _number(minor),
-                )
+            t = number(mtime)
+            if t is None:
+                t = _number(numbers, mtime)
+            if owners:
+                o, u, g, j, k = map(number, (mode, uid, gid, major, minor))
+                if o is None or u is None or g is None or j is None or k is None:
+                    o, u, g, j, k = (_number(numbers, f) for f in (mode, uid, gid, major, minor))
+            else:
+                o = u = g = j = k = 0
+            append(
+                member(PlainMember, (
+                    name, kind, pos + at + BLOCK, length, t, o, u, g,
+                    link.split(b"\0", 1)[0].decode(encoding, errors) if link[0] else "", j, k,
+                ))
             )  # fmt: skip
             at += BLOCK + skip
         # a run of small members reads more at a time; a jump over data starts small again
@@ -522,46 +571,65 @@ class _TableBuilder:
             self.skip(info.name, f"{_type_name(info)} (only regular files and directories are served)")
 
     def add_plain(self, run: list[PlainMember]) -> None:
-        """Enter a run of plain members (``_plain_run``), as ``add`` would one by one."""
+        """Enter a run of plain members (``_plain_run``), as ``add`` would one by one.
+
+        Files and directories with plain names (``plain_name``: nearly all) are appended to the
+        columns here, with no call per member; anything else goes through ``add``.
+        """
+        names, kinds, offsets, sizes, mtimes = self.names, self.kinds, self.offsets, self.sizes, self.mtimes
         for m in run:
-            if m.type == tarfile.REGTYPE or m.type == tarfile.DIRTYPE:
-                served = normalize(m.name)
-                if served is None:
-                    if not is_root(m.name):
-                        self.skip(m.name, refusal(m.name))
-                    continue
-                if self.symlinks:
-                    self.symlinks.pop(served, None)
-                if m.type == tarfile.DIRTYPE:
-                    self._put(served, _DIR, 0, 0, m.mtime)
+            name, kind = m[0], m[1]
+            if (
+                (kind == b"0" or kind == b"5")
+                and self._where is None
+                and not self.symlinks
+                and name[:1] not in ("", ".", "/")  # plain_name, inline: a million calls are ~0.1 s
+                and "/." not in name
+                and "//" not in name
+                and name[-1] != "/"
+                and len(name) <= NAME_MAX
+                and name.isascii()  # no NUL: the run cut the name at its first
+            ):
+                names.append(name)
+                if kind == b"5":
+                    kinds.append(_DIR)
+                    offsets.append(0)
+                    sizes.append(0)
                 else:
-                    self._put(served, _FILE, m.offset_data, m.size, m.mtime)
+                    kinds.append(_FILE)
+                    offsets.append(m[2])
+                    sizes.append(m[3])
+                mtimes.append(m[4])
+            elif kind == b"0" or kind == b"5":
+                self._add_named(m)
             else:
                 self.add(m.info())  # links, devices, fifos: rare in an image archive
+
+    def _add_named(self, m: PlainMember) -> None:
+        """Enter a plain file or directory through the name policy (``add`` for a PlainMember)."""
+        served = normalize(m.name)
+        if served is None:
+            if not is_root(m.name):
+                self.skip(m.name, refusal(m.name))
+            return
+        if self.symlinks:
+            self.symlinks.pop(served, None)
+        if m.type == tarfile.DIRTYPE:
+            self._put(served, _DIR, 0, 0, m.mtime)
+        else:
+            self._put(served, _FILE, m.offset_data, m.size, m.mtime)
 
     def finish(self) -> Columns:
         """The columns: the last row of each name, and implied directories; a path that has children
         is a directory, never a file."""
-        where = self._where if self._where is not None else _rows(self.names)
-        self._where = None
-        dirs: set[str] = set()
-        for name in {p for p, _, _ in map(str.rpartition, where, itertools.repeat("/"))}:
-            parent = name
-            while parent and parent not in dirs:
-                dirs.add(parent)
-                parent = parent.rpartition("/")[0]
-        for d in sorted(dirs):
-            row = where.get(d)
-            if row is not None and self.kinds[row] == _FILE:
-                self.skip(d, "file replaced by a directory of the same name")
-                row = None
-            if row is None:
-                where[d] = len(self.names)
-                self._put(d, _DIR, 0, 0, 0)
-        order = sorted(where)
-        rows = list(map(where.__getitem__, order))
-        del where
-        self.names.clear()
+        if self._where is None and len(set(self.names)) == len(self.names):
+            rows = self._unique_rows()  # no name twice (the common case): no dict of every name
+        else:
+            rows = self._last_rows()
+        names = self.names
+        order = list(map(names.__getitem__, rows))
+        self.names = []
+        del names
         # what is no longer needed is let go before the next big thing is made (a million rows)
         kinds = bytes(map(self.kinds.__getitem__, rows))
         offsets = array("Q", map(self.offsets.__getitem__, rows))
@@ -569,8 +637,52 @@ class _TableBuilder:
         mtimes = array("q", map(self.mtimes.__getitem__, rows))
         del rows
         self.kinds, self.offsets, self.sizes, self.mtimes = bytearray(), array("Q"), array("Q"), array("q")
-        names = Names.of(order)
-        return Columns(names, kinds, offsets, sizes, mtimes, array("I", bytes(4 * len(kinds))))
+        return Columns(Names.of(order), kinds, offsets, sizes, mtimes, array("I", bytes(4 * len(kinds))))
+
+    def _parents(self) -> set[str]:
+        """The parent path of every name ("" for the root's children)."""
+        return {p for p, _, _ in map(str.rpartition, self.names, itertools.repeat("/"))}
+
+    def _implied(self, parents: set[str], row_of: Callable[[str], int | None]) -> list[int]:
+        """Add the directories that ``parents`` imply (``row_of``: a path's row, if it has one); the
+        rows of files that a directory replaces (skipped)."""
+        dirs: set[str] = set()
+        for name in parents:
+            parent = name
+            while parent and parent not in dirs:
+                dirs.add(parent)
+                parent = parent.rpartition("/")[0]
+        dropped = []
+        for d in sorted(dirs):
+            row = row_of(d)
+            if row is not None and self.kinds[row] == _FILE:
+                self.skip(d, "file replaced by a directory of the same name")
+                dropped.append(row)
+                row = None
+            if row is None:
+                self._put(d, _DIR, 0, 0, 0)
+        return dropped
+
+    def _unique_rows(self) -> list[int]:
+        """The rows in path order, when no name is entered twice: one sort of the rows by name."""
+        names = self.names
+        parents = self._parents()
+        present = parents.intersection(names)  # the paths that are parents and have rows of their own
+        found = {name: row for row, name in enumerate(names) if name in present} if present else {}
+        dropped = self._implied(parents, found.get)
+        rows: Iterable[int] = range(len(names))
+        if dropped:
+            gone = set(dropped)
+            rows = [row for row in rows if row not in gone]
+        return sorted(rows, key=names.__getitem__)
+
+    def _last_rows(self) -> list[int]:
+        """The last row of each name in path order (names entered twice: the last one wins)."""
+        where = self._where if self._where is not None else _rows(self.names)
+        self._where = where  # the implied directories are entered into it (``_put``)
+        self._implied(self._parents(), where.get)
+        self._where = None
+        return list(map(where.__getitem__, sorted(where)))
 
 
 def _data_skipped(info: tarfile.TarInfo) -> bool:

@@ -93,6 +93,21 @@ def test_implied_directories_are_entries(tmp_path: Path) -> None:
         assert entries["blobs/sha256"].kind is Kind.DIR
 
 
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_file_under_which_paths_lie_is_a_directory(tmp_path: Path, repeat: bool) -> None:
+    """A file whose path is another member's parent is skipped and served as an implied directory,
+    whether no name repeats (rows sorted by name, no dict) or one does (the last row of each name)."""
+    members = [file_member("x", b"file"), file_member("x/y", b"y"), file_member("b/c", b"c")]
+    members += [file_member("b/c", b"c2")] if repeat else []
+    path = write_archive(tmp_path / "a.tar", members, tarfile.USTAR_FORMAT)
+    with open(path, "rb") as f:
+        table = scan_table(f, str(path), os.path.getsize(path))
+    assert list(table.columns.names) == ["b", "b/c", "x", "x/y"]
+    assert [table.columns.kinds[i] for i in range(4)] == [1, 0, 1, 0]
+    assert [s.name for s in table.skipped] == ["x"]
+    assert table.columns.sizes[1] == (2 if repeat else 1) and table.columns.mtimes[2] == 0
+
+
 def test_duplicates_last_one_wins(tmp_path: Path) -> None:
     """The later of two members with one name is served (as ``tar -x`` leaves it)."""
     with closing(Archive(str(tarbuild.duplicates(tmp_path)))) as archive:
