@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple, overload
 
@@ -49,6 +49,10 @@ class Children(Sequence[tuple[bytes, int]]):
     def inode(self, i: int) -> int:
         """The inode of child ``i``."""
         return self._inodes[i]
+
+    def inodes(self) -> array[int]:
+        """Every child's inode, in name order (no name read)."""
+        return self._inodes
 
     @overload
     def __getitem__(self, i: int) -> tuple[bytes, int]: ...
@@ -191,8 +195,20 @@ class Tree:
         if count is None:
             node = self.node(inode)
             children = node.children if node is not None else None
-            count = self._subdirs[inode] = sum(1 for _, i in children or () if self.is_dir(i))
+            if isinstance(children, Children):
+                inodes: Iterable[int] = children.inodes()  # no child's name read
+            else:
+                inodes = (i for _, i in children or ())
+            count = self._subdirs[inode] = sum(map(self.is_dir, inodes))
         return count
+
+    def has_xattrs(self) -> bool:
+        """True if any inode has an extended attribute (one pass over the table's metas)."""
+        root = self._root_entry.meta
+        if root is not None and root.xattrs:
+            return True
+        metas = self._columns.metas
+        return metas is not None and any(m is not None and m.xattrs for m in metas)
 
     def child(self, parent: int, name: bytes) -> Node | None:
         """The node named ``name`` in directory ``parent``, or None."""
