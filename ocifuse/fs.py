@@ -29,6 +29,7 @@ F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 TIMEOUT = 86400.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+_LATEST = 2**62 // 10**9  # the latest mtime served (seconds): its nanoseconds fit a signed 64-bit field
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # The file type bits of each kind of entry the rootfs view serves (stat(2), inode(7)).
 _TYPE_BITS = {
@@ -195,29 +196,29 @@ class Operations(pyfuse3.Operations):
         setuid, setgid and devices are shown as the image has them and are inert: the mount is
         always nosuid,nodev (options.FORCED).
         """
-        attr.st_ino = pyfuse3.InodeT(inode)
-        if kind is Kind.DIR:
-            nlink = 2 + self.tree.subdirs(inode)
-            mode = DIR_MODE
+        # Plain ints, without the NewType calls (InodeT, ModeT): this runs for every entry listed.
+        attr.st_ino = inode
+        if meta is None:
+            if kind is Kind.DIR:
+                mode, nlink = DIR_MODE, 2 + self.tree.subdirs(inode)
+            else:
+                mode, nlink = FILE_MODE, 1
+            uid, gid, rdev = self.uid, self.gid, 0
         else:
-            nlink = 1
-            mode = FILE_MODE
-        uid, gid, rdev = self.uid, self.gid, 0
-        if meta is not None:
             mode = _TYPE_BITS[kind] | meta.mode
-            if kind is not Kind.DIR:
-                nlink = meta.nlink
-            if not self.own_all:
-                uid, gid = meta.uid, meta.gid
+            nlink = 2 + self.tree.subdirs(inode) if kind is Kind.DIR else meta.nlink
+            uid, gid = (self.uid, self.gid) if self.own_all else (meta.uid, meta.gid)
             rdev = meta.rdev
-        attr.st_mode = pyfuse3.ModeT(mode)
+        attr.st_mode = mode
         attr.st_nlink = nlink
         attr.st_uid = uid
         attr.st_gid = gid
         attr.st_rdev = rdev
         attr.st_size = size
         attr.st_blocks = (size + 511) // 512  # st_blocks counts 512-byte units
-        mtime_ns = max(0, min(mtime, 2**62 // 10**9)) * 10**9
+        if not 0 <= mtime <= _LATEST:
+            mtime = max(0, min(mtime, _LATEST))
+        mtime_ns = mtime * 1_000_000_000
         attr.st_atime_ns = mtime_ns
         attr.st_mtime_ns = mtime_ns
         attr.st_ctime_ns = mtime_ns
