@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple, overload
 
@@ -55,6 +55,10 @@ class Children(Sequence[tuple[bytes, int]]):
     def inodes(self) -> array[int]:
         """Every child's inode, in name order (no name read)."""
         return self._inodes
+
+    def rows(self) -> array[int]:
+        """Every child's row of the table, in name order."""
+        return self._rows
 
     @overload
     def __getitem__(self, i: int) -> tuple[bytes, int]: ...
@@ -197,11 +201,11 @@ class Tree:
         if count is None:
             node = self.node(inode)
             children = node.children if node is not None else None
-            if isinstance(children, Children):
-                inodes: Iterable[int] = children.inodes()  # no child's name read
+            if isinstance(children, Children):  # the children rows' kinds as one bytes (1: a directory)
+                count = bytes(map(self._columns.kinds.__getitem__, children.rows())).count(1)
             else:
-                inodes = (i for _, i in children or ())
-            count = self._subdirs[inode] = sum(map(self.is_dir, inodes))
+                count = sum(1 for _, i in children or () if self.is_dir(i))
+            self._subdirs[inode] = count
         return count
 
     def has_xattrs(self) -> bool:
