@@ -23,7 +23,7 @@ import trio
 from . import options as mount_options
 from .cache import open_cache
 from .errors import MountError as MountError
-from .fs import Operations
+from .fs import Operations, requests_summary
 from .journal import stderr_is_journal
 from .umount import visible_mount
 from .urls import DEFAULT_TIMEOUT, RemoteOptions, is_url, redact
@@ -342,7 +342,7 @@ def _mount(args: argparse.Namespace, stops: _Stops) -> bool:
                 notify_parent("the daemon failed before the mount was live")
     finally:
         view.close()
-    log.info("unmounted %s", mountpoint)
+    log.info("unmounted %s after %s", mountpoint, requests_summary())
     return True
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -16,7 +17,7 @@ import trio
 from .digest import Digest, hash_source
 from .entries import Kind, Meta, Sources
 from .errors import OcifuseError
-from .tree import Node, Tree
+from .tree import Children, Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 TIMEOUT = 86400.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+_LATEST = 2**62 // 10**9  # the latest mtime served (seconds): its nanoseconds fit a signed 64-bit field
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # The file type bits of each kind of entry the rootfs view serves (stat(2), inode(7)).
 _TYPE_BITS = {
@@ -38,6 +40,27 @@ _TYPE_BITS = {
     Kind.BLOCK: stat.S_IFBLK,
     Kind.FIFO: stat.S_IFIFO,
 }
+
+
+# The FUSE requests this process has answered, by handler: the daemon logs them when it unmounts, so
+# tests and bench/ count the kernel's round trips (a count, never a time). One increment a request.
+REQUESTS: Counter[str] = Counter()
+
+
+def requests_summary() -> str:
+    """The requests answered so far, e.g. ``"412 FUSE requests: readdir 300, lookup 100, ..."``."""
+    parts = ", ".join(f"{name} {n}" for name, n in REQUESTS.most_common())
+    return f"{REQUESTS.total()} FUSE requests" + (f": {parts}" if parts else "")
+
+
+def _blank_attributes() -> pyfuse3.EntryAttributes:
+    """An EntryAttributes with the fields every entry shares: the kernel caches it for TIMEOUT."""
+    attr = pyfuse3.EntryAttributes()
+    attr.generation = 0
+    attr.entry_timeout = TIMEOUT
+    attr.attr_timeout = TIMEOUT
+    attr.st_blksize = 128 * 1024
+    return attr
 
 
 def errno_of(exc: BaseException) -> int:
@@ -56,8 +79,11 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
     with its traceback and answered with EIO.
     """
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        REQUESTS[name] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -136,6 +162,7 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.verdicts = Verdicts() if verify else None
         self.xattrs = xattrs
+        self._any_xattrs: bool | None = None  # xattrs and the tree has one: known at the first call
         self.own_all = own_all
 
     # -- helpers -----------------------------------------------------------------------------
@@ -147,7 +174,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
-        """The stat of ``node``: 0555 dirs, 0444 files, the mounting user's, mtime from the tar header."""
+        """The stat of ``node``, its mtime from the tar header (see ``_fill``)."""
         e = node.entry
         return self.attributes_of(node.inode, e.kind, e.size, e.mtime, e.meta)
 
@@ -155,44 +182,46 @@ class Operations(pyfuse3.Operations):
         self, inode: int, kind: Kind, size: int, mtime: int, meta: Meta | None
     ) -> pyfuse3.EntryAttributes:
         """The stat of ``inode`` from its entry's fields (Tree.fields: readdir makes no node per child)."""
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.InodeT(inode)
-        attr.generation = 0
-        attr.entry_timeout = TIMEOUT
-        attr.attr_timeout = TIMEOUT
-        if kind is Kind.DIR:
-            attr.st_mode = pyfuse3.ModeT(DIR_MODE)
-            attr.st_nlink = 2 + self.tree.subdirs(inode)
-        else:
-            attr.st_mode = pyfuse3.ModeT(FILE_MODE)
-            attr.st_nlink = 1
-        attr.st_uid = self.uid
-        attr.st_gid = self.gid
-        attr.st_rdev = 0
-        attr.st_size = size
-        attr.st_blksize = 128 * 1024
-        attr.st_blocks = (size + 511) // 512  # st_blocks counts 512-byte units
-        mtime_ns = max(0, min(mtime, 2**62 // 10**9)) * 10**9
-        attr.st_atime_ns = mtime_ns
-        attr.st_mtime_ns = mtime_ns
-        attr.st_ctime_ns = mtime_ns
-        if meta is not None:
-            self._rich_attributes(attr, kind, meta)
+        attr = _blank_attributes()
+        self._fill(attr, inode, kind, size, mtime, meta)
         return attr
 
-    def _rich_attributes(self, attr: pyfuse3.EntryAttributes, kind: Kind, meta: Meta) -> None:
-        """The rootfs view: the image's type and mode bits, owner, link count and device number.
+    def _fill(
+        self, attr: pyfuse3.EntryAttributes, inode: int, kind: Kind, size: int, mtime: int, meta: Meta | None
+    ) -> None:
+        """Set every field of ``attr`` that differs between entries (readdir reuses one ``attr``).
 
+        The layout view: 0555 dirs, 0444 files, the mounting user's. The rootfs view (``meta``): the
+        image's type and mode bits, owner (unless ``own_all``), link count and device number;
         setuid, setgid and devices are shown as the image has them and are inert: the mount is
         always nosuid,nodev (options.FORCED).
         """
-        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[kind] | meta.mode)
-        if kind is not Kind.DIR:
-            attr.st_nlink = meta.nlink
-        if not self.own_all:
-            attr.st_uid = meta.uid
-            attr.st_gid = meta.gid
-        attr.st_rdev = meta.rdev
+        # Plain ints, without the NewType calls (InodeT, ModeT): this runs for every entry listed.
+        attr.st_ino = inode
+        if meta is None:
+            if kind is Kind.DIR:
+                mode, nlink = DIR_MODE, 2 + self.tree.subdirs(inode)
+            else:
+                mode, nlink = FILE_MODE, 1
+            uid, gid, rdev = self.uid, self.gid, 0
+        else:
+            mode = _TYPE_BITS[kind] | meta.mode
+            nlink = 2 + self.tree.subdirs(inode) if kind is Kind.DIR else meta.nlink
+            uid, gid = (self.uid, self.gid) if self.own_all else (meta.uid, meta.gid)
+            rdev = meta.rdev
+        attr.st_mode = mode
+        attr.st_nlink = nlink
+        attr.st_uid = uid
+        attr.st_gid = gid
+        attr.st_rdev = rdev
+        attr.st_size = size
+        attr.st_blocks = (size + 511) // 512  # st_blocks counts 512-byte units
+        if not 0 <= mtime <= _LATEST:
+            mtime = max(0, min(mtime, _LATEST))
+        mtime_ns = mtime * 1_000_000_000
+        attr.st_atime_ns = mtime_ns
+        attr.st_mtime_ns = mtime_ns
+        attr.st_ctime_ns = mtime_ns
 
     def read_node(
         self, node: Node, off: int, size: int, cached_only: bool = False
@@ -268,32 +297,36 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # The layout view serves no extended attributes. ENOSYS, not ENODATA: the kernel then
-    # remembers that this filesystem has none and answers every later getxattr/listxattr itself
-    # (EOPNOTSUPP), where ENODATA would cost a round trip per call (``ls -l`` asks twice per file;
-    # 100,000 entries: ``ls -lR`` 15.6 s -> see bench/results.md). The rootfs view serves the
-    # layers' PAX SCHILY.xattr.* attributes, so it answers each call (ENODATA for a name it lacks).
+    # Extended attributes: ENOSYS, not ENODATA, when the view has none (the layout view; a rootfs
+    # whose layers carry none): the kernel then remembers that this filesystem has none and answers
+    # every later getxattr/listxattr itself with EOPNOTSUPP (fs/fuse/xattr.c: no_getxattr,
+    # no_listxattr), where ENODATA would cost a round trip per call (``ls -l`` asks two or three
+    # names of each file: security.selinux, system.posix_acl_access, ..._default). A rootfs whose
+    # layers carry PAX SCHILY.xattr.* attributes answers each call (ENODATA for a name it lacks).
+
+    def _xattrs(self, inode: int) -> tuple[tuple[bytes, bytes], ...]:
+        """The extended attributes of ``inode``; ENOSYS if this view has none on any inode."""
+        if self._any_xattrs is None:
+            self._any_xattrs = self.xattrs and self.tree.has_xattrs()
+        if not self._any_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        meta = self._node(inode).entry.meta
+        return meta.xattrs if meta is not None else ()
 
     @handler
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        """An extended attribute of the rootfs view (ENODATA if absent); ENOSYS in the layout view."""
-        if not self.xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        meta = self._node(inode).entry.meta
-        for key, value in meta.xattrs if meta is not None else ():
+        """An extended attribute (ENODATA if absent); ENOSYS from a view without any."""
+        for key, value in self._xattrs(inode):
             if key == name:
                 return value
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @handler
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        """The extended attribute names of the rootfs view; ENOSYS in the layout view."""
-        if not self.xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        meta = self._node(inode).entry.meta
-        return [key for key, _ in meta.xattrs] if meta is not None else []
+        """The extended attribute names of an inode; ENOSYS from a view without any."""
+        return [key for key, _ in self._xattrs(inode)]
 
     @handler
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
@@ -325,13 +358,30 @@ class Operations(pyfuse3.Operations):
         log.debug("readdir(%d, %d)", fh, start_id)
         node = self._node(fh)
         children = node.children or ()
-        dots = ((b".", node.inode), (b"..", node.parent))
+        count = len(children) + 2
+        if start_id >= count:
+            return
         tree = self.tree
-        for index in range(start_id, len(children) + 2):
-            name, inode = dots[index] if index < 2 else children[index - 2]
-            attr = self.attributes_of(inode, *tree.fields(inode))
-            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(name), attr, index + 1):
-                break
+        fields = tree.fields
+        fill = self._fill
+        reply = pyfuse3.readdir_reply
+        # One EntryAttributes for the whole reply: readdir_reply copies it into the reply buffer.
+        attr = _blank_attributes()
+        index = start_id
+        for name, inode in ((b".", node.inode), (b"..", node.parent))[index:]:
+            fill(attr, inode, *fields(inode))
+            if not reply(token, pyfuse3.FileNameT(name), attr, index + 1):
+                return
+            index += 1
+        if isinstance(children, Children):
+            name_of, inode_of = children.name, children.inode
+        else:
+            name_of, inode_of = (lambda i: children[i][0]), (lambda i: children[i][1])
+        for i in range(index - 2, count - 2):
+            inode = inode_of(i)
+            fill(attr, inode, *fields(inode))
+            if not reply(token, pyfuse3.FileNameT(name_of(i)), attr, i + 3):
+                return
 
     @handler
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:

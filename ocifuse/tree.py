@@ -24,6 +24,8 @@ _FIRST = ROOT + 1  # the inode of the table's row 0 (without hardlink groups)
 # File nodes kept at once (directories are kept for the mount's life): a million files walked by
 # ``find`` cost no million Node objects; the kernel caches their attributes anyway (fs.TIMEOUT).
 RECENT_FILES = 4096
+# Rows of a directory's run that Tree._children checks in one piece (a bytes copy of their names).
+_PIECE = 1024
 
 
 class Children(Sequence[tuple[bytes, int]]):
@@ -49,6 +51,14 @@ class Children(Sequence[tuple[bytes, int]]):
     def inode(self, i: int) -> int:
         """The inode of child ``i``."""
         return self._inodes[i]
+
+    def inodes(self) -> array[int]:
+        """Every child's inode, in name order (no name read)."""
+        return self._inodes
+
+    def rows(self) -> array[int]:
+        """Every child's row of the table, in name order."""
+        return self._rows
 
     @overload
     def __getitem__(self, i: int) -> tuple[bytes, int]: ...
@@ -191,8 +201,20 @@ class Tree:
         if count is None:
             node = self.node(inode)
             children = node.children if node is not None else None
-            count = self._subdirs[inode] = sum(1 for _, i in children or () if self.is_dir(i))
+            if isinstance(children, Children):  # the children rows' kinds as one bytes (1: a directory)
+                count = bytes(map(self._columns.kinds.__getitem__, children.rows())).count(1)
+            else:
+                count = sum(1 for _, i in children or () if self.is_dir(i))
+            self._subdirs[inode] = count
         return count
+
+    def has_xattrs(self) -> bool:
+        """True if any inode has an extended attribute (one pass over the table's metas)."""
+        root = self._root_entry.meta
+        if root is not None and root.xattrs:
+            return True
+        metas = self._columns.metas
+        return metas is not None and any(m is not None and m.xattrs for m in metas)
 
     def child(self, parent: int, name: bytes) -> Node | None:
         """The node named ``name`` in directory ``parent``, or None."""
@@ -229,31 +251,49 @@ class Tree:
         """The (name, inode) pairs directly under directory ``path``, sorted by name.
 
         The paths under ``path/`` are one run of the sorted names; a child directory's own run
-        is skipped with one bisection, so this costs a step per child, not per descendant.
+        is skipped with one bisection, so this costs a step per child, not per descendant, and
+        a piece of the run that holds only children (a directory of files) costs no step at all.
         Names are read as the bytes the kernel sees (``Names.raw``), never decoded and encoded.
         """
         names = self._columns.names
+        blob, ends = names.blob()
         if path:
             lo = bisect_left(names, path + "/")
             hi = bisect_left(names, path + "0", lo)  # "0" follows "/": the first path past the run
             start = len(_fsencode(path)) + 1
         else:
             lo, hi, start = 0, len(names), 0
+        depth = path.count("/") + 1 if path else 0  # the slashes in the path of a child
         rows = array("Q")
         last = b""
         ordered = True  # rows come in str order; by bytes, the kernel's order, unless a name is undecodable
         row = lo
         while row < hi:
-            raw = names.raw(row, start)
-            slash = raw.find(b"/")
-            if slash < 0:
-                ordered = ordered and last < raw
-                last = raw
-                rows.append(row)
-                row += 1
-            else:  # under a child directory: skip that directory's whole run
-                prefix = names.raw(row)[: start + slash]
-                row = bisect_left(names, str(prefix, "utf-8", "surrogateescape") + "0", row, hi)
+            # A piece of the run at once: if none of its paths has a slash more than a child's and all
+            # are ASCII (str order is byte order), all are children: one copy and one count, no step each.
+            end = min(hi, row + _PIECE)
+            piece = bytes(blob[(ends[row - 1] if row else 0) : ends[end - 1]])
+            if piece.count(b"/") == depth * (end - row) and piece.isascii():
+                ordered = ordered and last < names.raw(row, start)
+                last = names.raw(end - 1, start)
+                rows.extend(range(row, end))
+                row = end
+                continue
+            while row < end:  # a path at a time
+                raw = names.raw(row, start)
+                slash = raw.find(b"/")
+                if slash < 0:
+                    ordered = ordered and last < raw
+                    last = raw
+                    rows.append(row)
+                    row += 1
+                else:  # under a child directory: skip that directory's whole run
+                    prefix = names.raw(row)[: start + slash]
+                    row = bisect_left(names, str(prefix, "utf-8", "surrogateescape") + "0", row, hi)
         if not ordered:
             rows = array("Q", sorted(rows, key=lambda r: names.raw(r, start)))
-        return Children(names, start, rows, array("Q", map(self._inode, rows)))
+        if self._inode_of_row is None:
+            inodes = array("Q", [r + _FIRST for r in rows])
+        else:
+            inodes = array("Q", map(self._inode_of_row.__getitem__, rows))
+        return Children(names, start, rows, inodes)

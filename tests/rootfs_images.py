@@ -12,6 +12,7 @@ hardlinks, character and block devices, a fifo, setuid and sticky modes, owners 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -147,6 +148,18 @@ def umoci_unpack(umoci_layout: Path, tag: str, dest: Path) -> Path:
 Snapshot = dict[str, tuple[object, ...]]
 
 
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes of ``path``, sorted; none where the filesystem has none at all
+    (EOPNOTSUPP: what the kernel answers for a FUSE mount whose view carries no xattr)."""
+    try:
+        names = os.listxattr(path)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        return ()
+    return tuple(sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in names))
+
+
 def snapshot(root: Path, *, mtimes: bool = True) -> tuple[Snapshot, set[frozenset[str]]]:
     """Every path under ``root`` (never following a symlink) with its type, mode, owner, size, mtime,
     link target, device number, xattrs and content; and the hardlink groups (paths sharing an inode).
@@ -161,13 +174,7 @@ def snapshot(root: Path, *, mtimes: bool = True) -> tuple[Snapshot, set[frozense
             kind = stat.S_IFMT(st.st_mode)
             target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
             data = Path(path).read_bytes() if stat.S_ISREG(st.st_mode) else None
-            xattrs = (
-                None
-                if stat.S_ISLNK(st.st_mode)
-                else tuple(
-                    sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path))
-                )
-            )
+            xattrs = None if stat.S_ISLNK(st.st_mode) else _xattrs(path)
             rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
             out[rel] = (
                 kind,

@@ -95,6 +95,9 @@ def sample(tmp_path: Path) -> Iterator[Mounted]:
     m.archive.close()
 
 
+_ATTRIBUTE_FIELDS = [f for f in dir(pyfuse3.EntryAttributes) if not f.startswith("_")]
+
+
 @dataclass
 class Collected:
     """What a fake readdir_reply was given."""
@@ -105,11 +108,18 @@ class Collected:
     def reply(
         self, token: pyfuse3.ReaddirToken, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int
     ) -> bool:
-        """Stand-in for pyfuse3.readdir_reply: record the entry; refuse once ``limit`` are taken."""
+        """Stand-in for pyfuse3.readdir_reply: record the entry; refuse once ``limit`` are taken.
+
+        Like the real one, which copies the attributes into the reply buffer, it records a copy:
+        readdir may reuse one EntryAttributes for every entry.
+        """
         assert isinstance(token, pyfuse3.ReaddirToken)
         if self.limit is not None and len(self.entries) >= self.limit:
             return False
-        self.entries.append((name, attr, next_id))
+        copy = pyfuse3.EntryAttributes()
+        for field in _ATTRIBUTE_FIELDS:
+            setattr(copy, field, getattr(attr, field))
+        self.entries.append((name, copy, next_id))
         return True
 
 

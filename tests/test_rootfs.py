@@ -605,6 +605,24 @@ async def test_rootfs_operations_serve_the_image_metadata() -> None:
     assert stat.S_ISFIFO(fifo.st_mode)
 
 
+async def test_rootfs_operations_without_any_xattr_answer_enosys() -> None:
+    """Layers without a single xattr: getxattr and listxattr answer ENOSYS (the kernel then stops
+    asking: fs/fuse/xattr.c no_getxattr, no_listxattr); with one anywhere, every inode answers."""
+    tars = [tar_bytes([file_member("bin/x", b"x"), dir_member("etc/")])]
+    merged = merge([scan(t) for t in tars])
+    tree = Tree(merged.entries, root=merged.root)
+    ops = Operations(Sources([MemorySource(t) for t in tars]), tree, xattrs=True)
+    for path in ["bin/x", "etc"]:
+        inode = (await _lookup(ops, path)).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as get:
+            await ops.getxattr(inode, pyfuse3.XAttrNameT(b"user.a"), CTX)
+        with pytest.raises(pyfuse3.FUSEError) as listed:
+            await ops.listxattr(inode, CTX)
+        assert get.value.errno == listed.value.errno == errno.ENOSYS
+    with_one = _rootfs_ops()
+    assert await with_one.listxattr((await _lookup(with_one, "null")).st_ino, CTX) == []
+
+
 async def test_rootfs_operations_own_all_maps_every_owner() -> None:
     """own_all (-o rootless): every uid/gid is the mounting user's; modes stay the image's."""
     x = await _lookup(_rootfs_ops(own_all=True), "bin/x")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import tarbuild
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ocifuse import tree as tree_module
 from ocifuse.archive import Archive
 from ocifuse.entries import ArchiveTable, Entry, Kind, Meta
 from ocifuse.tablecodec import decode_table, encode_table
@@ -91,6 +93,19 @@ def test_lazy_tree_equals_the_eager_one(paths: list[str], root_mtime: int) -> No
     assert_same_tree(entries, Tree(entries, root_mtime), root_mtime)
     table = decode_table(encode_table(ArchiveTable(entries, [], 0)))
     assert_same_tree(entries, Tree(table, root_mtime), root_mtime)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(PATHS, st.integers(min_value=1, max_value=4))
+def test_children_found_in_small_pieces_equal_the_eager_ones(paths: list[str], piece: int) -> None:
+    """Tree._children checks a directory's run a piece at a time (a piece of only children, ASCII,
+    at once): pieces of 1-4 rows, so pieces that end inside a child directory's run, hold
+    undecodable names, or children and deeper paths at once, list what the eager tree does."""
+    files = {p: Entry(Kind.FILE, 512 * i, i, i) for i, p in enumerate(paths)}
+    entries = {p: e for p, e in with_dirs(files).items() if not any(q.startswith(p + "/") for q in files)}
+    entries = with_dirs(entries)
+    with mock.patch.object(tree_module, "_PIECE", piece):
+        assert_same_tree(entries, Tree(entries, 5), 5)
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
