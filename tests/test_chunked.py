@@ -395,8 +395,17 @@ def test_a_file_that_does_not_match_its_digest_fails_alone() -> None:
             "offset": 20,
             "endOffset": 40,
         },
+        {"type": {"reg": 1}, "name": "t"},  # a type that is no string (once a TypeError: unhashable)
+        {
+            "type": "reg",
+            "name": "two-digests",  # the TOC's digests are checked at once, one a line: not two in one
+            "size": 5,
+            "digest": "sha256:" + "0" * 64 + "\nsha256:" + "1" * 64,
+            "offset": 0,  # inside the first frame (the tar headers'): no other file's
+            "endOffset": 9,
+        },
     ],
-    ids=["dotdot", "unknown-type", "stray-chunk", "outside", "overlapping"],
+    ids=["dotdot", "unknown-type", "stray-chunk", "outside", "overlapping", "type-object", "digest-newline"],
 )
 def test_an_inconsistent_toc_is_not_used(extra: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
     """Names the layer policy refuses, unknown types, stray chunks, frames outside the data or
