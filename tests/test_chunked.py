@@ -416,6 +416,18 @@ def test_an_inconsistent_toc_is_not_used(extra: dict[str, object], caplog: pytes
     assert "TOC is not used" in caplog.text
 
 
+def test_a_stored_file_map_is_checked_as_the_toc_was() -> None:
+    """A file map from the index cache serves what the TOC did; one whose digests the TOC could not
+    hold (damaged, or another format) is refused (ValueError: the cache rebuilds it)."""
+    raw, annotations = _blob({"a": b"a" * 100, "b": b"bb"})
+    opened = open_toc(raw, annotations, "layer 0")
+    assert opened is not None
+    payload = opened.source.to_bytes()
+    assert TocLayer.from_bytes(payload, raw, "layer 0").pread(0, 102) == b"a" * 100 + b"bb"
+    with pytest.raises(ValueError, match="algorithm sha257"):  # same length: the framing holds
+        TocLayer.from_bytes(payload.replace(b"sha256:", b"sha257:", 1), raw, "layer 0")
+
+
 def test_a_forged_toc_is_refused() -> None:
     """The checksum annotation is what authenticates the TOC: another one refuses the layer."""
     raw, annotations = _blob({"a": b"a"})
