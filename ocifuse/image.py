@@ -279,11 +279,27 @@ def open_image(layout: Layout, options: ViewOptions) -> RootImage:
                 for i in range(len(layers)):
                     jobs[i].result()
 
+            def open_and_table(i: int) -> LayerTable | OcifuseError:
+                """Open layer ``i`` (its table built in the same pass), then its table: encoded and
+                stored while the other layers' passes still run (the last, largest one's pass runs
+                alone at the end, with a CPU to spare). The table's refusal is returned, not raised:
+                every layer's open verdict comes first."""
+                layers[i].open(scan=True, threads=threads[i])
+                try:
+                    return layers[i].table()
+                except OcifuseError as e:
+                    return e
+
             def build() -> Merged:
                 """Open every layer, scan it (its table from the cache when there), merge them."""
-                open_all(scan=True)
-                scans = [pool.submit(layer.table) for layer in layers]
-                tables = [scan.result() for scan in scans]
+                jobs = {i: pool.submit(open_and_table, i) for i in order}
+                # the first failing open raised, in layer order; then the first refused table
+                found = [jobs[i].result() for i in range(len(layers))]
+                tables = []
+                for table in found:
+                    if isinstance(table, OcifuseError):
+                        raise table
+                    tables.append(table)
                 for layer in layers:
                     layer.finish()  # nothing built from a layer is kept unless the layer is its digest
                 merged = merge(tables)

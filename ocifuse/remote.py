@@ -72,12 +72,11 @@ STREAMS = 16
 CHUNK = 4 * MiB
 CHUNK_BLOCKS = CHUNK // BLOCK
 # At most this many bytes of blocks are written by one open of an object, behind the reads: up to
-# WRITE_BEHIND bytes wait for the writer. Read-ahead waits up to WRITE_WAIT seconds for room there
-# (a fast sequential read is slowed to what the disk takes rather than leaving its blocks
-# unkept); a read's own fetch never waits, and what finds no room is not kept.
+# WRITE_BEHIND bytes wait for the writer, and what finds no room there is not kept (a later read
+# of it fetches it again and keeps it then). No read waits for the disk: a sequential read faster
+# than the disk takes its blocks is not slowed to the disk's pace (bench/README.md measures both).
 DISK_MAX = 1024 * MiB
 WRITE_BEHIND = 64 * MiB
-WRITE_WAIT = 1.0
 # Redirects followed at open (curl's default is 50, browsers' 20; an object is rarely more than one away).
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)  # RFC 9110 15.4
@@ -468,7 +467,8 @@ class RemoteSource(Source):
         self._held = 0  # bytes of the buffers that blocks in ``_blocks`` are views of
         self._buffers: dict[int, int] = {}  # id of such a buffer -> how many of those blocks view it
         self._pending: dict[int, Future[Block]] = {}  # block index -> its fetch in flight
-        self._streams: OrderedDict[int, tuple[int, int]] = OrderedDict()  # end -> (start, window)
+        # end -> (start, window, the block its read-ahead has claimed up to)
+        self._streams: OrderedDict[int, tuple[int, int, int]] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pid = os.getpid()  # whose fetches ``_pending`` waits for (see _forked)
@@ -491,7 +491,7 @@ class RemoteSource(Source):
             if self._closed:
                 raise RemoteError(f"{self.obj.name}: closed")
             self._forked()
-            window = self._advance(offset, size)
+            ahead = self._advance(offset, size)
             for b in range(first, last + 1):
                 data = self._blocks.get(b)
                 if data is not None:
@@ -504,7 +504,6 @@ class RemoteSource(Source):
                     self._pending[b] = future
                     waits[b] = future
                     mine.append(b)
-            ahead = self._claim_ahead(last + 1, window)
         self._start_ahead(ahead)
         for run in _runs(mine):
             self._fetch_run(run)
@@ -538,8 +537,7 @@ class RemoteSource(Source):
                 pieces.append(data)
             for b in range(first, last + 1):
                 self._blocks.move_to_end(b)
-            window = self._advance(offset, size)
-            ahead = self._claim_ahead(last + 1, window)
+            ahead = self._advance(offset, size)
         self._start_ahead(ahead)
         out = bytearray()
         for piece in _cut(pieces, offset - first * BLOCK, size):
@@ -558,27 +556,32 @@ class RemoteSource(Source):
 
     # -- read-ahead ------------------------------------------------------------------------------
 
-    def _advance(self, offset: int, size: int) -> int:
-        """Follow the stream this read continues (lock held): its read-ahead window, 0 for a random read.
+    def _advance(self, offset: int, size: int) -> list[list[int]]:
+        """Follow the stream this read continues and claim its read-ahead (lock held): the parts to fetch.
 
         A read continues a stream when it starts after the stream's last read started and no later
         than where it ended (FUSE's concurrent reads may arrive a little out of order); reading the
-        same bytes again is no sign of a sequential reader.
+        same bytes again is no sign of a sequential reader. A random read claims nothing.
         """
-        window = 0
-        for end, (start, win) in self._streams.items():
+        window, claimed = 0, 0
+        for end, (start, win, upto) in self._streams.items():
             if start < offset <= end:
                 del self._streams[end]
-                window = min(WINDOW_MAX, max(WINDOW_START, win * 2))
+                window, claimed = min(WINDOW_MAX, max(WINDOW_START, win * 2)), upto
                 break
-        self._streams[offset + size] = (offset, window)
+        parts, claimed = self._claim_ahead((offset + size - 1) // BLOCK + 1, window, claimed)
+        self._streams[offset + size] = (offset, window, claimed)
         self._streams.move_to_end(offset + size)
         while len(self._streams) > STREAMS:
             self._streams.popitem(last=False)
-        return window
+        return parts
 
-    def _claim_ahead(self, start_block: int, window: int) -> list[list[int]]:
-        """Mark the missing blocks of the window after ``start_block`` as pending (lock held); their parts.
+    def _claim_ahead(self, start_block: int, window: int, claimed: int) -> tuple[list[list[int]], int]:
+        """Mark the missing blocks of the window after ``start_block`` as pending (lock held).
+
+        Returns their parts, and the block the stream's read-ahead now reaches: blocks before
+        ``claimed`` (what the stream claimed before) are not looked at again, so that a read's cost
+        does not grow with the window.
 
         The window's end is rounded down to a step of half the window (at most PART): each read
         moves the window on by its own size, but what is claimed grows a step at a time, so that
@@ -586,12 +589,12 @@ class RemoteSource(Source):
         read, and never more than the window ahead (the memory LRU holds the window).
         """
         if window <= 0:
-            return []
+            return [], claimed
         step = min(PART, window // 2) // BLOCK or 1
         end_block = (start_block + window // BLOCK) // step * step
         end_block = min((self.size + BLOCK - 1) // BLOCK, end_block)
         missing = []
-        for b in range(start_block, end_block):
+        for b in range(max(start_block, claimed), end_block):
             if b not in self._blocks and b not in self._pending:
                 self._pending[b] = Future()
                 missing.append(b)
@@ -602,7 +605,7 @@ class RemoteSource(Source):
                 parts[-1].append(b)
             else:
                 parts.append([b])
-        return parts
+        return parts, max(claimed, end_block)
 
     def _start_ahead(self, parts: list[list[int]]) -> None:
         """Fetch claimed parts in the pool; nothing once closed (close() failed their futures)."""
@@ -616,36 +619,40 @@ class RemoteSource(Source):
                 self._pool_pid = os.getpid()
             pool = self._pool
             for part in parts:
-                pool.submit(self._fetch_run, part, True)
+                pool.submit(self._fetch_run, part)
 
-    def _fetch_run(self, run: list[int], ahead: bool = False) -> None:
+    def _fetch_run(self, run: list[int]) -> None:
         """Get consecutive pending blocks (claimed by the caller): from the disk cache, else one request.
 
-        ``ahead``: read-ahead (a pool thread, which may wait for room to keep what it fetched).
+        Each block is handed to its readers as soon as it is had: those of a chunk loaded from the
+        disk cache before the next chunk is loaded or anything is fetched.
         """
         with self._lock:
             if self._closed:  # close() failed their futures: nothing to fetch for anyone
                 for b in run:
                     self._pending.pop(b, None)
                 return
-        blocks: dict[int, Block] = {}
+        left = run
         if self._disk is not None:
             for c in range(run[0] // CHUNK_BLOCKS, run[-1] // CHUNK_BLOCKS + 1):
                 found = self._load_chunk(c)
-                blocks.update((b, found.pop(b)) for b in run if b in found)
+                if not found:
+                    continue
+                had = {b: found.pop(b) for b in left if b in found}
+                left = [b for b in left if b not in had]
+                self._settle(had)
                 with self._lock:  # the chunk's other blocks too: the next reads of it are in memory
                     for b, block in found.items():
                         if not self._closed and b not in self._blocks and b not in self._pending:
                             self._keep(b, block)
-        fetched: dict[int, Block] = {}
-        for missing in _runs([b for b in run if b not in blocks]):
+        for missing in _runs(left):
             start = missing[0] * BLOCK
             end = min(self.size, (missing[-1] + 1) * BLOCK)
             try:
                 data = self.obj.fetch(start, end)
             except BaseException as e:
                 with self._lock:
-                    futures = [self._pending.pop(b) for b in run]
+                    futures = [self._pending.pop(b) for b in left]
                 error = e if isinstance(e, OcifuseError) else RemoteError(f"{self.obj.name}: {e}")
                 for f in futures:
                     if not f.done():
@@ -654,19 +661,27 @@ class RemoteSource(Source):
                     raise
                 log.debug("%s: bytes %d-%d: %s", self.obj.name, start, end, e)
                 return
-            for i, b in enumerate(missing):
-                fetched[b] = blocks[b] = data[i * BLOCK : (i + 1) * BLOCK]  # views of the answer: no copy
             with self._lock:
                 self.fetched += len(data)
+            # Views of the answer, no copy; settled at once, so a failure of the next run of this
+            # one (fetched apart only around blocks the disk cache had) fails only its own blocks.
+            fetched = {b: data[i * BLOCK : (i + 1) * BLOCK] for i, b in enumerate(missing)}
+            left = [b for b in left if b not in fetched]
+            self._settle(fetched, fetched=True)
+
+    def _settle(self, blocks: dict[int, Block], *, fetched: bool = False) -> None:
+        """Hand pending blocks to their readers and keep them in memory; ``fetched``: on disk too."""
+        if not blocks:
+            return
         settled = []
-        keep = 0  # bytes of ``fetched`` to keep on disk: the budget is taken with the blocks settled
+        keep = 0  # bytes to keep on disk: the budget is taken with the blocks settled
         with self._lock:
-            for b in run:
-                settled.append((self._pending.pop(b), blocks[b]))
+            for b, block in blocks.items():
+                settled.append((self._pending.pop(b), block))
                 if not self._closed:
-                    self._keep(b, blocks[b])
+                    self._keep(b, block)
             if fetched and self._disk is not None and not self._closed:
-                keep = sum(len(block) for block in fetched.values())
+                keep = sum(len(block) for block in blocks.values())
                 if keep <= self._disk_left:
                     self._disk_left -= keep
                     self._entering += 1  # close() waits for these blocks to be queued
@@ -677,7 +692,7 @@ class RemoteSource(Source):
             if not f.done():  # close() failed it already
                 f.set_result(block)
         if keep:  # the readers have their blocks: now keep them on disk
-            self._write_behind(fetched, wait=ahead)
+            self._write_behind(blocks)
 
     # -- the disk cache ----------------------------------------------------------------------------
 
@@ -707,24 +722,18 @@ class RemoteSource(Source):
         """Block ``b`` from the index cache, if it is there."""
         return self._load_chunk(b // CHUNK_BLOCKS).get(b)
 
-    def _write_behind(self, fetched: dict[int, Block], *, wait: bool) -> None:
+    def _write_behind(self, fetched: dict[int, Block]) -> None:
         """Queue fetched blocks for the disk cache by chunk, within WRITE_BEHIND (DISK_MAX: taken already).
 
-        ``wait``: wait up to WRITE_WAIT for room in the queue (read-ahead); else what finds no room
-        is not kept, and its budget is given back.
+        Never waits: what finds no room is not kept, and its budget is given back.
         """
         by_chunk: dict[int, dict[int, Block]] = {}
         for b, block in fetched.items():
             by_chunk.setdefault(b // CHUNK_BLOCKS, {})[b] = block
-        deadline = time.monotonic() + (WRITE_WAIT if wait else 0.0)
         try:
             for c, blocks in by_chunk.items():
                 size = sum(len(block) for block in blocks.values())
                 with self._room:
-                    while self._queued and self._queued + size > WRITE_BEHIND:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not self._room.wait(left):
-                            break
                     if not self._queued or self._queued + size <= WRITE_BEHIND:
                         self._writes.append((c, blocks))
                         self._queued += size

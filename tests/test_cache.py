@@ -11,6 +11,7 @@ import resource
 import stat
 import subprocess
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ def entry_file(directory: Path, kind: str = "table", key: str = KEY) -> Path:
     return directory / cache_mod._name(kind, key)
 
 
-def stored(tmp_path: Path) -> tuple[IndexCache, Path]:
+def stored(tmp_path: Path, kind: str = "table") -> tuple[IndexCache, Path]:
     cache = IndexCache(str(tmp_path / "cache"))
-    cache.store("table", KEY, PAYLOAD)
-    return cache, entry_file(tmp_path / "cache")
+    cache.store(kind, KEY, PAYLOAD)
+    return cache, entry_file(tmp_path / "cache", kind)
 
 
 def test_round_trip_and_kinds_and_keys_apart(tmp_path: Path) -> None:
@@ -86,26 +87,32 @@ def test_invalid_kind_is_a_programming_error(tmp_path: Path) -> None:
             cache.store(kind, KEY, b"")
 
 
-def assert_ignored_then_rebuilt(cache: IndexCache, path: Path) -> None:
+def assert_ignored_then_rebuilt(cache: IndexCache, path: Path, kind: str = "table") -> None:
     """The damaged entry at ``path`` loads as None (and is gone); a store then loads again."""
-    assert cache.load("table", KEY) is None
+    assert cache.load(kind, KEY) is None
     assert not path.is_symlink() and not path.exists()
-    cache.store("table", KEY, PAYLOAD)
-    assert cache.load("table", KEY) == PAYLOAD
+    cache.store(kind, KEY, PAYLOAD)
+    assert cache.load(kind, KEY) == PAYLOAD
 
 
-def test_truncated_entries_are_ignored_and_rebuilt(tmp_path: Path) -> None:
-    cache, path = stored(tmp_path)
+# Every checksum an entry may carry (store.Artifact.checksum): a sha256, a crc32 (remote blocks).
+CHECKSUMMED = pytest.mark.parametrize("kind", ["table", "remote-block"])
+
+
+@CHECKSUMMED
+def test_truncated_entries_are_ignored_and_rebuilt(tmp_path: Path, kind: str) -> None:
+    cache, path = stored(tmp_path, kind)
     whole = path.read_bytes()
     for cut in range(len(whole)):
         path.write_bytes(whole[:cut])
-        assert_ignored_then_rebuilt(cache, path)
+        assert_ignored_then_rebuilt(cache, path, kind)
     path.write_bytes(whole + b"\0")  # trailing bytes: not what was written either
-    assert_ignored_then_rebuilt(cache, path)
+    assert_ignored_then_rebuilt(cache, path, kind)
 
 
-def test_every_flipped_byte_is_caught(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cache, path = stored(tmp_path)
+@CHECKSUMMED
+def test_every_flipped_byte_is_caught(tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    cache, path = stored(tmp_path, kind)
     whole = path.read_bytes()
     for i in range(len(whole)):
         damaged = bytearray(whole)
@@ -114,7 +121,7 @@ def test_every_flipped_byte_is_caught(tmp_path: Path, caplog: pytest.LogCaptureF
         os.chmod(path, 0o600)
         with caplog.at_level(logging.WARNING, logger="ocifuse.cache"):
             caplog.clear()
-            assert_ignored_then_rebuilt(cache, path)
+            assert_ignored_then_rebuilt(cache, path, kind)
         assert "ignored" in caplog.text
 
 
@@ -421,6 +428,35 @@ def test_entries_of_the_framing_before_kinds_had_versions_still_load(tmp_path: P
         os.chmod(path, 0o600)
         assert cache.load(kind, KEY) == (PAYLOAD if artifact.version == 2 else None), kind
     assert store.KINDS["rootfs-tree"].version == 3  # merged trees stored as columns since
+    assert store.KINDS["remote-block"].version == 4  # a crc32 since, not a sha256
+
+
+def test_remote_blocks_of_the_sha256_format_go_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote-block entry of version 3 (a sha256 where a crc32 now is): out of date, not damaged.
+
+    Every chunk a remote archive had in the cache is one: a warning each would be hundreds."""
+    cache, _ = stored(tmp_path)
+    path = entry_file(tmp_path / "cache", "remote-block")
+    path.write_bytes(_framed("remote-block", KEY, PAYLOAD, 3))
+    os.chmod(path, 0o600)
+    with caplog.at_level(logging.DEBUG):
+        assert cache.load("remote-block", KEY) is None
+    assert not path.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "out of date" in caplog.text
+
+
+def test_each_kind_names_a_checksum_the_cache_takes() -> None:
+    """A remote block's entry ends in a crc32 (4 bytes), every other kind's in a sha256."""
+    assert {a.kind: a.checksum for a in store.KINDS.values() if a.checksum != "sha256"} == {
+        "remote-block": "crc32"
+    }
+    assert all(a.checksum in cache_mod.CHECKSUMS for a in store.KINDS.values())
+    assert cache_mod.encode("remote-block", KEY, PAYLOAD).endswith(
+        zlib.crc32(cache_mod.encode("remote-block", KEY, PAYLOAD)[:-4]).to_bytes(4, "little")
+    )
 
 
 def test_a_kind_whose_version_is_bumped_rebuilds_quietly(

@@ -686,6 +686,7 @@ def test_a_layer_whose_index_or_table_is_stored_is_opened_as_before(
 
 _OPEN = tar_bytes([file_member("etc/a", os.urandom(50_000)), file_member("etc/b", b"b" * 3000)], end=False)
 _TAR = _OPEN + bytes(1024)
+_GZ = gzip.compress(_TAR, mtime=0)  # one stream: two compress calls a second apart differ in MTIME
 
 
 @pytest.mark.parametrize(
@@ -697,7 +698,7 @@ _TAR = _OPEN + bytes(1024)
         (gzip.compress(_TAR[:30_000]), _TAR[:30_000], TruncatedArchive, "etc/a runs past the end"),
         (gzip.compress(_OPEN + b"x" * 512), _OPEN + b"x" * 512, NotAnArchive, "invalid tar header"),
         (pyzstd.compress(b"no tar " * 500), b"no tar " * 500, NotAnArchive, "not a tar"),
-        (gzip.compress(gzip.compress(_TAR)), gzip.compress(_TAR), NotAnArchive, "gzip-compressed data"),
+        (gzip.compress(_GZ), _GZ, NotAnArchive, "gzip-compressed data"),
         (gzip.compress(_TAR), _TAR, DecompressionLimit, "max_size"),
     ],
     ids=[
@@ -736,6 +737,7 @@ def test_a_layer_that_cannot_be_served_is_judged_once(
     img = open_rootfs(str(image(tmp_path / "gone", [layer], drop={0})), cache=cache)  # the tree cached
     opened: list[tuple[Any, ...]] = []
     real = image_module.layer_blob
+
     def counted(*args: Any) -> Any:
         opened.append(args)
         return real(*args)
@@ -749,3 +751,26 @@ def test_a_layer_that_cannot_be_served_is_judged_once(
         assert len(opened) == 1
     finally:
         img.close()
+
+
+@pytest.mark.parametrize("media_type", [TAR, GZIP])
+def test_every_layer_open_verdict_comes_before_a_refused_table(tmp_path: Path, media_type: str) -> None:
+    """Each layer's table is built right after its own pass, while the others' run; the verdicts keep
+    their order: a later layer's diff_id mismatch is raised before an earlier layer's tar refusal."""
+    garbage = b"this is not a tar archive at all" * 40
+    blob = garbage if media_type == TAR else gzip.compress(garbage)
+    good = tar_bytes([file_member("b", b"2")])
+    path = image(
+        tmp_path / "order",
+        [blob, good],
+        diff_ids=[_sha(garbage), _sha(b"another")],
+        media_types=[media_type, TAR],
+    )
+    with pytest.raises(DiffIdMismatch) as caught:
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")))
+    assert caught.value.index == 1
+    path = image(
+        tmp_path / "tar", [blob, good], diff_ids=[_sha(garbage), _sha(good)], media_types=[media_type, TAR]
+    )
+    with pytest.raises(NotAnArchive, match="layer 0"):
+        open_rootfs(str(path), cache=IndexCache(str(tmp_path / "cache")))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,26 +348,52 @@ def _read_all(src: remote.RemoteSource, size: int) -> bytes:
     return bytes(got)
 
 
-def test_a_whole_object_read_once_is_read_again_from_the_cache_alone(
+def _held(src: remote.RemoteSource, size: int) -> int:
+    """Bytes of the object the index cache holds for ``src`` (its chunks' entries)."""
+    return sum(len(block) for c in range(-(-size // remote.CHUNK)) for block in src._load_chunk(c).values())
+
+
+def test_a_sequential_read_never_waits_for_the_disk_and_a_later_one_keeps_the_rest(
     web: Nginx, big: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sequential read faster than the disk cache's writer still leaves every block kept."""
-    # Room for one chunk behind the reads: read-ahead waits for the writer rather than drop.
-    monkeypatch.setattr(remote, "WRITE_BEHIND", remote.BLOCK)
+    """The block writer stuck on its first entry: the whole object is still read (what finds no room
+    behind the reads is not kept), the next read fetches exactly what was not kept and keeps it,
+    and a third reads from the cache alone."""
+    monkeypatch.setattr(remote, "WRITE_BEHIND", remote.CHUNK)  # room for one chunk behind the reads
     cache = IndexCache(str(tmp_path / "cache"))
+    stored = IndexCache.store
+    go = threading.Event()
+
+    def stuck(self: IndexCache, kind: str, key: str, payload: bytes) -> None:
+        assert go.wait(60)
+        stored(self, kind, key, payload)
+
+    monkeypatch.setattr(IndexCache, "store", stuck)
     obj = remote.RemoteObject(web.url("big.bin"), cache=cache)
     try:
-        assert _read_all(obj.whole, len(big)) == big
+        assert _read_all(obj.whole, len(big)) == big  # the writer has stored nothing yet
         assert obj.whole.fetched == len(big)  # each byte fetched once
     finally:
-        obj.close()
-    served = web.served_bytes()
+        go.set()
+        obj.close()  # the writer stores what was queued, then stops
+    monkeypatch.setattr(IndexCache, "store", stored)
+    monkeypatch.setattr(remote, "WRITE_BEHIND", 64 * remote.CHUNK)
     again = remote.RemoteObject(web.url("big.bin"), cache=cache)
     try:
+        kept = _held(again.whole, len(big))
+        assert 0 < kept <= 2 * remote.CHUNK  # at most what was queued: the rest was not kept
+        before = again.whole.fetched
         assert _read_all(again.whole, len(big)) == big
-        assert again.whole.fetched == 0
+        assert again.whole.fetched - before == len(big) - kept  # what was not kept, and only it
     finally:
         again.close()
+    served = web.served_bytes()
+    third = remote.RemoteObject(web.url("big.bin"), cache=cache)
+    try:
+        assert _read_all(third.whole, len(big)) == big
+        assert third.whole.fetched == 0
+    finally:
+        third.close()
     assert web.served_bytes() == served  # a HEAD, no body
     entries = [e for e in cache.entries() if e.kind == "remote-block"]
     assert len(entries) == 3  # one entry per chunk, not one per block
