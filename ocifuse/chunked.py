@@ -32,16 +32,17 @@ import tarfile
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .digest import Digest
 from .errors import FileMismatch, InvalidDigest, LayerError
-from .layer import LayerTable
+from .layer import Fields, LayerTable, Type
 from .readers import kept_frames
 from .source import Source
 from .store import Stale
+from .tarscan import header_mtime
 from .zstdsource import ZSTD_FRAME_INPLACE, ZSTD_WINDOW_LOG_MAX
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,14 @@ ESTARGZ_FOOTER = 51
 ESTARGZ_TOC = "stargz.index.json"
 FOOTER_SIZES = (64, 40)
 # The TOC's member types (pkg/chunked/internal/minimal): what a tar typeflag each is.
-_TAR_TYPES = {
-    "reg": tarfile.REGTYPE,
-    "dir": tarfile.DIRTYPE,
-    "symlink": tarfile.SYMTYPE,
-    "hardlink": tarfile.LNKTYPE,
-    "char": tarfile.CHRTYPE,
-    "block": tarfile.BLKTYPE,
-    "fifo": tarfile.FIFOTYPE,
+_TYPES = {
+    "reg": Type.FILE,
+    "dir": Type.DIR,
+    "symlink": Type.SYMLINK,
+    "hardlink": Type.HARDLINK,
+    "char": Type.CHAR,
+    "block": Type.BLOCK,
+    "fifo": Type.FIFO,
 }
 # Go's RFC 3339 times (encoding/json of time.Time); Go's zero time is "no time" (0).
 _TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
@@ -205,88 +206,138 @@ def _int(entry: Mapping[str, Any], key: str) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class _File:
-    """One regular file's bytes: where they start in the layer's stream, its digest, its chunks."""
+def _ints(entry: Mapping[str, Any], *keys: str) -> None:
+    """Raise Unusable for the first of ``keys`` that is not a natural number (the slow path's message)."""
+    for key in keys:
+        _int(entry, key)
 
-    name: str
-    start: int
-    size: int
-    digest: Digest
-    first: int  # its first chunk's index in TocLayer's chunk lists
-    count: int
+
+def _digest(name: str, value: object) -> Digest:
+    """A file's TOC digest, which must be of an algorithm ocifuse hashes; Unusable otherwise."""
+    try:
+        digest = Digest.parse(value)
+    except InvalidDigest as e:
+        raise Unusable(f"{name!r}: {e}") from e
+    if not digest.verifiable:
+        raise Unusable(f"{name!r}: a digest of algorithm {digest.algorithm}")
+    return digest
+
+
+# Every file digest of a TOC at once (joined by newlines): what Digest.parse accepts of sha256,
+# checked in one match rather than one parse per file (descriptor.md: sha256 is 64 lowercase hex).
+_SHA256_LINES = re.compile(r"(?:sha256:[0-9a-f]{64}\n)*")
+
+
+def _check_digests(names: list[str], digests: list[str]) -> None:
+    """Raise Unusable unless every file's digest is one ocifuse hashes (all sha256: one match)."""
+    lines = "\n".join(digests) + "\n" if digests else ""
+    # 72 characters a line: no digest holds a newline of its own
+    if len(lines) != 72 * len(digests) or _SHA256_LINES.fullmatch(lines) is None:
+        for name, digest in zip(names, digests, strict=True):
+            _digest(name, digest)  # the first that is not one (or sha512: then every one is)
 
 
 class _Builder:
-    """Reads TOC entries into TarInfos (for LayerTable.of_infos) and the files' chunks."""
+    """Reads TOC entries into the layer's rows (LayerTable.of_fields) and the files' chunks.
+
+    An entry costs a few dict lookups and appends: no object per member or file (a TOC of 100,000
+    entries is read before the mount is live). The files are columns, as TocLayer keeps them.
+    """
 
     def __init__(self, data_end: int, *, gzip: bool = False) -> None:
         self.data_end = data_end  # file frames lie before the TOC's frame
         self.gzip = gzip  # eStargz: gzip members, whose ends the TOC does not give
-        self.infos: list[tarfile.TarInfo] = []
-        self.files: list[_File] = []
+        self.rows: list[Fields] = []
+        # Each regular file with bytes: its name, first byte in the layer's stream, size, digest
+        # (as the TOC spells it: checked by ``finish``, parsed on the file's first read), its
+        # first chunk's index in the chunk lists and its number of chunks.
+        self.names: list[str] = []
+        self.starts: list[int] = []
+        self.sizes: list[int] = []
+        self.digests: list[str] = []
+        self.firsts: list[int] = []
+        self.counts: list[int] = []
         self.chunk_starts: list[int] = []  # each chunk's first byte in the layer's stream
         self.chunk_frames: list[tuple[int, int]] = []  # each chunk's frames: blob offset, end
         self.chunk_skips: list[int] = []  # bytes of the decompressed frames before the chunk's
-        self.ranges: list[tuple[int, int, str]] = []
+        self.ranges: list[tuple[int, int, int]] = []  # a file's frames: begin, end, its index
         self.size = 0
+        self._times: dict[str, int] = {}  # a layer's files share a few times (a build's, the epoch)
 
-    def add(self, entry: object, chunks: list[Mapping[str, Any]]) -> None:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+    def add(self, entry: object, chunks: Sequence[Mapping[str, Any]]) -> None:
+        if type(entry) is not dict or type(name := entry.get("name")) is not str:
             raise Unusable(f"an entry that is not a member: {str(entry)[:80]!r}")
-        name: str = _text(entry["name"])
-        kind = _TAR_TYPES.get(entry.get("type"))  # type: ignore[arg-type]
+        if not name.isascii():
+            _text(name)
+        get = entry.get
+        kind = _TYPES.get(t) if type(t := get("type")) is str else None
         if kind is None:
-            raise Unusable(f"{name!r}: type {entry.get('type')!r}")
-        if chunks and kind != tarfile.REGTYPE:
+            raise Unusable(f"{name!r}: type {get('type')!r}")
+        if chunks and kind is not Type.FILE:
             raise Unusable(f"{name!r}: chunks of a member that is not a file")
-        info = tarfile.TarInfo(name)
-        info.type = kind
-        info.mode = _int(entry, "mode") & 0o7777  # podman 4 writes the type bits too (S_IFDIR, ...)
-        info.uid, info.gid = _int(entry, "uid"), _int(entry, "gid")
-        info.mtime = _mtime(entry.get("modtime"))
-        info.linkname = _text(entry.get("linkName", ""))
-        info.devmajor, info.devminor = _int(entry, "devMajor"), _int(entry, "devMinor")
-        xattrs = entry.get("xattrs") or {}
-        if not isinstance(xattrs, dict):
-            raise Unusable(f"{name!r}: xattrs {xattrs!r}")
-        pax = {}
-        for key, value in xattrs.items():
-            try:
-                data = _b64decode(value)
-            except ValueError as e:
-                raise Unusable(f"{name!r}: xattr {key!r} is not base64") from e
-            # As tarfile holds a PAX record's value: str, bytes kept through surrogateescape.
-            pax[f"SCHILY.xattr.{_text(key)}"] = data.decode("utf-8", "surrogateescape")
-        info.pax_headers = pax
-        size = _int(entry, "size") if kind == tarfile.REGTYPE else 0
-        info.size = size
-        info.offset_data = self.size
+        # podman 4 writes the type bits in mode too (S_IFDIR, ...): the layer keeps mode & 0o7777.
+        mode, uid, gid = get("mode", 0), get("uid", 0), get("gid", 0)
+        major, minor = get("devMajor", 0), get("devMinor", 0)
+        if not (
+            type(mode) is int
+            and type(uid) is int
+            and type(gid) is int
+            and type(major) is int
+            and type(minor) is int
+            and mode | uid | gid | major | minor >= 0  # all natural: none negative
+        ):
+            _ints(entry, "mode", "uid", "gid", "devMajor", "devMinor")
+        modtime = get("modtime")
+        if type(modtime) is str and modtime in self._times:
+            mtime = self._times[modtime]
+        else:
+            mtime = _mtime(modtime)
+            if type(modtime) is str:
+                self._times[modtime] = mtime
+        link = get("linkName", "")
+        if type(link) is not str or not link.isascii():
+            link = _text(link)
+        xattrs = get("xattrs")
+        pax = _pax(name, xattrs) if xattrs else None
+        size = 0
+        if kind is Type.FILE:
+            size = get("size", 0)
+            if type(size) is not int or size < 0:
+                _ints(entry, "size")
+        elif kind is Type.DIR and name.endswith("/"):
+            name = name.rstrip("/") or name  # as tarfile reads a directory's name (normalize's fast path)
+        offset = self.size
         if size:
             self._file(name, entry, chunks, size)
-        self.infos.append(info)
+        self.rows.append((name, kind, mode, uid, gid, mtime, offset, size, link, major, minor, pax))
 
-    def _file(self, name: str, entry: Mapping[str, Any], chunks: list[Mapping[str, Any]], size: int) -> None:
-        try:
-            digest = Digest.parse(entry.get("digest"))
-        except InvalidDigest as e:
-            raise Unusable(f"{name!r}: {e}") from e
-        if not digest.verifiable:
-            raise Unusable(f"{name!r}: a digest of algorithm {digest.algorithm}")
+    def _file(
+        self, name: str, entry: Mapping[str, Any], chunks: Sequence[Mapping[str, Any]], size: int
+    ) -> None:
+        digest: str = entry.get("digest")  # type: ignore[assignment]  # checked here, then by finish
+        if type(digest) is not str:
+            _digest(name, digest)  # raises
         if self.gzip:
             self._gzip_file(name, entry, chunks, size, digest)
             return
-        begin, end = _int(entry, "offset"), _int(entry, "endOffset")
+        begin, end = entry.get("offset", 0), entry.get("endOffset", 0)
+        if type(begin) is not int or type(end) is not int or begin < 0:
+            _ints(entry, "offset", "endOffset")
         if not begin < end <= self.data_end:
             raise Unusable(f"{name!r}: frames at {begin}..{end}, outside the blob's data")
         if not chunks:  # one chunk: the file's frames (the common case, taken fast)
             if size > ZSTD_FRAME_INPLACE:
                 raise Unusable(f"{name!r}: a chunk over {ZSTD_FRAME_INPLACE} bytes")
-            self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), 1))
+            self.ranges.append((begin, end, len(self.names)))
+            self.names.append(name)
+            self.starts.append(self.size)
+            self.sizes.append(size)
+            self.digests.append(digest)
+            self.firsts.append(len(self.chunk_starts))
+            self.counts.append(1)
             self.chunk_starts.append(self.size)
             self.chunk_frames.append((begin, end))
             self.chunk_skips.append(0)
-            self.ranges.append((begin, end, name))
             self.size += size
             return
         # The file's chunks: the entry itself is the first (it carries the first chunk's
@@ -303,15 +354,12 @@ class _Builder:
         ends = [*starts[1:], size]
         if any(b - a > ZSTD_FRAME_INPLACE for a, b in zip(starts, ends, strict=True)):
             raise Unusable(f"{name!r}: a chunk over {ZSTD_FRAME_INPLACE} bytes")
-        self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), len(starts)))
-        self.chunk_starts.extend(self.size + s for s in starts)
-        self.chunk_frames.extend(itertools.pairwise(offsets))
-        self.chunk_skips.extend(0 for _ in starts)
-        self.ranges.append((begin, end, name))
-        self.size += size
+        self.ranges.append((begin, end, len(self.names)))
+        frames = [(a, b, 0) for a, b in itertools.pairwise(offsets)]
+        self.add_chunks(name, digest, size, frames, starts)
 
     def _gzip_file(
-        self, name: str, entry: Mapping[str, Any], chunks: list[Mapping[str, Any]], size: int, digest: Digest
+        self, name: str, entry: Mapping[str, Any], chunks: Sequence[Mapping[str, Any]], size: int, digest: str
     ) -> None:
         """An eStargz file (stargz-snapshotter docs/estargz.md): each chunk starts a gzip member at
         ``offset`` (``innerOffset`` bytes into it, when several share one); ``chunkSize`` 0 is
@@ -337,19 +385,26 @@ class _Builder:
         )
 
     def add_chunks(
-        self, name: str, digest: Digest, size: int, frames: list[tuple[int, int, int]], starts: list[int]
+        self, name: str, digest: str, size: int, frames: list[tuple[int, int, int]], starts: list[int]
     ) -> None:
         """A file of ``size`` bytes whose chunks start at ``starts`` in it, each in the frames
         (blob offset, end or -1 until ``finish``, bytes to skip) of ``frames``."""
-        self.files.append(_File(name, self.size, size, digest, len(self.chunk_starts), len(starts)))
+        self.names.append(name)
+        self.starts.append(self.size)
+        self.sizes.append(size)
+        self.digests.append(digest)
+        self.firsts.append(len(self.chunk_starts))
+        self.counts.append(len(starts))
         self.chunk_starts.extend(self.size + s for s in starts)
         self.chunk_frames.extend((begin, end) for begin, end, _ in frames)
         self.chunk_skips.extend(skip for _, _, skip in frames)
         self.size += size
 
     def finish(self) -> None:
-        """eStargz: each chunk's member ends at the next member's start (or the TOC's); zstd:chunked:
-        no two files' frames overlap in the blob (each file's data is its own frames)."""
+        """Every file's digest one ocifuse hashes; eStargz: each chunk's member ends at the next
+        member's start (or the TOC's); zstd:chunked: no two files' frames overlap in the blob (each
+        file's data is its own frames)."""
+        _check_digests(self.names, self.digests)
         if self.gzip:
             starts = sorted({begin for begin, end in self.chunk_frames if end < 0} | {self.data_end})
             self.chunk_frames = [
@@ -360,7 +415,25 @@ class _Builder:
         self.ranges.sort()
         for (_, end, a), (begin, _, b) in itertools.pairwise(self.ranges):
             if begin < end:
-                raise Unusable(f"the frames of {a!r} and {b!r} overlap")
+                raise Unusable(f"the frames of {self.names[a]!r} and {self.names[b]!r} overlap")
+
+
+def _pax(name: str, xattrs: object) -> tarfile.TarInfo:
+    """A member's TOC xattrs (base64 values) as tarfile holds PAX ``SCHILY.xattr.*`` records, for
+    the layer's policy (layer._xattrs: what Linux can hold)."""
+    if not isinstance(xattrs, dict):
+        raise Unusable(f"{name!r}: xattrs {xattrs!r}")
+    pax = {}
+    for key, value in xattrs.items():
+        try:
+            data = _b64decode(value)
+        except ValueError as e:
+            raise Unusable(f"{name!r}: xattr {key!r} is not base64") from e
+        # As tarfile holds a PAX record's value: str, bytes kept through surrogateescape.
+        pax[f"SCHILY.xattr.{_text(key)}"] = data.decode("utf-8", "surrogateescape")
+    info = tarfile.TarInfo(name)
+    info.pax_headers = pax
+    return info
 
 
 def _b64decode(value: object) -> bytes:
@@ -375,26 +448,24 @@ def _b64decode(value: object) -> bytes:
         raise ValueError(str(e)) from e
 
 
-def _entries(doc: object) -> Iterator[tuple[object, list[Mapping[str, Any]]]]:
+def _entries(doc: object) -> Iterator[tuple[object, Sequence[Mapping[str, Any]]]]:
     """Each member of the TOC with the "chunk" entries that follow it (its file's later chunks)."""
     if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("entries"), list):
         raise Unusable("not a version 1 TOC")
-    pending: tuple[object, list[Mapping[str, Any]]] | None = None
-    for entry in doc["entries"]:
-        if isinstance(entry, dict) and entry.get("type") == "chunk":
-            if (
-                pending is None
-                or not isinstance(pending[0], dict)
-                or pending[0].get("name") != entry.get("name")
-            ):
-                raise Unusable(f"a chunk of {entry.get('name')!r} that follows no file of that name")
-            pending[1].append(entry)
-            continue
-        if pending is not None:
-            yield pending
-        pending = (entry, [])
-    if pending is not None:
-        yield pending
+    entries = doc["entries"]
+    n, i = len(entries), 0
+    while i < n:
+        entry = entries[i]
+        i += 1
+        if type(entry) is dict and entry.get("type") == "chunk":
+            raise Unusable(f"a chunk of {entry.get('name')!r} that follows no file of that name")
+        j = i
+        while j < n and type(chunk := entries[j]) is dict and chunk.get("type") == "chunk":
+            if type(entry) is not dict or chunk.get("name") != entry.get("name"):
+                raise Unusable(f"a chunk of {chunk.get('name')!r} that follows no file of that name")
+            j += 1
+        yield entry, entries[i:j] if j > i else ()
+        i = j
 
 
 class TocLayer(Source):
@@ -412,14 +483,18 @@ class TocLayer(Source):
         self.raw = raw
         self.name = name
         self.size = builder.size
-        self._files = builder.files
-        self._file_starts = [f.start for f in builder.files]
+        self._names = builder.names
+        self._file_starts = builder.starts
+        self._file_sizes = builder.sizes
+        self._digests = builder.digests  # checked by the builder (or from_bytes); parsed on first read
+        self._firsts = builder.firsts
+        self._counts = builder.counts
         self._chunk_starts = builder.chunk_starts
         self._chunk_frames = builder.chunk_frames
         self._chunk_skips = builder.chunk_skips
         self._gzip = builder.gzip
         self.compression = "gzip" if builder.gzip else "zstd"
-        self._verdicts = bytearray(len(builder.files))  # 0 not read yet, 1 matches, 2 does not
+        self._verdicts = bytearray(len(builder.names))  # 0 not read yet, 1 matches, 2 does not
         self._lock = threading.Lock()
         self._id = next(_ids)
 
@@ -430,7 +505,7 @@ class TocLayer(Source):
         begin, end = self._chunk_frames[i]
         start = self._chunk_starts[i]
         stop = self._chunk_starts[i + 1] if i + 1 < len(self._chunk_starts) else self.size
-        file = self._files[bisect.bisect_right(self._file_starts, start) - 1]  # files tile the stream
+        f = bisect.bisect_right(self._file_starts, start) - 1  # files tile the stream
         comp = self.raw.pread(begin, end - begin)
         try:
             if len(comp) != end - begin:
@@ -441,23 +516,23 @@ class TocLayer(Source):
                 data = _decompress(comp, stop - start)
         except ValueError as e:
             kind = "gzip member" if self._gzip else "zstd frames"
-            raise FileMismatch(self.name, file.name, f"its {kind} at {begin}..{end}: {e}") from e
+            raise FileMismatch(self.name, self._names[f], f"its {kind} at {begin}..{end}: {e}") from e
         kept_frames.put(self._id, i, data)
         return data
 
     def _check(self, f: int) -> None:
         """Hash file ``f`` against its digest on its first read; FileMismatch when it does not match."""
         verdict = self._verdicts[f]
-        file = self._files[f]
+        name = self._names[f]
         if verdict == 0:
-            verifier = file.digest.verifier()
+            digest = Digest.parse(self._digests[f])
+            verifier = digest.verifier()
+            first = self._firsts[f]
             try:
-                for i in range(file.first, file.first + file.count):
+                for i in range(first, first + self._counts[f]):
                     verifier.update(self._chunk(i))
                 found = verifier.found()
-                problem = (
-                    None if found == file.digest else f"its bytes hash to {found}, the TOC says {file.digest}"
-                )
+                problem = None if found == digest else f"its bytes hash to {found}, the TOC says {digest}"
             except FileMismatch as e:
                 problem = str(e)
             with self._lock:
@@ -467,12 +542,12 @@ class TocLayer(Source):
                         log.error(
                             "%s: %r does not match its TOC (%s); its reads fail with EIO",
                             self.name,
-                            file.name,
+                            name,
                             problem,
                         )
             verdict = self._verdicts[f]
         if verdict == 2:
-            raise FileMismatch(self.name, file.name, "its bytes do not match the TOC's digest for it")
+            raise FileMismatch(self.name, name, "its bytes do not match the TOC's digest for it")
 
     def _read(self, offset: int, size: int, cached: bool) -> bytes | None:
         parts = []
@@ -514,13 +589,12 @@ class TocLayer(Source):
     def to_bytes(self) -> bytes:
         """Where each file lies, as the index cache keeps it (TOC_MAP): a cached mount reads a file
         of the layer without parsing its TOC again."""
-        files = self._files
         head = {"format": MAP_FORMAT, "size": self.size, "blob": self.raw.size, "gzip": self._gzip}
         columns = [
-            [f.start for f in files],
-            [f.size for f in files],
-            [f.first for f in files],
-            [f.count for f in files],
+            self._file_starts,
+            self._file_sizes,
+            self._firsts,
+            self._counts,
             self._chunk_starts,
             [begin for begin, _ in self._chunk_frames],
             [end for _, end in self._chunk_frames],
@@ -528,8 +602,8 @@ class TocLayer(Source):
         ]
         parts = [
             json.dumps(head).encode(),
-            "\0".join(f.name for f in files).encode("utf-8", "surrogateescape"),
-            "\n".join(str(f.digest) for f in files).encode(),
+            "\0".join(self._names).encode("utf-8", "surrogateescape"),
+            "\n".join(self._digests).encode(),
             *(array("Q", c).tobytes() for c in columns),
         ]
         return b"".join(struct.pack("<Q", len(p)) + p for p in parts)
@@ -558,7 +632,7 @@ class TocLayer(Source):
             columns.append(column.tolist())
         starts, sizes, firsts, counts, chunk_starts, begins, ends, skips = columns
         names = parts[1].decode("utf-8", "surrogateescape").split("\0") if parts[1] else []
-        digests = [Digest.parse(d) for d in parts[2].decode().split("\n")] if parts[2] else []
+        digests = parts[2].decode().split("\n") if parts[2] else []
         nfiles, nchunks = len(starts), len(chunk_starts)
         if {len(sizes), len(firsts), len(counts), len(names), len(digests)} != {nfiles}:
             raise ValueError("files of the wrong shape")
@@ -579,11 +653,16 @@ class TocLayer(Source):
                 raise ValueError(f"file {names[i]!r}: chunks outside it")
             if not all(0 <= begins[j] < ends[j] <= raw.size for j in range(first, first + count)):
                 raise ValueError(f"file {names[i]!r}: frames outside the blob")
-            builder.files.append(_File(names[i], start, length, digests[i], first, count))
             builder.chunk_starts.extend(within)
             builder.size += length
         if builder.size != size or len(builder.chunk_starts) != nchunks:
             raise ValueError("files that do not make the stream")
+        try:
+            _check_digests(names, digests)
+        except Unusable as e:
+            raise ValueError(str(e)) from e
+        builder.names, builder.starts, builder.sizes, builder.digests = names, starts, sizes, digests
+        builder.firsts, builder.counts = firsts, counts
         builder.chunk_frames = list(zip(begins, ends, strict=True))
         builder.chunk_skips = skips
         return cls(raw, name, builder)
@@ -691,18 +770,21 @@ def _build(
 ) -> Opened:
     """The layer from a parsed TOC. ``last``: a member the TOC does not list, after its entries
     (its TarInfo, the frames of its bytes, their digest)."""
-    count = 0
+    add = builder.add
     for entry, chunks in _entries(doc):
-        builder.add(entry, chunks)
-        count += 1
+        add(entry, chunks)
+    count = len(builder.rows)
     if last is not None:
         info, frames, digest = last
-        info.offset_data = builder.size
+        offset = builder.size
         if info.size:
-            builder.add_chunks(info.name, digest, info.size, [frames], [0])
-        builder.infos.append(info)
+            builder.add_chunks(info.name, str(digest), info.size, [frames], [0])
+        builder.rows.append(
+            (info.name, Type.FILE, info.mode, info.uid, info.gid, header_mtime(info), offset, info.size,
+             "", 0, 0, None)
+        )  # fmt: skip
     builder.finish()
-    table = LayerTable.of_infos(builder.infos, builder.size)
+    table = LayerTable.of_fields(builder.rows, builder.size)
     if table.skipped:
         first = table.skipped[0]
         raise Unusable(f"{len(table.skipped)} members the layer policy skips, {first.name!r}: {first.reason}")

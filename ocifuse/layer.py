@@ -103,6 +103,12 @@ class Member:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
+# A member as a builder other than the scan gives it (LayerTable.of_fields): its name as stored,
+# type, mode, uid, gid, mtime, data offset, size, link name, device major and minor, and a TarInfo
+# holding its PAX SCHILY.xattr.* records (None: it has none).
+Fields = tuple[str, Type, int, int, int, int, int, int, str, int, int, "tarfile.TarInfo | None"]
+
+
 class LayerTable:
     """Every member of one layer tar in archive order, plus what was skipped and why."""
 
@@ -135,12 +141,14 @@ class LayerTable:
         return cls(builder.members, builder.skipped, end)
 
     @classmethod
-    def of_infos(cls, infos: Iterable[tarfile.TarInfo], end: int) -> LayerTable:
-        """The table of members described as TarInfos by something other than tar headers (a
-        zstd:chunked TOC), through the same policy as a scan; ``end``: the stream's size."""
+    def of_fields(cls, rows: Iterable[Fields], end: int) -> LayerTable:
+        """The table of members described field by field by something other than tar headers (a
+        zstd:chunked TOC: no TarInfo made for each), through the same policy as a scan; ``end``:
+        the stream's size."""
         builder = _LayerBuilder()
-        for info in infos:
-            builder.add(info)
+        add = builder._add
+        for row in rows:
+            add(*row)
         return cls(builder.members, builder.skipped, end)
 
     @classmethod

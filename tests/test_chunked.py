@@ -395,8 +395,17 @@ def test_a_file_that_does_not_match_its_digest_fails_alone() -> None:
             "offset": 20,
             "endOffset": 40,
         },
+        {"type": {"reg": 1}, "name": "t"},  # a type that is no string (once a TypeError: unhashable)
+        {
+            "type": "reg",
+            "name": "two-digests",  # the TOC's digests are checked at once, one a line: not two in one
+            "size": 5,
+            "digest": "sha256:" + "0" * 64 + "\nsha256:" + "1" * 64,
+            "offset": 0,  # inside the first frame (the tar headers'): no other file's
+            "endOffset": 9,
+        },
     ],
-    ids=["dotdot", "unknown-type", "stray-chunk", "outside", "overlapping"],
+    ids=["dotdot", "unknown-type", "stray-chunk", "outside", "overlapping", "type-object", "digest-newline"],
 )
 def test_an_inconsistent_toc_is_not_used(extra: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
     """Names the layer policy refuses, unknown types, stray chunks, frames outside the data or
@@ -405,6 +414,18 @@ def test_an_inconsistent_toc_is_not_used(extra: dict[str, object], caplog: pytes
     with caplog.at_level(logging.WARNING, "ocifuse"):
         assert open_toc(raw, annotations, "layer 0") is None
     assert "TOC is not used" in caplog.text
+
+
+def test_a_stored_file_map_is_checked_as_the_toc_was() -> None:
+    """A file map from the index cache serves what the TOC did; one whose digests the TOC could not
+    hold (damaged, or another format) is refused (ValueError: the cache rebuilds it)."""
+    raw, annotations = _blob({"a": b"a" * 100, "b": b"bb"})
+    opened = open_toc(raw, annotations, "layer 0")
+    assert opened is not None
+    payload = opened.source.to_bytes()
+    assert TocLayer.from_bytes(payload, raw, "layer 0").pread(0, 102) == b"a" * 100 + b"bb"
+    with pytest.raises(ValueError, match="algorithm sha257"):  # same length: the framing holds
+        TocLayer.from_bytes(payload.replace(b"sha256:", b"sha257:", 1), raw, "layer 0")
 
 
 def test_a_forged_toc_is_refused() -> None:
