@@ -113,12 +113,7 @@ def position(annotations: Mapping[str, str]) -> Position | None:
         return None
     if checksum is None or where is None:
         raise Unusable("one of the two zstd:chunked annotations is missing")
-    try:
-        digest = Digest.parse(checksum)
-    except InvalidDigest as e:
-        raise Unusable(f"manifest-checksum: {e}") from e
-    if not digest.verifiable:
-        raise Unusable(f"manifest-checksum of algorithm {digest.algorithm}")
+    digest = _digest("manifest-checksum", checksum)
     fields = where.split(":")
     if len(fields) != 4 or not all(f.isascii() and f.isdigit() for f in fields):
         raise Unusable(f"manifest-position {where!r} is not offset:length:uncompressed:type")
